@@ -1,0 +1,22 @@
+"""edgebundle: trained PyTorch model -> pruned, distilled, int8 device bundles with measured latency."""
+
+from edgebundle.errors import (
+    BundleError,
+    DataError,
+    EdgeBundleError,
+    RecipeError,
+    StageError,
+    TargetUnavailable,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BundleError",
+    "DataError",
+    "EdgeBundleError",
+    "RecipeError",
+    "StageError",
+    "TargetUnavailable",
+    "__version__",
+]

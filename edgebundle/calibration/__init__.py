@@ -1,0 +1,1 @@
+"""Calibration: data readers (target-agnostic) and calibration-method settings."""

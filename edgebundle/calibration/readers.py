@@ -1,0 +1,52 @@
+"""Calibration data readers. They know nothing about targets: they yield `dict[str, np.ndarray]` feeds.
+
+Data is validated (shape, dtype, NaN/Inf, empty) before the first batch is handed out, so a bad sample
+is reported before any scale is computed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from edgebundle.errors import DataError
+from edgebundle.pipeline.data import Split, check_inputs
+from edgebundle.pipeline.recipe import InputSpec
+
+
+def iter_feeds(split: Split, specs: list[InputSpec], batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds of `batch` samples each, in order; the last one is shorter when the batch axis is dynamic.
+
+    A static batch dimension forces batch = spec.shape[0], and a trailing remainder is then left out.
+    """
+    if len(split) == 0:
+        raise DataError("calibration data is empty")
+    static = {s.shape[0] for s in specs if 0 not in s.dynamic_axes}
+    if static:
+        batch = static.pop()
+    for i in range(0, len(split), batch):
+        if static and i + batch > len(split):
+            break
+        yield {s.name: split.inputs[s.name][i:i + batch] for s in specs}
+
+
+class SplitReader(CalibrationDataReader):
+    """onnxruntime.quantization reader over a validated split; re-iterable via `rewind()`."""
+
+    def __init__(self, split: Split, specs: list[InputSpec], batch: int = 1) -> None:
+        self.split = Split(check_inputs(split.inputs, specs, what="calibration data"), split.labels)
+        self.specs = specs
+        self.batch = batch
+        self.count = 0
+        self._it = iter_feeds(self.split, specs, batch)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feed = next(self._it, None)
+        if feed is not None:
+            self.count += 1
+        return feed
+
+    def rewind(self) -> None:
+        self._it = iter_feeds(self.split, self.specs, self.batch)

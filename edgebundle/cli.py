@@ -1,0 +1,128 @@
+"""Command line: a thin Typer layer over the library. Errors are one red line and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgebundle.errors import EdgeBundleError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Prune, distill, export and int8-calibrate a PyTorch model into measured device bundles.")
+console = Console()
+err_console = Console(stderr=True)
+
+STAGE_LABELS = {
+    "teacher": "teacher (load / train)",
+    "prune": "prune (Torch-Pruning)",
+    "distill": "distill (KL + CE)",
+    "export": "export (ONNX + parity)",
+    "reference": "reference latency (fp32)",
+}
+
+
+def _fail(e: BaseException, debug: bool) -> None:
+    if debug:
+        console.print_exception()
+    msg = " ".join(str(e).split())
+    err_console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+class _StageProgress:
+    """A rich progress bar per stage, driven by the runner's events."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.tasks, self.t0 = progress, {}, {}
+
+    def __call__(self, kind: str, stage: str, **info) -> None:
+        label = STAGE_LABELS.get(stage, stage)
+        if kind == "start":
+            self.t0[stage] = time.perf_counter()
+            self.tasks[stage] = self.progress.add_task(label, total=1)
+        elif kind == "done" and stage in self.tasks:
+            took = time.perf_counter() - self.t0[stage]
+            suffix = " [dim](cached)[/]" if info.get("cached") else f" [dim]{took:.1f}s[/]"
+            self.progress.update(self.tasks[stage], completed=1, description=label + suffix)
+
+
+def _summary_table(result) -> Table:
+    t = Table(title="edgebundle bundles", show_lines=False)
+    for col in ("target", "precision", "size", "accuracy (fp32 → target)", "p50 [95% CI]", "speedup vs PyTorch fp32"):
+        t.add_column(col, justify="right" if col not in ("target", "precision") else "left")
+    for b in result.bundles:
+        m = b.manifest
+        size = sum(f["bytes"] for f in m["files"].values())
+        acc = m["accuracy"]
+        lat = m["latency"]
+        acc_s = "n/a" if acc["target"] is None else f"{acc['fp32_onnx']:.2f} → {acc['target']:.2f} %"
+        ci = lat["p50_ci95_ms"]
+        t.add_row(b.target, m["target"]["precision"], f"{size / 1024:.1f} KiB", acc_s,
+                  f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]",
+                  f"{m['speedup']['vs_pytorch_fp32_teacher']:.1f}x")
+    return t
+
+
+@app.command()
+def run(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omitted: the embedded default (digits CNN)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: the recipe's)"),
+    target: Optional[list[str]] = typer.Option(None, "--target", "-t", help="build only these targets"),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+) -> None:
+    """Run the whole pipeline: prepare (prune, distill, export) and build a bundle per target."""
+    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.pipeline.runner import run as run_pipeline
+
+    try:
+        r = load_recipe(recipe)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            result = run_pipeline(r, output=output, targets=target or None, on_event=_StageProgress(progress))
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    console.print(_summary_table(result))
+    for b in result.bundles:
+        console.print(f"[green]bundle[/] {b.path}")
+        for note in b.manifest.get("notes", []):
+            console.print(f"  [yellow]note:[/] {note}")
+
+
+@app.command()
+def recipe() -> None:
+    """Print the embedded default recipe (a starting point for your own)."""
+    from edgebundle.pipeline.recipe import default_recipe_text
+
+    sys.stdout.write(default_recipe_text())
+
+
+@app.command()
+def targets() -> None:
+    """List the targets, what each needs and whether it is available here."""
+    from edgebundle.targets import registry
+
+    t = Table(title="targets")
+    for col in ("name", "precisions", "runtime", "needs GPU", "extra", "available here"):
+        t.add_column(col)
+    for name in registry.names():
+        e = registry.lookup(name)
+        why = e.factory().unavailable_reason()
+        c = e.capabilities
+        t.add_row(name, ", ".join(c.precisions), c.runtime, "yes" if c.needs_gpu else "no", c.extra or "-",
+                  "yes" if why is None else f"no: {why}")
+    console.print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

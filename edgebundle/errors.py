@@ -1,0 +1,25 @@
+"""Error hierarchy. The CLI turns every EdgeBundleError into one red line and exit code 2."""
+
+
+class EdgeBundleError(Exception):
+    """Base class for every error edgebundle reports to a user."""
+
+
+class RecipeError(EdgeBundleError):
+    """The recipe (or something it names: model factory, weights, data) is invalid."""
+
+
+class DataError(EdgeBundleError):
+    """Training, calibration or evaluation data is unusable (empty, NaN/Inf, wrong shape or dtype)."""
+
+
+class StageError(EdgeBundleError):
+    """A pipeline stage failed; the message names the stage and the stages that ran before it."""
+
+
+class TargetUnavailable(EdgeBundleError):
+    """A target's runtime or device is missing on this machine."""
+
+
+class BundleError(EdgeBundleError):
+    """A bundle cannot be written or read (bad output folder, bad manifest)."""

@@ -1,0 +1,120 @@
+"""torch -> ONNX with `torch.onnx.export(dynamo=True)`.
+
+Why this exporter: it is torch.export-based, the exporter PyTorch maintains (the TorchScript exporter is
+deprecated since 2.9), it folds BatchNorm and runs onnxscript's optimizer, and its dynamic shapes are
+checked by torch.export instead of traced and hoped for. Why opset 20 by default: it is the exporter's
+native opset (no version conversion), ONNX Runtime >= 1.17, OpenVINO and TensorRT 10 all read it, and
+per-channel Q/DQ needs >= 13.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgebundle.errors import StageError
+from edgebundle.pipeline.data import Split
+from edgebundle.pipeline.recipe import ExportStage, InputSpec
+
+EXPORTER = "torch.onnx.export(dynamo=True)"
+
+
+@dataclass(frozen=True)
+class Parity:
+    output: str
+    max_abs: float
+    cosine: float
+    samples: int
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost cause: the exporter wraps the real reason ("No ONNX function found for <op>")."""
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _dynamic_shapes(specs: list[InputSpec]):
+    shapes = []
+    for s in specs:
+        shapes.append({axis: torch.export.Dim(name) for axis, name in s.dynamic_axes.items()} or None)
+    return tuple(shapes)
+
+
+def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: ExportStage, out: Path) -> None:
+    from edgebundle.pipeline.modelio import example_inputs
+
+    model = model.eval()
+    args = example_inputs(specs)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model, args, input_names=[s.name for s in specs], output_names=outputs,
+                opset_version=cfg.opset, dynamo=True, dynamic_shapes=_dynamic_shapes(specs),
+                external_data=False, verbose=False, optimize=True,
+            )
+        program.save(str(out))
+    except Exception as e:  # the exporter raises many types (torch._dynamo, onnxscript, export errors)
+        root = _root_cause(e)
+        msg = " ".join(_ANSI.sub("", str(root)).split())
+        raise StageError(f"{EXPORTER} cannot export this model (opset {cfg.opset}): "
+                         f"{type(root).__name__}: {msg[:400]}") from e
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(out), str(out), check_type=True, strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise StageError(f"exported ONNX fails the onnx checker: {str(e).splitlines()[0]}") from e
+
+
+def check_parity(model: nn.Module, onnx_path: Path, split: Split, specs: list[InputSpec], outputs: list[str],
+                 cfg: ExportStage) -> list[Parity]:
+    """Compare ONNX Runtime fp32 outputs with PyTorch's on real inputs; raise naming the output on failure."""
+    from edgebundle.calibration.readers import iter_feeds
+    from edgebundle.targets.ort_cpu import OrtSession
+
+    sess = OrtSession(onnx_path, threads=1)
+    sub = split.head(cfg.parity.samples)
+    got: list[list[np.ndarray]] = [[] for _ in outputs]
+    ref: list[list[np.ndarray]] = [[] for _ in outputs]
+    batch = 16 if all(0 in s.dynamic_axes for s in specs) else 1
+    with torch.no_grad():
+        for feeds in iter_feeds(sub, specs, batch):
+            o = sess.run(feeds)
+            t = model(*[torch.from_numpy(feeds[s.name]) for s in specs])
+            t = t if isinstance(t, (tuple, list)) else [t]
+            for i in range(len(outputs)):
+                got[i].append(o[i])
+                ref[i].append(t[i].numpy())
+    sess.close()
+    report = []
+    for i, name in enumerate(outputs):
+        a, b = np.concatenate(got[i]), np.concatenate(ref[i])
+        p = Parity(name, float(np.abs(a - b).max()), cosine(a, b), len(a))
+        if p.max_abs > cfg.parity.max_abs or p.cosine < cfg.parity.min_cosine:
+            raise StageError(
+                f"export parity failed for output '{name}': max_abs={p.max_abs:.3g} (limit {cfg.parity.max_abs:g}), "
+                f"cosine={p.cosine:.6f} (limit {cfg.parity.min_cosine:g}) over {p.samples} samples"
+            )
+        report.append(p)
+    return report

@@ -1,0 +1,1 @@
+"""Recipe, stages, cache, measurement and the bundle writer."""

@@ -1,0 +1,200 @@
+"""Data sources and fixed splits. Everything here yields plain numpy arrays keyed by input name.
+
+Sources: scikit-learn's bundled `digits` (the embedded default), a folder of `.npz`/`.npy` files, or a
+`module:function` that yields batches. Every array is checked against the recipe's input spec (shape,
+dtype, finite values) before anything trains or calibrates on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgebundle.errors import DataError
+from edgebundle.pipeline.recipe import DataSpec, InputSpec, Recipe
+from edgebundle.pipeline.modelio import import_object
+
+LABEL_KEYS = ("y", "label", "labels")
+
+
+@dataclass(frozen=True)
+class Split:
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def take(self, idx: np.ndarray) -> Split:
+        return Split({k: v[idx] for k, v in self.inputs.items()},
+                     None if self.labels is None else self.labels[idx])
+
+    def head(self, n: int) -> Split:
+        return self.take(np.arange(min(n, len(self))))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    train: Split
+    val: Split
+    test: Split
+    fingerprint: str
+    num_classes: int | None
+
+    def split(self, name: str) -> Split:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def calibration(self, spec: DataSpec, samples: int | None = None) -> Split:
+        return self.split(spec.calibration_split).head(samples or spec.calibration_samples)
+
+
+def check_inputs(inputs: dict[str, np.ndarray], specs: list[InputSpec], *, what: str) -> dict[str, np.ndarray]:
+    """Validate arrays against the input spec (per-sample shape, dtype kind, finite, non-empty)."""
+    out: dict[str, np.ndarray] = {}
+    missing = [s.name for s in specs if s.name not in inputs]
+    if missing:
+        raise DataError(f"{what}: no array for input(s) {', '.join(missing)}; got {', '.join(inputs) or 'none'}")
+    n = None
+    for spec in specs:
+        a = np.asarray(inputs[spec.name])
+        if a.size == 0 or a.ndim == 0 or len(a) == 0:
+            raise DataError(f"{what}: input '{spec.name}' is empty (shape {list(a.shape)})")
+        want = np.dtype(spec.dtype)
+        if a.dtype.kind != want.kind and not (a.dtype.kind in "iu" and want.kind in "iu"):
+            raise DataError(f"{what}: input '{spec.name}' has dtype {a.dtype}, the input spec says {spec.dtype}")
+        a = a.astype(want, copy=False)
+        sample = list(a.shape[1:])
+        expected = _sample_shape(spec)
+        if not _shape_matches(sample, expected, spec):
+            raise DataError(
+                f"{what}: input '{spec.name}' has per-sample shape {sample}, the input spec says {expected}"
+            )
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise DataError(f"{what}: input '{spec.name}' has {bad} NaN/Inf value(s)")
+        if n is not None and len(a) != n:
+            raise DataError(f"{what}: inputs have different sample counts ({n} vs {len(a)})")
+        n = len(a)
+        out[spec.name] = np.ascontiguousarray(a)
+    return out
+
+
+def _sample_shape(spec: InputSpec) -> list[int]:
+    return list(spec.shape[1:])
+
+
+def _shape_matches(sample: list[int], expected: list[int], spec: InputSpec) -> bool:
+    if len(sample) != len(expected):
+        return False
+    dynamic = {a - 1 for a in spec.dynamic_axes if a > 0}
+    return all(i in dynamic or s == e for i, (s, e) in enumerate(zip(sample, expected)))
+
+
+def _digits(specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0 - 0.5) / 0.5  # 0..16 -> -1..1
+    x = x[:, None, :, :]  # N, 1, 8, 8
+    return {specs[0].name: x}, d.target.astype(np.int64)
+
+
+def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    if not path.is_dir():
+        raise DataError(f"data folder not found: {path}")
+    files = sorted([*path.glob("*.npz"), *path.glob("*.npy")])
+    if not files:
+        raise DataError(f"data folder {path} has no .npz or .npy files")
+    names = [s.name for s in specs]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    labels: list[np.ndarray] = []
+    for f in files:
+        try:
+            if f.suffix == ".npy":
+                if len(names) != 1:
+                    raise DataError(f"{f.name}: .npy files only work for single-input models; use .npz")
+                parts[names[0]].append(np.load(f, allow_pickle=False))
+                continue
+            with np.load(f, allow_pickle=False) as z:
+                keys = set(z.files)
+                for n in names:
+                    key = n if n in keys else ("x" if len(names) == 1 and "x" in keys else None)
+                    if key is None:
+                        raise DataError(f"{f.name}: no array named '{n}' (has {', '.join(sorted(keys))})")
+                    parts[n].append(z[key])
+                lab = next((k for k in LABEL_KEYS if k in keys), None)
+                if lab is not None:
+                    labels.append(z[lab])
+        except (ValueError, OSError) as e:
+            raise DataError(f"cannot read data file {f}: {e}") from e
+    if labels and len(labels) != len(files):
+        raise DataError(f"data folder {path}: some files have labels and some do not")
+    inputs = {n: np.concatenate(v) for n, v in parts.items()}
+    return inputs, (np.concatenate(labels).astype(np.int64) if labels else None)
+
+
+def _function(ref: str, specs: list[InputSpec], base_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    fn = import_object(ref, base_dir=base_dir, what="data.function")
+    names = [s.name for s in specs]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    labels: list[np.ndarray] = []
+    for batch in fn():
+        if isinstance(batch, dict):
+            for n in names:
+                if n not in batch:
+                    raise DataError(f"data.function batch has no '{n}' (keys: {', '.join(batch)})")
+                parts[n].append(np.asarray(batch[n]))
+            lab = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+        elif isinstance(batch, tuple) and len(batch) == 2 and len(names) == 1:
+            parts[names[0]].append(np.asarray(batch[0]))
+            lab = batch[1]
+        elif len(names) == 1:
+            parts[names[0]].append(np.asarray(batch))
+            lab = None
+        else:
+            raise DataError("data.function must yield dicts keyed by input name for multi-input models")
+        if lab is not None:
+            labels.append(np.asarray(lab))
+    if not parts[names[0]]:
+        raise DataError(f"data.function {ref} yielded no batches")
+    inputs = {n: np.concatenate(v) for n, v in parts.items()}
+    return inputs, (np.concatenate(labels).astype(np.int64) if labels else None)
+
+
+def load_dataset(recipe: Recipe) -> Dataset:
+    spec = recipe.data
+    if spec.kind == "digits":
+        inputs, labels = _digits(recipe.inputs)
+    elif spec.kind == "folder":
+        inputs, labels = _folder(recipe.resolve(spec.path), recipe.inputs)
+    else:
+        inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir)
+    inputs = check_inputs(inputs, recipe.inputs, what=f"data ({spec.kind})")
+    n = len(next(iter(inputs.values())))
+    if labels is not None and len(labels) != n:
+        raise DataError(f"data ({spec.kind}): {n} samples but {len(labels)} labels")
+    if n < 10:
+        raise DataError(f"data ({spec.kind}): {n} samples is too few to split into train/val/test")
+
+    h = hashlib.sha256()
+    for k in sorted(inputs):
+        h.update(k.encode())
+        h.update(inputs[k].tobytes())
+    if labels is not None:
+        h.update(labels.tobytes())
+    h.update(spec.model_dump_json().encode())
+
+    perm = np.random.default_rng(spec.seed).permutation(n)
+    n_train = int(round(spec.splits.train * n))
+    n_val = int(round(spec.splits.val * n))
+    whole = Split(inputs, labels)
+    return Dataset(
+        train=whole.take(perm[:n_train]),
+        val=whole.take(perm[n_train:n_train + n_val]),
+        test=whole.take(perm[n_train + n_val:]),
+        fingerprint=h.hexdigest(),
+        num_classes=None if labels is None else int(labels.max()) + 1,
+    )

@@ -1,0 +1,98 @@
+"""The one latency-measurement protocol every target goes through.
+
+Warm-up runs in windows until two consecutive window medians agree within 5 % (or a cap), then a fixed
+number of timed iterations (or a time budget). Reported: median with a 95 % bootstrap confidence
+interval, p90/p99, mean, std, coefficient of variation, throughput, and the raw samples.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from edgebundle.pipeline.recipe import MeasureSpec
+
+WARMUP_WINDOW = 10
+STABLE_WITHIN = 0.05
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    p50_ms: float
+    p50_ci95_ms: tuple[float, float]
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    cv: float
+    throughput_per_s: float  # samples per second at this batch
+    batch: int
+    threads: int
+    iterations: int
+    warmup_iterations: int
+    warmup_stable: bool
+    samples_ms: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["p50_ci95_ms"] = list(self.p50_ci95_ms)
+        d["samples_ms"] = [round(x, 5) for x in self.samples_ms]
+        return d
+
+
+def bootstrap_median_ci(samples: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+                        ) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(samples), size=(resamples, len(samples)))
+    meds = np.median(samples[idx], axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def warm_up(fn: Callable[[], Any], spec: MeasureSpec) -> tuple[int, bool]:
+    """Run until two consecutive windows' medians agree within 5 %; returns (iterations, stable)."""
+    done, prev = 0, None
+    while done < spec.warmup_max:
+        window = np.array([_time_once(fn) for _ in range(WARMUP_WINDOW)])
+        done += WARMUP_WINDOW
+        med = float(np.median(window))
+        if done >= spec.warmup_min and prev is not None and abs(med / prev - 1) <= STABLE_WITHIN:
+            return done, True
+        prev = med
+    return done, False
+
+
+def summarize(samples_ms: np.ndarray, *, batch: int, threads: int, warmup: int = 0, stable: bool = True
+              ) -> LatencyStats:
+    s = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(s, [50, 90, 99])
+    mean, std = float(s.mean()), float(s.std(ddof=1)) if len(s) > 1 else 0.0
+    return LatencyStats(
+        p50_ms=float(p50), p50_ci95_ms=bootstrap_median_ci(s), p90_ms=float(p90), p99_ms=float(p99),
+        mean_ms=mean, std_ms=std, cv=std / mean if mean > 0 else 0.0,
+        throughput_per_s=batch * 1000.0 / float(p50) if p50 > 0 else 0.0,
+        batch=batch, threads=threads, iterations=len(s), warmup_iterations=warmup, warmup_stable=stable,
+        samples_ms=tuple(float(x) for x in s),
+    )
+
+
+def measure(fn: Callable[[], Any], spec: MeasureSpec, *, threads: int) -> LatencyStats:
+    """Time `fn` (one inference at spec.batch) with warm-up; `threads` is recorded, set by the caller."""
+    warm, stable = warm_up(fn, spec)
+    samples = []
+    start = time.perf_counter()
+    for _ in range(spec.iterations):
+        samples.append(_time_once(fn))
+        if spec.time_budget_s is not None and time.perf_counter() - start > spec.time_budget_s and len(samples) >= 10:
+            break
+    return summarize(np.array(samples), batch=spec.batch, threads=threads, warmup=warm, stable=stable)

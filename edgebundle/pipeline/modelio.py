@@ -1,0 +1,186 @@
+"""Building models from a recipe, and saving/loading them without pickle.
+
+Weights are loaded only with `torch.load(weights_only=True)` or safetensors. A pruned model is saved as
+safetensors plus a JSON of each module's shape attributes (in_channels, num_features, ...), the same
+information Torch-Pruning's own `tp.state_dict` keeps, but in a form that needs no unpickling: loading
+rebuilds the model from its factory, applies the attributes and takes the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from edgebundle.errors import RecipeError
+from edgebundle.pipeline.recipe import InputSpec, ModelSpec
+
+STRUCTURE_FILE = "structure.json"
+WEIGHTS_FILE = "weights.safetensors"
+_SHAPE_ATTRS = (
+    "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
+    "normalized_shape", "num_embeddings", "embedding_dim", "embed_dim", "num_heads", "head_dim",
+    "hidden_size", "num_attention_heads", "attention_head_size", "all_head_size",
+)
+
+
+def import_object(ref: str, *, base_dir: Path, what: str) -> Callable[..., Any]:
+    """Import exactly what `ref` names: 'pkg.module:attr' or 'path/to/file.py:attr'."""
+    module_name, _, attr = ref.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            path = path if path.is_absolute() else base_dir / path
+            if not path.is_file():
+                raise RecipeError(f"{what}: file not found: {path}")
+            mod_id = "edgebundle_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+            spec = importlib.util.spec_from_file_location(mod_id, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[mod_id] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except RecipeError:
+        raise
+    except Exception as e:  # an import runs arbitrary user code: report any failure as the recipe's
+        raise RecipeError(f"{what}: cannot import '{module_name}': {type(e).__name__}: {e}") from e
+    obj = getattr(module, attr, None)
+    if obj is None or not callable(obj):
+        raise RecipeError(f"{what}: '{module_name}' has no callable '{attr}'")
+    return obj
+
+
+def source_fingerprint(spec: ModelSpec, base_dir: Path) -> str:
+    """Hash of what determines the model: factory ref, kwargs, the factory's source file, weights bytes."""
+    h = hashlib.sha256(spec.model_dump_json(exclude={"weights"}).encode())
+    fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
+    try:
+        src = inspect.getsourcefile(fn)
+        if src:
+            h.update(Path(src).read_bytes())
+    except TypeError:
+        pass
+    if spec.weights is not None:
+        h.update(_file_sha256(_resolve(spec.weights, base_dir)).encode())
+    return h.hexdigest()
+
+
+def _resolve(p: Path, base_dir: Path) -> Path:
+    return p if p.is_absolute() else base_dir / p
+
+
+def _file_sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_model(spec: ModelSpec, base_dir: Path) -> nn.Module:
+    fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
+    try:
+        model = fn(**spec.kwargs)
+    except Exception as e:  # user factory code
+        raise RecipeError(f"model.factory {spec.factory}({spec.kwargs}) failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise RecipeError(f"model.factory {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    if spec.weights is not None:
+        load_weights(model, _resolve(spec.weights, base_dir))
+    return model.eval()
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise RecipeError(f"model.weights not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, pickle refused by weights_only, ...
+        raise RecipeError(f"model.weights {path} cannot be loaded safely: {type(e).__name__}: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise RecipeError(f"model.weights {path} do not fit the model: {first}") from e
+
+
+def example_inputs(specs: list[InputSpec], batch: int | None = None) -> tuple[torch.Tensor, ...]:
+    out = []
+    for s in specs:
+        shape = list(s.shape)
+        if batch is not None and 0 in s.dynamic_axes:
+            shape[0] = batch
+        dtype = getattr(torch, s.dtype)
+        out.append(torch.zeros(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+    return tuple(out)
+
+
+def check_accepts(model: nn.Module, specs: list[InputSpec]) -> torch.Tensor:
+    """Run the model once on zeros of the input spec; a rejection is the recipe's error."""
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs(specs))
+    except Exception as e:  # whatever the user's forward raises
+        shapes = ", ".join(f"'{s.name}' {s.shape} {s.dtype}" for s in specs)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RecipeError(f"the model rejects input {shapes}: {type(e).__name__}: {first}") from e
+    if not isinstance(out, torch.Tensor):
+        raise RecipeError(f"the model must return one tensor (logits); it returned {type(out).__name__}")
+    return out
+
+
+def save_structured(model: nn.Module, folder: Path) -> list[str]:
+    """Save a (possibly pruned) model as safetensors + module shape attributes. Returns file names."""
+    attrs: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        rec = {}
+        for a in _SHAPE_ATTRS:
+            if a in vars(mod):
+                v = vars(mod)[a]
+                if isinstance(v, (int, float, str, bool)) or (isinstance(v, tuple) and all(isinstance(x, int) for x in v)):
+                    rec[a] = list(v) if isinstance(v, tuple) else v
+        if rec:
+            attrs[name] = rec
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    (folder / STRUCTURE_FILE).write_text(json.dumps(attrs, indent=1, sort_keys=True))
+    return [WEIGHTS_FILE, STRUCTURE_FILE]
+
+
+def load_structured(spec: ModelSpec, base_dir: Path, folder: Path) -> nn.Module:
+    """Rebuild the factory model, reshape it to the saved structure, load the saved tensors."""
+    model = build_model(spec.model_copy(update={"weights": None}), base_dir)
+    attrs = json.loads((folder / STRUCTURE_FILE).read_text())
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    modules = dict(model.named_modules())
+    for name, rec in attrs.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise RecipeError(f"saved structure names module '{name}' that model.factory does not build")
+        for a, v in rec.items():
+            setattr(mod, a, tuple(v) if isinstance(v, list) else v)
+    for key, t in tensors.items():
+        owner_name, _, leaf = key.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            raise RecipeError(f"saved weights name '{key}' that model.factory does not build")
+        if leaf in owner._parameters and owner._parameters[leaf] is not None:
+            owner._parameters[leaf] = nn.Parameter(t.clone(), requires_grad=owner._parameters[leaf].requires_grad)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = t.clone()
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()

@@ -1,0 +1,128 @@
+"""Structured channel pruning with Torch-Pruning: channels are removed, tensor shapes really shrink.
+
+Torch-Pruning traces the model's dependency graph, so coupled layers (a conv, its BatchNorm, the next
+layer's input channels, residual additions) are pruned together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from edgebundle.errors import RecipeError, StageError
+from edgebundle.pipeline.data import Split
+from edgebundle.pipeline.recipe import PruneStage
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    ignored: list[str]
+    layers: dict[str, list[int]]  # module name -> [before, after] output channels/features
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.macs_after / self.macs_before
+
+
+def count(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    """(MACs, params) at the example inputs' shape."""
+    macs, params = tp.utils.count_ops_and_params(model, example[0] if len(example) == 1 else example)
+    return int(macs), int(params)
+
+
+def _importance(name: str) -> tp.importance.Importance:
+    if name == "magnitude":
+        return tp.importance.MagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.TaylorImportance()
+    if name == "lamp":
+        return tp.importance.LAMPImportance(p=2)
+    return tp.importance.FPGMImportance(p=2)
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out[name] = m.out_channels
+        elif isinstance(m, nn.Linear):
+            out[name] = m.out_features
+    return out
+
+
+def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
+    """Layers whose output width equals the model's output width and that come last: never pruned."""
+    with torch.no_grad():
+        n_out = model(*example).shape[-1]
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            last = (name, m)
+    if last is None:
+        return []
+    name, m = last
+    width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+    return [name] if width == n_out else []
+
+
+def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], *,
+          train: Split | None, names: list[str], batch_size: int = 64) -> PruneReport:
+    """Prune `model` in place (callers pass a copy). Taylor importance uses gradients on training data."""
+    model.eval()
+    modules = dict(model.named_modules())
+    unknown = [n for n in cfg.ignore if n not in modules]
+    if unknown:
+        sample = ", ".join(n for n in list(modules)[1:12] if n)
+        raise RecipeError(f"stages.prune.ignore: no module named {', '.join(unknown)} (modules include: {sample})")
+    ignored_names = sorted(set(cfg.ignore) | set(output_layers(model, example)))
+    macs0, params0 = count(model, example)
+    widths0 = _widths(model)
+    if cfg.importance == "taylor" and (train is None or train.labels is None):
+        raise RecipeError("stages.prune.importance 'taylor' needs labelled training data")
+    try:
+        pruner = tp.pruner.BasePruner(
+            model,
+            example[0] if len(example) == 1 else example,
+            importance=_importance(cfg.importance),
+            pruning_ratio=cfg.ratio,
+            iterative_steps=cfg.iterative_steps,
+            global_pruning=cfg.global_pruning,
+            ignored_layers=[modules[n] for n in ignored_names],
+            round_to=cfg.round_to,
+        )
+        for _ in range(cfg.iterative_steps):
+            if cfg.importance == "taylor":
+                _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
+            pruner.step()
+            model.zero_grad(set_to_none=True)
+    except (RuntimeError, ValueError, KeyError, IndexError) as e:
+        raise StageError(f"Torch-Pruning could not prune this model: {type(e).__name__}: {e}") from e
+    model.eval()
+    macs1, params1 = count(model, example)
+    widths1 = _widths(model)
+    return PruneReport(
+        params_before=params0, params_after=params1, macs_before=macs0, macs_after=macs1,
+        ignored=ignored_names,
+        layers={n: [widths0[n], widths1.get(n, 0)] for n in widths0},
+    )
+
+
+def _taylor_gradients(model: nn.Module, train: Split, names: list[str], batches: int, batch_size: int) -> None:
+    model.zero_grad(set_to_none=True)
+    model.train()
+    xs = [torch.from_numpy(train.inputs[n]) for n in names]
+    y = torch.from_numpy(train.labels)
+    for b in range(batches):
+        sl = slice(b * batch_size, (b + 1) * batch_size)
+        if len(y[sl]) < 2:
+            break
+        F.cross_entropy(model(*[x[sl] for x in xs]), y[sl]).backward()
+    model.eval()

@@ -1,0 +1,250 @@
+"""The recipe: one YAML file, validated once, at the edge, into typed pydantic models.
+
+Relative paths inside a recipe (weights, data folder, a `file.py:factory`) are resolved against the
+recipe file's folder; the output folder is resolved against the current directory.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgebundle.errors import RecipeError
+
+DTYPES = ("float32", "float16", "int64", "int32")
+MAX_INPUT_ELEMENTS = 1 << 28  # 256 Mi elements per input: a memory guard against absurd shapes
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    factory: str = Field(description="'package.module:callable' or 'path/to/file.py:callable'")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    weights: Path | None = Field(
+        default=None, description="state dict: .safetensors, or .pt/.pth loaded with weights_only=True"
+    )
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_form(cls, v: str) -> str:
+        module, sep, attr = v.rpartition(":")
+        if not sep or not module or not attr:
+            raise ValueError(f"must be 'module:callable' (got {v!r})")
+        return v
+
+
+class InputSpec(Strict):
+    name: str
+    shape: list[int] = Field(min_length=1)
+    dtype: Literal["float32", "float16", "int64", "int32"] = "float32"
+    dynamic_axes: dict[int, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        if any(d <= 0 for d in self.shape):
+            raise ValueError(f"input '{self.name}': every dimension must be > 0 (got {self.shape})")
+        n = 1
+        for d in self.shape:
+            n *= d
+        if n > MAX_INPUT_ELEMENTS:
+            raise ValueError(
+                f"input '{self.name}': shape {self.shape} has {n} elements, above the limit of "
+                f"{MAX_INPUT_ELEMENTS}"
+            )
+        for axis in self.dynamic_axes:
+            if not 0 <= axis < len(self.shape):
+                raise ValueError(f"input '{self.name}': dynamic axis {axis} is outside shape {self.shape}")
+        return self
+
+
+class SplitSpec(Strict):
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> SplitSpec:
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1 (got {self.train + self.val + self.test:g})")
+        return self
+
+
+class DataSpec(Strict):
+    kind: Literal["digits", "folder", "function"] = "digits"
+    path: Path | None = Field(default=None, description="kind=folder: folder of .npz (x, y) / .npy files")
+    function: str | None = Field(default=None, description="kind=function: 'module:fn' yielding batches")
+    splits: SplitSpec = SplitSpec()
+    seed: int = 0
+    calibration_split: Literal["train", "val"] = "train"
+    calibration_samples: int = Field(128, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> DataSpec:
+        if self.kind == "folder" and self.path is None:
+            raise ValueError("data.kind 'folder' needs data.path")
+        if self.kind == "function" and not self.function:
+            raise ValueError("data.kind 'function' needs data.function ('module:fn')")
+        return self
+
+
+class TrainStage(Strict):
+    """Trains the teacher. 'auto': train only when the model has no weights file."""
+
+    enabled: bool | Literal["auto"] = "auto"
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class PruneStage(Strict):
+    enabled: bool = True
+    importance: Literal["magnitude", "taylor", "lamp", "fpgm"] = "magnitude"
+    ratio: float = Field(0.5, ge=0, lt=1, description="fraction of channels removed per prunable layer")
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="module names (model.named_modules) left unpruned; the output layer always is",
+    )
+    global_pruning: bool = False
+    iterative_steps: int = Field(1, ge=1)
+    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this")
+    taylor_batches: int = Field(4, ge=1, description="batches of training data for Taylor gradients")
+
+
+class DistillStage(Strict):
+    enabled: bool = True
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs CE on labels")
+    batch_size: int = Field(64, ge=1)
+    weight_decay: float = Field(1e-4, ge=0)
+
+
+class ParitySpec(Strict):
+    max_abs: float = Field(1e-3, gt=0)
+    min_cosine: float = Field(0.9999, gt=0, le=1)
+    samples: int = Field(64, ge=1)
+
+
+class ExportStage(Strict):
+    opset: int = Field(20, ge=17, le=23)
+    parity: ParitySpec = ParitySpec()
+
+
+class Stages(Strict):
+    train: TrainStage = TrainStage()
+    prune: PruneStage = PruneStage()
+    distill: DistillStage = DistillStage()
+    export: ExportStage = ExportStage()
+
+
+class CalibrationSpec(Strict):
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    percentile: float = Field(99.999, gt=90, le=100)
+    samples: int | None = Field(None, ge=1, description="overrides data.calibration_samples")
+
+
+class MeasureSpec(Strict):
+    batch: int = Field(1, ge=1)
+    warmup_min: int = Field(20, ge=1)
+    warmup_max: int = Field(2000, ge=1)
+    iterations: int = Field(300, ge=10)
+    time_budget_s: float | None = Field(None, gt=0, description="stop early when this much time is spent")
+
+
+class TargetSpec(Strict):
+    name: str
+    threads: int | None = Field(None, ge=1, description="intra-op threads; default: usable cores")
+    calibration: CalibrationSpec = CalibrationSpec()
+    measure: MeasureSpec = MeasureSpec()
+    max_accuracy_drop: float = Field(1.0, ge=0, description="allowed int8 drop in accuracy points")
+    options: dict[str, Any] = Field(default_factory=dict, description="target-specific, validated by it")
+
+    @model_validator(mode="after")
+    def _known_target(self) -> TargetSpec:
+        from edgebundle.targets import registry
+
+        entry = registry.lookup(self.name)  # raises ValueError listing what exists
+        entry.options_model.model_validate(self.options)
+        return self
+
+
+class Recipe(Strict):
+    version: Literal[1] = 1
+    name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: ModelSpec
+    inputs: list[InputSpec] = Field(min_length=1)
+    outputs: list[str] = Field(default_factory=lambda: ["logits"], min_length=1)
+    data: DataSpec = DataSpec()
+    stages: Stages = Stages()
+    targets: list[TargetSpec] = Field(default_factory=lambda: [TargetSpec(name="ort-cpu")], min_length=1)
+    output: Path = Path("bundles")
+    base_dir: Path = Field(Path("."), exclude=True, description="set by the loader: the recipe's folder")
+
+    @model_validator(mode="after")
+    def _unique(self) -> Recipe:
+        for what, names in (("input", [i.name for i in self.inputs]), ("target", [t.name for t in self.targets])):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"duplicate {what} name(s): {', '.join(dup)}")
+        return self
+
+    def resolve(self, p: Path) -> Path:
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def target(self, name: str) -> TargetSpec:
+        for t in self.targets:
+            if t.name == name:
+                return t
+        raise RecipeError(f"target '{name}' is not in the recipe; it has: {', '.join(t.name for t in self.targets)}")
+
+
+def _format_validation_error(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}")
+    return f"invalid recipe {source}: " + "; ".join(parts)
+
+
+def recipe_from_dict(data: Any, *, base_dir: Path = Path("."), source: str = "<dict>") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid recipe {source}: the top level must be a mapping, got {type(data).__name__}")
+    if "base_dir" in data:
+        raise RecipeError(f"invalid recipe {source}: unknown key 'base_dir'")
+    try:
+        return Recipe.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as e:
+        raise RecipeError(_format_validation_error(e, source)) from e
+
+
+def load_recipe(path: str | Path | None = None) -> Recipe:
+    """Load and validate a recipe file; `None` gives the embedded default."""
+    if path is None:
+        text = default_recipe_text()
+        return recipe_from_dict(yaml.safe_load(text), base_dir=Path.cwd(), source="(embedded default)")
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RecipeError(f"recipe {p} is not valid YAML: {first}") from e
+    return recipe_from_dict(data, base_dir=p.resolve().parent, source=str(p))
+
+
+def default_recipe_text() -> str:
+    return resources.files("edgebundle.pipeline").joinpath("default_recipe.yaml").read_text(encoding="utf-8")

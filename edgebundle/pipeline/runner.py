@@ -1,0 +1,379 @@
+"""The stage runner: prepare (teacher -> prune -> distill -> export) and build (per target -> bundle).
+
+The runner, not each stage, checks preconditions, caches by content, records lineage, owns evaluation
+and timing, and wraps a stage's failure with the names of the stages that ran before it.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+import edgebundle
+from edgebundle.errors import DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
+from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
+from edgebundle.pipeline import measure as measure_mod
+from edgebundle.pipeline.bundle import SCHEMA_VERSION, write_bundle, check_output_folder
+from edgebundle.pipeline.cache import Artifact, StageCache
+from edgebundle.pipeline.data import Dataset, Split, load_dataset
+from edgebundle.pipeline.host import fingerprint, usable_cores
+from edgebundle.pipeline.modelio import (
+    build_model, check_accepts, example_inputs, load_structured, save_structured, source_fingerprint,
+)
+from edgebundle.pipeline.prune import count, prune
+from edgebundle.pipeline.recipe import MeasureSpec, Recipe, TargetSpec
+from edgebundle.pipeline.training import accuracy, distill, predict, train_supervised
+from edgebundle.targets import BuildContext, registry
+
+Event = Callable[..., None]  # on_event(kind, stage, **info); kinds: start, done, note
+
+
+def _noop(*_a, **_k) -> None:
+    return None
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    dataset: Dataset
+    teacher: Artifact
+    student: Artifact
+    onnx: Artifact
+    lineage: list[Artifact] = field(default_factory=list)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.recipe.inputs]
+
+    def load_teacher(self) -> nn.Module:
+        return load_structured(self.recipe.model, self.recipe.base_dir, self.teacher.folder)
+
+    def load_student(self) -> nn.Module:
+        return load_structured(self.recipe.model, self.recipe.base_dir, self.student.folder)
+
+
+@dataclass(frozen=True)
+class BundleResult:
+    target: str
+    path: Path
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    prepared: Prepared
+    bundles: list[BundleResult]
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    return hashlib.sha256(recipe.model_dump_json(exclude={"base_dir", "output"}).encode()).hexdigest()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Stages:
+    """Runs named stages through the cache, remembering which ran, to name them in errors."""
+
+    def __init__(self, cache: StageCache, on_event: Event) -> None:
+        self.cache, self.on_event, self.done = cache, on_event, []
+
+    def run(self, stage: str, config: dict, parents: list[Artifact], fill, extra: str = "") -> Artifact:
+        key = self.cache.key(stage, config, parents, extra)
+        hit = self.cache.get(stage, key)
+        cached = hit is not None
+        self.on_event("start", stage, cached=cached)
+        if hit is None:
+            try:
+                hit = self.cache.put(stage, key, config, parents, fill)
+            except EdgeBundleError as e:
+                after = f" (after {', '.join(self.done)})" if self.done else ""
+                raise type(e)(f"stage '{stage}' failed{after}: {e}") from e
+        self.done.append(stage)
+        self.on_event("done", stage, cached=cached, artifact=hit)
+        return hit
+
+
+def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
+    """Device-independent stages into a content-addressed work folder. Unchanged stages are reused."""
+    torch.manual_seed(recipe.seed)
+    names = [s.name for s in recipe.inputs]
+    # Cheap checks before any folder is made: the factory imports, the model takes the input spec,
+    # the data loads and fits the spec.
+    probe = build_model(recipe.model, recipe.base_dir)
+    out = check_accepts(probe, recipe.inputs)
+    if len(recipe.outputs) != 1:
+        raise RecipeError("outputs: the training stages support one output (logits) for now")
+    dataset = load_dataset(recipe)
+    if dataset.num_classes is not None and out.shape[-1] < dataset.num_classes:
+        raise RecipeError(f"the model outputs {out.shape[-1]} values but the data has {dataset.num_classes} classes")
+    src = source_fingerprint(recipe.model, recipe.base_dir)
+    example = example_inputs(recipe.inputs)
+    device = _device()
+    st = recipe.stages
+    stages = _Stages(StageCache(work), on_event)
+
+    def dump(cfg) -> dict:
+        return cfg.model_dump(mode="json")
+
+    # 1. teacher: build (and train when asked) -----------------------------------------------------------
+    train_on = st.train.enabled is True or (st.train.enabled == "auto" and recipe.model.weights is None)
+
+    def make_teacher(folder: Path) -> dict:
+        model = build_model(recipe.model, recipe.base_dir)
+        metrics: dict[str, Any] = {"trained": train_on}
+        if train_on:
+            fit = train_supervised(model, dataset.train, dataset.val, names, st.train, seed=recipe.seed, device=device)
+            model = model.cpu().eval()
+            metrics["best_val_accuracy"] = fit.best_val_accuracy
+            metrics["best_epoch"] = fit.best_epoch
+        macs, params = count(model, example)
+        metrics.update(macs=macs, params=params)
+        if dataset.test.labels is not None:
+            metrics["test_accuracy"] = accuracy(predict(model, dataset.test, names), dataset.test.labels)
+        save_structured(model, folder)
+        return metrics
+
+    teacher = stages.run("teacher", {"model": dump(recipe.model), "train": dump(st.train) if train_on else None,
+                                     "seed": recipe.seed, "inputs": [dump(i) for i in recipe.inputs]},
+                         [], make_teacher, extra=src + dataset.fingerprint)
+    lineage = [teacher]
+
+    def load(art: Artifact) -> nn.Module:
+        return load_structured(recipe.model, recipe.base_dir, art.folder)
+
+    # 2. prune --------------------------------------------------------------------------------------------
+    student = teacher
+    if st.prune.enabled and st.prune.ratio > 0:
+        def make_pruned(folder: Path) -> dict:
+            model = load(teacher)
+            rep = prune(model, st.prune, example, train=dataset.train, names=names)
+            try:
+                check_accepts(model, recipe.inputs)
+            except RecipeError as e:
+                raise StageError(f"the pruned model no longer runs: {e}") from e
+            save_structured(model, folder)
+            metrics = {"params_before": rep.params_before, "params_after": rep.params_after,
+                       "macs_before": rep.macs_before, "macs_after": rep.macs_after,
+                       "macs_ratio": rep.macs_ratio, "ignored": rep.ignored, "layers": rep.layers}
+            if dataset.test.labels is not None:
+                metrics["test_accuracy_before_finetune"] = accuracy(predict(model, dataset.test, names),
+                                                                    dataset.test.labels)
+            return metrics
+
+        student = stages.run("prune", {"prune": dump(st.prune)}, [teacher], make_pruned,
+                             extra=dataset.fingerprint if st.prune.importance == "taylor" else "")
+        lineage.append(student)
+
+    # 3. distill ------------------------------------------------------------------------------------------
+    if st.distill.enabled:
+        pruned = student
+
+        def make_distilled(folder: Path) -> dict:
+            t_model, s_model = load(teacher), load(pruned)
+            fit = distill(s_model, t_model, dataset.train, dataset.val, names, st.distill,
+                          seed=recipe.seed, device=device)
+            s_model = s_model.cpu().eval()
+            save_structured(s_model, folder)
+            macs, params = count(s_model, example)
+            metrics = {"best_val_accuracy": fit.best_val_accuracy, "best_epoch": fit.best_epoch,
+                       "val_history": fit.history, "macs": macs, "params": params, "device": str(device)}
+            if dataset.test.labels is not None:
+                metrics["teacher_test_accuracy"] = teacher.metrics.get("test_accuracy")
+                metrics["test_accuracy"] = accuracy(predict(s_model, dataset.test, names), dataset.test.labels)
+            return metrics
+
+        student = stages.run("distill", {"distill": dump(st.distill), "seed": recipe.seed},
+                             [pruned, teacher], make_distilled, extra=dataset.fingerprint)
+        lineage.append(student)
+
+    # 4. export -------------------------------------------------------------------------------------------
+    def make_onnx(folder: Path) -> dict:
+        model = load(student)
+        path = folder / "model.fp32.onnx"
+        export(model, recipe.inputs, recipe.outputs, st.export, path)
+        parity = check_parity(model, path, dataset.test, recipe.inputs, recipe.outputs, st.export)
+        metrics: dict[str, Any] = {"exporter": EXPORTER, "opset": st.export.opset,
+                                   "parity": [p.__dict__ for p in parity]}
+        if dataset.test.labels is not None:
+            metrics["student_test_accuracy"] = accuracy(predict(model, dataset.test, names), dataset.test.labels)
+        return metrics
+
+    onnx_art = stages.run("export", {"export": dump(st.export), "inputs": [dump(i) for i in recipe.inputs],
+                                     "outputs": recipe.outputs}, [student], make_onnx, extra=dataset.fingerprint)
+    lineage.append(onnx_art)
+    return Prepared(recipe, dataset, teacher, student, onnx_art, lineage)
+
+
+# ---- build ---------------------------------------------------------------------------------------------
+
+def run_split(session, split: Split, specs, batch_hint: int = 64) -> np.ndarray:
+    from edgebundle.calibration.readers import iter_feeds
+
+    return np.concatenate([session.run(f)[0] for f in iter_feeds(split, specs, batch_hint)])
+
+
+def _measure_feeds(split: Split, recipe: Recipe, batch: int) -> dict[str, np.ndarray]:
+    from edgebundle.calibration.readers import iter_feeds
+
+    return next(iter_feeds(split.head(max(batch, 1)), recipe.inputs, batch))
+
+
+def _torch_latency(model: nn.Module, feeds: dict[str, np.ndarray], names: list[str], spec: MeasureSpec,
+                   threads: int) -> measure_mod.LatencyStats:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    xs = [torch.from_numpy(feeds[n]) for n in names]
+    model = model.cpu().eval()
+    try:
+        with torch.inference_mode():
+            return measure_mod.measure(lambda: model(*xs), spec, threads=threads)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _brief(s: measure_mod.LatencyStats) -> dict[str, Any]:
+    d = s.to_dict()
+    d.pop("samples_ms")
+    return d
+
+
+def reference_latency(prepared: Prepared, spec: MeasureSpec, threads: int) -> dict[str, Any]:
+    """PyTorch fp32 (teacher and student) and ONNX Runtime fp32 student, same protocol, same threads."""
+    from edgebundle.targets.ort_cpu import OrtSession
+
+    recipe = prepared.recipe
+    feeds = _measure_feeds(prepared.dataset.test, recipe, spec.batch)
+    names = prepared.input_names
+    ref = {
+        "pytorch_fp32_teacher": _brief(_torch_latency(prepared.load_teacher(), feeds, names, spec, threads)),
+        "pytorch_fp32_student": _brief(_torch_latency(prepared.load_student(), feeds, names, spec, threads)),
+    }
+    sess = OrtSession(prepared.onnx.path("model.fp32.onnx"), threads=threads)
+    ref["onnxruntime_fp32_student"] = _brief(measure_mod.measure(lambda: sess.run(feeds), spec, threads=threads))
+    sess.close()
+    return ref
+
+
+def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event: Event = _noop,
+                 reference: dict[str, Any] | None = None) -> BundleResult:
+    """Build one target's bundle from prepared artifacts: calibrate, evaluate, measure, write atomically."""
+    recipe = prepared.recipe
+    entry = registry.lookup(spec.name)
+    target = entry.factory()
+    why = target.unavailable_reason()
+    if why:
+        raise TargetUnavailable(f"target '{spec.name}' is unavailable here: {why}")
+    options = entry.options_model.model_validate(spec.options)
+    threads = spec.threads or usable_cores()
+    ds = prepared.dataset
+    stage = f"build:{spec.name}"
+    on_event("start", stage, cached=False)
+    cal = ds.calibration(recipe.data, spec.calibration.samples)
+    if reference is None:
+        reference = reference_latency(prepared, spec.measure, threads)
+    fp32_path = prepared.onnx.path("model.fp32.onnx")
+
+    def fill(tmp: Path) -> dict[str, Any]:
+        from edgebundle.targets.ort_cpu import OrtSession
+
+        ctx = BuildContext(recipe, spec, options, fp32_path, cal, tmp, threads)
+        try:
+            built = target.build(ctx)
+        except (DataError, RecipeError):
+            raise
+        except EdgeBundleError as e:
+            raise StageError(f"{stage} failed (after {', '.join(a.stage for a in prepared.lineage)}): {e}") from e
+        # accuracy: fp32 ONNX (reference) vs the target's artifact, same inputs
+        fp32 = OrtSession(fp32_path, threads=threads)
+        ref_logits = run_split(fp32, ds.test, recipe.inputs)
+        fp32.close()
+        sess = target.open(tmp / built.model_file, threads=threads, runtime=built.runtime)
+        try:
+            logits = run_split(sess, ds.test, recipe.inputs)
+            feeds = _measure_feeds(ds.test, recipe, spec.measure.batch)
+            lat = measure_mod.measure(lambda: sess.run(feeds), spec.measure, threads=threads)
+        finally:
+            sess.close()
+        labels = ds.test.labels
+        acc_fp32 = accuracy(ref_logits, labels) if labels is not None else None
+        acc_t = accuracy(logits, labels) if labels is not None else None
+        drop = None if acc_t is None else acc_fp32 - acc_t
+        teacher_acc = prepared.teacher.metrics.get("test_accuracy")
+        student_acc = prepared.onnx.metrics.get("student_test_accuracy")
+        import onnx
+
+        m = onnx.load(str(tmp / built.model_file), load_external_data=False)
+        io = {kind: [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
+                      "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in vals]
+              for kind, vals in (("inputs", m.graph.input), ("outputs", m.graph.output))}
+        teacher_p50 = reference["pytorch_fp32_teacher"]["p50_ms"]
+        same_rt = reference.get("onnxruntime_fp32_student", {}).get("p50_ms") if entry.capabilities.runtime == "onnxruntime" else None
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "edgebundle_version": edgebundle.__version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "recipe": {"name": recipe.name, "sha256": recipe_digest(recipe),
+                       "json": recipe.model_dump(mode="json", exclude={"base_dir"})},
+            "target": {"name": spec.name, "precision": built.precision, "runtime": {**built.runtime, "threads": threads},
+                       "capabilities": {"precisions": list(entry.capabilities.precisions),
+                                        "needs_gpu": entry.capabilities.needs_gpu,
+                                        "extra": entry.capabilities.extra,
+                                        "runtime": entry.capabilities.runtime}},
+            "model_file": built.model_file,
+            **io,
+            "lineage": [a.record() for a in prepared.lineage]
+            + [{"stage": stage, "config": spec.model_dump(mode="json"), "options": options.model_dump(mode="json")}],
+            "quantization": built.quantization,
+            "accuracy": {"metric": "top1" if labels is not None else "none", "split": "test", "samples": len(ds.test),
+                         "teacher_pytorch": teacher_acc, "student_pytorch": student_acc, "fp32_onnx": acc_fp32,
+                         "target": acc_t, "drop_vs_fp32": drop, "max_drop": spec.max_accuracy_drop,
+                         "within_budget": None if drop is None else drop <= spec.max_accuracy_drop,
+                         "output_cosine_vs_fp32": cosine(logits, ref_logits)},
+            "latency": lat.to_dict(),
+            "reference_latency": reference,
+            "speedup": {"vs_pytorch_fp32_teacher": teacher_p50 / lat.p50_ms,
+                        "vs_same_runtime_fp32": (same_rt / lat.p50_ms) if same_rt else None},
+            "host": fingerprint(),
+            "notes": list(built.notes),
+        }
+
+    path = write_bundle(output, spec.name, fill)
+    import json
+
+    manifest = json.loads((path / "manifest.json").read_text())
+    on_event("done", stage, cached=False)
+    return BundleResult(spec.name, path, manifest)
+
+
+def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None = None,
+        work: Path | None = None, on_event: Event = _noop) -> RunResult:
+    """prepare + build for every (selected) target. The library's main entry point."""
+    output = Path(output) if output is not None else recipe.output
+    check_output_folder(output)
+    selected = [recipe.target(t) for t in targets] if targets else list(recipe.targets)
+    for spec in selected:
+        why = registry.lookup(spec.name).factory().unavailable_reason()
+        if why:
+            raise TargetUnavailable(f"target '{spec.name}' is unavailable here: {why}")
+    prepared = prepare(recipe, work or output / ".work", on_event=on_event)
+    results = []
+    refs: dict[tuple, dict] = {}
+    for spec in selected:
+        threads = spec.threads or usable_cores()
+        k = (threads, spec.measure.model_dump_json())
+        if k not in refs:
+            on_event("start", "reference", cached=False)
+            refs[k] = reference_latency(prepared, spec.measure, threads)
+            on_event("done", "reference", cached=False)
+        results.append(build_target(prepared, spec, output, on_event=on_event, reference=refs[k]))
+    return RunResult(prepared, results)

@@ -1,0 +1,138 @@
+"""Teacher training, knowledge distillation and evaluation (PyTorch, CPU or CUDA).
+
+Distillation loss: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels).
+The checkpoint with the best validation accuracy is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgebundle.errors import DataError
+from edgebundle.pipeline.data import Split
+from edgebundle.pipeline.recipe import DistillStage, TrainStage
+
+
+@dataclass(frozen=True)
+class FitResult:
+    best_val_accuracy: float
+    best_epoch: int
+    epochs: int
+    history: list[float]  # validation accuracy per epoch
+
+
+def _tensors(split: Split, names: list[str], device: torch.device) -> list[torch.Tensor]:
+    return [torch.from_numpy(split.inputs[n]).to(device) for n in names]
+
+
+def predict(model: nn.Module, split: Split, names: list[str], batch_size: int = 256) -> np.ndarray:
+    """Logits for every sample of a split (eval mode, no grad)."""
+    device = next(model.parameters()).device
+    xs = _tensors(split, names, device)
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(split), batch_size):
+            outs.append(model(*[x[i:i + batch_size] for x in xs]).float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(axis=1) == labels).mean() * 100.0)
+
+
+def _require_labels(split: Split, what: str) -> np.ndarray:
+    if split.labels is None:
+        raise DataError(f"{what} needs labels; the data has none")
+    return split.labels
+
+
+def _fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    names: list[str],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    weight_decay: float,
+    seed: int,
+    loss_fn: Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor | None, torch.Tensor], torch.Tensor],
+    device: torch.device,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> FitResult:
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device)
+    xs = _tensors(train, names, device)
+    ys = None if train.labels is None else torch.from_numpy(train.labels).to(device)
+    val_labels = _require_labels(val, "choosing the best checkpoint")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * max(1, (len(train) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    best = (-1.0, 0, None)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=gen).to(device)
+        for i in range(0, len(train), batch_size):
+            idx = order[i:i + batch_size]
+            if len(idx) < 2:  # BatchNorm needs more than one sample
+                continue
+            batch = [x[idx] for x in xs]
+            out = model(*batch)
+            loss = loss_fn(out, batch, None if ys is None else ys[idx], idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = accuracy(predict(model, val, names), val_labels)
+        history.append(acc)
+        if on_epoch:
+            on_epoch(epoch, acc)
+        if acc > best[0]:
+            best = (acc, epoch, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[2])
+    model.eval()
+    return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=epochs, history=history)
+
+
+def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str], cfg: TrainStage | DistillStage,
+                     *, seed: int, device: torch.device, on_epoch=None) -> FitResult:
+    """Plain cross-entropy training (the teacher, or a student without a teacher)."""
+    _require_labels(train, "training")
+
+    def loss_fn(out, _batch, y, _idx):
+        return F.cross_entropy(out, y)
+
+    return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch)
+
+
+def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
+            cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None) -> FitResult:
+    """Knowledge distillation from a frozen teacher; soft targets are computed once up front."""
+    teacher = teacher.to(device).eval()
+    with torch.no_grad():
+        soft = torch.from_numpy(predict(teacher, train, names)).to(device)
+    t = cfg.temperature
+    alpha = cfg.alpha if train.labels is not None else 1.0
+
+    def loss_fn(out, _batch, y, idx):
+        kl = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(soft[idx] / t, dim=1),
+                      reduction="batchmean", log_target=True) * (t * t)
+        if alpha >= 1.0 or y is None:
+            return kl
+        return alpha * kl + (1 - alpha) * F.cross_entropy(out, y)
+
+    return _fit(student, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch)

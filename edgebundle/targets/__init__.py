@@ -1,0 +1,11 @@
+"""Targets: one module per runtime behind the `Target` protocol, one registry by name.
+
+Importing this package registers every target; heavy or optional runtimes are imported lazily inside
+each target's methods, so the package imports on machines without them.
+"""
+
+from edgebundle.targets import registry
+from edgebundle.targets.base import BuildContext, Built, Session, Target
+from edgebundle.targets import ort_cpu  # noqa: F401  (registers 'ort-cpu')
+
+__all__ = ["BuildContext", "Built", "Session", "Target", "registry"]

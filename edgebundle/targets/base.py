@@ -1,0 +1,58 @@
+"""The small protocol every target implements: check availability, build, open a session.
+
+The runner, not the target, owns evaluation, timing and bundling: a target only turns the verified
+fp32 ONNX model (plus calibration data) into its runtime's artifact and knows how to run it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+from pydantic import BaseModel
+
+from edgebundle.pipeline.data import Split
+from edgebundle.pipeline.recipe import Recipe, TargetSpec
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    recipe: Recipe
+    spec: TargetSpec
+    options: BaseModel  # the target's own validated options
+    fp32_onnx: Path
+    calibration: Split
+    workdir: Path  # empty folder the target writes its files into
+    threads: int
+
+
+@dataclass(frozen=True)
+class Built:
+    model_file: str  # relative to the workdir; what `open` loads
+    files: tuple[str, ...]  # every file that goes into the bundle
+    precision: str
+    quantization: dict[str, Any] = field(default_factory=dict)
+    runtime: dict[str, Any] = field(default_factory=dict)  # session settings to reproduce the timing
+    notes: tuple[str, ...] = ()
+
+
+class Session(Protocol):
+    input_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class Target(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type[BaseModel]]
+
+    def unavailable_reason(self) -> str | None:
+        """None when the runtime and device are present, else why not (shown to the user)."""
+
+    def build(self, ctx: BuildContext) -> Built: ...
+
+    def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> Session: ...

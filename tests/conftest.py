@@ -1,0 +1,49 @@
+"""Shared fixtures: the embedded default runs once per pytest session; stages reuse its cache."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from edgebundle.pipeline.recipe import default_recipe_text, recipe_from_dict
+
+torch.set_num_threads(2)
+
+
+def default_dict() -> dict:
+    return yaml.safe_load(default_recipe_text())
+
+
+def make_recipe(base_dir: Path, **overrides):
+    """The default recipe with top-level keys (or 'stages.x' dotted keys) replaced."""
+    d = copy.deepcopy(default_dict())
+    for key, value in overrides.items():
+        node, *rest = key.split("__")
+        if rest:
+            d.setdefault(node, {})[rest[0]] = value
+        else:
+            d[node] = value
+    return recipe_from_dict(d, base_dir=base_dir)
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """RunResult of the embedded default recipe (trains teacher, prunes, distills, exports, ORT int8)."""
+    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.pipeline.runner import run
+
+    out = tmp_path_factory.mktemp("default") / "bundles"
+    events = []
+    result = run(load_recipe(None), output=out, on_event=lambda kind, stage, **k: events.append((kind, stage, k)))
+    result.events = events  # type: ignore[attr-defined]
+    result.output = out  # type: ignore[attr-defined]
+    return result
+
+
+@pytest.fixture(scope="session")
+def prepared(default_run):
+    return default_run.prepared

@@ -1,0 +1,79 @@
+"""Small test models, importable by recipes as `factories:<name>` (tests/ is on the path)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgebundle.zoo import DigitsCNN
+
+
+def tiny_cnn(num_classes: int = 10) -> nn.Module:
+    return DigitsCNN(width=8, num_classes=num_classes)
+
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        return self.head(self.pw(self.dw(self.stem(x))).mean((2, 3)))
+
+
+class Residual(nn.Module):
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.body(h)).mean((2, 3)))
+
+
+def depthwise_separable() -> nn.Module:
+    return DepthwiseSeparable()
+
+
+def residual() -> nn.Module:
+    return Residual()
+
+
+@torch.library.custom_op("edgebundle_tests::opaque_scale", mutates_args=())
+def opaque_scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.5
+
+
+@opaque_scale.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class CustomOpNet(nn.Module):
+    """Runs in PyTorch, but its custom op has no ONNX translation: the exporter must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = DigitsCNN(width=8)
+
+    def forward(self, x):
+        return opaque_scale(self.body(x))
+
+
+def custom_op_net() -> nn.Module:
+    return CustomOpNet()
+
+
+def rgb_only() -> nn.Module:
+    """Expects 3 input channels: rejects the digits input spec [1, 1, 8, 8]."""
+    return DigitsCNN(width=8, in_channels=3)
+
+
+def not_a_module():
+    return "not a model"

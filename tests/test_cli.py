@@ -1,0 +1,104 @@
+"""CLI: bad input gives one clear line, exit code 2, and no bundle folder."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import default_dict
+from edgebundle.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+QUICK = {"train": {"epochs": 1}, "distill": {"epochs": 1}}
+
+
+def _write(tmp_path, mutate) -> Path:
+    d = default_dict()
+    d["stages"].update(QUICK)
+    d["output"] = str(tmp_path / "out")
+    mutate(d)
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _set(path, value):
+    def mutate(d):
+        node = d
+        *parents, leaf = path
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    return mutate
+
+
+CASES = {
+    "unknown key": (_set(["stages", "prune", "ratoi"], 0.3), r"unknown key 'stages\.prune\.ratoi'"),
+    "wrong type": (_set(["stages", "prune", "ratio"], "half"), r"stages\.prune\.ratio"),
+    "factory not importable": (_set(["model", "factory"], "no_such_module:net"), r"cannot import 'no_such_module'"),
+    "factory not a module": (_set(["model", "factory"], "factories:not_a_module"), r"not a torch\.nn\.Module"),
+    "input the model rejects": (_set(["model"], {"factory": "factories:rgb_only"}),
+                                r"the model rejects input 'image' \[1, 1, 8, 8\]"),
+    "op the exporter cannot handle": (_set(["model"], {"factory": "factories:custom_op_net"}),
+                                      r"stage 'export' failed \(after teacher, prune, distill\).*opaque_scale"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_one_line_exit_2_no_bundle(tmp_path, case):
+    mutate, pattern = CASES[case]
+    recipe = _write(tmp_path, mutate)
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 2, res.output
+    lines = [l for l in res.output.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert re.search(pattern, lines[0]), lines[0]
+    out = tmp_path / "out"
+    assert not (out / "ort-cpu").exists()
+    assert not any(p.name.startswith(".ort-cpu") for p in out.iterdir()) if out.exists() else True
+
+
+def test_missing_recipe(tmp_path):
+    res = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [f"error: recipe not found: {tmp_path / 'missing.yaml'}"]
+
+
+def test_output_is_a_file(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("not a folder")
+    res = runner.invoke(app, ["run", "-o", str(f)])
+    assert res.exit_code == 2 and "is not a folder" in res.output
+
+
+def test_recipe_command_prints_loadable_default(tmp_path):
+    res = runner.invoke(app, ["recipe"])
+    assert res.exit_code == 0
+    p = tmp_path / "r.yaml"
+    p.write_text(res.output)
+    from edgebundle.pipeline.recipe import load_recipe
+
+    assert load_recipe(p).name == "digits-cnn"
+
+
+def test_readme_main_command_runs(default_run):
+    """`edgebundle run` (the README's first command), as a real process, reusing the session's cache."""
+    res = subprocess.run([sys.executable, "-m", "edgebundle.cli", "run", "-o", str(default_run.output)],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "(cached)" in res.stdout and "ort-cpu" in res.stdout and "speedup" in res.stdout
+    assert (default_run.output / "ort-cpu" / "manifest.json").is_file()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    m = re.search(r"python -m pytest[^\n`]*", readme)
+    assert m, "README must give the test command"
+    assert m.group(0).strip() in ci

@@ -1,0 +1,49 @@
+"""Distillation vs the same pruned student trained on labels alone (same epochs, lr, seed)."""
+
+import copy
+
+import torch
+
+from edgebundle.pipeline.cache import Artifact
+from edgebundle.pipeline.modelio import load_structured
+from edgebundle.pipeline.training import accuracy, distill, predict, train_supervised
+
+MARGIN = 1.0  # points: distillation must beat or match the label-only student within this
+
+
+def test_distillation_beats_or_matches_label_only_student(prepared):
+    r = prepared.recipe
+    pruned_art = next(a for a in prepared.lineage if a.stage == "prune")
+    pruned = load_structured(r.model, r.base_dir, pruned_art.folder)
+    ds, names, cfg = prepared.dataset, prepared.input_names, r.stages.distill
+    cpu = torch.device("cpu")
+
+    scratch = copy.deepcopy(pruned)
+    train_supervised(scratch, ds.train, ds.val, names, cfg, seed=r.seed, device=cpu)
+    acc_scratch = accuracy(predict(scratch, ds.test, names), ds.test.labels)
+
+    student = prepared.load_student()
+    acc_distilled = accuracy(predict(student, ds.test, names), ds.test.labels)
+    assert acc_distilled >= acc_scratch - MARGIN, (acc_distilled, acc_scratch)
+
+
+def test_distill_keeps_best_validation_checkpoint(prepared):
+    m = next(a for a in prepared.lineage if a.stage == "distill").metrics
+    assert m["best_val_accuracy"] == max(m["val_history"])
+    student = prepared.load_student()
+    ds = prepared.dataset
+    assert accuracy(predict(student, ds.val, prepared.input_names), ds.val.labels) == m["best_val_accuracy"]
+
+
+def test_distill_uses_teacher_soft_targets(prepared):
+    """alpha=1 (KL only, no labels used) still teaches the student: the teacher's knowledge flows."""
+    r = prepared.recipe
+    pruned_art = next(a for a in prepared.lineage if a.stage == "prune")
+    student = load_structured(r.model, r.base_dir, pruned_art.folder)
+    ds = prepared.dataset
+    before = accuracy(predict(student, ds.test, prepared.input_names), ds.test.labels)
+    cfg = r.stages.distill.model_copy(update={"alpha": 1.0, "epochs": 5})
+    distill(student, prepared.load_teacher(), ds.train, ds.val, prepared.input_names, cfg, seed=0,
+            device=torch.device("cpu"))
+    after = accuracy(predict(student, ds.test, prepared.input_names), ds.test.labels)
+    assert after > 90.0 and after >= before

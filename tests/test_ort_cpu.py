@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from edgebundle.errors import DataError
+from edgebundle.exporters.onnx import cosine
+from edgebundle.pipeline.data import Split
+from edgebundle.pipeline.runner import run_split
+from edgebundle.pipeline.training import accuracy
+from edgebundle.targets import BuildContext, registry
+from edgebundle.targets.ort_cpu import OrtSession
+
+
+def _build(prepared, tmp_path, calibration=None, options=None, cal_split=None):
+    r = prepared.recipe
+    spec = r.targets[0].model_copy(update={"calibration": calibration or r.targets[0].calibration})
+    entry = registry.lookup("ort-cpu")
+    opts = entry.options_model.model_validate(options or {})
+    ctx = BuildContext(r, spec, opts, prepared.onnx.path("model.fp32.onnx"),
+                       cal_split if cal_split is not None else prepared.dataset.calibration(r.data),
+                       tmp_path, threads=2)
+    return entry.factory().build(ctx)
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_int8_agrees_with_fp32(prepared, tmp_path, method):
+    from edgebundle.pipeline.recipe import CalibrationSpec
+
+    built = _build(prepared, tmp_path, calibration=CalibrationSpec(method=method))
+    assert built.precision == "int8" and built.quantization["calibration"]["method"] == method
+    ds, specs = prepared.dataset, prepared.recipe.inputs
+    q = run_split(OrtSession(tmp_path / built.model_file, threads=2), ds.test, specs)
+    f = run_split(OrtSession(prepared.onnx.path("model.fp32.onnx"), threads=2), ds.test, specs)
+    assert cosine(q, f) > 0.99
+    assert (q.argmax(1) == f.argmax(1)).mean() > 0.97
+    assert accuracy(f, ds.test.labels) - accuracy(q, ds.test.labels) <= 1.0
+
+
+def test_int8_model_really_has_int8_weights(prepared, tmp_path):
+    import onnx
+
+    built = _build(prepared, tmp_path)
+    m = onnx.load(str(tmp_path / built.model_file))
+    ops = {n.op_type for n in m.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_inits = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert int8_inits, "weights must be stored as int8"
+    assert (tmp_path / built.model_file).stat().st_size < 0.5 * prepared.onnx.path("model.fp32.onnx").stat().st_size
+
+
+def _bad(prepared, x):
+    return Split({"image": x}, None)
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x).astype(np.float32), "NaN/Inf"),
+    (lambda x: np.full_like(x, np.inf), "NaN/Inf"),
+    (lambda x: x[:0], "empty"),
+    (lambda x: x[:, :, :4, :], r"per-sample shape \[1, 4, 8\]"),
+    (lambda x: x.astype(np.int64), "dtype int64"),
+])
+def test_bad_calibration_data_fails_before_any_scale(prepared, tmp_path, make, msg):
+    x = prepared.dataset.train.inputs["image"][:16]
+    with pytest.raises(DataError, match=msg):
+        _build(prepared, tmp_path, cal_split=_bad(prepared, make(x)))
+    assert not (tmp_path / "model.onnx").exists()

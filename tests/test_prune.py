@@ -1,0 +1,55 @@
+import copy
+
+import pytest
+import torch
+
+import factories
+from edgebundle.errors import RecipeError
+from edgebundle.pipeline.modelio import example_inputs
+from edgebundle.pipeline.prune import count, prune
+from edgebundle.pipeline.recipe import InputSpec, PruneStage
+
+SPECS = [InputSpec(name="image", shape=[1, 1, 8, 8], dynamic_axes={0: "batch"})]
+EXAMPLE = example_inputs(SPECS)
+
+
+@pytest.mark.parametrize("factory", [factories.tiny_cnn, factories.depthwise_separable, factories.residual])
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_pruning_shrinks_tensors_and_keeps_model_runnable(factory, importance, prepared):
+    torch.manual_seed(0)
+    model = factory().eval()
+    before_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rep = prune(model, PruneStage(importance=importance, ratio=0.5), EXAMPLE,
+                train=prepared.dataset.train, names=["image"])
+    assert rep.macs_after < 0.6 * rep.macs_before
+    assert rep.params_after < rep.params_before
+    after_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert any(after_shapes[k] != before_shapes[k] for k in before_shapes), "shapes must really shrink"
+    out = model(torch.randn(3, 1, 8, 8))
+    assert out.shape == (3, 10)
+    assert (rep.macs_after, rep.params_after) == count(model, EXAMPLE)
+
+
+def test_output_layer_and_ignored_layers_keep_their_width():
+    model = factories.tiny_cnn().eval()
+    rep = prune(model, PruneStage(ratio=0.5, ignore=["features.0.0"]), EXAMPLE, train=None, names=["image"])
+    assert model.classifier.out_features == 10
+    assert model.features[0][0].out_channels == 8
+    assert "classifier" in rep.ignored and "features.0.0" in rep.ignored
+    assert model.features[1][0].out_channels == 8  # 16 -> 8: pruned
+
+
+def test_unknown_ignored_layer_is_an_error():
+    with pytest.raises(RecipeError, match="no module named nope"):
+        prune(factories.tiny_cnn(), PruneStage(ignore=["nope"]), EXAMPLE, train=None, names=["image"])
+
+
+def test_prune_stage_leaves_its_input_artifact_untouched(prepared):
+    teacher = prepared.teacher
+    from edgebundle.pipeline.cache import sha256_file
+
+    assert all(sha256_file(teacher.path(n)) == h for n, h in teacher.files.items())
+    t = prepared.load_teacher()
+    s = prepared.load_student()
+    assert t.features[0][0].out_channels == 32
+    assert s.features[0][0].out_channels == 16

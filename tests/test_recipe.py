@@ -1,0 +1,70 @@
+import pytest
+
+from edgebundle.errors import RecipeError
+from edgebundle.pipeline.recipe import load_recipe, recipe_from_dict
+from conftest import default_dict
+
+
+def test_embedded_default_loads():
+    r = load_recipe(None)
+    assert r.model.factory == "edgebundle.zoo:digits_cnn"
+    assert [t.name for t in r.targets] == ["ort-cpu"]
+    assert r.inputs[0].dynamic_axes == {0: "batch"}
+
+
+def test_missing_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_unknown_key_is_named(tmp_path):
+    d = default_dict()
+    d["stages"]["prune"]["ratoi"] = 0.3
+    with pytest.raises(RecipeError, match=r"unknown key 'stages.prune.ratoi'"):
+        recipe_from_dict(d, base_dir=tmp_path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    d = default_dict()
+    d["stages"]["distill"]["epochs"] = "many"
+    with pytest.raises(RecipeError, match=r"stages.distill.epochs"):
+        recipe_from_dict(d, base_dir=tmp_path)
+
+
+def test_unknown_target_lists_available(tmp_path):
+    d = default_dict()
+    d["targets"] = [{"name": "trt"}]
+    with pytest.raises(RecipeError, match=r"unknown target 'trt'; available: .*ort-cpu"):
+        recipe_from_dict(d, base_dir=tmp_path)
+
+
+def test_target_options_validated_by_target(tmp_path):
+    d = default_dict()
+    d["targets"] = [{"name": "ort-cpu", "options": {"quant_format": "qoperator", "activations": "int8"}}]
+    with pytest.raises(RecipeError, match="qoperator"):
+        recipe_from_dict(d, base_dir=tmp_path)
+    d["targets"] = [{"name": "ort-cpu", "options": {"bogus": 1}}]
+    with pytest.raises(RecipeError, match="bogus"):
+        recipe_from_dict(d, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("shape,msg", [([1, 0, 8, 8], "must be > 0"), ([1, 1, 100000, 100000], "above the limit")])
+def test_bad_dimensions(tmp_path, shape, msg):
+    d = default_dict()
+    d["inputs"][0]["shape"] = shape
+    with pytest.raises(RecipeError, match=msg):
+        recipe_from_dict(d, base_dir=tmp_path)
+
+
+def test_splits_must_sum_to_one(tmp_path):
+    d = default_dict()
+    d["data"]["splits"] = {"train": 0.5, "val": 0.2, "test": 0.2}
+    with pytest.raises(RecipeError, match="must be 1"):
+        recipe_from_dict(d, base_dir=tmp_path)
+
+
+def test_top_level_must_be_mapping(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="must be a mapping"):
+        load_recipe(p)
