@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,7 @@ def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "bundles"
     events = []
     result = run(load_recipe(None), output=out, on_event=lambda kind, stage, **k: events.append((kind, stage, k)))
-    result.events = events  # type: ignore[attr-defined]
-    result.output = out  # type: ignore[attr-defined]
-    return result
+    return SimpleNamespace(prepared=result.prepared, bundles=result.bundles, output=out, events=events)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ CASES = {
     "unknown key": (_set(["stages", "prune", "ratoi"], 0.3), r"unknown key 'stages\.prune\.ratoi'"),
     "wrong type": (_set(["stages", "prune", "ratio"], "half"), r"stages\.prune\.ratio"),
     "factory not importable": (_set(["model", "factory"], "no_such_module:net"), r"cannot import 'no_such_module'"),
-    "factory not a module": (_set(["model", "factory"], "factories:not_a_module"), r"not a torch\.nn\.Module"),
+    "factory not a module": (_set(["model"], {"factory": "factories:not_a_module"}), r"not a torch\.nn\.Module"),
     "input the model rejects": (_set(["model"], {"factory": "factories:rgb_only"}),
                                 r"the model rejects input 'image' \[1, 1, 8, 8\]"),
     "op the exporter cannot handle": (_set(["model"], {"factory": "factories:custom_op_net"}),
