@@ -113,7 +113,7 @@ def targets() -> None:
         t.add_column(col)
     for name in registry.names():
         e = registry.lookup(name)
-        why = e.factory().unavailable_reason()
+        why = e.factory().unavailable_reason(None)
         c = e.capabilities
         t.add_row(name, ", ".join(c.precisions), c.runtime, "yes" if c.needs_gpu else "no", c.extra or "-",
                   "yes" if why is None else f"no: {why}")

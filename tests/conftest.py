@@ -46,3 +46,29 @@ def default_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared(default_run):
     return default_run.prepared
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "openvino: needs openvino and nncf")
+    config.addinivalue_line("markers", "tensorrt: needs the tensorrt Python package (pip install edgebundle[tensorrt])")
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with CUDA")
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {}
+    if _missing("openvino") or _missing("nncf"):
+        reasons["openvino"] = "openvino/nncf not installed"
+    if _missing("tensorrt"):
+        reasons["tensorrt"] = "tensorrt not installed (pip install edgebundle[tensorrt] on a machine with NVIDIA's index)"
+    if not torch.cuda.is_available():
+        reasons["gpu"] = "no NVIDIA GPU with CUDA on this machine"
+    for item in items:
+        for mark, why in reasons.items():
+            if mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=why))

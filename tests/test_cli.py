@@ -60,8 +60,8 @@ def test_bad_input_one_line_exit_2_no_bundle(tmp_path, case):
     assert len(lines) == 1 and "Traceback" not in res.output, res.output
     assert re.search(pattern, lines[0]), lines[0]
     out = tmp_path / "out"
-    assert not (out / "ort-cpu").exists()
-    assert not any(p.name.startswith(".ort-cpu") for p in out.iterdir()) if out.exists() else True
+    if out.exists():  # at most the stage cache of what ran before the failure; never a bundle
+        assert sorted(p.name for p in out.iterdir()) in ([], [".work"]), list(out.iterdir())
 
 
 def test_missing_recipe(tmp_path):
@@ -92,7 +92,7 @@ def test_readme_main_command_runs(default_run):
     res = subprocess.run([sys.executable, "-m", "edgebundle.cli", "run", "-o", str(default_run.output)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "(cached)" in res.stdout and "ort-cpu" in res.stdout and "speedup" in res.stdout
+    assert "(cached)" in res.stdout and "ort-cpu" in res.stdout and "openvino" in res.stdout
     assert (default_run.output / "ort-cpu" / "manifest.json").is_file()
 
 

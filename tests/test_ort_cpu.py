@@ -17,7 +17,7 @@ def _build(prepared, tmp_path, calibration=None, options=None, cal_split=None):
     opts = entry.options_model.model_validate(options or {})
     ctx = BuildContext(r, spec, opts, prepared.onnx.path("model.fp32.onnx"),
                        cal_split if cal_split is not None else prepared.dataset.calibration(r.data),
-                       tmp_path, threads=2)
+                       prepared.dataset.val, tmp_path, threads=2)
     return entry.factory().build(ctx)
 
 

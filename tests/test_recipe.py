@@ -8,7 +8,7 @@ from conftest import default_dict
 def test_embedded_default_loads():
     r = load_recipe(None)
     assert r.model.factory == "edgebundle.zoo:digits_cnn"
-    assert [t.name for t in r.targets] == ["ort-cpu"]
+    assert [t.name for t in r.targets] == ["ort-cpu", "openvino"]
     assert r.inputs[0].dynamic_axes == {0: "batch"}
 
 

@@ -248,32 +248,31 @@ def _brief(s: measure_mod.LatencyStats) -> dict[str, Any]:
 
 
 def reference_latency(prepared: Prepared, spec: MeasureSpec, threads: int) -> dict[str, Any]:
-    """PyTorch fp32 (teacher and student) and ONNX Runtime fp32 student, same protocol, same threads."""
-    from edgebundle.targets.ort_cpu import OrtSession
-
+    """PyTorch fp32 eager, teacher and student: same protocol, same inputs, same threads as the targets."""
     recipe = prepared.recipe
     feeds = _measure_feeds(prepared.dataset.test, recipe, spec.batch)
     names = prepared.input_names
-    ref = {
+    return {
         "pytorch_fp32_teacher": _brief(_torch_latency(prepared.load_teacher(), feeds, names, spec, threads)),
         "pytorch_fp32_student": _brief(_torch_latency(prepared.load_student(), feeds, names, spec, threads)),
     }
-    sess = OrtSession(prepared.onnx.path("model.fp32.onnx"), threads=threads)
-    ref["onnxruntime_fp32_student"] = _brief(measure_mod.measure(lambda: sess.run(feeds), spec, threads=threads))
-    sess.close()
-    return ref
+
+
+def _preflight(spec: TargetSpec):
+    entry = registry.lookup(spec.name)
+    target = entry.factory()
+    options = entry.options_model.model_validate(spec.options)
+    why = target.unavailable_reason(options)
+    if why:
+        raise TargetUnavailable(f"target '{spec.name}' is unavailable here: {why}")
+    return entry, target, options
 
 
 def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event: Event = _noop,
                  reference: dict[str, Any] | None = None) -> BundleResult:
     """Build one target's bundle from prepared artifacts: calibrate, evaluate, measure, write atomically."""
     recipe = prepared.recipe
-    entry = registry.lookup(spec.name)
-    target = entry.factory()
-    why = target.unavailable_reason()
-    if why:
-        raise TargetUnavailable(f"target '{spec.name}' is unavailable here: {why}")
-    options = entry.options_model.model_validate(spec.options)
+    entry, target, options = _preflight(spec)
     threads = spec.threads or usable_cores()
     ds = prepared.dataset
     stage = f"build:{spec.name}"
@@ -286,7 +285,7 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     def fill(tmp: Path) -> dict[str, Any]:
         from edgebundle.targets.ort_cpu import OrtSession
 
-        ctx = BuildContext(recipe, spec, options, fp32_path, cal, tmp, threads)
+        ctx = BuildContext(recipe, spec, options, fp32_path, cal, ds.val, tmp, threads)
         try:
             built = target.build(ctx)
         except (DataError, RecipeError):
@@ -297,11 +296,19 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
         fp32 = OrtSession(fp32_path, threads=threads)
         ref_logits = run_split(fp32, ds.test, recipe.inputs)
         fp32.close()
+        feeds = _measure_feeds(ds.test, recipe, spec.measure.batch)
+        same_rt = None
+        if entry.capabilities.opens_onnx and built.precision != "fp32":
+            s32 = target.open(fp32_path, threads=threads, runtime=built.runtime)
+            try:
+                same_rt = _brief(measure_mod.measure(lambda: s32.run(feeds), spec.measure, threads=threads))
+            finally:
+                s32.close()
         sess = target.open(tmp / built.model_file, threads=threads, runtime=built.runtime)
         try:
             logits = run_split(sess, ds.test, recipe.inputs)
-            feeds = _measure_feeds(ds.test, recipe, spec.measure.batch)
             lat = measure_mod.measure(lambda: sess.run(feeds), spec.measure, threads=threads)
+            runtime_seen = {"inference_precision": sess.inference_precision} if hasattr(sess, "inference_precision") else {}
         finally:
             sess.close()
         labels = ds.test.labels
@@ -312,19 +319,27 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
         student_acc = prepared.onnx.metrics.get("student_test_accuracy")
         import onnx
 
-        m = onnx.load(str(tmp / built.model_file), load_external_data=False)
+        m = onnx.load(str(fp32_path), load_external_data=False)  # every target keeps the exported interface
         io = {kind: [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                       "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in vals]
               for kind, vals in (("inputs", m.graph.input), ("outputs", m.graph.output))}
         teacher_p50 = reference["pytorch_fp32_teacher"]["p50_ms"]
-        same_rt = reference.get("onnxruntime_fp32_student", {}).get("p50_ms") if entry.capabilities.runtime == "onnxruntime" else None
+        same_rt_p50 = same_rt["p50_ms"] if same_rt else None
+        notes = list(built.notes)
+        if same_rt_p50 and built.precision == "int8" and lat.p50_ms > same_rt_p50:
+            notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime ({same_rt_p50:.4f} ms): "
+                         "for a model this small, quantize/dequantize overhead outweighs int8 arithmetic; "
+                         "options.precision: fp32 builds the faster fp32 bundle")
+        if drop is not None and drop > spec.max_accuracy_drop:
+            notes.append(f"int8 accuracy drop {drop:.2f} points exceeds max_accuracy_drop {spec.max_accuracy_drop}")
         return {
             "schema_version": SCHEMA_VERSION,
             "edgebundle_version": edgebundle.__version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "recipe": {"name": recipe.name, "sha256": recipe_digest(recipe),
                        "json": recipe.model_dump(mode="json", exclude={"base_dir"})},
-            "target": {"name": spec.name, "precision": built.precision, "runtime": {**built.runtime, "threads": threads},
+            "target": {"name": spec.name, "precision": built.precision,
+                       "runtime": {**built.runtime, **runtime_seen, "threads": threads},
                        "capabilities": {"precisions": list(entry.capabilities.precisions),
                                         "needs_gpu": entry.capabilities.needs_gpu,
                                         "extra": entry.capabilities.extra,
@@ -340,11 +355,12 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
                          "within_budget": None if drop is None else drop <= spec.max_accuracy_drop,
                          "output_cosine_vs_fp32": cosine(logits, ref_logits)},
             "latency": lat.to_dict(),
-            "reference_latency": reference,
+            "reference_latency": {**reference, **({f"{entry.capabilities.runtime}_fp32_student": same_rt}
+                                                  if same_rt else {})},
             "speedup": {"vs_pytorch_fp32_teacher": teacher_p50 / lat.p50_ms,
-                        "vs_same_runtime_fp32": (same_rt / lat.p50_ms) if same_rt else None},
+                        "vs_same_runtime_fp32": (same_rt_p50 / lat.p50_ms) if same_rt_p50 else None},
             "host": fingerprint(),
-            "notes": list(built.notes),
+            "notes": notes,
         }
 
     path = write_bundle(output, spec.name, fill)
@@ -362,9 +378,7 @@ def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None
     check_output_folder(output)
     selected = [recipe.target(t) for t in targets] if targets else list(recipe.targets)
     for spec in selected:
-        why = registry.lookup(spec.name).factory().unavailable_reason()
-        if why:
-            raise TargetUnavailable(f"target '{spec.name}' is unavailable here: {why}")
+        _preflight(spec)
     prepared = prepare(recipe, work or output / ".work", on_event=on_event)
     results = []
     refs: dict[tuple, dict] = {}

@@ -24,6 +24,7 @@ class BuildContext:
     options: BaseModel  # the target's own validated options
     fp32_onnx: Path
     calibration: Split
+    validation: Split  # held-out split for accuracy control (the recipe's val split; test stays unseen)
     workdir: Path  # empty folder the target writes its files into
     threads: int
 
@@ -50,7 +51,7 @@ class Target(Protocol):
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]]
 
-    def unavailable_reason(self) -> str | None:
+    def unavailable_reason(self, options: BaseModel) -> str | None:
         """None when the runtime and device are present, else why not (shown to the user)."""
 
     def build(self, ctx: BuildContext) -> Built: ...

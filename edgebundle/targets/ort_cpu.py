@@ -64,10 +64,11 @@ def _needs_reduce_range(opt: OrtCpuOptions) -> bool:
     return x86 and not vnni and opt.activations == "uint8" and opt.weights == "int8"
 
 
-@register_target("ort-cpu", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="onnxruntime"),
+@register_target("ort-cpu", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="onnxruntime",
+                                                       opens_onnx=True),
                  options=OrtCpuOptions)
 class OrtCpuTarget:
-    def unavailable_reason(self) -> str | None:
+    def unavailable_reason(self, options: OrtCpuOptions | None = None) -> str | None:
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CPUExecutionProvider"
         return None

@@ -14,6 +14,7 @@ class Capabilities:
     needs_gpu: bool = False
     extra: str | None = None  # pip extra that installs the runtime, if optional
     runtime: str = ""  # the Python package the target runs on
+    opens_onnx: bool = False  # `open` also runs a plain fp32 .onnx (for "vs fp32 on the same runtime")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmarks: interleaved timing, output writing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgebundle.pipeline.host import fingerprint
+from edgebundle.pipeline.measure import summarize, warm_up
+from edgebundle.pipeline.recipe import MeasureSpec
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, per_round: int = 30, threads: int = 2
+                ) -> dict[str, dict[str, Any]]:
+    """Time every candidate in alternating rounds (A B C A B C ...), so machine noise hits all alike.
+
+    Returns per candidate: median, IQR, the 95 % bootstrap CI of the median, and per-round medians.
+    """
+    spec = MeasureSpec(warmup_min=20, warmup_max=400)
+    for fn in fns.values():
+        warm_up(fn, spec)
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    rounds_med: dict[str, list[float]] = {k: [] for k in fns}
+    import time
+
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            r = []
+            for _ in range(per_round):
+                t0 = time.perf_counter_ns()
+                fn()
+                r.append((time.perf_counter_ns() - t0) / 1e6)
+            samples[name] += r
+            rounds_med[name].append(float(np.median(r)))
+    out = {}
+    for name, s in samples.items():
+        st = summarize(np.array(s), batch=1, threads=threads)
+        q1, q3 = np.percentile(s, [25, 75])
+        out[name] = {"p50_ms": st.p50_ms, "p50_ci95_ms": list(st.p50_ci95_ms), "iqr_ms": [float(q1), float(q3)],
+                     "p90_ms": st.p90_ms, "cv": st.cv, "round_medians_ms": rounds_med[name], "n": len(s)}
+    return out
+
+
+def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"date": dt.date.today().isoformat(), "host": fingerprint()}
+    j = RESULTS / f"{name}.json"
+    j.write_text(json.dumps({**meta, **payload}, indent=1))
+    host = meta["host"]
+    header = (f"Host: {host['cpu']}, {host['usable_cores']} usable cores, ISA {', '.join(host['isa'])}; "
+              f"onnxruntime {host['versions'].get('onnxruntime')}; {meta['date']}.\n\n")
+    m = RESULTS / f"{name}.md"
+    m.write_text(header + markdown)
+    return j, m
