@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgebundle.errors import RecipeError
+from edgebundle.pipeline.cache import sha256_file
 from edgebundle.pipeline.recipe import InputSpec, ModelSpec
 
 STRUCTURE_FILE = "structure.json"
@@ -70,20 +71,12 @@ def source_fingerprint(spec: ModelSpec, base_dir: Path) -> str:
     except TypeError:
         pass
     if spec.weights is not None:
-        h.update(_file_sha256(_resolve(spec.weights, base_dir)).encode())
+        h.update(sha256_file(_resolve(spec.weights, base_dir)).encode())
     return h.hexdigest()
 
 
 def _resolve(p: Path, base_dir: Path) -> Path:
     return p if p.is_absolute() else base_dir / p
-
-
-def _file_sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def build_model(spec: ModelSpec, base_dir: Path) -> nn.Module:
