@@ -95,6 +95,61 @@ def run(
             console.print(f"  [yellow]note:[/] {note}")
 
 
+def _fraction(text: str) -> float:
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100.0 if t.endswith("%") else float(t)
+    except ValueError as e:
+        raise typer.BadParameter(f"'{text}' is not a fraction or percentage (e.g. 5% or 0.05)") from e
+
+
+@app.command()
+def check(
+    candidate: Path = typer.Argument(..., help="candidate bundle folder or manifest.json"),
+    baseline: Path = typer.Option(..., "--baseline", "-b", help="baseline bundle folder or manifest.json"),
+    tolerance: str = typer.Option("5%", help="allowed latency slowdown (5% or 0.05)"),
+    accuracy_tolerance: float = typer.Option(0.5, help="allowed accuracy drop in points"),
+    allow_different_host: bool = typer.Option(False, help="compare figures from different hosts (flagged)"),
+    rounds: int = typer.Option(30, min=4, help="interleaved rounds (candidate and baseline alternate)"),
+    per_round: int = typer.Option(20, min=1, help="inferences per model per round"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    junit: Optional[Path] = typer.Option(None, help="also write a JUnit XML report here"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Did CANDIDATE get slower or less accurate than BASELINE? Exit 0 = no, 1 = regression, 2 = error."""
+    from edgebundle.pipeline.check import check as run_check, junit_xml, to_json
+
+    try:
+        res = run_check(candidate, baseline, tolerance=_fraction(tolerance), accuracy_tolerance=accuracy_tolerance,
+                        allow_different_host=allow_different_host, rounds=rounds, per_round=per_round)
+        if junit is not None:
+            try:
+                junit.write_text(junit_xml(res))
+            except OSError as e:
+                from edgebundle.errors import BundleError
+
+                raise BundleError(f"cannot write JUnit report {junit}: {e.strerror or e}") from e
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    if as_json:
+        sys.stdout.write(to_json(res) + "\n")
+    else:
+        t = Table(title=f"edgebundle check: {res.target} ({res.mode})")
+        for col in ("", "candidate", "baseline", "ratio / drop", "limit", "verdict"):
+            t.add_column(col)
+        t.add_row("p50 latency", f"{res.candidate_p50_ms:.4f} ms", f"{res.baseline_p50_ms:.4f} ms",
+                  f"{res.ratio:.3f} [{res.ratio_ci95[0]:.3f}, {res.ratio_ci95[1]:.3f}]", f"{1 + res.tolerance:.3f}",
+                  "[red]REGRESSION[/]" if res.latency_regression else "[green]ok[/]")
+        ca, ba = res.candidate_accuracy, res.baseline_accuracy
+        t.add_row("accuracy", "n/a" if ca is None else f"{ca:.2f} %", "n/a" if ba is None else f"{ba:.2f} %",
+                  "n/a" if ca is None or ba is None else f"{ba - ca:+.2f} pts", f"{res.accuracy_tolerance} pts",
+                  "[red]REGRESSION[/]" if res.accuracy_regression else "[green]ok[/]")
+        console.print(t)
+        for n in res.notes:
+            console.print(f"[yellow]note:[/] {n}")
+    raise typer.Exit(1 if res.regression else 0)
+
+
 @app.command()
 def recipe() -> None:
     """Print the embedded default recipe (a starting point for your own)."""

@@ -1,0 +1,228 @@
+"""`edgebundle check`: did the candidate bundle get slower (or less accurate) than the baseline?
+
+When both bundles have their model files, they are timed **interleaved in one process**: rounds of A
+then B (the order alternating every round), so drifts in machine speed hit both alike. Each round
+gives one ratio of medians (candidate / baseline); the estimate is the median of the round ratios and
+its 95 % CI comes from a bootstrap over rounds. A latency regression is declared when the estimate
+exceeds 1 + tolerance **and** the CI's lower bound exceeds 1 (the slowdown is both larger than allowed
+and real). When the baseline is only a manifest, the candidate is measured now and compared with the
+baseline's recorded samples: a weaker comparison (different moments, no pairing), said in the result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import numpy as np
+
+from edgebundle.errors import BundleError
+from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
+from edgebundle.pipeline.host import fingerprint
+from edgebundle.pipeline.measure import warm_up
+from edgebundle.pipeline.recipe import MeasureSpec
+
+BOOTSTRAP = 4000
+
+
+@dataclass(frozen=True)
+class Side:
+    path: Path
+    manifest: Manifest
+    has_model: bool
+
+
+@dataclass
+class CheckResult:
+    regression: bool
+    latency_regression: bool
+    accuracy_regression: bool
+    mode: str  # "interleaved" | "recorded"
+    ratio: float
+    ratio_ci95: tuple[float, float]
+    tolerance: float
+    candidate_p50_ms: float
+    baseline_p50_ms: float
+    rounds: int
+    candidate_accuracy: float | None
+    baseline_accuracy: float | None
+    accuracy_tolerance: float
+    target: str
+    different_host: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratio_ci95"] = list(self.ratio_ci95)
+        d["verdict"] = "regression" if self.regression else "ok"
+        return d
+
+
+def _side(p: Path) -> Side:
+    p = Path(p)
+    if not p.exists():
+        raise BundleError(f"not found: {p}")
+    m = read_manifest(p)
+    folder = p if p.is_dir() else p.parent
+    has_model = p.is_dir() and (folder / m.model_file).is_file() or (
+        p.name == MANIFEST and (folder / m.model_file).is_file())
+    return Side(folder, m, has_model)
+
+
+def _feeds(m: Manifest, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for t in m.inputs:
+        shape = [batch if (i == 0 and isinstance(d, str)) else (d if isinstance(d, int) else 1)
+                 for i, d in enumerate(t.shape)]
+        dtype = np.dtype(t.dtype)
+        feeds[t.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
+                         else np.zeros(shape, dtype=dtype))
+    return feeds
+
+
+def _open(side: Side):
+    from edgebundle.targets import registry
+
+    m = side.manifest
+    entry = registry.lookup(m.target.name)
+    target = entry.factory()
+    rt = m.target.runtime
+    return target.open(side.path / m.model_file, threads=int(rt.get("threads", 1)), runtime=rt)
+
+
+def _block(fn, n: int) -> float:
+    out = np.empty(n)
+    for i in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        out[i] = (time.perf_counter_ns() - t0) / 1e6
+    return float(np.median(out))
+
+
+def _boot_median_ci(x: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    meds = np.median(x[rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))], axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def interleaved_ratio(cand_fn, base_fn, *, rounds: int, per_round: int) -> tuple[float, tuple[float, float], float, float]:
+    """(median round ratio, its 95 % CI, candidate p50, baseline p50) from ABBA-ordered rounds."""
+    spec = MeasureSpec(warmup_min=20, warmup_max=500)
+    warm_up(cand_fn, spec)
+    warm_up(base_fn, spec)
+    ratios, a_meds, b_meds = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a = _block(cand_fn, per_round)
+            b = _block(base_fn, per_round)
+        else:
+            b = _block(base_fn, per_round)
+            a = _block(cand_fn, per_round)
+        ratios.append(a / b)
+        a_meds.append(a)
+        b_meds.append(b)
+    x = np.array(ratios)
+    return float(np.median(x)), _boot_median_ci(x), float(np.median(a_meds)), float(np.median(b_meds))
+
+
+def recorded_ratio(cand: np.ndarray, base: np.ndarray) -> tuple[float, tuple[float, float]]:
+    """Ratio of medians with a two-sample bootstrap CI (no pairing: a weaker comparison)."""
+    rng = np.random.default_rng(0)
+    a = np.median(cand[rng.integers(0, len(cand), size=(BOOTSTRAP, len(cand)))], axis=1)
+    b = np.median(base[rng.integers(0, len(base), size=(BOOTSTRAP, len(base)))], axis=1)
+    lo, hi = np.percentile(a / b, [2.5, 97.5])
+    return float(np.median(cand) / np.median(base)), (float(lo), float(hi))
+
+
+def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_tolerance: float = 0.5,
+          allow_different_host: bool = False, rounds: int = 30, per_round: int = 20) -> CheckResult:
+    cand, base = _side(candidate), _side(baseline)
+    cm, bm = cand.manifest, base.manifest
+    if cm.target.name != bm.target.name:
+        raise BundleError(f"candidate is a '{cm.target.name}' bundle, baseline a '{bm.target.name}' bundle: "
+                          "compare bundles of the same target")
+    notes: list[str] = []
+    here = fingerprint()["id"]
+    hosts = {"candidate": cm.host.get("id"), "baseline": bm.host.get("id")}
+    if cand.has_model:
+        hosts["candidate"] = here  # re-measured here
+    if base.has_model and cand.has_model:
+        hosts["baseline"] = here
+    different = len(set(hosts.values())) > 1
+    if different and not allow_different_host:
+        raise BundleError(f"latency figures come from different hosts (candidate {hosts['candidate']}, baseline "
+                          f"{hosts['baseline']}); pass --allow-different-host to compare anyway")
+    if different:
+        notes.append("compared across different hosts (--allow-different-host): the latency verdict is unreliable")
+
+    if cand.has_model and base.has_model:
+        mode = "interleaved"
+        sa, sb = _open(cand), _open(base)
+        batch = int((cm.latency or {}).get("batch", 1))
+        fa, fb = _feeds(cm, batch), _feeds(bm, batch)
+        try:
+            ratio, ci, a50, b50 = interleaved_ratio(lambda: sa.run(fa), lambda: sb.run(fb),
+                                                    rounds=rounds, per_round=per_round)
+        finally:
+            sa.close()
+            sb.close()
+        n = rounds
+    else:
+        mode = "recorded"
+        if not bm.latency or not bm.latency.get("samples_ms"):
+            raise BundleError(f"baseline {base.path} has no recorded latency samples")
+        base_s = np.array(bm.latency["samples_ms"])
+        if cand.has_model:
+            s = _open(cand)
+            feeds = _feeds(cm, int(bm.latency.get("batch", 1)))
+            warm_up(lambda: s.run(feeds), MeasureSpec(warmup_min=20, warmup_max=500))
+            cand_s = np.array([_block(lambda: s.run(feeds), 1) for _ in range(len(base_s))])
+            s.close()
+        else:
+            if not cm.latency or not cm.latency.get("samples_ms"):
+                raise BundleError(f"candidate {cand.path} has neither a model nor recorded latency samples")
+            cand_s = np.array(cm.latency["samples_ms"])
+        ratio, ci = recorded_ratio(cand_s, base_s)
+        a50, b50, n = float(np.median(cand_s)), float(np.median(base_s)), len(base_s)
+        notes.append("baseline has no model here: compared with its recorded samples, taken at another time "
+                     "without interleaving; a weaker comparison than an interleaved run")
+
+    latency_reg = ratio > 1 + tolerance and ci[0] > 1.0
+    ca, ba = cm.accuracy.target, bm.accuracy.target
+    acc_reg = ca is not None and ba is not None and ca < ba - accuracy_tolerance
+    return CheckResult(
+        regression=latency_reg or acc_reg, latency_regression=latency_reg, accuracy_regression=acc_reg,
+        mode=mode, ratio=ratio, ratio_ci95=ci, tolerance=tolerance, candidate_p50_ms=a50, baseline_p50_ms=b50,
+        rounds=n, candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance,
+        target=cm.target.name, different_host=different, notes=notes,
+    )
+
+
+def junit_xml(res: CheckResult) -> str:
+    """A JUnit report with one test case for latency and one for accuracy."""
+    suite = ET.Element("testsuite", name=f"edgebundle check ({res.target})", tests="2",
+                       failures=str(int(res.latency_regression) + int(res.accuracy_regression)))
+    lat = ET.SubElement(suite, "testcase", classname=f"edgebundle.{res.target}", name="latency")
+    msg = (f"p50 ratio candidate/baseline {res.ratio:.3f} (95% CI {res.ratio_ci95[0]:.3f}-{res.ratio_ci95[1]:.3f}), "
+           f"tolerance {res.tolerance:.1%}, {res.mode}")
+    if res.latency_regression:
+        ET.SubElement(lat, "failure", message="latency regression").text = msg
+    else:
+        ET.SubElement(lat, "system-out").text = msg
+    acc = ET.SubElement(suite, "testcase", classname=f"edgebundle.{res.target}", name="accuracy")
+    amsg = f"candidate {res.candidate_accuracy} vs baseline {res.baseline_accuracy}, tolerance {res.accuracy_tolerance}"
+    if res.accuracy_regression:
+        ET.SubElement(acc, "failure", message="accuracy regression").text = amsg
+    else:
+        ET.SubElement(acc, "system-out").text = amsg
+    return ET.tostring(suite, encoding="unicode")
+
+
+def to_json(res: CheckResult) -> str:
+    return json.dumps(res.to_dict(), indent=1)
