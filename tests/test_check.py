@@ -45,7 +45,7 @@ def test_bigger_model_is_a_latency_regression(fast, slow, tmp_path):
     assert res.latency_regression and res.regression and res.ratio > 1.05 and res.ratio_ci95[0] > 1.0
     junit = tmp_path / "check.xml"
     # the teacher is also 0.55 points less accurate than the distilled student: isolate latency here
-    r = runner.invoke(app, ["check", str(slow), "--baseline", str(fast), "--rounds", "8", "--junit", str(junit),
+    r = runner.invoke(app, ["check", str(slow), "--baseline", str(fast), "--rounds", "16", "--junit", str(junit),
                             "--accuracy-tolerance", "1.0"])
     assert r.exit_code == 1, r.output
     suite = ET.parse(junit).getroot()

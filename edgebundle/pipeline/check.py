@@ -23,10 +23,11 @@ import numpy as np
 from edgebundle.errors import BundleError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
 from edgebundle.pipeline.host import fingerprint
-from edgebundle.pipeline.measure import warm_up
+from edgebundle.pipeline.measure import bootstrap_median_ci, warm_up
 from edgebundle.pipeline.recipe import MeasureSpec
 
 BOOTSTRAP = 4000
+MIN_BLOCK_MS = 20.0
 
 
 @dataclass(frozen=True)
@@ -104,18 +105,15 @@ def _block(fn, n: int) -> float:
     return float(np.median(out))
 
 
-def _boot_median_ci(x: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    meds = np.median(x[rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))], axis=1)
-    lo, hi = np.percentile(meds, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
 def interleaved_ratio(cand_fn, base_fn, *, rounds: int, per_round: int) -> tuple[float, tuple[float, float], float, float]:
     """(median round ratio, its 95 % CI, candidate p50, baseline p50) from ABBA-ordered rounds."""
     spec = MeasureSpec(warmup_min=20, warmup_max=500)
     warm_up(cand_fn, spec)
     warm_up(base_fn, spec)
+    # Each block holds at least MIN_BLOCK_MS of work: for sub-millisecond models a block of a few
+    # inferences is dominated by timer and scheduler noise, and the round ratios scatter.
+    fastest = min(_block(cand_fn, 10), _block(base_fn, 10))
+    per_round = max(per_round, int(np.ceil(MIN_BLOCK_MS / max(fastest, 1e-6))))
     ratios, a_meds, b_meds = [], [], []
     for r in range(rounds):
         if r % 2 == 0:
@@ -128,7 +126,7 @@ def interleaved_ratio(cand_fn, base_fn, *, rounds: int, per_round: int) -> tuple
         a_meds.append(a)
         b_meds.append(b)
     x = np.array(ratios)
-    return float(np.median(x)), _boot_median_ci(x), float(np.median(a_meds)), float(np.median(b_meds))
+    return float(np.median(x)), bootstrap_median_ci(x, resamples=BOOTSTRAP), float(np.median(a_meds)), float(np.median(b_meds))
 
 
 def recorded_ratio(cand: np.ndarray, base: np.ndarray) -> tuple[float, tuple[float, float]]:
