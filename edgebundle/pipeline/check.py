@@ -23,7 +23,7 @@ import numpy as np
 from edgebundle.errors import BundleError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
 from edgebundle.pipeline.host import fingerprint
-from edgebundle.pipeline.measure import bootstrap_median_ci, warm_up
+from edgebundle.pipeline.measure import bootstrap_median_ci, measure, warm_up
 from edgebundle.pipeline.recipe import MeasureSpec
 
 BOOTSTRAP = 4000
@@ -69,8 +69,7 @@ def _side(p: Path) -> Side:
         raise BundleError(f"not found: {p}")
     m = read_manifest(p)
     folder = p if p.is_dir() else p.parent
-    has_model = p.is_dir() and (folder / m.model_file).is_file() or (
-        p.name == MANIFEST and (folder / m.model_file).is_file())
+    has_model = (p.is_dir() or p.name == MANIFEST) and (folder / m.model_file).is_file()
     return Side(folder, m, has_model)
 
 
@@ -179,9 +178,12 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         if cand.has_model:
             s = _open(cand)
             feeds = _feeds(cm, int(bm.latency.get("batch", 1)))
-            warm_up(lambda: s.run(feeds), MeasureSpec(warmup_min=20, warmup_max=500))
-            cand_s = np.array([_block(lambda: s.run(feeds), 1) for _ in range(len(base_s))])
-            s.close()
+            spec = MeasureSpec(warmup_min=20, warmup_max=500, iterations=len(base_s))
+            try:
+                cand_s = np.array(measure(lambda: s.run(feeds), spec, threads=cm.target.runtime.get("threads", 1))
+                                  .samples_ms)
+            finally:
+                s.close()
         else:
             if not cm.latency or not cm.latency.get("samples_ms"):
                 raise BundleError(f"candidate {cand.path} has neither a model nor recorded latency samples")

@@ -58,6 +58,14 @@ def _ov():
     return ov
 
 
+def _device_problem(core, device: str) -> str | None:
+    """None when `device` (e.g. CPU, GPU.0) is among the core's devices, else a message listing them."""
+    available = core.available_devices
+    if device.split(".")[0] in {d.split(".")[0] for d in available}:
+        return None
+    return f"OpenVINO device '{device}' is not available; available devices: {', '.join(available)}"
+
+
 def _val_accuracy(ov, model, split, specs) -> float:
     from edgebundle.pipeline.training import accuracy
 
@@ -88,11 +96,7 @@ class OpenVinoTarget:
             import openvino as ov
         except ImportError as e:
             return f"{e.name} is not installed (pip install openvino nncf)"
-        device = (options or OpenVinoOptions()).device
-        available = ov.Core().available_devices
-        if device.split(".")[0] not in {d.split(".")[0] for d in available}:
-            return f"OpenVINO device '{device}' is not available; available devices: {', '.join(available)}"
-        return None
+        return _device_problem(ov.Core(), (options or OpenVinoOptions()).device)
 
     def build(self, ctx: BuildContext) -> Built:
         import nncf
@@ -195,9 +199,9 @@ class OvSession:
         import openvino.properties.hint as hints
 
         core = ov.Core()
-        if device not in core.available_devices and device.split(".")[0] not in core.available_devices:
-            raise TargetUnavailable(f"OpenVINO device '{device}' is not available; available devices: "
-                                    f"{', '.join(core.available_devices)}")
+        problem = _device_problem(core, device)
+        if problem:
+            raise TargetUnavailable(problem)
         config = {hints.performance_mode: hints.PerformanceMode.LATENCY if hint == "latency"
                   else hints.PerformanceMode.THROUGHPUT}
         if device.startswith("CPU"):
