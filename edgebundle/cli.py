@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgebundle.errors import EdgeBundleError
+from edgebundle.errors import BundleError, EdgeBundleError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Prune, distill, export and int8-calibrate a PyTorch model into measured device bundles.")
@@ -53,11 +53,11 @@ class _StageProgress:
             self.progress.update(self.tasks[stage], completed=1, description=label + suffix)
 
 
-def _summary_table(result) -> Table:
+def _summary_table(bundles) -> Table:
     t = Table(title="edgebundle bundles", show_lines=False)
     for col in ("target", "precision", "size", "accuracy (fp32 → target)", "p50 [95% CI]", "speedup vs PyTorch fp32"):
         t.add_column(col, justify="right" if col not in ("target", "precision") else "left")
-    for b in result.bundles:
+    for b in bundles:
         m = b.manifest
         size = sum(f["bytes"] for f in m["files"].values())
         acc = m["accuracy"]
@@ -83,16 +83,87 @@ def run(
 
     try:
         r = load_recipe(recipe)
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=console, transient=False) as progress:
+        with _progress() as progress:
             result = run_pipeline(r, output=output, targets=target or None, on_event=_StageProgress(progress))
     except EdgeBundleError as e:
         _fail(e, debug)
-    console.print(_summary_table(result))
-    for b in result.bundles:
+    _print_bundles(result.bundles)
+
+
+def _progress() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+def _print_bundles(bundles) -> None:
+    if not bundles:
+        return
+    console.print(_summary_table(bundles))
+    for b in bundles:
         console.print(f"[green]bundle[/] {b.path}")
         for note in b.manifest.get("notes", []):
             console.print(f"  [yellow]note:[/] {note}")
+    console.print(f"[green]report[/] {bundles[0].path.parent / 'report.html'}")
+
+
+@app.command()
+def prepare(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omitted: the embedded default"),
+    work: Path = typer.Option(..., "--output", "-o", help="work folder (content-addressed; reused across runs)"),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+) -> None:
+    """Run the device-independent stages (teacher, prune, distill, export, calibration data) into WORK."""
+    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.pipeline.runner import prepare as prepare_stages
+
+    try:
+        r = load_recipe(recipe)
+        with _progress() as progress:
+            p = prepare_stages(r, work, on_event=_StageProgress(progress))
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    console.print(f"[green]prepared[/] {work} (student {p.onnx.folder.name}); "
+                  f"next: edgebundle build {work} --target NAME")
+
+
+@app.command()
+def build(
+    work: Path = typer.Argument(..., help="work folder made by `edgebundle prepare`"),
+    target: Optional[list[str]] = typer.Option(None, "--target", "-t", help="targets to build (default: all)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: the recipe's)"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="the prepared recipe file, when its relative "
+                                          "paths must resolve in this checkout"),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+) -> None:
+    """Build target bundles from a prepared work folder (the per-target job on that target's machine)."""
+    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.pipeline.runner import build as build_targets
+
+    try:
+        r = load_recipe(recipe) if recipe is not None else None
+        with _progress() as progress:
+            bundles = build_targets(work, targets=target or None, output=output, recipe=r,
+                                    on_event=_StageProgress(progress))
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    _print_bundles(bundles)
+
+
+@app.command()
+def report(
+    output: Path = typer.Argument(..., help="output folder holding bundles"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """(Re)write OUTPUT/report.html from the bundles in OUTPUT."""
+    from edgebundle.pipeline.report import write_report
+
+    try:
+        if not output.is_dir():
+            raise BundleError(f"not a folder: {output}")
+        path = write_report(output)
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    console.print(f"[green]report[/] {path}")
 
 
 def _fraction(text: str) -> float:
@@ -126,8 +197,6 @@ def check(
             try:
                 junit.write_text(junit_xml(res))
             except OSError as e:
-                from edgebundle.errors import BundleError
-
                 raise BundleError(f"cannot write JUnit report {junit}: {e.strerror or e}") from e
     except EdgeBundleError as e:
         _fail(e, debug)

@@ -19,7 +19,7 @@ def test_bundle_layout_and_hashes(default_run):
         assert sha256_file(b.path / name) == entry.sha256
         assert (b.path / name).stat().st_size == entry.bytes
     assert verify_files(b.path) == []
-    assert sorted(p.name for p in default_run.output.iterdir()) == [".work", "openvino", "ort-cpu"], \
+    assert sorted(p.name for p in default_run.output.iterdir()) == [".locks", ".work", "openvino", "ort-cpu", "report.html"], \
         "no temporary folders left beside the bundles"
 
 
@@ -73,7 +73,8 @@ def test_unchanged_recipe_does_no_work(default_run, tmp_path):
     prepare(load_recipe(None), default_run.output / ".work",
             on_event=lambda kind, stage, **k: events.append((kind, stage, k.get("cached"))))
     starts = [(s, c) for kind, s, c in events if kind == "start"]
-    assert starts == [("teacher", True), ("prune", True), ("distill", True), ("export", True)]
+    assert starts == [("teacher", True), ("prune", True), ("distill", True), ("export", True),
+                      ("data", True)]
 
 
 def test_changed_stage_reruns_it_and_what_follows_only(default_run):
@@ -87,5 +88,5 @@ def test_changed_stage_reruns_it_and_what_follows_only(default_run):
     p = prepare(changed, default_run.output / ".work",
                 on_event=lambda kind, stage, **k: events.append((kind, stage, k.get("cached"))))
     starts = dict((s, c) for kind, s, c in events if kind == "start")
-    assert starts == {"teacher": True, "prune": True, "distill": False, "export": False}
+    assert starts == {"teacher": True, "prune": True, "distill": False, "export": False, "data": True}
     assert p.student.key != default_run.prepared.student.key

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgebundle.errors import BundleError
 from edgebundle.pipeline.cache import sha256_file
+from edgebundle.pipeline.lock import target_lock
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -119,10 +120,22 @@ def write_bundle(output: Path, name: str, fill: Callable[[Path], dict[str, Any]]
     folder is renamed to `output/name`. An existing bundle there is replaced only once the new one is whole.
     """
     check_output_folder(output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"cannot create output folder {output}: {e.strerror or e}") from e
+    with target_lock(output, name):
+        # holding the lock, leftovers of an interrupted writer of this bundle are safe to remove
+        for stale in [*output.glob(f".{name}.tmp-*"), *output.glob(f".{name}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return _write_locked(output, name, fill)
+
+
+def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Path:
     tmp = output / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     final = output / name
     try:
-        tmp.mkdir(parents=True)
+        tmp.mkdir()
         manifest = fill(tmp)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}

@@ -97,10 +97,13 @@ class StageCache:
             art = Artifact(stage, key, final, files, tuple(p.key for p in parents), config, metrics, seconds)
             rec = art.record()
             (tmp / ARTIFACT_FILE).write_text(json.dumps({k: v for k, v in rec.items()}, indent=1, default=str))
-            if final.exists():  # a concurrent run finished the same stage first: same key, same content
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / ARTIFACT_FILE).is_file():
+                    raise
+                # another process finished the same stage first: same key, same content
                 shutil.rmtree(tmp, ignore_errors=True)
-                return Artifact.load(final)
-            os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -6,9 +6,11 @@ and timing, and wraps a stage's failure with the names of the stages that ran be
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import datetime as dt
 import hashlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,13 +20,14 @@ import torch
 from torch import nn
 
 import edgebundle
-from edgebundle.errors import DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
+from edgebundle.errors import BundleError, DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
 from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
 from edgebundle.pipeline import measure as measure_mod
 from edgebundle.pipeline.bundle import SCHEMA_VERSION, write_bundle, check_output_folder
 from edgebundle.pipeline.cache import Artifact, StageCache
 from edgebundle.pipeline.data import Dataset, Split, load_dataset
 from edgebundle.pipeline.host import fingerprint, usable_cores
+from edgebundle.pipeline.lock import target_lock, work_lock
 from edgebundle.pipeline.modelio import (
     build_model, check_accepts, example_inputs, load_structured, save_structured, source_fingerprint,
 )
@@ -104,7 +107,17 @@ class _Stages:
 
 
 def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
-    """Device-independent stages into a content-addressed work folder. Unchanged stages are reused."""
+    """Device-independent stages into a content-addressed work folder. Unchanged stages are reused.
+
+    Also writes WORK/prepared.json so that `build` (maybe on another machine) can find the artifacts.
+    A second process preparing the same work folder waits, then finds the stages cached.
+    """
+    work = Path(work)
+    with work_lock(work):
+        return _prepare(recipe, work, on_event)
+
+
+def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
     torch.manual_seed(recipe.seed)
     names = [s.name for s in recipe.inputs]
     # Cheap checks before any folder is made: the factory imports, the model takes the input spec,
@@ -211,7 +224,105 @@ def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
     onnx_art = stages.run("export", {"export": dump(st.export), "inputs": [dump(i) for i in recipe.inputs],
                                      "outputs": recipe.outputs}, [student], make_onnx, extra=dataset.fingerprint)
     lineage.append(onnx_art)
-    return Prepared(recipe, dataset, teacher, student, onnx_art, lineage)
+
+    # 5. the data a target build needs (calibration pool, val, test), so `build` runs without the source
+    pool = max([recipe.data.calibration_samples] + [t.calibration.samples or 0 for t in recipe.targets])
+
+    def make_data(folder: Path) -> dict:
+        cal = dataset.split(recipe.data.calibration_split).head(pool)
+        for name, split in (("calibration", cal), ("val", dataset.val), ("test", dataset.test)):
+            _save_split(split, folder / f"{name}.npz")
+        return {"fingerprint": dataset.fingerprint, "num_classes": dataset.num_classes,
+                "samples": {"calibration": len(cal), "val": len(dataset.val), "test": len(dataset.test)}}
+
+    data_art = stages.run("data", {"data": dump(recipe.data), "pool": pool}, [], make_data, extra=dataset.fingerprint)
+    prepared = Prepared(recipe, dataset, teacher, student, onnx_art, lineage)
+    _write_prepared(work, prepared, data_art)
+    return prepared
+
+
+PREPARED_FILE = "prepared.json"
+
+
+def _save_split(split: Split, path: Path) -> None:
+    arrays = {f"input:{k}": v for k, v in split.inputs.items()}
+    if split.labels is not None:
+        arrays["labels"] = split.labels
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_split(path: Path) -> Split:
+    with np.load(path, allow_pickle=False) as z:
+        inputs = {k.removeprefix("input:"): z[k] for k in z.files if k.startswith("input:")}
+        labels = z["labels"] if "labels" in z.files else None
+    return Split(inputs, labels)
+
+
+def _write_prepared(work: Path, p: Prepared, data: Artifact) -> None:
+    """WORK/prepared.json: what `build` needs to find the last prepared recipe's artifacts."""
+    doc = {
+        "format": 1,
+        "edgebundle_version": edgebundle.__version__,
+        "recipe": p.recipe.model_dump(mode="json", exclude={"base_dir"}),
+        "recipe_sha256": recipe_digest(p.recipe),
+        "base_dir": str(Path(p.recipe.base_dir).resolve()),
+        "artifacts": {"teacher": p.teacher.folder.name, "student": p.student.folder.name,
+                      "onnx": p.onnx.folder.name, "data": data.folder.name},
+        "lineage": [a.folder.name for a in p.lineage],
+    }
+    tmp = work / f".{PREPARED_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, work / PREPARED_FILE)
+
+
+def _load_artifact(work: Path, name: str) -> Artifact:
+    from edgebundle.pipeline.cache import ARTIFACT_FILE, sha256_file
+
+    folder = work / name
+    if not (folder / ARTIFACT_FILE).is_file():
+        raise BundleError(f"work folder {work} is incomplete: {name}/ is missing; run `edgebundle prepare` again")
+    art = Artifact.load(folder)
+    for fname, digest in art.files.items():
+        f = folder / fname
+        if not f.is_file() or sha256_file(f) != digest:
+            raise BundleError(f"work folder {work}: {name}/{fname} is missing or changed since it was prepared")
+    return art
+
+
+def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
+    """Re-open a work folder made by `prepare` (possibly on another machine) without recomputing anything.
+
+    Every artifact's files are checked against their recorded sha256. `recipe`, when given, must be the
+    recipe that was prepared (same digest); it supplies the folder its relative paths resolve against.
+    """
+    from edgebundle.pipeline.recipe import recipe_from_dict
+
+    work = Path(work)
+    doc_path = work / PREPARED_FILE
+    if not doc_path.is_file():
+        raise BundleError(f"{work} is not a prepared work folder (no {PREPARED_FILE}); run `edgebundle prepare` first")
+    try:
+        doc = json.loads(doc_path.read_text())
+        if doc.get("format") != 1:
+            raise BundleError(f"{doc_path} has format {doc.get('format')}; this edgebundle reads format 1")
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {doc_path}: {e}") from e
+    if recipe is not None:
+        if recipe_digest(recipe) != doc["recipe_sha256"]:
+            raise RecipeError(f"the recipe differs from the one prepared in {work}; run `edgebundle prepare` again")
+    else:
+        base = Path(doc["base_dir"])
+        recipe = recipe_from_dict(doc["recipe"], base_dir=base if base.is_dir() else Path.cwd(),
+                                  source=str(doc_path))
+    arts = {k: _load_artifact(work, v) for k, v in doc["artifacts"].items()}
+    lineage = [_load_artifact(work, n) for n in doc["lineage"]]
+    d = arts["data"]
+    cal, val, test = (_load_split(d.path(f"{n}.npz")) for n in ("calibration", "val", "test"))
+    train = cal if recipe.data.calibration_split == "train" else val.head(0)
+    dataset = Dataset(train=train, val=val, test=test, fingerprint=d.metrics["fingerprint"],
+                      num_classes=d.metrics["num_classes"])
+    return Prepared(recipe, dataset, arts["teacher"], arts["student"], arts["onnx"], lineage)
 
 
 # ---- build ---------------------------------------------------------------------------------------------
@@ -371,18 +482,10 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     return BundleResult(spec.name, path, manifest)
 
 
-def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None = None,
-        work: Path | None = None, on_event: Event = _noop) -> RunResult:
-    """prepare + build for every (selected) target. The library's main entry point."""
-    output = Path(output) if output is not None else recipe.output
-    check_output_folder(output)
-    selected = [recipe.target(t) for t in targets] if targets else list(recipe.targets)
-    for spec in selected:
-        _preflight(spec)
-    prepared = prepare(recipe, work or output / ".work", on_event=on_event)
+def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_event: Event) -> list[BundleResult]:
     results = []
     refs: dict[tuple, dict] = {}
-    for spec in selected:
+    for spec in specs:
         threads = spec.threads or usable_cores()
         k = (threads, spec.measure.model_dump_json())
         if k not in refs:
@@ -390,4 +493,44 @@ def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None
             refs[k] = reference_latency(prepared, spec.measure, threads)
             on_event("done", "reference", cached=False)
         results.append(build_target(prepared, spec, output, on_event=on_event, reference=refs[k]))
-    return RunResult(prepared, results)
+    from edgebundle.pipeline.report import write_report
+
+    write_report(output)
+    return results
+
+
+def _select(recipe: Recipe, targets: list[str] | None, output: Path) -> list[TargetSpec]:
+    check_output_folder(output)
+    selected = [recipe.target(t) for t in targets] if targets else list(recipe.targets)
+    for spec in selected:
+        _preflight(spec)
+    return selected
+
+
+def build(work: Path, *, targets: list[str] | None = None, output: Path | None = None,
+          recipe: Recipe | None = None, on_event: Event = _noop) -> list[BundleResult]:
+    """Build bundles from a prepared work folder: the per-target job, run on that target's machine.
+
+    Several `build`s (different targets) may run at once against one work folder and one output
+    folder: each holds only its own targets' locks and writes each bundle atomically.
+    """
+    prepared = load_prepared(work, recipe)
+    output = Path(output) if output is not None else prepared.recipe.output
+    selected = _select(prepared.recipe, targets, output)
+    with contextlib.ExitStack() as locks:
+        for spec in selected:
+            locks.enter_context(target_lock(output, spec.name))
+        return _build_all(prepared, selected, output, on_event)
+
+
+def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None = None,
+        work: Path | None = None, on_event: Event = _noop) -> RunResult:
+    """prepare + build for every (selected) target. The library's main entry point."""
+    output = Path(output) if output is not None else recipe.output
+    selected = _select(recipe, targets, output)
+    with contextlib.ExitStack() as locks:
+        # every target's lock first: a second run into the same folder fails now, not after training
+        for spec in selected:
+            locks.enter_context(target_lock(output, spec.name))
+        prepared = prepare(recipe, work or output / ".work", on_event=on_event)
+        return RunResult(prepared, _build_all(prepared, selected, output, on_event))

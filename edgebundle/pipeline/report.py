@@ -1,0 +1,164 @@
+"""`OUT/report.html`: one self-contained page over every bundle in an output folder.
+
+Per target a row (size, accuracy, p50 with its 95 % CI, speedup vs PyTorch fp32 and vs fp32 on the same
+runtime), a latency histogram per target and an accuracy-vs-latency plot. The plots are matplotlib PNGs
+embedded as base64 `data:` URIs, so the file can be mailed or archived by CI on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import os
+from pathlib import Path
+
+from edgebundle.errors import BundleError
+from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
+from edgebundle.pipeline.lock import LOCKS, file_lock
+
+REPORT = "report.html"
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:1em 0}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f3f3f3}td.l,th.l{text-align:left}
+.note{color:#8a5a00}.small{color:#666;font-size:90%}
+figure{display:inline-block;margin:0 1em 1em 0}img{max-width:100%}
+"""
+
+
+def bundles_in(output: Path) -> list[tuple[Path, Manifest]]:
+    """Finished bundles (sub-folders with a valid manifest) in an output folder, by name."""
+    found = []
+    for d in sorted(Path(output).iterdir()):
+        if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
+            found.append((d, read_manifest(d)))
+    return found
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _histogram(name: str, samples: list[float], p50: float) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(4.2, 2.6))
+    lo, hi = float(np.min(samples)), float(np.percentile(samples, 99))
+    ax.hist(samples, bins=min(40, max(5, len(samples) // 8)), range=(lo, hi if hi > lo else lo * 1.01 + 1e-9),
+            color="#4a7bb7")  # up to p99: the rare slow outliers would squash the body of the distribution
+    ax.axvline(p50, color="#c0392b", label=f"p50 {p50:.4g} ms")
+    ax.set_xlabel("latency per inference (ms), up to p99")
+    ax.set_ylabel("count")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _tradeoff(points: list[tuple[str, float, float]]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, lat, acc in points:
+        ax.scatter([lat], [acc], s=40)
+        ax.annotate(label, (lat, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency (ms, log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("accuracy vs latency")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _fmt(x: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+def render(bundles: list[tuple[Path, Manifest]]) -> str:
+    e = html.escape
+    rows, figures, points, notes = [], [], [], []
+    for path, m in bundles:
+        size = sum(f.bytes for f in m.files.values())
+        lat, acc = m.latency, m.accuracy
+        if lat:
+            ci = lat["p50_ci95_ms"]
+            p50 = f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]"
+            figures.append((m.target.name, _histogram(m.target.name, lat["samples_ms"], lat["p50_ms"])))
+            if acc.target is not None:
+                points.append((f"{m.target.name} {m.target.precision}", lat["p50_ms"], acc.target))
+        else:
+            p50 = "not measured"
+        sp = m.speedup
+        rows.append(
+            f"<tr><td class=l>{e(m.target.name)}</td><td class=l>{e(m.target.precision)}</td>"
+            f"<td class=l>{e(m.target.status)}</td><td>{size / 1024:.1f} KiB</td>"
+            f"<td>{_fmt(acc.fp32_onnx, '.2f', ' %')} &rarr; {_fmt(acc.target, '.2f', ' %')}</td>"
+            f"<td>{_fmt(acc.output_cosine_vs_fp32, '.5f')}</td><td>{p50}</td>"
+            f"<td>{_fmt(sp.get('vs_pytorch_fp32_teacher'), '.2f', 'x')}</td>"
+            f"<td>{_fmt(sp.get('vs_same_runtime_fp32'), '.2f', 'x')}</td></tr>")
+        notes += [f"{m.target.name}: {n}" for n in m.notes]
+    if bundles:  # the PyTorch fp32 references every bundle of one run shares
+        m = bundles[0][1]
+        for key, label, a in (("pytorch_fp32_teacher", "PyTorch fp32 teacher", m.accuracy.teacher_pytorch),
+                              ("pytorch_fp32_student", "PyTorch fp32 student", m.accuracy.student_pytorch)):
+            if key in m.reference_latency and a is not None:
+                points.append((label, m.reference_latency[key]["p50_ms"], a))
+    first = bundles[0][1] if bundles else None
+    head = (f"<p>Recipe <b>{e(first.recipe.get('name', '?'))}</b> (sha256 {e(first.recipe.get('sha256', '')[:12])}); "
+            f"host {e(str(first.host.get('cpu')))}, {first.host.get('usable_cores')} usable cores, "
+            f"id {e(str(first.host.get('id')))}.</p>") if first else "<p>No bundles yet.</p>"
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<title>edgebundle report</title>", f"<style>{_CSS}</style></head><body>",
+        "<h1>edgebundle report</h1>", head,
+        f"<p class=small>Written {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}. "
+        "Latency is p50 per inference at the recipe's batch, with its 95 % bootstrap CI, measured on the host "
+        "above; speedups compare p50s measured with the same protocol and threads.</p>",
+        "<table><thead><tr><th class=l>target</th><th class=l>precision</th><th class=l>status</th><th>size</th>"
+        "<th>accuracy fp32 &rarr; target</th><th>output cosine</th><th>p50 [95% CI]</th>"
+        "<th>vs PyTorch fp32</th><th>vs fp32, same runtime</th></tr></thead><tbody>",
+        *rows, "</tbody></table>",
+    ]
+    if notes:
+        parts += ["<h2>Notes</h2><ul>", *(f"<li class=note>{e(n)}</li>" for n in notes), "</ul>"]
+    if points:
+        parts += ["<h2>Accuracy vs latency</h2>",
+                  f'<figure><img alt="accuracy vs latency" src="data:image/png;base64,{_tradeoff(points)}"></figure>']
+    if figures:
+        parts.append("<h2>Latency distributions</h2>")
+        parts += [f'<figure><img alt="latency histogram {e(n)}" src="data:image/png;base64,{png}"></figure>'
+                  for n, png in figures]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(output: Path) -> Path:
+    """(Re)write OUT/report.html from every finished bundle in OUT, atomically and one writer at a time."""
+    output = Path(output)
+    final = output / REPORT
+    with file_lock(output / LOCKS / "report.lock", wait=True, what=f"report {final}"):
+        text = render(bundles_in(output))
+        tmp = output / f".{REPORT}.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, final)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise BundleError(f"cannot write report {final}: {e.strerror or e}") from e
+    return final
