@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgebundle.errors import BundleError, EdgeBundleError
+from edgebundle.errors import BundleError, EdgeBundleError, IntegrityError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Prune, distill, export and int8-calibrate a PyTorch model into measured device bundles.")
@@ -75,6 +75,7 @@ def run(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omitted: the embedded default (digits CNN)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: the recipe's)"),
     target: Optional[list[str]] = typer.Option(None, "--target", "-t", help="build only these targets"),
+    pack: bool = typer.Option(False, "--pack", help="also write OUT/<target>.tar.gz per bundle"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
     """Run the whole pipeline: prepare (prune, distill, export) and build a bundle per target."""
@@ -84,7 +85,8 @@ def run(
     try:
         r = load_recipe(recipe)
         with _progress() as progress:
-            result = run_pipeline(r, output=output, targets=target or None, on_event=_StageProgress(progress))
+            result = run_pipeline(r, output=output, targets=target or None, on_event=_StageProgress(progress),
+                                  pack=pack)
     except EdgeBundleError as e:
         _fail(e, debug)
     _print_bundles(result.bundles)
@@ -100,7 +102,7 @@ def _print_bundles(bundles) -> None:
         return
     console.print(_summary_table(bundles))
     for b in bundles:
-        console.print(f"[green]bundle[/] {b.path}")
+        console.print(f"[green]bundle[/] {b.path}" + (f" (packed: {b.archive})" if b.archive else ""))
         for note in b.manifest.get("notes", []):
             console.print(f"  [yellow]note:[/] {note}")
     console.print(f"[green]report[/] {bundles[0].path.parent / 'report.html'}")
@@ -133,6 +135,7 @@ def build(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: the recipe's)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="the prepared recipe file, when its relative "
                                           "paths must resolve in this checkout"),
+    pack: bool = typer.Option(False, "--pack", help="also write OUT/<target>.tar.gz per bundle"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
     """Build target bundles from a prepared work folder (the per-target job on that target's machine)."""
@@ -143,10 +146,57 @@ def build(
         r = load_recipe(recipe) if recipe is not None else None
         with _progress() as progress:
             bundles = build_targets(work, targets=target or None, output=output, recipe=r,
-                                    on_event=_StageProgress(progress))
+                                    on_event=_StageProgress(progress), pack=pack)
     except EdgeBundleError as e:
         _fail(e, debug)
     _print_bundles(bundles)
+
+
+@app.command()
+def verify(
+    bundle: Path = typer.Argument(..., help="bundle folder or packed bundle (.tar.gz)"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Recompute every file's sha256 against the manifest and SHA256SUMS. Exit 0 = intact, 1 = changed."""
+    import tempfile
+
+    from edgebundle.pipeline.bundle import unpack, verify_files
+
+    try:
+        if not bundle.exists():
+            raise BundleError(f"not found: {bundle}")
+        if bundle.is_file():
+            with tempfile.TemporaryDirectory() as td:
+                unpack(bundle, Path(td))  # refuses unsafe members, verifies, raises naming the files
+            bad = []
+        else:
+            bad = verify_files(bundle)
+    except IntegrityError as e:
+        bad = e.files
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    if bad:
+        err_console.print(f"[bold red]changed:[/] {bundle}: {', '.join(bad)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/] {bundle}: every file matches its manifest")
+
+
+@app.command()
+def unpack(
+    archive: Path = typer.Argument(..., help="packed bundle (.tar.gz)"),
+    output: Path = typer.Option(Path("."), "--output", "-o", help="folder to unpack into"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Unpack a packed bundle safely (no absolute paths, '..', links or special files) and verify it."""
+    from edgebundle.pipeline.bundle import unpack as unpack_bundle
+
+    try:
+        if not archive.is_file():
+            raise BundleError(f"not found: {archive}")
+        path = unpack_bundle(archive, output)
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    console.print(f"[green]unpacked[/] {path}")
 
 
 @app.command()

@@ -23,3 +23,11 @@ class TargetUnavailable(EdgeBundleError):
 
 class BundleError(EdgeBundleError):
     """A bundle cannot be written or read (bad output folder, bad manifest)."""
+
+
+class IntegrityError(BundleError):
+    """A bundle's files no longer match its manifest: changed, missing or added (`files` names them)."""
+
+    def __init__(self, message: str, files: list[str]) -> None:
+        super().__init__(message)
+        self.files = files

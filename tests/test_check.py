@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from conftest import make_recipe
 from edgebundle.cli import app
 from edgebundle.errors import BundleError
+from edgebundle.pipeline.bundle import write_bundle
 from edgebundle.pipeline.check import check
 from edgebundle.pipeline.runner import build_target, prepare
 
@@ -87,11 +88,15 @@ def test_different_host_refused_unless_allowed(fast, tmp_path):
 
 
 def test_accuracy_regression(fast, tmp_path):
-    cand = tmp_path / "cand"
-    shutil.copytree(fast, cand)
-    m = json.loads((cand / "manifest.json").read_text())
+    m = json.loads((fast / "manifest.json").read_text())
+    m.pop("files")
     m["accuracy"]["target"] -= 2.0
-    (cand / "manifest.json").write_text(json.dumps(m))
+
+    def fill(tmp):  # a consistent bundle (hashes match) that records a lower accuracy
+        shutil.copy(fast / "model.onnx", tmp / "model.onnx")
+        return m
+
+    cand = write_bundle(tmp_path, "ort-cpu", fill)
     res = check(cand, fast, rounds=4, per_round=5)
     assert res.accuracy_regression and res.regression
     assert not check(cand, fast, rounds=4, per_round=5, accuracy_tolerance=2.5).accuracy_regression

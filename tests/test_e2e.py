@@ -13,7 +13,7 @@ def _manifest(default_run):
 def test_bundle_layout_and_hashes(default_run):
     b = default_run.bundles[0]
     assert b.path == default_run.output / "ort-cpu"
-    assert sorted(p.name for p in b.path.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in b.path.iterdir()) == ["SHA256SUMS", "manifest.json", "model.onnx"]
     m = read_manifest(b.path)
     for name, entry in m.files.items():
         assert sha256_file(b.path / name) == entry.sha256

@@ -21,7 +21,7 @@ def ov_bundle(default_run):
 
 def test_bundle_has_ir_and_manifest(ov_bundle):
     names = sorted(p.name for p in ov_bundle.path.iterdir())
-    assert names == ["manifest.json", "model.bin", "model.xml"]
+    assert names == ["SHA256SUMS", "manifest.json", "model.bin", "model.xml"]
     m = ov_bundle.manifest
     assert m["model_file"] == "model.xml" and m["target"]["precision"] == "int8"
     assert m["quantization"]["tool"] == "nncf.quantize"

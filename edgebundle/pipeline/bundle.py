@@ -17,12 +17,13 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgebundle.errors import BundleError
+from edgebundle.errors import BundleError, IntegrityError
 from edgebundle.pipeline.cache import sha256_file
 from edgebundle.pipeline.lock import target_lock
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` format, covering every file including the manifest
 
 
 class _M(BaseModel):
@@ -138,12 +139,14 @@ def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]
         tmp.mkdir()
         manifest = fill(tmp)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
+                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in (MANIFEST, SUMS)}
         manifest = Manifest.model_validate({**manifest, "files": files})
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             f.write(manifest.model_dump_json(indent=1))
             f.flush()
             os.fsync(f.fileno())
+        sums = {**{n: e.sha256 for n, e in manifest.files.items()}, MANIFEST: sha256_file(tmp / MANIFEST)}
+        (tmp / SUMS).write_text("".join(f"{h}  {n}\n" for n, h in sorted(sums.items())), encoding="utf-8")
         old = None
         if final.exists():
             old = output / f".{name}.old-{uuid.uuid4().hex[:8]}"
@@ -153,7 +156,8 @@ def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]
             shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        why = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"
+               }.get(e.errno, e.strerror or str(e))
         raise BundleError(f"cannot write bundle {final}: {why}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,12 +165,136 @@ def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]
     return final
 
 
+def _read_sums(folder: Path) -> dict[str, str]:
+    p = folder / SUMS
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"cannot read {p}: {e}") from e
+    sums = {}
+    for line in lines:
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or "/" in name or name in ("", ".", ".."):
+            raise BundleError(f"{p} is malformed at: {line[:80]!r}")
+        sums[name] = digest
+    return sums
+
+
 def verify_files(folder: Path) -> list[str]:
-    """Names of files whose sha256 or size no longer match the manifest (missing files included)."""
-    m = read_manifest(folder)
+    """Names of files that no longer match what was written: changed, missing or added.
+
+    Checked: every file's sha256 (and size) against the manifest, the manifest's own sha256 against
+    SHA256SUMS, and that the folder holds nothing else. The manifest must also pass its schema.
+    """
+    folder = Path(folder)
+    sums = _read_sums(folder)
     bad = []
+    if MANIFEST not in sums or not (folder / MANIFEST).is_file() or sha256_file(folder / MANIFEST) != sums[MANIFEST]:
+        bad.append(MANIFEST)
+        try:
+            m = read_manifest(folder)
+        except BundleError:
+            return bad
+    else:
+        m = read_manifest(folder)
     for name, entry in m.files.items():
         p = folder / name
-        if not p.is_file() or p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256:
+        if (not p.is_file() or p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256
+                or sums.get(name) != entry.sha256):
             bad.append(name)
+    known = {*m.files, MANIFEST, SUMS}
+    bad += sorted(p.name for p in folder.iterdir() if p.name not in known)
     return bad
+
+
+# ---- packed bundles ------------------------------------------------------------------------------------
+
+def pack(folder: Path) -> Path:
+    """`folder` -> `folder.tar.gz` beside it, reproducible (sorted, mtime 0, no owners), written atomically."""
+    import gzip
+    import tarfile
+
+    folder = Path(folder)
+    final = folder.parent / f"{folder.name}.tar.gz"
+    tmp = folder.parent / f".{folder.name}.tar.gz.tmp-{uuid.uuid4().hex[:8]}"
+
+    def clean(ti: tarfile.TarInfo) -> tarfile.TarInfo:
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        ti.mtime = 0
+        ti.mode = 0o755 if ti.isdir() else 0o644
+        return ti
+
+    try:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(folder, arcname=folder.name, recursive=False, filter=clean)
+            for p in sorted(folder.iterdir()):
+                tar.add(p, arcname=f"{folder.name}/{p.name}", recursive=False, filter=clean)
+        os.replace(tmp, final)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise BundleError(f"cannot write {final}: {e.strerror or e}") from e
+    return final
+
+
+def _unsafe_member(ti, root: str) -> str | None:
+    name = ti.name
+    parts = Path(name).parts
+    if name.startswith(("/", "\\")) or Path(name).is_absolute():
+        return "an absolute path"
+    if ".." in parts:
+        return "a '..' component"
+    if not parts or parts[0] != root:
+        return f"a path outside the archive's bundle folder '{root}'"
+    if ti.issym() or ti.islnk():
+        return "a link"  # bundles hold plain files only; a link could point anywhere
+    if not (ti.isfile() or ti.isdir()):
+        return "a device, FIFO or other special file"
+    return None
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    """Unpack a packed bundle into `dest/<name>` and verify it; refuse anything unsafe before writing.
+
+    Refused: absolute paths, '..' components, links of any kind, special files, members outside the one
+    top-level bundle folder. The bundle is extracted into a temporary folder, verified, then renamed.
+    """
+    import tarfile
+
+    archive, dest = Path(archive), Path(dest)
+    try:
+        tar = tarfile.open(archive, mode="r:gz")
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise BundleError(f"{archive} is not a readable .tar.gz: {e}") from e
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            raise BundleError(f"{archive} is truncated or corrupt: {e}") from e
+        if not members:
+            raise BundleError(f"{archive} is empty")
+        root = Path(members[0].name).parts[0] if Path(members[0].name).parts else ""
+        if root in ("", ".", "..") or root.startswith("."):
+            raise BundleError(f"{archive}: the first member {members[0].name!r} is not a bundle folder")
+        for ti in members:
+            why = _unsafe_member(ti, root)
+            if why:
+                raise BundleError(f"{archive}: refused member {ti.name!r}: {why}")
+        check_output_folder(dest)
+        final = dest / root
+        if final.exists():
+            raise BundleError(f"{final} already exists; remove it or unpack elsewhere")
+        tmp = dest / f".{root}.unpack-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir(parents=True)
+            tar.extractall(tmp, members=members, filter="data")
+            bad = verify_files(tmp / root)
+            if bad:
+                raise IntegrityError(f"{archive}: files do not match the manifest: {', '.join(bad)}", bad)
+            os.replace(tmp / root, final)
+        except (OSError, tarfile.TarError, EOFError) as e:
+            raise BundleError(f"cannot unpack {archive}: {e}") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -20,8 +20,8 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from edgebundle.errors import BundleError
-from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
+from edgebundle.errors import BundleError, IntegrityError
+from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, verify_files
 from edgebundle.pipeline.host import fingerprint
 from edgebundle.pipeline.measure import bootstrap_median_ci, measure, warm_up
 from edgebundle.pipeline.recipe import MeasureSpec
@@ -69,6 +69,10 @@ def _side(p: Path) -> Side:
         raise BundleError(f"not found: {p}")
     m = read_manifest(p)
     folder = p if p.is_dir() else p.parent
+    if p.is_dir():  # a whole bundle: it must be exactly what was written before it is timed
+        bad = verify_files(p)
+        if bad:
+            raise IntegrityError(f"bundle {p} changed since it was written: {', '.join(bad)}", bad)
     has_model = (p.is_dir() or p.name == MANIFEST) and (folder / m.model_file).is_file()
     return Side(folder, m, has_model)
 
@@ -137,6 +141,11 @@ def recorded_ratio(cand: np.ndarray, base: np.ndarray) -> tuple[float, tuple[flo
     return float(np.median(cand) / np.median(base)), (float(lo), float(hi))
 
 
+def is_latency_regression(ratio: float, ci95: tuple[float, float], tolerance: float) -> bool:
+    """The gate's rule: the slowdown is larger than allowed and real (CI entirely above 1)."""
+    return ratio > 1 + tolerance and ci95[0] > 1.0
+
+
 def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_tolerance: float = 0.5,
           allow_different_host: bool = False, rounds: int = 30, per_round: int = 20) -> CheckResult:
     cand, base = _side(candidate), _side(baseline)
@@ -193,7 +202,7 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         notes.append("baseline has no model here: compared with its recorded samples, taken at another time "
                      "without interleaving; a weaker comparison than an interleaved run")
 
-    latency_reg = ratio > 1 + tolerance and ci[0] > 1.0
+    latency_reg = is_latency_regression(ratio, ci, tolerance)
     ca, ba = cm.accuracy.target, bm.accuracy.target
     acc_reg = ca is not None and ba is not None and ca < ba - accuracy_tolerance
     return CheckResult(

@@ -7,10 +7,12 @@ and timing, and wraps a stage's failure with the names of the stages that ran be
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +25,7 @@ import edgebundle
 from edgebundle.errors import BundleError, DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
 from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
 from edgebundle.pipeline import measure as measure_mod
-from edgebundle.pipeline.bundle import SCHEMA_VERSION, write_bundle, check_output_folder
+from edgebundle.pipeline.bundle import SCHEMA_VERSION, check_output_folder, pack as pack_bundle, write_bundle
 from edgebundle.pipeline.cache import Artifact, StageCache
 from edgebundle.pipeline.data import Dataset, Split, load_dataset
 from edgebundle.pipeline.host import fingerprint, usable_cores
@@ -68,6 +70,7 @@ class BundleResult:
     target: str
     path: Path
     manifest: dict[str, Any]
+    archive: Path | None = None  # OUT/<target>.tar.gz with --pack
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,12 @@ def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
     """
     work = Path(work)
     with work_lock(work):
+        # holding the lock, temporary stage folders are leftovers of a killed preparer: remove them
+        for stale in work.glob(".*.tmp-*"):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         return _prepare(recipe, work, on_event)
 
 
@@ -482,7 +491,8 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     return BundleResult(spec.name, path, manifest)
 
 
-def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_event: Event) -> list[BundleResult]:
+def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_event: Event,
+               pack: bool = False) -> list[BundleResult]:
     results = []
     refs: dict[tuple, dict] = {}
     for spec in specs:
@@ -492,7 +502,10 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
             on_event("start", "reference", cached=False)
             refs[k] = reference_latency(prepared, spec.measure, threads)
             on_event("done", "reference", cached=False)
-        results.append(build_target(prepared, spec, output, on_event=on_event, reference=refs[k]))
+        res = build_target(prepared, spec, output, on_event=on_event, reference=refs[k])
+        if pack:
+            res = dataclasses.replace(res, archive=pack_bundle(res.path))
+        results.append(res)
     from edgebundle.pipeline.report import write_report
 
     write_report(output)
@@ -508,7 +521,7 @@ def _select(recipe: Recipe, targets: list[str] | None, output: Path) -> list[Tar
 
 
 def build(work: Path, *, targets: list[str] | None = None, output: Path | None = None,
-          recipe: Recipe | None = None, on_event: Event = _noop) -> list[BundleResult]:
+          recipe: Recipe | None = None, on_event: Event = _noop, pack: bool = False) -> list[BundleResult]:
     """Build bundles from a prepared work folder: the per-target job, run on that target's machine.
 
     Several `build`s (different targets) may run at once against one work folder and one output
@@ -520,11 +533,11 @@ def build(work: Path, *, targets: list[str] | None = None, output: Path | None =
     with contextlib.ExitStack() as locks:
         for spec in selected:
             locks.enter_context(target_lock(output, spec.name))
-        return _build_all(prepared, selected, output, on_event)
+        return _build_all(prepared, selected, output, on_event, pack)
 
 
 def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None = None,
-        work: Path | None = None, on_event: Event = _noop) -> RunResult:
+        work: Path | None = None, on_event: Event = _noop, pack: bool = False) -> RunResult:
     """prepare + build for every (selected) target. The library's main entry point."""
     output = Path(output) if output is not None else recipe.output
     selected = _select(recipe, targets, output)
@@ -533,4 +546,4 @@ def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None
         for spec in selected:
             locks.enter_context(target_lock(output, spec.name))
         prepared = prepare(recipe, work or output / ".work", on_event=on_event)
-        return RunResult(prepared, _build_all(prepared, selected, output, on_event))
+        return RunResult(prepared, _build_all(prepared, selected, output, on_event, pack))
