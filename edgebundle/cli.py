@@ -63,6 +63,10 @@ def _summary_table(bundles) -> Table:
         acc = m["accuracy"]
         lat = m["latency"]
         acc_s = "n/a" if acc["target"] is None else f"{acc['fp32_onnx']:.2f} → {acc['target']:.2f} %"
+        if lat is None:  # e.g. a TensorRT bundle whose engine is pending on a GPU machine
+            t.add_row(b.target, m["target"]["precision"], f"{size / 1024:.1f} KiB", acc_s,
+                      f"not measured ({m['target']['status']})", "n/a")
+            continue
         ci = lat["p50_ci95_ms"]
         t.add_row(b.target, m["target"]["precision"], f"{size / 1024:.1f} KiB", acc_s,
                   f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]",
@@ -231,7 +235,7 @@ def check(
     tolerance: str = typer.Option("5%", help="allowed latency slowdown (5% or 0.05)"),
     accuracy_tolerance: float = typer.Option(0.5, help="allowed accuracy drop in points"),
     allow_different_host: bool = typer.Option(False, help="compare figures from different hosts (flagged)"),
-    rounds: int = typer.Option(30, min=4, help="interleaved rounds (candidate and baseline alternate)"),
+    rounds: int = typer.Option(60, min=4, help="interleaved rounds (candidate and baseline alternate)"),
     per_round: int = typer.Option(20, min=1, help="inferences per model per round"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     junit: Optional[Path] = typer.Option(None, help="also write a JUnit XML report here"),

@@ -78,7 +78,7 @@ def test_build_needs_a_prepared_folder_and_the_same_recipe(moved_work, tmp_path)
 
 def test_unknown_target_in_build(moved_work, tmp_path):
     r = runner.invoke(app, ["build", str(moved_work), "-t", "tensorrt-nope", "-o", str(tmp_path)])
-    assert r.exit_code == 2 and "not in the recipe" in r.output
+    assert r.exit_code == 2 and "unknown target 'tensorrt-nope'" in r.output and "ort-cpu" in r.output
 
 
 _HOLD = """

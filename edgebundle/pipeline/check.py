@@ -147,12 +147,16 @@ def is_latency_regression(ratio: float, ci95: tuple[float, float], tolerance: fl
 
 
 def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_tolerance: float = 0.5,
-          allow_different_host: bool = False, rounds: int = 30, per_round: int = 20) -> CheckResult:
+          allow_different_host: bool = False, rounds: int = 60, per_round: int = 20) -> CheckResult:
     cand, base = _side(candidate), _side(baseline)
     cm, bm = cand.manifest, base.manifest
     if cm.target.name != bm.target.name:
         raise BundleError(f"candidate is a '{cm.target.name}' bundle, baseline a '{bm.target.name}' bundle: "
                           "compare bundles of the same target")
+    for side, m in (("candidate", cm), ("baseline", bm)):
+        if m.target.status != "complete" or not m.target.exercised:
+            raise BundleError(f"{side} {m.target.name} bundle is {m.target.status}: it has no latency measured on "
+                              "its runtime to compare (finish it with `edgebundle build` on its machine)")
     notes: list[str] = []
     here = fingerprint()["id"]
     hosts = {"candidate": cm.host.get("id"), "baseline": bm.host.get("id")}

@@ -201,10 +201,15 @@ class Recipe(Strict):
         return p if p.is_absolute() else (self.base_dir / p)
 
     def target(self, name: str) -> TargetSpec:
+        """The recipe's settings for a target; a registered target the recipe does not list gets defaults."""
         for t in self.targets:
             if t.name == name:
                 return t
-        raise RecipeError(f"target '{name}' is not in the recipe; it has: {', '.join(t.name for t in self.targets)}")
+        try:
+            return TargetSpec(name=name)
+        except ValidationError as e:
+            raise RecipeError(f"{e.errors()[0]['msg'].removeprefix('Value error, ')} "
+                              f"(the recipe lists: {', '.join(t.name for t in self.targets)})") from e
 
 
 def _format_validation_error(e: ValidationError, source: str) -> str:

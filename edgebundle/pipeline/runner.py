@@ -378,6 +378,15 @@ def reference_latency(prepared: Prepared, spec: MeasureSpec, threads: int) -> di
     }
 
 
+def _latency(sess, feeds, spec: MeasureSpec, threads: int) -> measure_mod.LatencyStats:
+    """The shared wall-clock protocol, or the device's own clock where the session has one (CUDA events)."""
+    if hasattr(sess, "gpu_samples_ms"):
+        samples = sess.gpu_samples_ms(feeds, warmup=spec.warmup_min * 10, iterations=spec.iterations)
+        return measure_mod.summarize(np.array(samples), batch=spec.batch, threads=threads,
+                                     warmup=spec.warmup_min * 10)
+    return measure_mod.measure(lambda: sess.run(feeds), spec, threads=threads)
+
+
 def _preflight(spec: TargetSpec):
     entry = registry.lookup(spec.name)
     target = entry.factory()
@@ -418,19 +427,29 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
         fp32.close()
         feeds = _measure_feeds(ds.test, recipe, spec.measure.batch)
         same_rt = None
-        if entry.capabilities.opens_onnx and built.precision != "fp32":
+        pending = built.status == "pending"
+        if pending:  # the runtime's artifact is not built here: accuracy through ORT CPU, no latency
+            sess = OrtSession(tmp / (built.eval_file or built.model_file), threads=threads)
+            try:
+                logits = run_split(sess, ds.test, recipe.inputs)
+            finally:
+                sess.close()
+            lat, runtime_seen = None, {}
+        elif entry.capabilities.opens_onnx and built.precision != "fp32":
             s32 = target.open(fp32_path, threads=threads, runtime=built.runtime)
             try:
                 same_rt = _brief(measure_mod.measure(lambda: s32.run(feeds), spec.measure, threads=threads))
             finally:
                 s32.close()
-        sess = target.open(tmp / built.model_file, threads=threads, runtime=built.runtime)
-        try:
-            logits = run_split(sess, ds.test, recipe.inputs)
-            lat = measure_mod.measure(lambda: sess.run(feeds), spec.measure, threads=threads)
-            runtime_seen = {"inference_precision": sess.inference_precision} if hasattr(sess, "inference_precision") else {}
-        finally:
-            sess.close()
+        if not pending:
+            sess = target.open(tmp / built.model_file, threads=threads, runtime=built.runtime)
+            try:
+                logits = run_split(sess, ds.test, recipe.inputs)
+                lat = _latency(sess, feeds, spec.measure, threads)
+                runtime_seen = ({"inference_precision": sess.inference_precision}
+                                if hasattr(sess, "inference_precision") else {})
+            finally:
+                sess.close()
         labels = ds.test.labels
         acc_fp32 = accuracy(ref_logits, labels) if labels is not None else None
         acc_t = accuracy(logits, labels) if labels is not None else None
@@ -446,7 +465,7 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
         teacher_p50 = reference["pytorch_fp32_teacher"]["p50_ms"]
         same_rt_p50 = same_rt["p50_ms"] if same_rt else None
         notes = list(built.notes)
-        if same_rt_p50 and built.precision == "int8" and lat.p50_ms > same_rt_p50:
+        if lat is not None and same_rt_p50 and built.precision == "int8" and lat.p50_ms > same_rt_p50:
             notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime ({same_rt_p50:.4f} ms): "
                          "for a model this small, quantize/dequantize overhead outweighs int8 arithmetic; "
                          "options.precision: fp32 builds the faster fp32 bundle")
@@ -458,7 +477,8 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "recipe": {"name": recipe.name, "sha256": recipe_digest(recipe),
                        "json": recipe.model_dump(mode="json", exclude={"base_dir"})},
-            "target": {"name": spec.name, "precision": built.precision,
+            "target": {"name": spec.name, "precision": built.precision, "status": built.status,
+                       "exercised": not pending,
                        "runtime": {**built.runtime, **runtime_seen, "threads": threads},
                        "capabilities": {"precisions": list(entry.capabilities.precisions),
                                         "needs_gpu": entry.capabilities.needs_gpu,
@@ -474,11 +494,11 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
                          "target": acc_t, "drop_vs_fp32": drop, "max_drop": spec.max_accuracy_drop,
                          "within_budget": None if drop is None else drop <= spec.max_accuracy_drop,
                          "output_cosine_vs_fp32": cosine(logits, ref_logits)},
-            "latency": lat.to_dict(),
+            "latency": None if lat is None else lat.to_dict(),
             "reference_latency": {**reference, **({f"{entry.capabilities.runtime}_fp32_student": same_rt}
                                                   if same_rt else {})},
-            "speedup": {"vs_pytorch_fp32_teacher": teacher_p50 / lat.p50_ms,
-                        "vs_same_runtime_fp32": (same_rt_p50 / lat.p50_ms) if same_rt_p50 else None},
+            "speedup": {"vs_pytorch_fp32_teacher": None if lat is None else teacher_p50 / lat.p50_ms,
+                        "vs_same_runtime_fp32": (same_rt_p50 / lat.p50_ms) if same_rt_p50 and lat else None},
             "host": fingerprint(),
             "notes": notes,
         }

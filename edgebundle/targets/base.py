@@ -37,6 +37,8 @@ class Built:
     quantization: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)  # session settings to reproduce the timing
     notes: tuple[str, ...] = ()
+    status: str = "complete"  # "pending": the runtime's own artifact could not be built on this machine
+    eval_file: str | None = None  # pending: an ONNX file ONNX Runtime CPU evaluates accuracy with
 
 
 class Session(Protocol):
@@ -53,6 +55,9 @@ class Target(Protocol):
 
     def unavailable_reason(self, options: BaseModel) -> str | None:
         """None when the runtime and device are present, else why not (shown to the user)."""
+
+    # Optional: `pending_reason(options) -> str | None` -- the target can prepare its input here but not
+    # build or time its final artifact (e.g. a GPU engine); it then returns Built(status="pending").
 
     def build(self, ctx: BuildContext) -> Built: ...
 
