@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,6 +89,9 @@ def run(
     from edgebundle.pipeline.runner import run as run_pipeline
 
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise EdgeBundleError("under torchrun use `edgebundle prepare RECIPE -o WORK` (distributed training), "
+                                  "then `edgebundle build WORK` on each target's machine")
         r = load_recipe(recipe)
         with _progress() as progress:
             result = run_pipeline(r, output=output, targets=target or None, on_event=_StageProgress(progress),
@@ -118,16 +123,26 @@ def prepare(
     work: Path = typer.Option(..., "--output", "-o", help="work folder (content-addressed; reused across runs)"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
-    """Run the device-independent stages (teacher, prune, distill, export, calibration data) into WORK."""
+    """Run the device-independent stages (teacher, prune, distill, export, calibration data) into WORK.
+
+    Under `torchrun --nproc-per-node N -m edgebundle.cli prepare ...` training runs DistributedDataParallel.
+    """
+    from edgebundle.pipeline import distributed
     from edgebundle.pipeline.recipe import load_recipe
     from edgebundle.pipeline.runner import prepare as prepare_stages
 
     try:
         r = load_recipe(recipe)
-        with _progress() as progress:
-            p = prepare_stages(r, work, on_event=_StageProgress(progress))
+        distributed.init_from_env()
+        with _progress() if distributed.is_main() else contextlib.nullcontext() as progress:
+            p = prepare_stages(r, work, on_event=_StageProgress(progress) if progress else lambda *a, **k: None)
     except EdgeBundleError as e:
         _fail(e, debug)
+    finally:
+        main = distributed.is_main()
+        distributed.shutdown()
+    if not main:
+        return
     console.print(f"[green]prepared[/] {work} (student {p.onnx.folder.name}); "
                   f"next: edgebundle build {work} --target NAME")
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from torch import nn
 import edgebundle
 from edgebundle.errors import BundleError, DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
 from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
-from edgebundle.pipeline import measure as measure_mod
+from edgebundle.pipeline import distributed, measure as measure_mod
 from edgebundle.pipeline.bundle import SCHEMA_VERSION, check_output_folder, pack as pack_bundle, write_bundle
 from edgebundle.pipeline.cache import Artifact, StageCache
 from edgebundle.pipeline.data import Dataset, Split, load_dataset
@@ -84,26 +85,44 @@ def recipe_digest(recipe: Recipe) -> str:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return distributed.device()
+
+
+COLLECTIVE_STAGES = ("teacher", "distill")  # every torchrun rank takes part (DDP); others run on rank 0
 
 
 class _Stages:
-    """Runs named stages through the cache, remembering which ran, to name them in errors."""
+    """Runs named stages through the cache, remembering which ran, to name them in errors.
+
+    Under torchrun, rank 0 decides hit or miss for everyone, only rank 0 writes the artifact (the other
+    ranks of a collective stage train into a throw-away folder), and the others then read rank 0's.
+    """
 
     def __init__(self, cache: StageCache, on_event: Event) -> None:
-        self.cache, self.on_event, self.done = cache, on_event, []
+        self.cache, self.done = cache, []
+        self.on_event = on_event if distributed.is_main() else _noop
 
     def run(self, stage: str, config: dict, parents: list[Artifact], fill, extra: str = "") -> Artifact:
-        key = self.cache.key(stage, config, parents, extra)
-        hit = self.cache.get(stage, key)
-        cached = hit is not None
+        key = self.cache.key(stage, config, parents, extra)  # the same key with or without torchrun
+        hit = self.cache.get(stage, key) if distributed.is_main() else None
+        cached = distributed.broadcast_flag(hit is not None)
         self.on_event("start", stage, cached=cached)
-        if hit is None:
+        if not cached:
             try:
-                hit = self.cache.put(stage, key, config, parents, fill)
+                if distributed.is_main():
+                    hit = self.cache.put(stage, key, config, parents, fill)
+                elif stage in COLLECTIVE_STAGES:
+                    with tempfile.TemporaryDirectory() as td:
+                        fill(Path(td))
             except EdgeBundleError as e:
                 after = f" (after {', '.join(self.done)})" if self.done else ""
                 raise type(e)(f"stage '{stage}' failed{after}: {e}") from e
+        distributed.barrier()
+        if hit is None:
+            hit = self.cache.get(stage, key)
+            if hit is None:
+                raise StageError(f"stage '{stage}': rank {distributed.rank()} cannot read rank 0's artifact in "
+                                 f"{self.cache.root}; under multi-node torchrun the work folder must be shared")
         self.done.append(stage)
         self.on_event("done", stage, cached=cached, artifact=hit)
         return hit
@@ -116,14 +135,17 @@ def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
     A second process preparing the same work folder waits, then finds the stages cached.
     """
     work = Path(work)
-    with work_lock(work):
+    # under torchrun only rank 0 locks and cleans; the others must not block on rank 0's lock
+    with work_lock(work) if distributed.is_main() else contextlib.nullcontext():
         # holding the lock, temporary stage folders are leftovers of a killed preparer: remove them
         for stale in work.glob(".*.tmp-*"):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-        return _prepare(recipe, work, on_event)
+        prepared = _prepare(recipe, work, on_event)
+    distributed.barrier()
+    return prepared
 
 
 def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
@@ -246,7 +268,8 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
 
     data_art = stages.run("data", {"data": dump(recipe.data), "pool": pool}, [], make_data, extra=dataset.fingerprint)
     prepared = Prepared(recipe, dataset, teacher, student, onnx_art, lineage)
-    _write_prepared(work, prepared, data_art)
+    if distributed.is_main():
+        _write_prepared(work, prepared, data_art)
     return prepared
 
 

@@ -1,7 +1,8 @@
 """Teacher training, knowledge distillation and evaluation (PyTorch, CPU or CUDA).
 
 Distillation loss: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels).
-The checkpoint with the best validation accuracy is kept.
+The checkpoint with the best validation accuracy is kept. Under `torchrun` (an initialised process
+group) training runs DistributedDataParallel over a DistributedSampler.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgebundle.errors import DataError
+from edgebundle.pipeline import distributed
 from edgebundle.pipeline.data import Split
 from edgebundle.pipeline.recipe import DistillStage, TrainStage
 
@@ -76,20 +78,39 @@ def _fit(
     xs = _tensors(train, names, device)
     ys = None if train.labels is None else torch.from_numpy(train.labels).to(device)
     val_labels = _require_labels(val, "choosing the best checkpoint")
+    world = distributed.world_size()
+    net: nn.Module = model
+    sampler = None
+    if world > 1:
+        # DistributedDataParallel over a DistributedSampler: each rank trains on its shard, gradients are
+        # averaged; the per-rank batch keeps the global batch at `batch_size`. Every rank validates the
+        # same (synchronised) weights on the whole val split, so all pick the same best checkpoint.
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data import DistributedSampler
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=distributed.rank(),
+                                     shuffle=True, seed=seed)
+        batch_size = max(2, -(-batch_size // world))
+    per_epoch = len(sampler) if sampler is not None else len(train)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * max(1, (len(train) + batch_size - 1) // batch_size)
+    steps = epochs * max(1, (per_epoch + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     best = (-1.0, 0, None)
     history = []
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(train), generator=gen).to(device)
-        for i in range(0, len(train), batch_size):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(iter(sampler)), device=device)
+        else:
+            order = torch.randperm(len(train), generator=gen).to(device)
+        for i in range(0, per_epoch, batch_size):
             idx = order[i:i + batch_size]
-            if len(idx) < 2:  # BatchNorm needs more than one sample
+            if len(idx) < 2:  # BatchNorm needs more than one sample (same on every rank: equal shards)
                 continue
             batch = [x[idx] for x in xs]
-            out = model(*batch)
+            out = net(*batch)
             loss = loss_fn(out, batch, None if ys is None else ys[idx], idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
