@@ -437,7 +437,7 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     def fill(tmp: Path) -> dict[str, Any]:
         from edgebundle.targets.ort_cpu import OrtSession
 
-        ctx = BuildContext(recipe, spec, options, fp32_path, cal, ds.val, tmp, threads)
+        ctx = BuildContext(recipe, spec, options, fp32_path, cal, ds.val, tmp, threads, load_model=prepared.load_student)
         try:
             built = target.build(ctx)
         except (DataError, RecipeError):
@@ -458,8 +458,9 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
             finally:
                 sess.close()
             lat, runtime_seen = None, {}
-        elif entry.capabilities.opens_onnx and built.precision != "fp32":
-            s32 = target.open(fp32_path, threads=threads, runtime=built.runtime)
+        elif built.precision != "fp32" and (built.fp32_file or entry.capabilities.opens_onnx):
+            s32 = target.open(tmp / built.fp32_file if built.fp32_file else fp32_path, threads=threads,
+                              runtime=built.runtime)
             try:
                 same_rt = _brief(measure_mod.measure(lambda: s32.run(feeds), spec.measure, threads=threads))
             finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 from pydantic import BaseModel
@@ -27,6 +27,7 @@ class BuildContext:
     validation: Split  # held-out split for accuracy control (the recipe's val split; test stays unseen)
     workdir: Path  # empty folder the target writes its files into
     threads: int
+    load_model: Callable[[], Any] | None = None  # the PyTorch student, for targets that start from PyTorch
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Built:
     notes: tuple[str, ...] = ()
     status: str = "complete"  # "pending": the runtime's own artifact could not be built on this machine
     eval_file: str | None = None  # pending: an ONNX file ONNX Runtime CPU evaluates accuracy with
+    fp32_file: str | None = None  # the same runtime's fp32 artifact, for "vs fp32 on the same runtime"
 
 
 class Session(Protocol):

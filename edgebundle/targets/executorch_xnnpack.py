@@ -1,0 +1,153 @@
+"""ExecuTorch target for phones: a `.pte` program lowered to the XNNPACK backend, int8 via PT2E.
+
+The pruned, distilled PyTorch student is captured with `torch.export`, quantized with PT2E and the
+XNNPACK quantizer (symmetric int8, per-channel weights) calibrated on the recipe's calibration split,
+lowered with `to_edge_transform_and_lower` and the XNNPACK partitioner, and serialized to `model.pte`
+(plus `model.fp32.pte`, lowered the same way without quantization, for comparison).
+
+Ops XNNPACK does not take run on ExecuTorch's portable kernels, which are slow on a phone: the manifest
+records how many graph nodes were delegated, and the build fails when the delegated fraction is below
+`min_delegated_fraction`. The program is exported at batch 1 (what a phone runs); the session feeds a
+larger batch one sample at a time. Latency measured here is an x86 XNNPACK figure, not a phone figure.
+
+Optional extra: `pip install edgebundle[mobile]` (the `executorch` package), imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgebundle.errors import StageError, TargetUnavailable
+from edgebundle.targets.base import BuildContext, Built
+from edgebundle.targets.registry import Capabilities, register_target
+
+BOOKKEEPING = ("getitem",)
+HOST_NOTE = ("latency measured with executorch.runtime (XNNPACK) on this x86 host, not on a phone; measure the "
+             "same .pte on the device with ExecuTorch's executor_runner or its Android/iOS benchmark app")
+
+
+class ExecutorchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    precision: Literal["int8", "fp32"] = "int8"
+    min_delegated_fraction: float = Field(0.9, ge=0, le=1, description="fail below this XNNPACK coverage")
+    also_fp32: bool = Field(True, description="also write model.fp32.pte, for the same-runtime comparison")
+
+
+def _missing() -> str | None:
+    if importlib.util.find_spec("executorch") is None:
+        return "the executorch package is not installed (pip install edgebundle[mobile])"
+    return None
+
+
+def _lower(exported, out: Path) -> dict[str, Any]:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    info = get_delegation_info(edge.exported_program().graph_module)
+    # `getitem` only unpacks the delegate's output tuple: bookkeeping, not an op the phone computes
+    compute = [v for v in info.delegation_by_operator.values() if v.op_type not in BOOKKEEPING]
+    delegated = sum(v.delegated for v in compute)
+    non_delegated = sum(v.non_delegated for v in compute)
+    total = delegated + non_delegated
+    left = sorted(f"{v.op_type} x{v.non_delegated}" for v in compute if v.non_delegated)
+    out.write_bytes(edge.to_executorch().buffer)
+    return {"delegated_nodes": delegated, "non_delegated_nodes": non_delegated,
+            "delegated_subgraphs": int(info.num_delegated_subgraphs),
+            "delegated_fraction": delegated / total if total else 1.0, "non_delegated_ops": left}
+
+
+@register_target("executorch", capabilities=Capabilities(precisions=("int8", "fp32"), extra="mobile",
+                                                          runtime="executorch"),
+                 options=ExecutorchOptions)
+class ExecutorchTarget:
+    def unavailable_reason(self, options: ExecutorchOptions | None = None) -> str | None:
+        return _missing()
+
+    def build(self, ctx: BuildContext) -> Built:
+        import torch
+
+        opt: ExecutorchOptions = ctx.options
+        if ctx.load_model is None:
+            raise StageError("the executorch target starts from the PyTorch student; none was given")
+        names = [s.name for s in ctx.recipe.inputs]
+        model = ctx.load_model().cpu().eval()
+        example = tuple(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[n][:1])) for n in names)
+        try:
+            fp32_ep = torch.export.export(model, example)
+        except Exception as e:  # torch.export raises many types (Unsupported, UserError, ...)
+            raise StageError(f"torch.export cannot capture the student: {type(e).__name__}: {str(e)[:300]}") from e
+        files, runtime = [], {"backend": "XNNPACK", "batch": 1, "inputs": names, "threads_note": "XNNPACK threadpool"}
+        fp32_info = None
+        if opt.precision == "fp32" or opt.also_fp32:
+            name = "model.pte" if opt.precision == "fp32" else "model.fp32.pte"
+            fp32_info = _lower(fp32_ep, ctx.workdir / name)
+            files.append(name)
+        quant: dict[str, Any] = {}
+        info = fp32_info
+        if opt.precision == "int8":
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer, get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+            prepared = prepare_pt2e(fp32_ep.module(), quantizer)
+            n = len(ctx.calibration)
+            with torch.no_grad():
+                for i in range(n):  # the program is captured at batch 1: calibrate sample by sample
+                    prepared(*(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[k][i:i + 1]))
+                               for k in names))
+            converted = convert_pt2e(prepared)
+            info = _lower(torch.export.export(converted, example), ctx.workdir / "model.pte")
+            files.insert(0, "model.pte")
+            quant = {"tool": "PT2E (torchao prepare_pt2e/convert_pt2e) + XNNPACKQuantizer",
+                     "scheme": "int8 symmetric, per-channel weights", "calibration": {"method": "minmax (observers)",
+                                                                                      "samples": n}}
+        runtime["delegation"] = info
+        if fp32_info is not None and opt.precision == "int8":
+            runtime["delegation_fp32"] = fp32_info
+        if info["delegated_fraction"] < opt.min_delegated_fraction:
+            raise StageError(f"XNNPACK took only {info['delegated_fraction']:.0%} of the graph's nodes "
+                             f"(below min_delegated_fraction {opt.min_delegated_fraction:.0%}); left to the slow "
+                             f"portable kernels: {', '.join(info['non_delegated_ops']) or 'n/a'}")
+        return Built("model.pte", tuple(files), opt.precision, quant, runtime,
+                     notes=(HOST_NOTE,), fp32_file="model.fp32.pte" if "model.fp32.pte" in files else None)
+
+    def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "ExecutorchSession":
+        return ExecutorchSession(model_path, runtime.get("inputs", []))
+
+
+class ExecutorchSession:
+    def __init__(self, model_path: Path, input_names: list[str]) -> None:
+        why = _missing()
+        if why:
+            raise TargetUnavailable(why)
+        from executorch.runtime import Runtime
+
+        try:
+            self.method = Runtime.get().load_program(str(model_path)).load_method("forward")
+        except Exception as e:  # the runtime raises RuntimeError/ValueError for corrupt programs
+            raise StageError(f"executorch cannot load {model_path.name}: {e}") from e
+        self.input_names = input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        import torch
+
+        names = self.input_names or list(feeds)
+        n = len(feeds[names[0]])
+        outs = []
+        for i in range(n):  # batch-1 program
+            res = self.method.execute([torch.from_numpy(np.ascontiguousarray(feeds[k][i:i + 1])) for k in names])
+            outs.append([r.numpy() if hasattr(r, "numpy") else np.asarray(r) for r in res])
+        return [np.concatenate([o[j] for o in outs]) for j in range(len(outs[0]))]
+
+    def close(self) -> None:
+        self.method = None

@@ -1,0 +1,91 @@
+"""ONNX Runtime Mobile target: the ORT int8 model converted to the `.ort` format for phones.
+
+The model is quantized exactly as the `ort-cpu` target does it, then converted with onnxruntime's own
+converter (`onnxruntime.tools.convert_onnx_models_to_ort`, fixed optimisation style, for the
+`target_platform` the phone has: arm by default), which also writes the required-operators (and types)
+configuration a reduced ORT Mobile build is compiled with. The `.ort` file is re-loaded and its outputs
+checked against the `.onnx` model's before the bundle is written. Latency measured here is an x86 figure
+of the ARM-optimized model, not a phone figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from edgebundle.errors import StageError
+from edgebundle.targets.base import BuildContext, Built
+from edgebundle.targets.ort_cpu import OrtCpuOptions, OrtCpuTarget, OrtSession
+from edgebundle.targets.registry import Capabilities, register_target
+
+CONFIG = "required_operators.config"
+HOST_NOTE = ("latency measured with onnxruntime on this x86 host, not on a phone; measure the same .ort on the "
+             "device with onnxruntime_perf_test (or an app built against the reduced ORT Mobile package)")
+
+
+class OrtMobileOptions(OrtCpuOptions):
+    target_platform: Literal["arm", "amd64"] = "arm"
+    max_abs_diff: float = 1e-4  # .ort vs .onnx outputs on the validation split
+
+
+@register_target("ort-mobile", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="onnxruntime",
+                                                          opens_onnx=True),
+                 options=OrtMobileOptions)
+class OrtMobileTarget:
+    def unavailable_reason(self, options: OrtMobileOptions | None = None) -> str | None:
+        return OrtCpuTarget().unavailable_reason()
+
+    def build(self, ctx: BuildContext) -> Built:
+        from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+        opt: OrtMobileOptions = ctx.options
+        base = OrtCpuTarget().build(ctx)  # writes ctx.workdir/model.onnx (int8 or fp32)
+        onnx_path = ctx.workdir / base.model_file
+        conv = ctx.workdir / "convert"
+        try:
+            convert_onnx_models_to_ort(pathlib.Path(onnx_path), output_dir=conv,
+                                       optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform=opt.target_platform, enable_type_reduction=True)
+        except Exception as e:  # the converter raises whatever onnxruntime raises
+            raise StageError(f"onnxruntime's .ort converter failed: {type(e).__name__}: {e}") from e
+        ort_files = list(conv.glob("*.ort"))
+        configs = list(conv.glob("*.config"))
+        if len(ort_files) != 1 or len(configs) != 1:
+            raise StageError(f"the .ort converter wrote {[p.name for p in conv.iterdir()]}, expected one .ort "
+                             "and one .config")
+        shutil.move(ort_files[0], ctx.workdir / "model.ort")
+        shutil.move(configs[0], ctx.workdir / CONFIG)
+        shutil.rmtree(conv)
+        diff = _round_trip(onnx_path, ctx.workdir / "model.ort", ctx)
+        if diff > opt.max_abs_diff:
+            raise StageError(f"the .ort model's outputs differ from the .onnx model's by {diff:.3g} "
+                             f"(allowed {opt.max_abs_diff:g})")
+        onnx_path.unlink()
+        runtime = {**base.runtime, "format": "ORT (flatbuffer)", "target_platform": opt.target_platform,
+                   "optimization_style": "Fixed", "ort_vs_onnx_max_abs_diff": diff}
+        return dataclasses.replace(base, model_file="model.ort", files=("model.ort", CONFIG), runtime=runtime,
+                                   notes=(*base.notes, HOST_NOTE))
+
+    def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> OrtSession:
+        return OrtSession(model_path, threads=threads)
+
+
+def _round_trip(onnx_path: Path, ort_path: Path, ctx: BuildContext) -> float:
+    """Largest output difference between the .onnx and the re-loaded .ort on the validation split."""
+    from edgebundle.calibration.readers import iter_feeds
+
+    a, b = OrtSession(onnx_path, threads=ctx.threads), OrtSession(ort_path, threads=ctx.threads)
+    try:
+        worst = 0.0
+        for feeds in iter_feeds(ctx.validation.head(256), ctx.recipe.inputs, 64):
+            for x, y in zip(a.run(feeds), b.run(feeds)):
+                worst = max(worst, float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()))
+        return worst
+    finally:
+        a.close()
+        b.close()
