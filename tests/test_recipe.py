@@ -68,3 +68,12 @@ def test_top_level_must_be_mapping(tmp_path):
     p.write_text("- just\n- a list\n")
     with pytest.raises(RecipeError, match="must be a mapping"):
         load_recipe(p)
+
+
+def test_example_recipes_load():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for p in examples:
+        assert load_recipe(p).name

@@ -8,6 +8,7 @@ finished one is expected.
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -81,6 +82,7 @@ class Manifest(_M):
     reference_latency: dict[str, Any]
     speedup: dict[str, float | None]
     host: dict[str, Any]
+    size: dict[str, int] | None = None  # raw and gzip -9 bytes of the artifact files (what a device downloads)
     notes: list[str] = Field(default_factory=list)
 
 
@@ -140,7 +142,9 @@ def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]
         manifest = fill(tmp)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in (MANIFEST, SUMS)}
-        manifest = Manifest.model_validate({**manifest, "files": files})
+        size = {"raw_bytes": sum(f["bytes"] for f in files.values()),
+                "gzip_bytes": sum(len(gzip.compress((tmp / n).read_bytes(), 9)) for n in files)}
+        manifest = Manifest.model_validate({**manifest, "files": files, "size": size})
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             f.write(manifest.model_dump_json(indent=1))
             f.flush()
@@ -211,7 +215,6 @@ def verify_files(folder: Path) -> list[str]:
 
 def pack(folder: Path) -> Path:
     """`folder` -> `folder.tar.gz` beside it, reproducible (sorted, mtime 0, no owners), written atomically."""
-    import gzip
     import tarfile
 
     folder = Path(folder)

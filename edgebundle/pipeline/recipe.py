@@ -127,6 +127,21 @@ class DistillStage(Strict):
     weight_decay: float = Field(1e-4, ge=0)
 
 
+class ClusterStage(Strict):
+    """Weight sharing: each layer's weights take `clusters` shared values (k-means); off by default."""
+
+    enabled: bool = False
+    clusters: int = Field(16, ge=2, le=256)
+    min_params: int = Field(256, ge=1, description="only Conv/Linear layers with at least this many weights")
+    sharing: Literal["per_channel_scaled", "per_layer"] = Field(
+        "per_channel_scaled", description="per_channel_scaled survives per-channel int8; per_layer suits fp32")
+    finetune_epochs: int = Field(0, ge=0, description="fine-tune the centroids with the distillation loss")
+    lr: float = Field(1e-3, gt=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.7, ge=0, le=1)
+    batch_size: int = Field(64, ge=1)
+
+
 class ParitySpec(Strict):
     max_abs: float = Field(1e-3, gt=0)
     min_cosine: float = Field(0.9999, gt=0, le=1)
@@ -142,6 +157,7 @@ class Stages(Strict):
     train: TrainStage = TrainStage()
     prune: PruneStage = PruneStage()
     distill: DistillStage = DistillStage()
+    cluster: ClusterStage = ClusterStage()
     export: ExportStage = ExportStage()
 
 

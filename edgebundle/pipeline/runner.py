@@ -35,7 +35,7 @@ from edgebundle.pipeline.modelio import (
     build_model, check_accepts, example_inputs, load_structured, save_structured, source_fingerprint,
 )
 from edgebundle.pipeline.prune import count, prune
-from edgebundle.pipeline.recipe import MeasureSpec, Recipe, TargetSpec
+from edgebundle.pipeline.recipe import DistillStage, MeasureSpec, Recipe, TargetSpec
 from edgebundle.pipeline.training import accuracy, distill, predict, train_supervised
 from edgebundle.targets import BuildContext, registry
 
@@ -238,6 +238,45 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
 
         student = stages.run("distill", {"distill": dump(st.distill), "seed": recipe.seed},
                              [pruned, teacher], make_distilled, extra=dataset.fingerprint)
+        lineage.append(student)
+
+    # 3b. weight clustering (optional) ---------------------------------------------------------------------
+    if st.cluster.enabled:
+        unclustered = student
+
+        def make_clustered(folder: Path) -> dict:
+            from edgebundle.pipeline import cluster as cl
+
+            model = load(unclustered)
+            before = (accuracy(predict(model, dataset.test, names), dataset.test.labels)
+                      if dataset.test.labels is not None else None)
+            clustered = cl.cluster(model, st.cluster, seed=recipe.seed)
+            metrics: dict[str, Any] = {"clusters": st.cluster.clusters, "sharing": st.cluster.sharing,
+                                       "layers": sorted(clustered), "test_accuracy_before": before,
+                                       "clustered_params": sum(c.assignment.numel() for c in clustered.values()),
+                                       "total_params": sum(p.numel() for p in model.parameters())}
+            if dataset.test.labels is not None:
+                metrics["test_accuracy_after_kmeans"] = accuracy(predict(model, dataset.test, names),
+                                                                 dataset.test.labels)
+            if st.cluster.finetune_epochs:
+                c = st.cluster
+                cfg = DistillStage(epochs=c.finetune_epochs, lr=c.lr, temperature=c.temperature, alpha=c.alpha,
+                                   batch_size=c.batch_size, weight_decay=0.0)
+                cl.share(model, clustered)
+                fit = distill(model, load(teacher), dataset.train, dataset.val, names, cfg, seed=recipe.seed,
+                              device=device)
+                model = model.cpu()
+                cl.bake(model)
+                metrics["finetune_best_val_accuracy"] = fit.best_val_accuracy
+            model.eval()
+            metrics["distinct_values"] = cl.distinct_values(model, st.cluster)
+            if dataset.test.labels is not None:
+                metrics["test_accuracy"] = accuracy(predict(model, dataset.test, names), dataset.test.labels)
+            save_structured(model, folder)
+            return metrics
+
+        student = stages.run("cluster", {"cluster": dump(st.cluster), "seed": recipe.seed}, [unclustered, teacher],
+                             make_clustered, extra=dataset.fingerprint)
         lineage.append(student)
 
     # 4. export -------------------------------------------------------------------------------------------
