@@ -53,7 +53,7 @@ class Accuracy(_M):
     drop_vs_fp32: float | None
     max_drop: float
     within_budget: bool | None
-    output_cosine_vs_fp32: float
+    output_cosine_vs_fp32: float | None  # None when an output is not finite (e.g. -inf log-probabilities)
 
 
 class TargetInfo(_M):

@@ -23,7 +23,7 @@ from torch import nn
 
 from edgebundle.errors import RecipeError
 from edgebundle.pipeline.cache import sha256_file
-from edgebundle.pipeline.recipe import InputSpec, ModelSpec
+from edgebundle.pipeline.recipe import EnsembleSpec, InputSpec, ModelSpec
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -60,8 +60,15 @@ def import_object(ref: str, *, base_dir: Path, what: str) -> Callable[..., Any]:
     return obj
 
 
-def source_fingerprint(spec: ModelSpec, base_dir: Path) -> str:
+def source_fingerprint(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> str:
     """Hash of what determines the model: factory ref, kwargs, the factory's source file, weights bytes."""
+    if isinstance(spec, EnsembleSpec):
+        h = hashlib.sha256(spec.mode.encode())
+        for m in spec.members:
+            h.update(source_fingerprint(m, base_dir).encode())
+        if spec.weights is not None:
+            h.update(sha256_file(_resolve(spec.weights, base_dir)).encode())
+        return h.hexdigest()
     h = hashlib.sha256(spec.model_dump_json(exclude={"weights"}).encode())
     fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
     try:
@@ -79,7 +86,14 @@ def _resolve(p: Path, base_dir: Path) -> Path:
     return p if p.is_absolute() else base_dir / p
 
 
-def build_model(spec: ModelSpec, base_dir: Path) -> nn.Module:
+def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> nn.Module:
+    if isinstance(spec, EnsembleSpec):
+        from edgebundle.ensemble import Ensemble
+
+        model = Ensemble([build_model(m, base_dir) for m in spec.members], spec.mode)
+        if spec.weights is not None:
+            load_weights(model, _resolve(spec.weights, base_dir))
+        return model.eval()
     fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
     try:
         model = fn(**spec.kwargs)
@@ -154,8 +168,11 @@ def save_structured(model: nn.Module, folder: Path) -> list[str]:
     return [WEIGHTS_FILE, STRUCTURE_FILE]
 
 
-def load_structured(spec: ModelSpec, base_dir: Path, folder: Path) -> nn.Module:
+def load_structured(spec: ModelSpec | EnsembleSpec, base_dir: Path, folder: Path) -> nn.Module:
     """Rebuild the factory model, reshape it to the saved structure, load the saved tensors."""
+    if isinstance(spec, EnsembleSpec):  # the saved tensors replace every member's weights
+        spec = spec.model_copy(update={"weights": None, "members": [m.model_copy(update={"weights": None})
+                                                                    for m in spec.members]})
     model = build_model(spec.model_copy(update={"weights": None}), base_dir)
     attrs = json.loads((folder / STRUCTURE_FILE).read_text())
     tensors = load_file(str(folder / WEIGHTS_FILE))

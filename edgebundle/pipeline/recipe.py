@@ -39,6 +39,14 @@ class ModelSpec(Strict):
         return v
 
 
+class EnsembleSpec(Strict):
+    """Several models averaged into one graph (model averaging); each member trains on its own seed."""
+
+    members: list[ModelSpec] = Field(min_length=2)
+    mode: Literal["logits", "probs"] = Field("logits", description="average logits, or probabilities")
+    weights: Path | None = Field(default=None, description="state dict of the whole ensemble (optional)")
+
+
 class InputSpec(Strict):
     name: str
     shape: list[int] = Field(min_length=1)
@@ -196,7 +204,7 @@ class Recipe(Strict):
     version: Literal[1] = 1
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
-    model: ModelSpec
+    model: ModelSpec | EnsembleSpec
     inputs: list[InputSpec] = Field(min_length=1)
     outputs: list[str] = Field(default_factory=lambda: ["logits"], min_length=1)
     data: DataSpec = DataSpec()

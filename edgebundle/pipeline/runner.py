@@ -35,7 +35,7 @@ from edgebundle.pipeline.modelio import (
     build_model, check_accepts, example_inputs, load_structured, save_structured, source_fingerprint,
 )
 from edgebundle.pipeline.prune import count, prune
-from edgebundle.pipeline.recipe import DistillStage, MeasureSpec, Recipe, TargetSpec
+from edgebundle.pipeline.recipe import DistillStage, EnsembleSpec, MeasureSpec, Recipe, TargetSpec
 from edgebundle.pipeline.training import accuracy, distill, predict, train_supervised
 from edgebundle.targets import BuildContext, registry
 
@@ -175,7 +175,17 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
     def make_teacher(folder: Path) -> dict:
         model = build_model(recipe.model, recipe.base_dir)
         metrics: dict[str, Any] = {"trained": train_on}
-        if train_on:
+        if train_on and isinstance(recipe.model, EnsembleSpec):
+            # model averaging: every member without weights trains on its own, with its own seed
+            for i, (mspec, member) in enumerate(zip(recipe.model.members, model.members)):
+                if mspec.weights is None:
+                    train_supervised(member, dataset.train, dataset.val, names, st.train, seed=recipe.seed + i,
+                                     device=device)
+            model = model.cpu().eval()
+            if dataset.test.labels is not None:
+                metrics["members_test_accuracy"] = [accuracy(predict(m, dataset.test, names), dataset.test.labels)
+                                                    for m in model.members]
+        elif train_on:
             fit = train_supervised(model, dataset.train, dataset.val, names, st.train, seed=recipe.seed, device=device)
             model = model.cpu().eval()
             metrics["best_val_accuracy"] = fit.best_val_accuracy
