@@ -219,6 +219,40 @@ def unpack(
 
 
 @app.command()
+def explain(
+    bundle: Path = typer.Argument(..., help="bundle folder or manifest.json"),
+    top: int = typer.Option(20, help="rows to show (most damaged layers first)"),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Per-layer int8 error table (SQNR vs fp32) and what accuracy control kept in float."""
+    from edgebundle.pipeline.bundle import read_manifest
+
+    try:
+        m = read_manifest(bundle)
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    q = m.quantization
+    rows = q.get("layer_errors")
+    if not rows:
+        err_console.print(f"[bold red]error:[/] {bundle} has no per-layer error table (target {m.target.name}, "
+                          f"precision {m.target.precision})", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    kept = set((q.get("accuracy_budget") or {}).get("excluded_nodes") or [])
+    t = Table(title=f"int8 error per layer: {m.target.name} (lower SQNR = more damage)")
+    for col in ("layer", "op", "weight SQNR dB", "input SQNR dB", "kept in float"):
+        t.add_column(col)
+    for r in rows[:top]:
+        t.add_row(r["node"], r["op"], str(r["weight_sqnr_db"]), str(r["input_sqnr_db"]),
+                  "yes" if r["node"] in kept else "")
+    console.print(t)
+    b = q.get("accuracy_budget")
+    if b:
+        console.print(f"accuracy ({b['metric']}, {b['split']}): full int8 drop {b['drop_full_int8']:.2f}, "
+                      f"reached {b.get('drop_reached', b['drop_full_int8']):.2f}, budget {b['max_drop']}; "
+                      f"{len(kept)} layer(s) kept in float")
+
+
+@app.command()
 def report(
     output: Path = typer.Argument(..., help="output folder holding bundles"),
     debug: bool = typer.Option(False, "--debug"),

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from edgebundle.calibration.readers import SplitReader
+from edgebundle.calibration.readers import SplitReader, iter_feeds
 from edgebundle.errors import StageError
 from edgebundle.pipeline.host import cpu_flags
 from edgebundle.targets.base import BuildContext, Built
@@ -39,6 +39,8 @@ class OrtCpuOptions(BaseModel):
     per_channel: bool = True
     reduce_range: bool | Literal["auto"] = "auto"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    accuracy_control: bool = True  # over max_accuracy_drop: keep the most sensitive layers in float
+    layer_errors: bool = True  # record the per-layer error table (8 val samples; `edgebundle explain`)
 
     @model_validator(mode="after")
     def _refuse_slow(self) -> OrtCpuOptions:
@@ -74,7 +76,6 @@ class OrtCpuTarget:
         return None
 
     def build(self, ctx: BuildContext) -> Built:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         opt: OrtCpuOptions = ctx.options
@@ -87,19 +88,10 @@ class OrtCpuTarget:
         cal = ctx.spec.calibration
         reduce_range = _needs_reduce_range(opt)
         reader = SplitReader(ctx.calibration, ctx.recipe.inputs)
-        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         try:
             quant_pre_process(str(ctx.fp32_onnx), str(pre), skip_symbolic_shape=True)
-            quantize_static(
-                str(pre), str(out), reader,
-                quant_format=QuantFormat.QDQ if opt.quant_format == "qdq" else QuantFormat.QOperator,
-                per_channel=opt.per_channel,
-                reduce_range=reduce_range,
-                activation_type=qtype[opt.activations],
-                weight_type=qtype[opt.weights],
-                calibrate_method=calibrate_method(cal.method),
-                extra_options={"CalibPercentile": cal.percentile} if cal.method == "percentile" else {},
-            )
+            self._quantize(pre, out, reader, opt, cal, reduce_range, [])
+            control = self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise StageError(f"onnxruntime.quantization failed: {type(e).__name__}: {e}") from e
         finally:
@@ -113,8 +105,79 @@ class OrtCpuTarget:
             "reduce_range": reduce_range,
             "calibration": {"method": cal.method, "samples": reader.count,
                             **({"percentile": cal.percentile} if cal.method == "percentile" else {})},
+            **control,
         }
         return Built("model.onnx", ("model.onnx",), "int8", quant, runtime)
+
+    @staticmethod
+    def _quantize(pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal, reduce_range: bool,
+                  exclude: list[str]) -> None:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+        reader.rewind()
+        reader.count = 0
+        quantize_static(
+            str(pre), str(out), reader,
+            quant_format=QuantFormat.QDQ if opt.quant_format == "qdq" else QuantFormat.QOperator,
+            per_channel=opt.per_channel,
+            reduce_range=reduce_range,
+            activation_type=qtype[opt.activations],
+            weight_type=qtype[opt.weights],
+            calibrate_method=calibrate_method(cal.method),
+            nodes_to_exclude=exclude,
+            extra_options={"CalibPercentile": cal.percentile} if cal.method == "percentile" else {},
+        )
+
+    def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,
+                          reduce_range: bool, ctx: BuildContext) -> dict[str, Any]:
+        """Per-layer error table always; over budget, keep the fewest most-sensitive layers in float."""
+        from edgebundle.calibration.accuracy import layer_sensitivity, top1_drop
+        from edgebundle.pipeline.measure import measure
+        from edgebundle.pipeline.recipe import MeasureSpec
+
+        if opt.quant_format != "qdq":
+            return {}
+        val, specs, budget = ctx.validation, ctx.recipe.inputs, ctx.spec.max_accuracy_drop
+        table = layer_sensitivity(pre, out, val, specs) if (opt.layer_errors or opt.accuracy_control) else []
+        result: dict[str, Any] = {"layer_errors": table} if opt.layer_errors else {}
+        f32 = OrtSession(pre, threads=ctx.threads)
+        try:
+            q = OrtSession(out, threads=ctx.threads)
+            metric, drop = top1_drop(f32, q, val, specs)
+            q.close()
+            budget_info: dict[str, Any] = {"metric": metric, "split": "val", "max_drop": budget,
+                                           "drop_full_int8": round(drop, 4), "attempts": [], "excluded_nodes": []}
+            result["accuracy_budget"] = budget_info
+            if drop <= budget or not opt.accuracy_control:
+                budget_info["drop_reached"] = round(drop, 4)
+                return result
+            feeds = next(iter_feeds(val.head(1), specs, 1))
+            spec = MeasureSpec(iterations=50, warmup_max=200)
+            q = OrtSession(out, threads=ctx.threads)
+            full_ms = measure(lambda: q.run(feeds), spec, threads=ctx.threads).p50_ms
+            q.close()
+            ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
+            k = 1
+            while True:
+                exclude = ranked[:k]
+                self._quantize(pre, out, reader, opt, cal, reduce_range, exclude)
+                q = OrtSession(out, threads=ctx.threads)
+                _, drop = top1_drop(f32, q, val, specs)
+                q.close()
+                budget_info["attempts"].append({"excluded": len(exclude), "drop": round(drop, 4)})
+                if drop <= budget or k >= len(ranked):
+                    break
+                k = min(k + 1 if k < 8 else 2 * k, len(ranked))
+            q = OrtSession(out, threads=ctx.threads)
+            kept_ms = measure(lambda: q.run(feeds), spec, threads=ctx.threads).p50_ms
+            q.close()
+            budget_info.update(excluded_nodes=exclude, drop_reached=round(drop, 4), within_budget=drop <= budget,
+                               latency_cost={"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,
+                                             "ratio": kept_ms / full_ms})
+            return result
+        finally:
+            f32.close()
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "OrtSession":
         return OrtSession(model_path, threads=threads, level=runtime.get("graph_optimization", "all"))

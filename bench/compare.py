@@ -1,0 +1,193 @@
+"""edgebundle against what a competent engineer does by hand, in one process, same input, 2 threads.
+
+For ResNet-18 and MobileNetV2 at 1x3x224x224 (random weights, BatchNorm statistics from random data):
+
+- PyTorch fp32 eager; ONNX Runtime fp32; OpenVINO fp32 (LATENCY hint)
+- ORT int8 **by hand**: `quant_pre_process` + `quantize_static`, QDQ, per-channel, QInt8 activations and
+  weights, 32 calibration samples
+- OpenVINO int8 **by hand**: `nncf.quantize` with its defaults, 32 samples
+- edgebundle's `ort-cpu` and `openvino` targets on the same model, unpruned and after Torch-Pruning at
+  30 % and 50 % of channels (random weights: pruned rows are latency only)
+
+Columns: p50 with IQR, output cosine vs PyTorch, artifact size, the wall time of the tool's own step
+(quantization / target build) next to the hand path's, and a physical-limit column: the model's MACs over
+this CPU's peak int8 multiply-accumulate rate, i.e. the fastest the arithmetic alone could run (an
+estimate: cores x int8 MACs per cycle for the ISA found x the clock in /proc/cpuinfo).
+
+    python -m bench.compare       # writes bench/results/compare.{json,md}; about 10 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import interleaved, write
+from edgebundle import zoo
+from edgebundle.exporters.onnx import cosine, export
+from edgebundle.pipeline.data import Split
+from edgebundle.pipeline.host import cpu_flags
+from edgebundle.pipeline.modelio import example_inputs
+from edgebundle.pipeline.prune import count, prune
+from edgebundle.pipeline.recipe import ExportStage, PruneStage, TargetSpec, recipe_from_dict
+from edgebundle.targets import BuildContext, registry
+from edgebundle.targets.ort_cpu import OrtSession
+
+THREADS = 2
+
+
+def peak_int8_macs_per_s() -> tuple[float, str]:
+    """cores x int8 MACs/cycle x clock, with the assumption spelled out."""
+    flags = cpu_flags()
+    # an upper bound on the arithmetic rate: two SIMD multiply-accumulate ports per core, both busy
+    if flags & {"avx512_vnni", "amx_int8"}:
+        per_cycle, isa = 128, "AVX-512 VNNI, two 512-bit VNNI ops per cycle (128 int8 MACs)"
+    elif "avx_vnni" in flags:
+        per_cycle, isa = 64, "AVX-VNNI, two 256-bit ops per cycle (64 int8 MACs)"
+    elif "avx2" in flags:
+        per_cycle, isa = 64, "AVX2 vpmaddubsw, two 256-bit ops per cycle (64 int8 MACs)"
+    else:
+        per_cycle, isa = 32, "128-bit SIMD, two ops per cycle (32 int8 MACs)"
+    mhz = []
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("cpu MHz"):
+                mhz.append(float(line.split(":")[1]))
+    except OSError:
+        pass
+    ghz = (max(mhz) / 1000) if mhz else 2.0
+    return THREADS * per_cycle * ghz * 1e9, f"{THREADS} cores x {isa} x {ghz:.2f} GHz"
+
+
+def hand_ort_int8(src: Path, dst: Path, calib: np.ndarray) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"image": x[None]}
+
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def main() -> None:
+    import nncf
+    import openvino as ov
+
+    torch.set_num_threads(THREADS)
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((32, 3, 224, 224)).astype(np.float32)
+    probe = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    feeds = {"image": probe}
+    peak, peak_how = peak_int8_macs_per_s()
+    payload, rows = {"peak_int8_macs_per_s": peak, "peak_assumption": peak_how, "models": {}}, []
+    ort_t, ov_t = registry.lookup("ort-cpu"), registry.lookup("openvino")
+    core = ov.Core()
+    cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": THREADS}
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        for name, factory in (("ResNet-18", "resnet18"), ("MobileNetV2", "mobilenet_v2")):
+            recipe = recipe_from_dict({"model": {"factory": f"edgebundle.zoo:{factory}"},
+                                       "inputs": [{"name": "image", "shape": [1, 3, 224, 224]}]})
+            ex = example_inputs(recipe.inputs)
+            fns, cos, size, macs, step_s = {}, {}, {}, {}, {}
+            ref = None
+            for ratio in (0.0, 0.3, 0.5):
+                torch.manual_seed(0)
+                model = zoo.set_bn_stats_from_data(getattr(zoo, factory)()).eval()
+                m_macs = count(model, ex)[0]
+                if ratio:
+                    m_macs = prune(model, PruneStage(ratio=ratio), ex, train=None, names=["image"]).macs_after
+                    model = zoo.set_bn_stats_from_data(model).eval()
+                fp32 = td / f"{name}-{ratio}.onnx"
+                export(model, recipe.inputs, ["logits"], ExportStage(), fp32)
+                if not ratio:
+                    with torch.no_grad():
+                        ref = model(torch.from_numpy(probe)).numpy()
+
+                    def eager(model=model):
+                        with torch.inference_mode():
+                            model(torch.from_numpy(probe))
+
+                    fns["PyTorch fp32 eager"], macs["PyTorch fp32 eager"] = eager, m_macs
+                    s = OrtSession(fp32, threads=THREADS)
+                    fns["ORT fp32"], macs["ORT fp32"], size["ORT fp32"] = (lambda s=s: s.run(feeds)), m_macs, fp32.stat().st_size
+                    hand = td / f"{name}-hand.onnx"
+                    t0 = time.perf_counter()
+                    hand_ort_int8(fp32, hand, calib)
+                    step_s["ORT int8 by hand"] = time.perf_counter() - t0
+                    s = OrtSession(hand, threads=THREADS)
+                    fns["ORT int8 by hand"], macs["ORT int8 by hand"], size["ORT int8 by hand"] = (lambda s=s: s.run(feeds)), m_macs, hand.stat().st_size
+                    c = core.compile_model(ov.convert_model(str(fp32)), "CPU", cfg).create_infer_request()
+                    fns["OpenVINO fp32"], macs["OpenVINO fp32"] = (lambda c=c: c.infer(feeds)), m_macs
+                    t0 = time.perf_counter()
+                    q = nncf.quantize(ov.convert_model(str(fp32)), nncf.Dataset([{"image": x[None]} for x in calib]))
+                    step_s["OpenVINO int8 by hand (nncf defaults)"] = time.perf_counter() - t0
+                    c = core.compile_model(q, "CPU", cfg).create_infer_request()
+                    fns["OpenVINO int8 by hand (nncf defaults)"] = lambda c=c: c.infer(feeds)
+                    macs["OpenVINO int8 by hand (nncf defaults)"] = m_macs
+                for tname, entry in (("ort-cpu", ort_t), ("openvino", ov_t)):
+                    wd = td / f"{name}-{ratio}-{tname}"
+                    wd.mkdir()
+                    spec = TargetSpec(name=tname, calibration={"samples": 32})
+                    ctx = BuildContext(recipe, spec, entry.options_model(), fp32, Split({"image": calib}, None),
+                                       Split({"image": calib}, None), wd, THREADS)
+                    target = entry.factory()
+                    t0 = time.perf_counter()
+                    built = target.build(ctx)
+                    label = f"edgebundle {tname}" + (f", pruned {int(ratio * 100)} %" if ratio else "")
+                    step_s[label] = time.perf_counter() - t0
+                    sess = target.open(wd / built.model_file, threads=THREADS, runtime=built.runtime)
+                    fns[label], macs[label] = (lambda s=sess: s.run(feeds)), m_macs
+                    size[label] = sum((wd / f).stat().st_size for f in built.files)
+            for k, fn in fns.items():
+                if "pruned" in k:
+                    continue
+                out = fn()
+                if k == "PyTorch fp32 eager":
+                    continue
+                arr = out[0] if isinstance(out, list) else next(iter(out.values()))
+                cos[k] = cosine(np.asarray(arr), ref)
+            timing = interleaved(fns, threads=THREADS)
+            eager_p50 = timing["PyTorch fp32 eager"]["p50_ms"]
+            hand_ort = timing["ORT int8 by hand"]["p50_ms"]
+            hand_ov = timing["OpenVINO int8 by hand (nncf defaults)"]["p50_ms"]
+            payload["models"][name] = {k: {**timing[k], "macs": macs[k], "cosine_vs_pytorch": cos.get(k),
+                                           "bytes": size.get(k), "step_seconds": step_s.get(k)} for k in fns}
+            for k in fns:
+                t = timing[k]
+                limit_ms = macs[k] / peak * 1e3
+                vs_hand = (f"{t['p50_ms'] / hand_ort:.2f}x ORT-hand" if "ort-cpu" in k else
+                           f"{t['p50_ms'] / hand_ov:.2f}x nncf-hand" if "openvino" in k else "")
+                c = "pruned: n/a" if "pruned" in k else ("1.0000" if k not in cos else f"{cos[k]:.4f}")
+                rows.append(
+                    f"| {name} | {k} | {macs[k] / 1e9:.2f} | {t['p50_ms']:.2f} | {t['iqr_ms'][0]:.2f}–{t['iqr_ms'][1]:.2f} "
+                    f"| {eager_p50 / t['p50_ms']:.2f}x | {vs_hand} | {c} | "
+                    f"{'-' if k not in size else f'{size[k] / 2**20:.1f}'} | "
+                    f"{'-' if k not in step_s else f'{step_s[k]:.1f}'} | {limit_ms:.2f} ({limit_ms / t['p50_ms']:.0%}) |")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    payload["peak_rss_mib"] = rss
+    md = (f"Physical limit: MACs / ({peak_how}) = {peak / 1e9:.0f} G int8 MAC/s; the column gives that time and "
+          f"what fraction of the measured p50 it is. Peak RSS of the whole benchmark process: {rss:.0f} MiB.\n\n"
+          "| model | candidate | GMAC | p50 ms | IQR ms | speedup vs PyTorch eager | vs hand path | cosine vs "
+          "PyTorch | MiB | tool step s | int8 limit ms (share of p50) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+          + "\n".join(rows) + "\n")
+    j, m = write("compare", payload, md)
+    print(m.read_text())
+    print(f"wrote {j} and {m}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""ORT accuracy control: per-layer error table, fewest layers kept in float when int8 is over budget."""
+
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from edgebundle.cli import app
+from edgebundle.pipeline.recipe import CalibrationSpec
+from edgebundle.targets import BuildContext, registry
+
+runner = CliRunner()
+
+
+def _build(prepared, tmp_path, *, budget, calibration=None, **options):
+    r = prepared.recipe
+    spec = r.targets[0].model_copy(update={"max_accuracy_drop": budget,
+                                           "calibration": calibration or r.targets[0].calibration})
+    entry = registry.lookup("ort-cpu")
+    ctx = BuildContext(r, spec, entry.options_model.model_validate(options),
+                       prepared.onnx.path("model.fp32.onnx"), prepared.dataset.calibration(r.data).head(16),
+                       prepared.dataset.val, tmp_path, threads=2)
+    return entry.factory().build(ctx)
+
+
+def test_every_weighted_layer_has_an_error_row(default_run):
+    q = default_run.bundles[0].manifest["quantization"]
+    rows = q["layer_errors"]
+    g = onnx.load(str(default_run.prepared.onnx.path("model.fp32.onnx"))).graph
+    assert len(rows) == sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in g.node)
+    sens = [r["sensitivity_db"] for r in rows]
+    assert sens == sorted(sens) and all(s > 0 for s in sens)  # most damaged first, SQNR in dB
+    assert q["accuracy_budget"]["drop_full_int8"] <= q["accuracy_budget"]["max_drop"]
+
+
+@pytest.fixture(scope="module")
+def harsh(prepared, tmp_path_factory):
+    """Calibration that clips (95th percentile) and a 1-point budget: int8 goes over it."""
+    cal = CalibrationSpec(method="percentile", percentile=95.0)
+    return _build(prepared, tmp_path_factory.mktemp("harsh"), budget=1.0, calibration=cal), \
+        _build(prepared, tmp_path_factory.mktemp("plain"), budget=1.0, calibration=cal, accuracy_control=False)
+
+
+def test_over_budget_keeps_the_fewest_sensitive_layers_in_float(harsh):
+    built, plain = harsh
+    b = built.quantization["accuracy_budget"]
+    assert plain.quantization["accuracy_budget"]["drop_full_int8"] > 1.0  # the harsh setting really hurts
+    assert "excluded_nodes" in plain.quantization["accuracy_budget"] and not plain.quantization["accuracy_budget"]["excluded_nodes"]
+    assert b["attempts"] and b["within_budget"] and b["drop_reached"] <= 1.0 < b["drop_full_int8"]
+    n = len(b["excluded_nodes"])
+    assert 1 <= n < len(built.quantization["layer_errors"])  # not everything fell back
+    ranked = [r["node"] for r in built.quantization["layer_errors"]]
+    assert b["excluded_nodes"] == ranked[:n]  # the most sensitive ones, in order
+    assert b["latency_cost"]["p50_full_int8_ms"] > 0
+    assert [a["excluded"] for a in b["attempts"]][0] == 1
+
+
+def test_explain_shows_the_table(default_run):
+    r = runner.invoke(app, ["explain", str(default_run.bundles[0].path)])
+    assert r.exit_code == 0, r.output
+    assert "SQNR" in r.output and default_run.bundles[0].manifest["quantization"]["layer_errors"][0]["node"] in r.output
+    r = runner.invoke(app, ["explain", str(default_run.bundles[1].path)])  # openvino: no ORT table
+    assert r.exit_code == 2 and "no per-layer error table" in r.output
