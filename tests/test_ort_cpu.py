@@ -63,3 +63,32 @@ def test_bad_calibration_data_fails_before_any_scale(prepared, tmp_path, make, m
     with pytest.raises(DataError, match=msg):
         _build(prepared, tmp_path, cal_split=_bad(prepared, make(x)))
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_strided_calibration_gives_the_same_scales_as_holding_everything(prepared, tmp_path):
+    """Calibration runs in strides (bounded memory, bench/calib_memory.py); MinMax merged over strides must
+    equal MinMax over all samples at once."""
+    import onnx
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edgebundle.calibration.readers import SplitReader
+    from edgebundle.targets.ort_cpu import calib_stride
+
+    assert calib_stride(128) == 16 and calib_stride(30) == 15 and calib_stride(17) == 1
+    (tmp_path / "a").mkdir()
+    built = _build(prepared, tmp_path / "a", options={"layer_errors": False, "accuracy_control": False})
+    assert built.quantization["calibration"]["samples"] == 128
+    r = prepared.recipe
+    pre, ref = tmp_path / "pre.onnx", tmp_path / "ref.onnx"
+    quant_pre_process(str(prepared.onnx.path("model.fp32.onnx")), str(pre), skip_symbolic_shape=True)
+    quantize_static(str(pre), str(ref), SplitReader(prepared.dataset.calibration(r.data), r.inputs),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, reduce_range=built.quantization["reduce_range"])
+
+    def scales(p):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(p)).graph.initializer if t.name.endswith("_scale")}
+
+    a, b = scales(tmp_path / "a" / "model.onnx"), scales(ref)
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k]) for k in a)

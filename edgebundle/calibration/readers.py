@@ -50,3 +50,12 @@ class SplitReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._it = iter_feeds(self.split, self.specs, self.batch)
+
+    # ORT's strided calibration (`CalibStridedMinMax`) asks for the length and for sub-ranges of feeds
+    def __len__(self) -> int:
+        return sum(1 for _ in iter_feeds(self.split, self.specs, self.batch))
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        import itertools
+
+        self._it = itertools.islice(iter_feeds(self.split, self.specs, self.batch), start_index, end_index)

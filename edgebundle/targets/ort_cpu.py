@@ -57,6 +57,24 @@ def calibrate_method(name: str):
             "percentile": CalibrationMethod.Percentile}[name]
 
 
+CALIB_CHUNK = 16  # calibration folds its statistics every <= 16 feeds instead of holding every activation
+
+
+def calib_stride(feeds: int) -> int:
+    """The largest divisor of `feeds` up to CALIB_CHUNK (ORT requires the stride to divide the count)."""
+    return max(d for d in range(1, min(CALIB_CHUNK, feeds) + 1) if feeds % d == 0)
+
+
+def calibration_extra_options(cal, feeds: int) -> dict[str, Any]:
+    """quantize_static extra_options: calibration in strides (`CalibStridedMinMax`: ORT merges min/max ranges
+    or histograms after each stride, so memory stays bounded as samples grow; bench/calib_memory.py).
+    Not `CalibMaxIntermediateOutputs`: in this onnxruntime it drops each full chunk without using it."""
+    opts: dict[str, Any] = {"CalibStridedMinMax": calib_stride(feeds)} if feeds > 0 else {}
+    if cal.method == "percentile":
+        opts["CalibPercentile"] = cal.percentile
+    return opts
+
+
 def _needs_reduce_range(opt: OrtCpuOptions) -> bool:
     if opt.reduce_range != "auto":
         return bool(opt.reduce_range)
@@ -126,7 +144,7 @@ class OrtCpuTarget:
             weight_type=qtype[opt.weights],
             calibrate_method=calibrate_method(cal.method),
             nodes_to_exclude=exclude,
-            extra_options={"CalibPercentile": cal.percentile} if cal.method == "percentile" else {},
+            extra_options=calibration_extra_options(cal, len(reader)),
         )
 
     def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,

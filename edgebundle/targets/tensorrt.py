@@ -83,7 +83,7 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from edgebundle.targets.ort_cpu import calibrate_method
+    from edgebundle.targets.ort_cpu import calibrate_method, calibration_extra_options
 
     cal = ctx.spec.calibration
     reader = SplitReader(ctx.calibration, ctx.recipe.inputs)
@@ -93,8 +93,7 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
              # Q/DQ on the inputs of weighted layers only: their outputs stay float (TensorRT fuses the
              # following Q into the layer where the next consumer is quantized)
              "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS)}
-    if cal.method == "percentile":
-        extra["CalibPercentile"] = cal.percentile
+    extra.update(calibration_extra_options(cal, len(reader)))
     try:
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
