@@ -147,3 +147,69 @@ def set_bn_stats_from_data(model: nn.Module, batches: int = 8, batch_size: int =
         for _ in range(batches):
             model(torch.randn((batch_size, *shape), generator=gen))
     return model.eval()
+
+
+# ---- a small BERT-like encoder ------------------------------------------------------------------------
+
+class EncoderLayer(nn.Module):
+    """Post-LN transformer layer: multi-head self-attention (written out, so export and quantization see
+    plain MatMuls), residual + LayerNorm, GELU MLP, residual + LayerNorm."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln1 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.fc2 = nn.Linear(mlp, dim)
+        self.ln2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, d)
+        x = self.ln1(x + self.proj(y))
+        return self.ln2(x + self.fc2(torch.nn.functional.gelu(self.fc1(x))))
+
+
+class TinyEncoder(nn.Module):
+    """Token + position embeddings, `layers` encoder layers, mean pooling, a classification head."""
+
+    def __init__(self, vocab: int = 32, dim: int = 64, heads: int = 4, layers: int = 2, mlp: int = 128,
+                 max_len: int = 128, num_classes: int = 2) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.layers = nn.ModuleList([EncoderLayer(dim, heads, mlp) for _ in range(layers)])
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        x = self.tok(input_ids) + self.pos(torch.arange(t, device=input_ids.device))[None]
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(1))
+
+
+def tiny_encoder(**kwargs) -> TinyEncoder:
+    return TinyEncoder(**kwargs)
+
+
+def token_task(n: int = 1200, seq: int = 32, vocab: int = 32, seed: int = 0):
+    """A synthetic sequence task an encoder learns in seconds: is token 1 more frequent than token 2?
+    Yields one batch: {"input_ids": int64 [n, seq], "labels": int64 [n]}."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(n, seq))
+    a, b = rng.integers(0, seq // 3, size=n), rng.integers(0, seq // 3, size=n)
+    for i in range(n):
+        pos = rng.permutation(seq)
+        ids[i, pos[:a[i]]] = 1
+        ids[i, pos[a[i]:a[i] + b[i]]] = 2
+    labels = (a > b).astype(np.int64)
+    yield {"input_ids": ids.astype(np.int64), "labels": labels}

@@ -30,8 +30,8 @@ def layer_sensitivity(fp32: Path, int8: Path, split: Split, specs: list[InputSpe
     """Per weighted layer of `fp32` (node names as in that model): weight and input SQNR, most damaged first."""
     import onnx
     from onnxruntime.quantization.qdq_loss_debug import (
-        collect_activations, compute_activation_error, compute_weight_error, create_activation_matching,
-        create_weight_matching, modify_model_output_intermediate_tensors,
+        collect_activations, compute_activation_error, compute_signal_to_quantization_noice_ratio,
+        create_activation_matching, create_weight_matching, modify_model_output_intermediate_tensors,
     )
 
     part = split.head(samples)
@@ -42,7 +42,10 @@ def layer_sensitivity(fp32: Path, int8: Path, split: Split, specs: list[InputSpe
         fa = collect_activations(str(aug_f), SplitReader(part, specs))
         qa = collect_activations(str(aug_q), SplitReader(part, specs))
     act = compute_activation_error(create_activation_matching(qa, fa))
-    wts = compute_weight_error(create_weight_matching(str(fp32), str(int8)))
+    wts = {}
+    for name, match in create_weight_matching(str(fp32), str(int8)).items():  # scalars too (e.g. a Mul's constant)
+        wts[name] = compute_signal_to_quantization_noice_ratio(np.atleast_1d(match["float"]),
+                                                               np.atleast_1d(match["dequantized"]))
     rows = []
     for n in onnx.load(str(fp32), load_external_data=False).graph.node:
         if n.op_type not in WEIGHTED:

@@ -157,8 +157,15 @@ class OrtCpuTarget:
         if opt.quant_format != "qdq":
             return {}
         val, specs, budget = ctx.validation, ctx.recipe.inputs, ctx.spec.max_accuracy_drop
-        table = layer_sensitivity(pre, out, val, specs) if (opt.layer_errors or opt.accuracy_control) else []
-        result: dict[str, Any] = {"layer_errors": table} if opt.layer_errors else {}
+        result: dict[str, Any] = {}
+        table: list[dict[str, Any]] = []
+        if opt.layer_errors or opt.accuracy_control:
+            try:
+                table = layer_sensitivity(pre, out, val, specs)
+            except (RuntimeError, ValueError, TypeError, KeyError) as e:  # onnxruntime's debugger, best effort
+                result["layer_errors_failed"] = f"{type(e).__name__}: {e}"
+        if opt.layer_errors:
+            result["layer_errors"] = table
         f32 = OrtSession(pre, threads=ctx.threads)
         try:
             q = OrtSession(out, threads=ctx.threads)
