@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as esc
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -34,7 +35,7 @@ def _fail(e: BaseException, debug: bool) -> None:
     if debug:
         console.print_exception()
     msg = " ".join(str(e).split())
-    err_console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {esc(msg)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -113,7 +114,7 @@ def _print_bundles(bundles) -> None:
     for b in bundles:
         console.print(f"[green]bundle[/] {b.path}" + (f" (packed: {b.archive})" if b.archive else ""))
         for note in b.manifest.get("notes", []):
-            console.print(f"  [yellow]note:[/] {note}")
+            console.print(f"  [yellow]note:[/] {esc(note)}")
     console.print(f"[green]report[/] {bundles[0].path.parent / 'report.html'}")
 
 
@@ -195,7 +196,7 @@ def verify(
     except EdgeBundleError as e:
         _fail(e, debug)
     if bad:
-        err_console.print(f"[bold red]changed:[/] {bundle}: {', '.join(bad)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]changed:[/] {esc(str(bundle))}: {esc(', '.join(bad))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {bundle}: every file matches its manifest")
 
@@ -318,7 +319,7 @@ def check(
                   "[red]REGRESSION[/]" if res.accuracy_regression else "[green]ok[/]")
         console.print(t)
         for n in res.notes:
-            console.print(f"[yellow]note:[/] {n}")
+            console.print(f"[yellow]note:[/] {esc(n)}")
     raise typer.Exit(1 if res.regression else 0)
 
 
@@ -340,10 +341,12 @@ def targets() -> None:
         t.add_column(col)
     for name in registry.names():
         e = registry.lookup(name)
-        why = e.factory().unavailable_reason(None)
+        target = e.factory()
+        why = target.unavailable_reason(None)
+        pending = getattr(target, "pending_reason", lambda _o: None)(None)
         c = e.capabilities
-        t.add_row(name, ", ".join(c.precisions), c.runtime, "yes" if c.needs_gpu else "no", c.extra or "-",
-                  "yes" if why is None else f"no: {why}")
+        here = (f"no: {why}" if why else f"partly: builds a pending bundle ({pending})" if pending else "yes")
+        t.add_row(name, ", ".join(c.precisions), c.runtime, "yes" if c.needs_gpu else "no", c.extra or "-", esc(here))
     console.print(t)
 
 

@@ -102,3 +102,11 @@ def test_ci_runs_the_readme_test_command():
     m = re.search(r"python -m pytest[^\n`]*", readme)
     assert m, "README must give the test command"
     assert m.group(0).strip() in ci
+
+
+def test_messages_with_brackets_are_printed_verbatim(tmp_path):
+    """Rich markup must not eat bracketed text such as `edgebundle[tensorrt]` or a path like `a[b].yaml`."""
+    missing = tmp_path / "recipe[x].yaml"
+    res = runner.invoke(app, ["run", str(missing)])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [f"error: recipe not found: {missing}"]

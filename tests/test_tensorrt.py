@@ -99,3 +99,11 @@ def test_engine_built_and_timed_on_the_gpu(trt_bundle):
     assert (trt_bundle.path / "model.int8.engine").is_file() and (trt_bundle.path / "timing.cache").is_file()
     assert (trt_bundle.path / "model.fp16.engine").is_file()
     assert m.latency["p50_ms"] > 0 and m.target.runtime["engine_built_for"]["gpu"]
+
+
+@pytest.mark.skipif(ENGINE_HERE, reason="tensorrt and a GPU are present: the target is fully available")
+def test_targets_command_says_tensorrt_is_only_partly_available():
+    r = runner.invoke(app, ["targets"])
+    assert r.exit_code == 0
+    line = next(l for l in r.output.splitlines() if "tensorrt" in l and "int8" in l)
+    assert "partly" in line
