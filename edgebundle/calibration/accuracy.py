@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgebundle.calibration.readers import SplitReader, iter_feeds
+from edgebundle.calibration.readers import SplitReader
 from edgebundle.pipeline.data import Split
 from edgebundle.pipeline.recipe import InputSpec
 
@@ -65,13 +65,12 @@ def _r(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 2)
 
 
-def top1_drop(fp32_session, int8_session, split: Split, specs: list[InputSpec]) -> tuple[str, float]:
-    """(metric, drop in points): top-1 accuracy on labels, or 100 * (1 - output cosine) without labels."""
+def drop_vs_reference(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> tuple[str, float]:
+    """(metric, drop in points) of `out` against the fp32 `ref` outputs: top-1 accuracy on labels, or
+    100 * (1 - output cosine) without labels."""
     from edgebundle.exporters.onnx import cosine
     from edgebundle.pipeline.training import accuracy
 
-    f = np.concatenate([fp32_session.run(x)[0] for x in iter_feeds(split, specs, 64)])
-    q = np.concatenate([int8_session.run(x)[0] for x in iter_feeds(split, specs, 64)])
-    if split.labels is not None:
-        return "top1", accuracy(f, split.labels) - accuracy(q, split.labels)
-    return "cosine", 100.0 * (1.0 - cosine(q, f))
+    if labels is not None:
+        return "top1", accuracy(ref, labels) - accuracy(out, labels)
+    return "cosine", 100.0 * (1.0 - cosine(out, ref))

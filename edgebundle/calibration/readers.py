@@ -32,6 +32,11 @@ def iter_feeds(split: Split, specs: list[InputSpec], batch: int = 1) -> Iterator
         yield {s.name: split.inputs[s.name][i:i + batch] for s in specs}
 
 
+def run_split(session, split: Split, specs: list[InputSpec], batch_hint: int = 64) -> np.ndarray:
+    """A session's first output over a whole split, in order (batches of `batch_hint` where allowed)."""
+    return np.concatenate([session.run(f)[0] for f in iter_feeds(split, specs, batch_hint)])
+
+
 class SplitReader(CalibrationDataReader):
     """onnxruntime.quantization reader over a validated split; re-iterable via `rewind()`."""
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import json
 import os
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -134,16 +136,31 @@ def write_bundle(output: Path, name: str, fill: Callable[[Path], dict[str, Any]]
         return _write_locked(output, name, fill)
 
 
+def _hash_and_gzip_size(path: Path) -> tuple[str, int, int]:
+    """sha256, size and gzip -9 size of a file in one streamed read (bounded memory for large models)."""
+    h, comp = hashlib.sha256(), zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+    nbytes = gzbytes = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            nbytes += len(chunk)
+            gzbytes += len(comp.compress(chunk))
+    return h.hexdigest(), nbytes, gzbytes + len(comp.flush())
+
+
 def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Path:
     tmp = output / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     final = output / name
     try:
         tmp.mkdir()
         manifest = fill(tmp)
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.iterdir()) if p.is_file() and p.name not in (MANIFEST, SUMS)}
-        size = {"raw_bytes": sum(f["bytes"] for f in files.values()),
-                "gzip_bytes": sum(len(gzip.compress((tmp / n).read_bytes(), 9)) for n in files)}
+        files, gz = {}, 0
+        for p in sorted(tmp.iterdir()):
+            if p.is_file() and p.name not in (MANIFEST, SUMS):
+                digest, nbytes, gzbytes = _hash_and_gzip_size(p)
+                files[p.name] = {"sha256": digest, "bytes": nbytes}
+                gz += gzbytes
+        size = {"raw_bytes": sum(f["bytes"] for f in files.values()), "gzip_bytes": gz}
         manifest = Manifest.model_validate({**manifest, "files": files, "size": size})
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             f.write(manifest.model_dump_json(indent=1))

@@ -39,22 +39,27 @@ def bundles_in(output: Path) -> list[tuple[Path, Manifest]]:
     return found
 
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _histogram(name: str, samples: list[float], p50: float) -> str:
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _pyplot().close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _histogram(name: str, samples: list[float], p50: float) -> str:
     import numpy as np
+
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(4.2, 2.6))
     lo, hi = float(np.min(samples)), float(np.percentile(samples, 99))
@@ -69,11 +74,7 @@ def _histogram(name: str, samples: list[float], p50: float) -> str:
 
 
 def _tradeoff(points: list[tuple[str, float, float]]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, lat, acc in points:
         ax.scatter([lat], [acc], s=40)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import edgebundle
+from edgebundle.calibration.readers import run_split
 from edgebundle.errors import BundleError, DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
 from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
 from edgebundle.pipeline import distributed, measure as measure_mod
@@ -407,12 +408,6 @@ def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
 
 
 # ---- build ---------------------------------------------------------------------------------------------
-
-def run_split(session, split: Split, specs, batch_hint: int = 64) -> np.ndarray:
-    from edgebundle.calibration.readers import iter_feeds
-
-    return np.concatenate([session.run(f)[0] for f in iter_feeds(split, specs, batch_hint)])
-
 
 def _measure_feeds(split: Split, recipe: Recipe, batch: int) -> dict[str, np.ndarray]:
     from edgebundle.calibration.readers import iter_feeds

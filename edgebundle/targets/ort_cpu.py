@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from edgebundle.calibration.readers import SplitReader, iter_feeds
+from edgebundle.calibration.readers import SplitReader, iter_feeds, run_split
 from edgebundle.errors import StageError
 from edgebundle.pipeline.host import cpu_flags
 from edgebundle.targets.base import BuildContext, Built
@@ -150,7 +150,7 @@ class OrtCpuTarget:
     def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,
                           reduce_range: bool, ctx: BuildContext) -> dict[str, Any]:
         """Per-layer error table always; over budget, keep the fewest most-sensitive layers in float."""
-        from edgebundle.calibration.accuracy import layer_sensitivity, top1_drop
+        from edgebundle.calibration.accuracy import drop_vs_reference, layer_sensitivity
         from edgebundle.pipeline.measure import measure
         from edgebundle.pipeline.recipe import MeasureSpec
 
@@ -168,41 +168,50 @@ class OrtCpuTarget:
             result["layer_errors"] = table
         f32 = OrtSession(pre, threads=ctx.threads)
         try:
-            q = OrtSession(out, threads=ctx.threads)
-            metric, drop = top1_drop(f32, q, val, specs)
-            q.close()
-            budget_info: dict[str, Any] = {"metric": metric, "split": "val", "max_drop": budget,
-                                           "drop_full_int8": round(drop, 4), "attempts": [], "excluded_nodes": []}
-            result["accuracy_budget"] = budget_info
-            if drop <= budget or not opt.accuracy_control:
-                budget_info["drop_reached"] = round(drop, 4)
-                return result
-            feeds = next(iter_feeds(val.head(1), specs, 1))
-            spec = MeasureSpec(iterations=50, warmup_max=200)
-            q = OrtSession(out, threads=ctx.threads)
-            full_ms = measure(lambda: q.run(feeds), spec, threads=ctx.threads).p50_ms
-            q.close()
-            ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
-            k = 1
-            while True:
-                exclude = ranked[:k]
-                self._quantize(pre, out, reader, opt, cal, reduce_range, exclude)
-                q = OrtSession(out, threads=ctx.threads)
-                _, drop = top1_drop(f32, q, val, specs)
-                q.close()
-                budget_info["attempts"].append({"excluded": len(exclude), "drop": round(drop, 4)})
-                if drop <= budget or k >= len(ranked):
-                    break
-                k = min(k + 1 if k < 8 else 2 * k, len(ranked))
-            q = OrtSession(out, threads=ctx.threads)
-            kept_ms = measure(lambda: q.run(feeds), spec, threads=ctx.threads).p50_ms
-            q.close()
-            budget_info.update(excluded_nodes=exclude, drop_reached=round(drop, 4), within_budget=drop <= budget,
-                               latency_cost={"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,
-                                             "ratio": kept_ms / full_ms})
-            return result
+            ref = run_split(f32, val, specs)  # the fp32 outputs, once for every attempt
         finally:
             f32.close()
+
+        def int8_drop() -> tuple[str, float]:
+            q = OrtSession(out, threads=ctx.threads)
+            try:
+                return drop_vs_reference(ref, run_split(q, val, specs), val.labels)
+            finally:
+                q.close()
+
+        feeds = next(iter_feeds(val.head(1), specs, 1))
+
+        def int8_p50_ms() -> float:
+            q = OrtSession(out, threads=ctx.threads)
+            try:
+                return measure(lambda: q.run(feeds), MeasureSpec(iterations=50, warmup_max=200),
+                               threads=ctx.threads).p50_ms
+            finally:
+                q.close()
+
+        metric, drop = int8_drop()
+        budget_info: dict[str, Any] = {"metric": metric, "split": "val", "max_drop": budget,
+                                       "drop_full_int8": round(drop, 4), "attempts": [], "excluded_nodes": []}
+        result["accuracy_budget"] = budget_info
+        if drop <= budget or not opt.accuracy_control:
+            budget_info["drop_reached"] = round(drop, 4)
+            return result
+        full_ms = int8_p50_ms()
+        ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
+        k = 1
+        while True:
+            exclude = ranked[:k]
+            self._quantize(pre, out, reader, opt, cal, reduce_range, exclude)
+            _, drop = int8_drop()
+            budget_info["attempts"].append({"excluded": len(exclude), "drop": round(drop, 4)})
+            if drop <= budget or k >= len(ranked):
+                break
+            k = min(k + 1 if k < 8 else 2 * k, len(ranked))
+        kept_ms = int8_p50_ms()
+        budget_info.update(excluded_nodes=exclude, drop_reached=round(drop, 4), within_budget=drop <= budget,
+                           latency_cost={"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,
+                                         "ratio": kept_ms / full_ms})
+        return result
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "OrtSession":
         return OrtSession(model_path, threads=threads, level=runtime.get("graph_optimization", "all"))

@@ -11,7 +11,6 @@ of the ARM-optimized model, not a phone figure.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +47,7 @@ class OrtMobileTarget:
         onnx_path = ctx.workdir / base.model_file
         conv = ctx.workdir / "convert"
         try:
-            convert_onnx_models_to_ort(pathlib.Path(onnx_path), output_dir=conv,
+            convert_onnx_models_to_ort(onnx_path, output_dir=conv,
                                        optimization_styles=[OptimizationStyle.Fixed],
                                        target_platform=opt.target_platform, enable_type_reduction=True)
         except Exception as e:  # the converter raises whatever onnxruntime raises
@@ -77,15 +76,13 @@ class OrtMobileTarget:
 
 def _round_trip(onnx_path: Path, ort_path: Path, ctx: BuildContext) -> float:
     """Largest output difference between the .onnx and the re-loaded .ort on the validation split."""
-    from edgebundle.calibration.readers import iter_feeds
+    from edgebundle.calibration.readers import run_split
 
+    part = ctx.validation.head(256)
     a, b = OrtSession(onnx_path, threads=ctx.threads), OrtSession(ort_path, threads=ctx.threads)
     try:
-        worst = 0.0
-        for feeds in iter_feeds(ctx.validation.head(256), ctx.recipe.inputs, 64):
-            for x, y in zip(a.run(feeds), b.run(feeds)):
-                worst = max(worst, float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max()))
-        return worst
+        x, y = run_split(a, part, ctx.recipe.inputs), run_split(b, part, ctx.recipe.inputs)
     finally:
         a.close()
         b.close()
+    return float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())

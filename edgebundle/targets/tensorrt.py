@@ -342,8 +342,9 @@ class TensorRtTarget:
 
         opt: TensorRtOptions = ctx.options
         qdq = ctx.workdir / QDQ_FILE
-        quant = quantize_for_tensorrt(ctx.fp32_onnx, qdq, ctx) if opt.precision == "int8" else {}
+        quant: dict[str, Any] = {}
         if opt.precision == "int8":
+            quant = quantize_for_tensorrt(ctx.fp32_onnx, qdq, ctx)
             problems = qdq_problems(onnx.load(str(qdq)))
             if problems:
                 raise StageError("the Q/DQ model breaks TensorRT's placement rules: " + "; ".join(problems[:5]))
