@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -152,15 +154,19 @@ def set_bn_stats_from_data(model: nn.Module, batches: int = 8, batch_size: int =
 # ---- a small BERT-like encoder ------------------------------------------------------------------------
 
 class EncoderLayer(nn.Module):
-    """Post-LN transformer layer: multi-head self-attention (written out, so export and quantization see
-    plain MatMuls), residual + LayerNorm, GELU MLP, residual + LayerNorm."""
+    """Post-LN transformer layer in BERT's layout: query/key/value projections, scaled dot-product attention
+    written out (so export, fusion and quantization see plain MatMuls), output projection, residual +
+    LayerNorm, GELU MLP, residual + LayerNorm. Attribute names follow Hugging Face's BertSelfAttention
+    (num_attention_heads, attention_head_size), so head pruning and ONNX Runtime's attention fusion treat
+    both alike."""
 
     def __init__(self, dim: int, heads: int, mlp: int) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim {dim} is not divisible by heads {heads}")
-        self.heads, self.head_dim = heads, dim // heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.num_attention_heads, self.attention_head_size = heads, dim // heads
+        self.all_head_size = dim
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
         self.ln1 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, mlp)
@@ -168,12 +174,15 @@ class EncoderLayer(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        att = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim ** -0.5, dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        x = self.ln1(x + self.proj(y))
-        return self.ln2(x + self.fc2(torch.nn.functional.gelu(self.fc1(x))))
+        b, t, _ = x.shape  # all_head_size may differ from the model width once heads are pruned
+        h, d = self.num_attention_heads, self.attention_head_size
+        q = self.query(x).reshape(b, t, h, d).transpose(1, 2)
+        k = self.key(x).reshape(b, t, h, d).permute(0, 2, 3, 1)
+        v = self.value(x).reshape(b, t, h, d).transpose(1, 2)
+        att = torch.softmax((q @ k) / math.sqrt(d), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, t, self.all_head_size)
+        x = self.ln1(self.proj(y) + x)  # sublayer first, as in BERT (the order ONNX Runtime's fusion matches)
+        return self.ln2(self.fc2(torch.nn.functional.gelu(self.fc1(x))) + x)
 
 
 class TinyEncoder(nn.Module):

@@ -1,10 +1,20 @@
 """A BERT-like encoder end to end: dynamic batch and sequence axes, int8 on every CPU target."""
 
-import numpy as np
-import pytest
+import copy
 
-from edgebundle.pipeline.recipe import load_recipe
-from edgebundle.pipeline.runner import run
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import factories
+from edgebundle.errors import RecipeError
+from edgebundle.pipeline.modelio import load_structured
+from edgebundle.pipeline.prune import prune
+from edgebundle.pipeline.recipe import PruneStage, load_recipe
+from edgebundle.pipeline.runner import prepare, run
+from edgebundle.pipeline.training import HiddenMatch
+from edgebundle.zoo import tiny_encoder
 from edgebundle.targets import registry
 
 
@@ -38,3 +48,107 @@ def test_variable_sequence_lengths_after_export(encoder_run, target):
             assert out.shape == (batch, 2) and np.isfinite(out).all()
     finally:
         sess.close()
+
+
+def test_pruned_and_distilled_encoder(encoder_run):
+    stages = {a.stage: a.metrics for a in encoder_run.prepared.lineage}
+    assert stages["prune"]["heads"] == {"layers.0": [4, 2], "layers.1": [4, 2]}
+    assert stages["prune"]["macs_ratio"] < 0.6
+    assert stages["distill"]["test_accuracy"] >= 90.0
+
+
+def _kept_heads(orig, pruned, proj):
+    """Heads of `orig` whose rows of projection `proj` (query, key or value) are still in `pruned`."""
+    hd, w0, w1 = orig.attention_head_size, getattr(orig, proj).weight, getattr(pruned, proj).weight
+    rows = [int(torch.nonzero((w0 == row).all(1))[0]) for row in w1]
+    heads = sorted({r // hd for r in rows})
+    assert rows == [h * hd + i for h in heads for i in range(hd)], "heads must be kept whole, in order"
+    return heads
+
+
+def test_head_pruning_removes_whole_heads():
+    """Pruned heads only: the pruned encoder equals the original with those heads' outputs cut off."""
+    torch.manual_seed(0)
+    orig = tiny_encoder().eval()
+    model = copy.deepcopy(orig)
+    x = torch.randint(0, 32, (3, 20))
+    rep = prune(model, PruneStage(ratio=0.0, head_ratio=0.5), (x,), train=None, names=["input_ids"])
+    assert rep.heads == {"layers.0": [4, 2], "layers.1": [4, 2]}
+    masked = copy.deepcopy(orig)
+    for o, p, m in zip(orig.layers, model.layers, masked.layers):
+        hd = o.attention_head_size
+        assert p.num_attention_heads == 2 and p.all_head_size == p.proj.in_features == 2 * hd
+        kept = _kept_heads(o, p, "query")
+        assert len(kept) == 2 and _kept_heads(o, p, "key") == kept == _kept_heads(o, p, "value")
+        with torch.no_grad():
+            for h in set(range(o.num_attention_heads)) - set(kept):
+                m.proj.weight[:, h * hd:(h + 1) * hd] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked(x), atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(model(x), orig(x), atol=1e-3)
+
+
+def test_head_and_channel_pruning_together_keeps_the_encoder_runnable():
+    torch.manual_seed(0)
+    model = tiny_encoder().eval()
+    x = torch.randint(0, 32, (2, 16))
+    rep = prune(model, PruneStage(ratio=0.25, head_ratio=0.5), (x,), train=None, names=["input_ids"])
+    assert all(after == 2 for _, after in rep.heads.values())
+    assert model.tok.embedding_dim == 48 and model.layers[0].fc1.out_features == 96
+    assert model(torch.randint(0, 32, (3, 40))).shape == (3, 2)
+
+
+def test_head_ratio_needs_attention():
+    with pytest.raises(RecipeError, match="no attention module"):
+        prune(factories.tiny_cnn().eval(), PruneStage(ratio=0.0, head_ratio=0.5), (torch.randn(1, 1, 8, 8),),
+              train=None, names=["image"])
+
+
+def test_hidden_state_distillation_brings_blocks_closer(tmp_path):
+    """Head-only pruning keeps the widths, so block outputs compare directly: the hidden-state term must
+    bring the student's encoder layers closer to the teacher's than logit distillation alone."""
+    base = load_recipe("examples/encoder.yaml")
+    distances = []
+    for weight in (0.0, 10.0):
+        st = base.stages.model_copy(update={
+            "prune": base.stages.prune.model_copy(update={"ratio": 0.0, "head_ratio": 0.5}),
+            "distill": base.stages.distill.model_copy(update={"epochs": 10, "hidden_weight": weight})})
+        prep = prepare(base.model_copy(update={"stages": st}), work=tmp_path / "work")
+        lin = {a.stage: a for a in prep.lineage}
+        student = load_structured(base.model, base.base_dir, lin["distill"].folder)
+        teacher = load_structured(base.model, base.base_dir, lin["teacher"].folder)
+        match = HiddenMatch(student, teacher, None, prep.dataset.train, ["input_ids"], torch.device("cpu"))
+        assert match.layers == ["layers.0", "layers.1"]
+        distances.append(match.distance([torch.from_numpy(prep.dataset.test.inputs["input_ids"])], student))
+        match.close()
+    assert distances[1] < 0.9 * distances[0], distances
+
+
+def test_ort_encoder_is_fused_and_dynamically_quantized(encoder_run):
+    m = next(b.manifest for b in encoder_run.bundles if b.target == "ort-cpu")
+    assert m["target"]["runtime"]["transformer_fusions"]["Attention"] == 2
+    assert m["target"]["runtime"]["transformer_fusions"]["SkipLayerNormalization"] == 4
+    assert m["quantization"]["mode"] == "dynamic" and m["quantization"]["accuracy_budget"]["within_budget"]
+    ops = {n.op_type for n in onnx.load(next(b.path for b in encoder_run.bundles if b.target == "ort-cpu")
+                                        / "model.onnx").graph.node}
+    assert {"QAttention", "MatMulInteger", "SkipLayerNormalization"} <= ops
+
+
+def test_cnn_gets_no_transformer_fusions(default_run):
+    m = next(b.manifest for b in default_run.bundles if b.target == "ort-cpu")
+    assert "transformer_fusions" not in m["target"]["runtime"]
+    assert m["quantization"]["mode"] == "static" and m["quantization"]["format"] == "QDQ"
+
+
+def test_openvino_encoder_uses_the_transformer_model_type_and_picks_smooth_quant(encoder_run):
+    q = next(b.manifest for b in encoder_run.bundles if b.target == "openvino")["quantization"]
+    assert q["model_type"] == "transformer"
+    sq = q["smooth_quant"]
+    assert sq["mode"] == "auto" and [t["alpha"] for t in sq["tried"]] == [0.95, None]
+    best = min(sq["tried"], key=lambda t: (t["metric_drop"], -t["cosine"]))
+    assert sq["chosen_alpha"] == best["alpha"]
+
+
+def test_openvino_cnn_is_not_a_transformer(default_run):
+    q = next(b.manifest for b in default_run.bundles if b.target == "openvino")["quantization"]
+    assert q["model_type"] is None and "smooth_quant" not in q

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -74,3 +74,51 @@ def drop_vs_reference(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | Non
     if labels is not None:
         return "top1", accuracy(ref, labels) - accuracy(out, labels)
     return "cosine", 100.0 * (1.0 - cosine(out, ref))
+
+
+def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None], *, split: Split,
+                     specs: list[InputSpec], budget: float, outputs: Callable[[Path], list[np.ndarray]],
+                     p50_ms: Callable[[Path], float] | None, layer_errors: bool = True,
+                     control: bool = True) -> dict[str, Any]:
+    """The per-layer error table of the Q/DQ model `out` (quantized from `pre`) and, over `budget` on
+    `split`, re-quantization by `quantize(excluded_nodes)` (which rewrites `out`) with the 1, 2, 3, ...
+    (beyond 8: doubling) most sensitive layers kept in float until the drop holds. `outputs(model)` runs a
+    model over `split`; `p50_ms(model)`, when given, prices the float layers in latency."""
+    result: dict[str, Any] = {}
+    table: list[dict[str, Any]] = []
+    if layer_errors or control:
+        try:
+            table = layer_sensitivity(pre, out, split, specs)
+        except (RuntimeError, ValueError, TypeError, KeyError) as e:  # onnxruntime's debugger, best effort
+            result["layer_errors_failed"] = f"{type(e).__name__}: {e}"
+    if layer_errors:
+        result["layer_errors"] = table
+    ref = outputs(pre)  # the fp32 outputs, once for every attempt
+
+    def int8_drop() -> tuple[str, float]:
+        return drop_vs_reference(ref, outputs(out), split.labels)
+
+    metric, drop = int8_drop()
+    info: dict[str, Any] = {"metric": metric, "split": "val", "max_drop": budget,
+                            "drop_full_int8": round(drop, 4), "attempts": [], "excluded_nodes": []}
+    result["accuracy_budget"] = info
+    if drop <= budget or not control:
+        info.update(drop_reached=round(drop, 4), within_budget=drop <= budget)
+        return result
+    full_ms = p50_ms(out) if p50_ms else None
+    ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
+    k, exclude = 1, []
+    while ranked:
+        exclude = ranked[:k]
+        quantize(exclude)
+        _, drop = int8_drop()
+        info["attempts"].append({"excluded": len(exclude), "drop": round(drop, 4)})
+        if drop <= budget or k >= len(ranked):
+            break
+        k = min(k + 1 if k < 8 else 2 * k, len(ranked))
+    info.update(excluded_nodes=exclude, drop_reached=round(drop, 4), within_budget=drop <= budget)
+    if p50_ms:
+        kept_ms = p50_ms(out)
+        info["latency_cost"] = {"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,
+                                "ratio": kept_ms / full_ms}
+    return result

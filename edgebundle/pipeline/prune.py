@@ -1,7 +1,9 @@
 """Structured channel pruning with Torch-Pruning: channels are removed, tensor shapes really shrink.
 
 Torch-Pruning traces the model's dependency graph, so coupled layers (a conv, its BatchNorm, the next
-layer's input channels, residual additions) are pruned together.
+layer's input channels, residual additions) are pruned together. Attention layers it is told about lose
+whole heads (the same heads from q, k and v); the module's head count is updated afterwards so its
+reshapes still hold.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class PruneReport:
     macs_after: int
     ignored: list[str]
     layers: dict[str, list[int]]  # module name -> [before, after] output channels/features
+    heads: dict[str, list[int]]  # attention module name -> [before, after] heads
 
     @property
     def macs_ratio(self) -> float:
@@ -73,6 +76,44 @@ def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[s
     return [name] if width == n_out else []
 
 
+@dataclass(frozen=True)
+class Attention:
+    """One multi-head attention module in a convention edgebundle knows how to keep consistent."""
+
+    name: str
+    module: nn.Module
+    projections: tuple[nn.Linear, ...]  # the fused qkv, or q, k, v
+    heads_attr: str
+
+    @property
+    def heads(self) -> int:
+        return int(getattr(self.module, self.heads_attr))
+
+    def set_heads(self, heads: int) -> None:
+        m = self.module
+        setattr(m, self.heads_attr, heads)
+        if self.heads_attr == "num_heads":  # fused qkv: out = 3 * heads * head_dim
+            m.head_dim = self.projections[0].out_features // (3 * heads)
+        else:  # separate query/key/value (Hugging Face BERT-style self-attention)
+            m.attention_head_size = self.projections[0].out_features // heads
+            m.all_head_size = self.projections[0].out_features
+
+
+def attention_modules(model: nn.Module) -> list[Attention]:
+    """Attention modules in the two common layouts: a fused `qkv` Linear with `num_heads` (this project's
+    encoder, timm ViTs), or `query`/`key`/`value` Linears with `num_attention_heads` (Hugging Face BERT)."""
+    found = []
+    for name, m in model.named_modules():
+        qkv = getattr(m, "qkv", None)
+        if isinstance(qkv, nn.Linear) and isinstance(getattr(m, "num_heads", None), int):
+            found.append(Attention(name, m, (qkv,), "num_heads"))
+            continue
+        sep = [getattr(m, a, None) for a in ("query", "key", "value")]
+        if all(isinstance(x, nn.Linear) for x in sep) and isinstance(getattr(m, "num_attention_heads", None), int):
+            found.append(Attention(name, m, tuple(sep), "num_attention_heads"))
+    return found
+
+
 def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], *,
           train: Split | None, names: list[str], batch_size: int = 64) -> PruneReport:
     """Prune `model` in place (callers pass a copy). Taylor importance uses gradients on training data."""
@@ -87,6 +128,18 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     widths0 = _widths(model)
     if cfg.importance == "taylor" and (train is None or train.labels is None):
         raise RecipeError("stages.prune.importance 'taylor' needs labelled training data")
+    attention = attention_modules(model)
+    if cfg.head_ratio > 0 and not attention:
+        raise RecipeError("stages.prune.head_ratio: the model has no attention module edgebundle recognises "
+                          "(a fused `qkv` Linear with `num_heads`, or query/key/value Linears with "
+                          "`num_attention_heads`)")
+    heads0 = {a.name: a.heads for a in attention}
+    num_heads = {p: a.heads for a in attention for p in a.projections}
+    # Torch-Pruning removes heads only inside a scope that prunes something, so with no channel pruning the
+    # attention projections get a scope of their own with a token ratio (their widths are never cut:
+    # prune_head_dims is off, heads go whole).
+    ratio_dict = ({p: max(cfg.ratio, 1e-6) for p in num_heads} if cfg.head_ratio > 0 and cfg.ratio == 0
+                  else None)
     try:
         pruner = tp.pruner.BasePruner(
             model,
@@ -97,12 +150,19 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
             global_pruning=cfg.global_pruning,
             ignored_layers=[modules[n] for n in ignored_names],
             round_to=cfg.round_to,
+            num_heads=num_heads,
+            prune_num_heads=cfg.head_ratio > 0,
+            prune_head_dims=False,
+            head_pruning_ratio=cfg.head_ratio,
+            pruning_ratio_dict=ratio_dict,
         )
         for _ in range(cfg.iterative_steps):
             if cfg.importance == "taylor":
                 _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
             pruner.step()
             model.zero_grad(set_to_none=True)
+        for a in attention:
+            a.set_heads(pruner.num_heads[a.projections[0]])
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
         raise StageError(f"Torch-Pruning could not prune this model: {type(e).__name__}: {e}") from e
     model.eval()
@@ -112,6 +172,7 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         params_before=params0, params_after=params1, macs_before=macs0, macs_after=macs1,
         ignored=ignored_names,
         layers={n: [widths0[n], widths1.get(n, 0)] for n in widths0},
+        heads={a.name: [heads0[a.name], a.heads] for a in attention},
     )
 
 

@@ -115,6 +115,8 @@ class PruneStage(Strict):
     enabled: bool = True
     importance: Literal["magnitude", "taylor", "lamp", "fpgm"] = "magnitude"
     ratio: float = Field(0.5, ge=0, lt=1, description="fraction of channels removed per prunable layer")
+    head_ratio: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of attention heads removed per attention layer (whole heads: q, k and v together)"))
     ignore: list[str] = Field(
         default_factory=list,
         description="module names (model.named_modules) left unpruned; the output layer always is",
@@ -133,6 +135,12 @@ class DistillStage(Strict):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs CE on labels")
     batch_size: int = Field(64, ge=1)
     weight_decay: float = Field(1e-4, ge=0)
+    hidden_weight: float = Field(0.0, ge=0, description=(
+        "weight of the hidden-state term: relative MSE between the student's and the teacher's block outputs "
+        "(a learned linear map bridges pruned widths); 0 turns it off. The relative MSE is small next to the "
+        "KL term (0.01-0.1 on the example encoder), so useful weights are around 10"))
+    hidden_layers: list[str] | None = Field(None, description=(
+        "module names whose outputs are matched; default: every block of the model's largest ModuleList"))
 
 
 class ClusterStage(Strict):

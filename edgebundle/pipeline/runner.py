@@ -208,7 +208,7 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
 
     # 2. prune --------------------------------------------------------------------------------------------
     student = teacher
-    if st.prune.enabled and st.prune.ratio > 0:
+    if st.prune.enabled and (st.prune.ratio > 0 or st.prune.head_ratio > 0):
         def make_pruned(folder: Path) -> dict:
             model = load(teacher)
             rep = prune(model, st.prune, example, train=dataset.train, names=names)
@@ -219,7 +219,8 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
             save_structured(model, folder)
             metrics = {"params_before": rep.params_before, "params_after": rep.params_after,
                        "macs_before": rep.macs_before, "macs_after": rep.macs_after,
-                       "macs_ratio": rep.macs_ratio, "ignored": rep.ignored, "layers": rep.layers}
+                       "macs_ratio": rep.macs_ratio, "ignored": rep.ignored, "layers": rep.layers,
+                       "heads": rep.heads}
             if dataset.test.labels is not None:
                 metrics["test_accuracy_before_finetune"] = accuracy(predict(model, dataset.test, names),
                                                                     dataset.test.labels)

@@ -1,6 +1,8 @@
 """Teacher training, knowledge distillation and evaluation (PyTorch, CPU or CUDA).
 
-Distillation loss: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels).
+Distillation loss: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels),
+plus, when `hidden_weight` > 0, that weight times the mean relative MSE between chosen blocks' outputs
+(student mapped to the teacher's width by a learned linear layer where pruning narrowed it).
 The checkpoint with the best validation accuracy is kept. Under `torchrun` (an initialised process
 group) training runs DistributedDataParallel over a DistributedSampler.
 """
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgebundle.errors import DataError
+from edgebundle.errors import DataError, RecipeError
 from edgebundle.pipeline import distributed
 from edgebundle.pipeline.data import Split
 from edgebundle.pipeline.recipe import DistillStage, TrainStage
@@ -147,13 +149,102 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
         soft = torch.from_numpy(predict(teacher, train, names)).to(device)
     t = cfg.temperature
     alpha = cfg.alpha if train.labels is not None else 1.0
+    hidden = HiddenMatch(student, teacher, cfg.hidden_layers, train, names, device) if cfg.hidden_weight else None
 
-    def loss_fn(out, _batch, y, idx):
+    def loss_fn(out, batch, y, idx):
         kl = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(soft[idx] / t, dim=1),
                       reduction="batchmean", log_target=True) * (t * t)
-        if alpha >= 1.0 or y is None:
-            return kl
-        return alpha * kl + (1 - alpha) * F.cross_entropy(out, y)
+        loss = kl if alpha >= 1.0 or y is None else alpha * kl + (1 - alpha) * F.cross_entropy(out, y)
+        if hidden is not None:
+            loss = loss + cfg.hidden_weight * hidden.loss(batch)
+        return loss
 
-    return _fit(student, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch)
+    model = student if hidden is None else _StudentWithMaps(student, hidden.maps)
+    try:
+        return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                    weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch)
+    finally:
+        if hidden is not None:
+            hidden.close()
+
+
+class _StudentWithMaps(nn.Module):
+    """Trains the width maps with the student (one optimiser, one DDP module); forward is the student's."""
+
+    def __init__(self, student: nn.Module, maps: nn.ModuleDict) -> None:
+        super().__init__()
+        self.student, self.maps = student, maps
+
+    def forward(self, *x):
+        return self.student(*x)
+
+
+def default_hidden_layers(model: nn.Module) -> list[str]:
+    """Every block of the model's largest nn.ModuleList (encoder layers, residual stages)."""
+    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return []
+    _, name = max(lists)
+    return [f"{name}.{i}" if name else str(i) for i in range(max(lists)[0])]
+
+
+def _channels_last(h: torch.Tensor) -> torch.Tensor:
+    """Feature axis last: [B, C, H, W] feature maps are moved to [B, H, W, C]; sequences already are."""
+    return h.movedim(1, -1) if h.dim() == 4 else h
+
+
+class HiddenMatch:
+    """Captures chosen modules' outputs in student and teacher (forward hooks) and scores their distance:
+    mean over layers of MSE(map(student), teacher) / mean(teacher^2)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, layers: list[str] | None, train: Split,
+                 names: list[str], device: torch.device) -> None:
+        self.layers = list(layers) if layers else default_hidden_layers(teacher)
+        if not self.layers:
+            raise RecipeError("stages.distill.hidden_weight: the model has no nn.ModuleList of blocks; "
+                              "name the modules in stages.distill.hidden_layers")
+        s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+        missing = [n for n in self.layers if n not in s_mods or n not in t_mods]
+        if missing:
+            raise RecipeError(f"stages.distill.hidden_layers: no module named {', '.join(missing)}")
+        self.teacher = teacher
+        self.s_out: dict[str, torch.Tensor] = {}
+        self.t_out: dict[str, torch.Tensor] = {}
+        self.handles = [s_mods[n].register_forward_hook(self._hook(self.s_out, n)) for n in self.layers]
+        self.handles += [t_mods[n].register_forward_hook(self._hook(self.t_out, n)) for n in self.layers]
+        with torch.no_grad():  # one sample through both to learn the widths
+            probe = [torch.from_numpy(train.inputs[n][:2]).to(device) for n in names]
+            student.to(device).eval()(*probe)
+            teacher(*probe)
+        self.maps = nn.ModuleDict()
+        for i, n in enumerate(self.layers):
+            ds, dt = self.s_out[n].shape[-1], self.t_out[n].shape[-1]
+            if self.s_out[n].shape[:-1] != self.t_out[n].shape[:-1]:
+                raise RecipeError(f"stages.distill.hidden_layers: '{n}' has shape {tuple(self.s_out[n].shape)} "
+                                  f"in the student and {tuple(self.t_out[n].shape)} in the teacher")
+            self.maps[str(i)] = nn.Identity() if ds == dt else nn.Linear(ds, dt, bias=False)
+        self.maps.to(device)
+
+    @staticmethod
+    def _hook(store: dict, name: str):
+        def hook(_module, _inputs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            store[name] = _channels_last(out)
+        return hook
+
+    def loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        """Call after the student's forward on `batch`."""
+        with torch.no_grad():
+            self.teacher(*batch)
+        terms = [F.mse_loss(self.maps[str(i)](self.s_out[n]), self.t_out[n]) / (self.t_out[n].pow(2).mean() + 1e-8)
+                 for i, n in enumerate(self.layers)]
+        return torch.stack(terms).mean()
+
+    def distance(self, batch: list[torch.Tensor], student: nn.Module) -> float:
+        with torch.no_grad():
+            student(*batch)
+            return float(self.loss(batch))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()

@@ -7,6 +7,10 @@ fast bias correction cost 1.7 points on the embedded default, full kept 0, so fu
 -> `nncf.quantize_with_accuracy_control`, which keeps the most harmful layers in
 floating point. `accuracy_control: true` goes straight to the last step. Every attempt, the drop
 reached and the layers left in higher precision are recorded in the manifest.
+
+Transformers (`model_type: auto` finds attention: ScaledDotProductAttention or a MatMul of two activations) are quantized with NNCF's
+transformer model type; SmoothQuant (NNCF's MatMul alpha, 0.95 by default) is applied where it helps:
+`smooth_quant: auto` quantizes with and without it and keeps the one closer to fp32 on the validation split.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ class OpenVinoOptions(BaseModel):
     # NNCF's default is True (faster build). Measured on the embedded default: fast bias correction lost
     # 1.67 top-1 points on the test split, full bias correction lost 0 (bench/, README). Accuracy first.
     fast_bias_correction: bool = False
-    model_type: Literal["transformer"] | None = None
+    model_type: Literal["auto", "transformer"] | None = "auto"  # auto: transformer where attention is found
+    smooth_quant: Literal["auto", "on", "off"] | float = Field(
+        "auto", description="transformers only: auto tries NNCF's SmoothQuant and none, keeps the closer; "
+                            "a number is the MatMul alpha")
     ignored_scope: IgnoredScopeSpec = IgnoredScopeSpec()
     accuracy_control: bool = False
     fallback: bool = Field(True, description="escalate when the validation drop exceeds the budget")
@@ -71,6 +78,25 @@ def _val_accuracy(ov, model, split, specs) -> float:
 
     compiled = ov.Core().compile_model(model, "CPU")
     return accuracy(np.concatenate([compiled(f)[0] for f in iter_feeds(split, specs, 64)]), split.labels)
+
+
+def attention_ops(model) -> int:
+    """Attention in an OpenVINO model: ScaledDotProductAttention ops (the ONNX frontend fuses the pattern)
+    and MatMuls whose two inputs are both activations (Q.K^T, softmax.V). CNNs and MLPs have none."""
+    def constant(v) -> bool:
+        node = v.get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return sum(1 for op in model.get_ordered_ops()
+               if op.get_type_name() == "ScaledDotProductAttention"
+               or (op.get_type_name() == "MatMul" and not any(constant(op.input_value(i)) for i in range(2))))
+
+
+def _val_outputs(ov, model, split, specs) -> np.ndarray:
+    compiled = ov.Core().compile_model(model, "CPU")
+    return np.concatenate([compiled(f)[0] for f in iter_feeds(split, specs, 64)])
 
 
 def fp_layers(model) -> list[str]:
@@ -114,10 +140,11 @@ class OpenVinoTarget:
             names = [s.name for s in ctx.recipe.inputs]
             cal_items = list(iter_feeds(ctx.calibration, ctx.recipe.inputs, 1))
             calibration = nncf.Dataset(cal_items)
+            transformer = opt.model_type == "transformer" or (opt.model_type == "auto" and attention_ops(model) > 0)
             kwargs = dict(
                 preset=nncf.QuantizationPreset(opt.preset), subset_size=min(opt.subset_size, len(cal_items)),
                 fast_bias_correction=opt.fast_bias_correction,
-                model_type=nncf.ModelType.TRANSFORMER if opt.model_type == "transformer" else None,
+                model_type=nncf.ModelType.TRANSFORMER if transformer else None,
                 ignored_scope=nncf.IgnoredScope(names=opt.ignored_scope.names, types=opt.ignored_scope.types,
                                                 patterns=opt.ignored_scope.patterns) if any(
                     opt.ignored_scope.model_dump().values()) else None,
@@ -128,7 +155,10 @@ class OpenVinoTarget:
                 notes.append("accuracy_control asked for, but the data has no labels: plain nncf.quantize used")
             budget = ctx.spec.max_accuracy_drop
             attempts: list[dict[str, Any]] = []
+            first = None  # a quantized model already made with the final kwargs (SmoothQuant choice)
             try:
+                if transformer:
+                    first, quant["smooth_quant"] = self._smooth_quant(nncf, model, calibration, kwargs, opt, ctx)
                 fp32_val = _val_accuracy(ov, model, val, ctx.recipe.inputs) if labelled else None
                 steps = ["accuracy_control"] if opt.accuracy_control and labelled else ["defaults"]
                 if opt.fallback and labelled and not opt.accuracy_control:
@@ -136,6 +166,8 @@ class OpenVinoTarget:
                 for step in steps:
                     if step == "accuracy_control":
                         quantized = self._quantize_ac(nncf, model.clone(), calibration, val, names, ctx, kwargs)
+                    elif step == "defaults" and first is not None:
+                        quantized = first
                     else:
                         fbc = kwargs["fast_bias_correction"] and step == "defaults"
                         quantized = nncf.quantize(model.clone(), calibration, **{**kwargs, "fast_bias_correction": fbc})
@@ -158,13 +190,45 @@ class OpenVinoTarget:
             quant.update({
                 "tool": "nncf.quantize_with_accuracy_control" if use_ac else "nncf.quantize",
                 "preset": opt.preset, "subset_size": kwargs["subset_size"],
-                "fast_bias_correction": kwargs["fast_bias_correction"], "model_type": opt.model_type,
+                "fast_bias_correction": kwargs["fast_bias_correction"],
+                "model_type": "transformer" if transformer else None,
                 "ignored_scope": opt.ignored_scope.model_dump(),
                 "layers_in_higher_precision": fp_layers(model),
                 "calibration": {"method": "nncf-default (min/max + bias correction)", "samples": len(cal_items)},
             })
         ov.save_model(model, str(ctx.workdir / "model.xml"), compress_to_fp16=False)
         return Built("model.xml", ("model.xml", "model.bin"), opt.precision, quant, runtime, tuple(notes))
+
+    @staticmethod
+    def _smooth_quant(nncf, model, calibration, kwargs: dict, opt: OpenVinoOptions, ctx: BuildContext):
+        """Pick SmoothQuant's MatMul alpha (or none) for a transformer; sets kwargs['advanced_parameters'].
+        Returns (the model quantized with the choice, the manifest record)."""
+        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                           AdvancedSmoothQuantParameters)
+
+        from edgebundle.calibration.accuracy import drop_vs_reference
+        from edgebundle.exporters.onnx import cosine
+
+        default_alpha = AdvancedSmoothQuantParameters().matmul
+        sq = opt.smooth_quant
+        alphas = ([default_alpha, -1.0] if sq == "auto" else [default_alpha] if sq == "on" else [-1.0] if sq == "off"
+                  else [float(sq)])
+        ov, val, specs = _ov(), ctx.validation, ctx.recipe.inputs
+        ref = _val_outputs(ov, model, val, specs) if len(alphas) > 1 else None
+        tried = []
+        for alpha in alphas:
+            kw = {**kwargs, "advanced_parameters": AdvancedQuantizationParameters(
+                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))}
+            q = nncf.quantize(model.clone(), calibration, **kw)
+            rec: dict[str, Any] = {"alpha": alpha if alpha >= 0 else None}
+            if ref is not None:
+                out = _val_outputs(ov, q, val, specs)
+                rec.update(metric_drop=round(drop_vs_reference(ref, out, val.labels)[1], 4),
+                           cosine=round(cosine(out, ref), 6))
+            tried.append((rec, q, kw["advanced_parameters"]))
+        best = min(tried, key=lambda t: (t[0].get("metric_drop", 0), -t[0].get("cosine", 1)))
+        kwargs["advanced_parameters"] = best[2]
+        return best[1], {"mode": str(sq), "chosen_alpha": best[0]["alpha"], "tried": [t[0] for t in tried]}
 
     @staticmethod
     def _quantize_ac(nncf, model, calibration, val, names, ctx, kwargs):
@@ -183,6 +247,9 @@ class OpenVinoTarget:
             return accuracy(logits, np.concatenate([y for _, y in pairs])) / 100.0
 
         validation = nncf.Dataset(items, transform_func=lambda item: item[0])
+        kwargs = dict(kwargs)
+        if "advanced_parameters" in kwargs:  # the same settings under this function's name for them
+            kwargs["advanced_quantization_parameters"] = kwargs.pop("advanced_parameters")
         return nncf.quantize_with_accuracy_control(
             model, calibration, validation, validation_fn=validate,
             max_drop=ctx.spec.max_accuracy_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE, **kwargs)

@@ -4,6 +4,12 @@ Default format, measured on an AVX-512 VNNI CPU (bench/ort_formats.py, README): 
 activations and int8 per-channel weights reaches ORT's fast u8s8 kernels (2.7x faster than s8s8 on
 ResNet-18). QOperator with int8 activations runs 10-40x slower and is refused. On x86 CPUs without
 VNNI, u8s8 can saturate, so `reduce_range: auto` turns on 7-bit weights there, as ORT's docs advise.
+
+Transformer encoders: `onnxruntime.transformers.optimizer` fuses attention, SkipLayerNormalization and
+BiasGelu first (`transformer_fusions: auto` keeps the fused graph when it fused anything), and `mode: auto`
+then quantizes them dynamically (QAttention, MatMulInteger: what ONNX Runtime advises for transformers on
+CPU, and faster here, bench/compare.py); CNNs stay static QDQ. A dynamic model over the accuracy budget
+falls back to static QDQ with accuracy control.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class OrtCpuOptions(BaseModel):
     reduce_range: bool | Literal["auto"] = "auto"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     accuracy_control: bool = True  # over max_accuracy_drop: keep the most sensitive layers in float
+    transformer_fusions: Literal["auto", "on", "off"] = "auto"  # onnxruntime.transformers.optimizer (BERT)
+    mode: Literal["auto", "static", "dynamic"] = "auto"  # auto: dynamic where attention was fused
     layer_errors: bool = True  # record the per-layer error table (8 val samples; `edgebundle explain`)
 
     @model_validator(mode="after")
@@ -99,23 +107,44 @@ class OrtCpuTarget:
         opt: OrtCpuOptions = ctx.options
         runtime = {"graph_optimization": opt.graph_optimization, "threads": ctx.threads}
         out = ctx.workdir / "model.onnx"
+        fused = ctx.workdir / "fused.onnx"
+        fusion = fuse_transformer(ctx.fp32_onnx, fused, opt.transformer_fusions)
+        if fusion:
+            runtime["transformer_fusions"] = fusion
+        src = fused if fusion else ctx.fp32_onnx
         if opt.precision == "fp32":
-            out.write_bytes(ctx.fp32_onnx.read_bytes())
+            out.write_bytes(src.read_bytes())
+            fused.unlink(missing_ok=True)
             return Built("model.onnx", ("model.onnx",), "fp32", {}, runtime)
         pre = ctx.workdir / "preprocessed.onnx"
         cal = ctx.spec.calibration
         reduce_range = _needs_reduce_range(opt)
         reader = SplitReader(ctx.calibration, ctx.recipe.inputs)
+        mode = opt.mode if opt.mode != "auto" else ("dynamic" if fusion.get("Attention") else "static")
         try:
-            quant_pre_process(str(ctx.fp32_onnx), str(pre), skip_symbolic_shape=True)
-            self._quantize(pre, out, reader, opt, cal, reduce_range, [])
-            control = self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            control: dict[str, Any] = {}
+            if mode == "dynamic":
+                control = self._dynamic(pre, out, opt, reduce_range, ctx)
+                if not control["accuracy_budget"]["within_budget"] and opt.accuracy_control:
+                    mode, fell_back = "static", control["accuracy_budget"]
+            if mode == "static":
+                self._quantize(pre, out, reader, opt, cal, reduce_range, [])
+                control = {**self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx),
+                           **({"dynamic_over_budget": fell_back} if control else {})}
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise StageError(f"onnxruntime.quantization failed: {type(e).__name__}: {e}") from e
         finally:
             pre.unlink(missing_ok=True)
+            fused.unlink(missing_ok=True)
+        if mode == "dynamic":
+            quant = {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "format": "QOperator",
+                     "activations": "uint8 (per inference)", "weights": "int8", "per_channel": opt.per_channel,
+                     "reduce_range": reduce_range, **control}
+            return Built("model.onnx", ("model.onnx",), "int8", quant, runtime)
         quant = {
             "tool": "onnxruntime.quantization.quantize_static",
+            "mode": "static",
             "format": opt.quant_format.upper(),
             "activations": opt.activations,
             "weights": opt.weights,
@@ -147,74 +176,91 @@ class OrtCpuTarget:
             extra_options=calibration_extra_options(cal, len(reader)),
         )
 
+    @staticmethod
+    def _dynamic(pre: Path, out: Path, opt: OrtCpuOptions, reduce_range: bool, ctx: BuildContext) -> dict[str, Any]:
+        """Dynamic int8 (weights int8 ahead of time, activations quantized per inference), then its drop."""
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from edgebundle.calibration.accuracy import drop_vs_reference
+
+        quantize_dynamic(str(pre), str(out), per_channel=opt.per_channel, reduce_range=reduce_range,
+                         weight_type=QuantType.QInt8)
+        ref, got = (_outputs(p, ctx) for p in (pre, out))
+        metric, drop = drop_vs_reference(ref, got, ctx.validation.labels)
+        budget = ctx.spec.max_accuracy_drop
+        return {"accuracy_budget": {"metric": metric, "split": "val", "max_drop": budget,
+                                    "drop_full_int8": round(drop, 4), "drop_reached": round(drop, 4),
+                                    "within_budget": drop <= budget, "attempts": [], "excluded_nodes": []}}
+
     def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,
                           reduce_range: bool, ctx: BuildContext) -> dict[str, Any]:
         """Per-layer error table always; over budget, keep the fewest most-sensitive layers in float."""
-        from edgebundle.calibration.accuracy import drop_vs_reference, layer_sensitivity
-        from edgebundle.pipeline.measure import measure
-        from edgebundle.pipeline.recipe import MeasureSpec
+        from edgebundle.calibration.accuracy import control_accuracy
 
         if opt.quant_format != "qdq":
             return {}
-        val, specs, budget = ctx.validation, ctx.recipe.inputs, ctx.spec.max_accuracy_drop
-        result: dict[str, Any] = {}
-        table: list[dict[str, Any]] = []
-        if opt.layer_errors or opt.accuracy_control:
-            try:
-                table = layer_sensitivity(pre, out, val, specs)
-            except (RuntimeError, ValueError, TypeError, KeyError) as e:  # onnxruntime's debugger, best effort
-                result["layer_errors_failed"] = f"{type(e).__name__}: {e}"
-        if opt.layer_errors:
-            result["layer_errors"] = table
-        f32 = OrtSession(pre, threads=ctx.threads)
-        try:
-            ref = run_split(f32, val, specs)  # the fp32 outputs, once for every attempt
-        finally:
-            f32.close()
-
-        def int8_drop() -> tuple[str, float]:
-            q = OrtSession(out, threads=ctx.threads)
-            try:
-                return drop_vs_reference(ref, run_split(q, val, specs), val.labels)
-            finally:
-                q.close()
-
-        feeds = next(iter_feeds(val.head(1), specs, 1))
-
-        def int8_p50_ms() -> float:
-            q = OrtSession(out, threads=ctx.threads)
-            try:
-                return measure(lambda: q.run(feeds), MeasureSpec(iterations=50, warmup_max=200),
-                               threads=ctx.threads).p50_ms
-            finally:
-                q.close()
-
-        metric, drop = int8_drop()
-        budget_info: dict[str, Any] = {"metric": metric, "split": "val", "max_drop": budget,
-                                       "drop_full_int8": round(drop, 4), "attempts": [], "excluded_nodes": []}
-        result["accuracy_budget"] = budget_info
-        if drop <= budget or not opt.accuracy_control:
-            budget_info["drop_reached"] = round(drop, 4)
-            return result
-        full_ms = int8_p50_ms()
-        ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
-        k = 1
-        while True:
-            exclude = ranked[:k]
-            self._quantize(pre, out, reader, opt, cal, reduce_range, exclude)
-            _, drop = int8_drop()
-            budget_info["attempts"].append({"excluded": len(exclude), "drop": round(drop, 4)})
-            if drop <= budget or k >= len(ranked):
-                break
-            k = min(k + 1 if k < 8 else 2 * k, len(ranked))
-        kept_ms = int8_p50_ms()
-        budget_info.update(excluded_nodes=exclude, drop_reached=round(drop, 4), within_budget=drop <= budget,
-                           latency_cost={"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,
-                                         "ratio": kept_ms / full_ms})
-        return result
+        return control_accuracy(
+            pre, out, lambda exclude: self._quantize(pre, out, reader, opt, cal, reduce_range, exclude),
+            split=ctx.validation, specs=ctx.recipe.inputs, budget=ctx.spec.max_accuracy_drop,
+            outputs=lambda model: _outputs(model, ctx), p50_ms=lambda model: _p50_ms(model, ctx),
+            layer_errors=opt.layer_errors, control=opt.accuracy_control)
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "OrtSession":
         return OrtSession(model_path, threads=threads, level=runtime.get("graph_optimization", "all"))
+
+
+def _outputs(model: Path, ctx: BuildContext) -> list[np.ndarray]:
+    """The model's outputs on the validation split."""
+    sess = OrtSession(model, threads=ctx.threads)
+    try:
+        return run_split(sess, ctx.validation, ctx.recipe.inputs)
+    finally:
+        sess.close()
+
+
+def _p50_ms(model: Path, ctx: BuildContext) -> float:
+    """Batch-1 median latency, the price of the layers accuracy control keeps in float."""
+    from edgebundle.pipeline.measure import measure
+    from edgebundle.pipeline.recipe import MeasureSpec
+
+    feeds = next(iter_feeds(ctx.validation.head(1), ctx.recipe.inputs, 1))
+    sess = OrtSession(model, threads=ctx.threads)
+    try:
+        return measure(lambda: sess.run(feeds), MeasureSpec(iterations=50, warmup_max=200), threads=ctx.threads).p50_ms
+    finally:
+        sess.close()
+
+
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
+             "BiasGelu", "FastGelu", "Gelu", "LayerNormalization")
+
+
+def fuse_transformer(src: Path, dst: Path, when: str) -> dict[str, int]:
+    """BERT-style fusions with onnxruntime.transformers.optimizer (python fusions only, opt_level 0, so the
+    file stays portable across execution providers). Writes `dst` and returns the fused-op counts, or {}
+    (nothing written) when fusions are off or fused nothing."""
+    if when == "off":
+        return {}
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # its modules log under their bare names (fusion_attention, ...) and warn about shapes pruning changed
+    # (q/k/v narrower than the hidden size) although the fused graph is right (the bundle is checked against fp32 on the test split)
+    logging.disable(logging.WARNING)
+    try:
+        model = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+    except Exception as e:  # the optimizer's pattern matchers raise assorted errors on unfamiliar graphs
+        if when == "on":
+            raise StageError(f"onnxruntime.transformers.optimizer failed: {type(e).__name__}: {e}") from e
+        return {}
+    finally:
+        logging.disable(logging.NOTSET)
+    stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v and k in FUSED_OPS}
+    if not stats and when == "auto":
+        return {}
+    model.save_model_to_file(str(dst))
+    return stats
 
 
 class OrtSession:

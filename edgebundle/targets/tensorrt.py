@@ -53,6 +53,8 @@ class TensorRtOptions(BaseModel):
     max_batch: int = Field(32, ge=1, description="top of the optimisation profile for a dynamic batch axis")
     throughput_batch: int = Field(32, ge=1, description="batch for the throughput figure")
     device: int = Field(0, ge=0, description="CUDA device index")
+    accuracy_control: bool = Field(True, description="over max_accuracy_drop: keep the most sensitive layers float")
+    layer_errors: bool = Field(True, description="record the per-layer error table (`edgebundle explain`)")
 
 
 def _have_tensorrt() -> bool:
@@ -80,11 +82,17 @@ def engine_pending_reason() -> str | None:
 # ---- Q/DQ model -----------------------------------------------------------------------------------------
 
 def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str, Any]:
+    """Q/DQ model for TensorRT's explicit quantization, with accuracy control: the int8 drop is measured
+    through ONNX Runtime CPU on the validation split and, over budget, the most sensitive layers stay float
+    (TensorRT then runs them in fp16/fp32)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from edgebundle.targets.ort_cpu import calibrate_method, calibration_extra_options
+    from edgebundle.calibration.accuracy import control_accuracy
+    from edgebundle.calibration.readers import run_split
+    from edgebundle.targets.ort_cpu import OrtSession, calibrate_method, calibration_extra_options
 
+    opt: TensorRtOptions = ctx.options
     cal = ctx.spec.calibration
     reader = SplitReader(ctx.calibration, ctx.recipe.inputs)
     pre = out.with_name("preprocessed.onnx")
@@ -94,29 +102,49 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
              # following Q into the layer where the next consumer is quantized)
              "OpTypesToExcludeOutputQuantization": list(WEIGHTED_OPS)}
     extra.update(calibration_extra_options(cal, len(reader)))
-    try:
-        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+
+    def quantize(exclude: list[str]) -> None:
+        reader.rewind()
+        reader.count = 0
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(WEIGHTED_OPS), calibrate_method=calibrate_method(cal.method),
-                        extra_options=extra)
+                        nodes_to_exclude=exclude, extra_options=extra)
+
+    def outputs(model: Path) -> list[np.ndarray]:
+        sess = OrtSession(model, threads=ctx.threads)
+        try:
+            return run_split(sess, ctx.validation, ctx.recipe.inputs)
+        finally:
+            sess.close()
+
+    try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize([])
+        control = control_accuracy(pre, out, quantize, split=ctx.validation, specs=ctx.recipe.inputs,
+                                   budget=ctx.spec.max_accuracy_drop, outputs=outputs, p50_ms=None,
+                                   layer_errors=opt.layer_errors, control=opt.accuracy_control)
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
         raise StageError(f"onnxruntime.quantization (TensorRT Q/DQ) failed: {type(e).__name__}: {e}") from e
     finally:
         pre.unlink(missing_ok=True)
+    if "accuracy_budget" in control and control["accuracy_budget"]["excluded_nodes"]:
+        control["accuracy_budget"]["latency_cost"] = "not measured: needs the TensorRT engine on a GPU"
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ (TensorRT explicit quantization)",
             "activations": "int8 symmetric, per tensor", "weights": "int8 symmetric, per channel",
             "op_types": list(WEIGHTED_OPS), "bias": "float (fused by TensorRT)",
-            "calibration": {"method": cal.method, "samples": reader.count}}
+            "calibration": {"method": cal.method, "samples": reader.count,
+                            **({"percentile": cal.percentile} if cal.method == "percentile" else {})},
+            "accuracy_measured_with": "ONNX Runtime CPU (the Q/DQ model)", **control}
 
 
-def qdq_problems(model) -> list[str]:
+def qdq_problems(model, float_nodes: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Where a Q/DQ ONNX model breaks TensorRT's explicit-quantization rules (empty list: none).
 
     Rules checked: every Q/DQ is int8 with zero point 0 (TensorRT is symmetric-only); activation scales
     are per tensor; weights are per channel on the output-channel axis; both the data and the weight
     input of each Conv/ConvTranspose/Gemm/MatMul with constant weights come from a DequantizeLinear;
-    biases are float.
+    biases are float. Layers named in `float_nodes` (kept in float by accuracy control) are exempt.
     """
     from onnx import numpy_helper
 
@@ -152,7 +180,7 @@ def qdq_problems(model) -> list[str]:
         if n is not None and n.op_type == "DequantizeLinear":
             problems.append(f"graph output {out.name} is quantized: the model's output loses precision")
     for n in model.graph.node:
-        if n.op_type not in WEIGHTED_OPS:
+        if n.op_type not in WEIGHTED_OPS or n.name in float_nodes:
             continue
         data, weight = producer.get(n.input[0]), producer.get(n.input[1])
         w_dq_input = weight.input[0] if weight is not None and weight.op_type == "DequantizeLinear" else None
@@ -345,7 +373,8 @@ class TensorRtTarget:
         quant: dict[str, Any] = {}
         if opt.precision == "int8":
             quant = quantize_for_tensorrt(ctx.fp32_onnx, qdq, ctx)
-            problems = qdq_problems(onnx.load(str(qdq)))
+            kept_float = set(quant.get("accuracy_budget", {}).get("excluded_nodes", []))
+            problems = qdq_problems(onnx.load(str(qdq)), kept_float)
             if problems:
                 raise StageError("the Q/DQ model breaks TensorRT's placement rules: " + "; ".join(problems[:5]))
             quant["placement_checked"] = "TensorRT explicit-quantization rules (edgebundle.targets.tensorrt.qdq_problems)"
