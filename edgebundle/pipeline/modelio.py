@@ -69,8 +69,14 @@ def source_fingerprint(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> str:
         if spec.weights is not None:
             h.update(sha256_file(_resolve(spec.weights, base_dir)).encode())
         return h.hexdigest()
-    h = hashlib.sha256(spec.model_dump_json(exclude={"weights"}).encode())
-    fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
+    h = hashlib.sha256(spec.model_dump_json(exclude={"weights", "hf"}).encode())
+    if spec.hf is not None:
+        from edgebundle import hf
+
+        h.update(hf.folder_fingerprint(_resolve(spec.hf, base_dir)).encode())
+        fn = hf.sequence_classifier
+    else:
+        fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
     try:
         src = inspect.getsourcefile(fn)
         if src:
@@ -94,13 +100,18 @@ def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> nn.Module:
         if spec.weights is not None:
             load_weights(model, _resolve(spec.weights, base_dir))
         return model.eval()
-    fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
-    try:
-        model = fn(**spec.kwargs)
-    except Exception as e:  # user factory code
-        raise RecipeError(f"model.factory {spec.factory}({spec.kwargs}) failed: {type(e).__name__}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise RecipeError(f"model.factory {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    if spec.hf is not None:
+        from edgebundle import hf
+
+        model = hf.sequence_classifier(_resolve(spec.hf, base_dir), **spec.kwargs)
+    else:
+        fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
+        try:
+            model = fn(**spec.kwargs)
+        except Exception as e:  # user factory code
+            raise RecipeError(f"model.factory {spec.factory}({spec.kwargs}) failed: {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise RecipeError(f"model.factory {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
     if spec.weights is not None:
         load_weights(model, _resolve(spec.weights, base_dir))
     return model.eval()

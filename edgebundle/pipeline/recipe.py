@@ -24,7 +24,10 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    factory: str = Field(description="'package.module:callable' or 'path/to/file.py:callable'")
+    factory: str | None = Field(None, description="'package.module:callable' or 'path/to/file.py:callable'")
+    hf: Path | None = Field(None, description=(
+        "instead of a factory: a Hugging Face transformers sequence-classification model saved in a local "
+        "folder (config.json + weights; never downloaded); needs edgebundle[hf]"))
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Path | None = Field(
         default=None, description="state dict: .safetensors, or .pt/.pth loaded with weights_only=True"
@@ -32,11 +35,19 @@ class ModelSpec(Strict):
 
     @field_validator("factory")
     @classmethod
-    def _factory_form(cls, v: str) -> str:
+    def _factory_form(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         module, sep, attr = v.rpartition(":")
         if not sep or not module or not attr:
             raise ValueError(f"must be 'module:callable' (got {v!r})")
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.factory is None) == (self.hf is None):
+            raise ValueError("give exactly one of model.factory and model.hf")
+        return self
 
 
 class EnsembleSpec(Strict):
