@@ -13,5 +13,6 @@ bench-all: bench ## every benchmark (~30 min on 2 cores)
 	$(PY) -m bench.mobile
 	$(PY) -m bench.calib_memory
 	$(PY) -m bench.ort_formats
+	$(PY) -m bench.encoder_ort
 	$(PY) -m bench.openvino_vs_nncf
 	$(PY) -m bench.gate
