@@ -1,6 +1,7 @@
 """A BERT-like encoder end to end: dynamic batch and sequence axes, int8 on every CPU target."""
 
 import copy
+import importlib.util
 
 import numpy as np
 import onnx
@@ -11,32 +12,41 @@ import factories
 from edgebundle.errors import RecipeError
 from edgebundle.pipeline.modelio import load_structured
 from edgebundle.pipeline.prune import prune
-from edgebundle.pipeline.recipe import PruneStage, load_recipe
+from edgebundle.pipeline.recipe import PruneStage, TargetSpec, load_recipe
 from edgebundle.pipeline.runner import prepare, run
 from edgebundle.pipeline.training import HiddenMatch
 from edgebundle.zoo import tiny_encoder
 from edgebundle.targets import registry
 
 
+HAVE_EXECUTORCH = importlib.util.find_spec("executorch") is not None
+CPU_TARGETS = ["ort-cpu", "openvino", "ort-mobile"] + (["executorch"] if HAVE_EXECUTORCH else [])
+
+
 @pytest.fixture(scope="module")
 def encoder_run(tmp_path_factory):
-    return run(load_recipe("examples/encoder.yaml"), output=tmp_path_factory.mktemp("enc") / "out")
+    """The example, plus the phone targets (their int8 runs on this CPU too)."""
+    recipe = load_recipe("examples/encoder.yaml")
+    extra = [TargetSpec(name=n, measure={"iterations": 20}) for n in CPU_TARGETS[2:]]
+    recipe = recipe.model_copy(update={"targets": [*recipe.targets, *extra]})
+    return run(recipe, output=tmp_path_factory.mktemp("enc") / "out")
 
 
 def test_encoder_learns_the_task(encoder_run):
     assert encoder_run.prepared.teacher.metrics["test_accuracy"] >= 90.0
 
 
-@pytest.mark.parametrize("target", ["ort-cpu", "openvino"])
+@pytest.mark.parametrize("target", CPU_TARGETS)
 def test_int8_encoder_keeps_outputs_and_accuracy(encoder_run, target):
     m = next(b.manifest for b in encoder_run.bundles if b.target == target)
     acc = m["accuracy"]
     assert acc["output_cosine_vs_fp32"] >= 0.99
     assert abs(acc["target"] - acc["fp32_onnx"]) <= 1.0
-    assert m["inputs"] == [{"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64"}]
+    if target != "executorch":  # its program is captured at the recipe's shape (batch 1, seq 32)
+        assert m["inputs"] == [{"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64"}]
 
 
-@pytest.mark.parametrize("target", ["ort-cpu", "openvino"])
+@pytest.mark.parametrize("target", ["ort-cpu", "openvino", "ort-mobile"])
 def test_variable_sequence_lengths_after_export(encoder_run, target):
     b = next(b for b in encoder_run.bundles if b.target == target)
     sess = registry.lookup(target).factory().open(b.path / b.manifest["model_file"], threads=2,
