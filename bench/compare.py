@@ -102,6 +102,7 @@ def main(only: list[str]) -> None:
     import nncf
     import openvino as ov
 
+    started = time.perf_counter()
     torch.set_num_threads(THREADS)
     rng = np.random.default_rng(0)
     peak, peak_how = peak_int8_macs_per_s()
@@ -202,8 +203,10 @@ def main(only: list[str]) -> None:
                     f"{'-' if k not in step_s else f'{step_s[k]:.1f}'} | {limit_ms:.2f} ({limit_ms / t['p50_ms']:.0%}) |")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     payload["peak_rss_mib"] = rss
+    payload["wall_seconds"] = wall = time.perf_counter() - started
     md = (f"Physical limit: MACs / ({peak_how}) = {peak / 1e9:.0f} G int8 MAC/s; the column gives that time and "
-          f"what fraction of the measured p50 it is. Peak RSS of the whole benchmark process: {rss:.0f} MiB.\n\n"
+          f"what fraction of the measured p50 it is. Peak RSS of the whole benchmark process: {rss:.0f} MiB; "
+          f"whole run {wall / 60:.1f} minutes.\n\n"
           "| model | candidate | GMAC | p50 ms | IQR ms | speedup vs PyTorch eager | vs hand path | cosine vs "
           "PyTorch | MiB | tool step s | int8 limit ms (share of p50) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
           + "\n".join(rows) + "\n")

@@ -235,8 +235,9 @@ def explain(
     q = m.quantization
     rows = q.get("layer_errors")
     if not rows:
-        err_console.print(f"[bold red]error:[/] {bundle} has no per-layer error table (target {m.target.name}, "
-                          f"precision {m.target.precision})", highlight=False, soft_wrap=True)
+        why = "; dynamic int8 has no Q/DQ pairs to compare" if q.get("mode") == "dynamic" else ""
+        err_console.print(f"[bold red]error:[/] {esc(str(bundle))} has no per-layer error table (target "
+                          f"{m.target.name}, precision {m.target.precision}{why})", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     kept = set((q.get("accuracy_budget") or {}).get("excluded_nodes") or [])
     t = Table(title=f"int8 error per layer: {m.target.name} (lower SQNR = more damage)")

@@ -85,3 +85,35 @@ def test_budget_escalation_is_recorded(ov_bundle):
     assert all(a["val_drop"] > budget["max_drop"] for a in attempts[:-1])
     if len(attempts) > 1:
         assert any("first settings dropped" in n for n in ov_bundle.manifest["notes"])
+
+
+def _activation_ranges(xml):
+    """(input_high - input_low) of every FakeQuantize on an activation (not on a Constant weight)."""
+    import openvino as ov
+
+    out = {}
+    for op in ov.Core().read_model(str(xml)).get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() == "Constant":
+            continue
+        lo, hi = (op.input_value(i).get_node().get_data() for i in (1, 2))
+        out[op.get_friendly_name()] = float(np.max(hi - lo))
+    return out
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_calibration_method_reaches_nncf(default_run, ov_bundle, tmp_path, method):
+    """The recipe's calibration method changes NNCF's activation ranges: percentile (NNCF's QUANTILE
+    statistic) clips below NNCF's min/max ranges; entropy (NNCF's HISTOGRAM search) picks other ranges."""
+    spec = TargetSpec(name="openvino", measure={"iterations": 20}, options={"fallback": False},
+                      calibration={"method": method, "percentile": 99.0})
+    b = build_target(default_run.prepared, spec, tmp_path)
+    cal = b.manifest["quantization"]["calibration"]
+    assert cal["method"] == method and ("QUANTILE" if method == "percentile" else "HISTOGRAM") in cal["nncf"]
+    mine = _activation_ranges(b.path / "model.xml")
+    ref = _activation_ranges(ov_bundle.path / "model.xml")
+    shared = set(mine) & set(ref)
+    assert shared and any(abs(mine[k] - ref[k]) > 0.02 * ref[k] for k in shared)
+    if method == "percentile":
+        assert all(mine[k] <= ref[k] * 1.0001 for k in shared)
+    acc = b.manifest["accuracy"]
+    assert acc["fp32_onnx"] - acc["target"] <= 1.0

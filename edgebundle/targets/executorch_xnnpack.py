@@ -118,8 +118,13 @@ class ExecutorchTarget:
             raise StageError(f"XNNPACK took only {info['delegated_fraction']:.0%} of the graph's nodes "
                              f"(below min_delegated_fraction {opt.min_delegated_fraction:.0%}); left to the slow "
                              f"portable kernels: {', '.join(info['non_delegated_ops']) or 'n/a'}")
+        notes = [HOST_NOTE]
+        method = ctx.spec.calibration.method
+        if opt.precision == "int8" and method != "minmax":
+            notes.append(f"calibration.method '{method}' is not offered by the XNNPACK quantizer's observers; "
+                         "min/max observers were used")
         return Built("model.pte", tuple(files), opt.precision, quant, runtime,
-                     notes=(HOST_NOTE,), fp32_file="model.fp32.pte" if "model.fp32.pte" in files else None)
+                     notes=tuple(notes), fp32_file="model.fp32.pte" if "model.fp32.pte" in files else None)
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "ExecutorchSession":
         return ExecutorchSession(model_path, runtime.get("inputs", []))

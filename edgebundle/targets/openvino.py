@@ -99,6 +99,29 @@ def _val_outputs(ov, model, split, specs) -> np.ndarray:
     return np.concatenate([compiled(f)[0] for f in iter_feeds(split, specs, 64)])
 
 
+def range_estimator(cal):
+    """The recipe's calibration method in NNCF terms: (AdvancedQuantizationParameters or None, description).
+    minmax keeps NNCF's own defaults; percentile is NNCF's QUANTILE statistic; NNCF has no KL-entropy
+    calibration, so entropy maps to its HISTOGRAM aggregator (a histogram search for the range that
+    minimises quantization error, as torch's HistogramObserver)."""
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.range_estimator import (AggregatorType, RangeEstimatorParameters,
+                                                   RangeEstimatorParametersSet, StatisticsCollectorParameters,
+                                                   StatisticsType)
+
+    if cal.method == "minmax":
+        return None, "NNCF defaults (min/max ranges) + bias correction"
+    if cal.method == "percentile":
+        q = StatisticsCollectorParameters(statistics_type=StatisticsType.QUANTILE, aggregator_type=AggregatorType.MEAN,
+                                          quantile_outlier_prob=(100.0 - cal.percentile) / 100.0)
+        est = RangeEstimatorParameters(min=q, max=q)
+        desc = f"QUANTILE statistic at {cal.percentile} % (mean over samples) + bias correction"
+    else:
+        est = RangeEstimatorParametersSet.HISTOGRAM
+        desc = "HISTOGRAM aggregator (quantization-error-minimising range; NNCF has no KL entropy) + bias correction"
+    return AdvancedQuantizationParameters(activations_range_estimator_params=est), desc
+
+
 def fp_layers(model) -> list[str]:
     """Quantizable operations (conv/matmul) whose activation input has no FakeQuantize: left in fp."""
     out = []
@@ -141,7 +164,9 @@ class OpenVinoTarget:
             cal_items = list(iter_feeds(ctx.calibration, ctx.recipe.inputs, 1))
             calibration = nncf.Dataset(cal_items)
             transformer = opt.model_type == "transformer" or (opt.model_type == "auto" and attention_ops(model) > 0)
+            estimator, cal_desc = range_estimator(ctx.spec.calibration)
             kwargs = dict(
+                advanced_parameters=estimator,
                 preset=nncf.QuantizationPreset(opt.preset), subset_size=min(opt.subset_size, len(cal_items)),
                 fast_bias_correction=opt.fast_bias_correction,
                 model_type=nncf.ModelType.TRANSFORMER if transformer else None,
@@ -194,7 +219,7 @@ class OpenVinoTarget:
                 "model_type": "transformer" if transformer else None,
                 "ignored_scope": opt.ignored_scope.model_dump(),
                 "layers_in_higher_precision": fp_layers(model),
-                "calibration": {"method": "nncf-default (min/max + bias correction)", "samples": len(cal_items)},
+                "calibration": {"method": ctx.spec.calibration.method, "nncf": cal_desc, "samples": len(cal_items)},
             })
         ov.save_model(model, str(ctx.workdir / "model.xml"), compress_to_fp16=False)
         return Built("model.xml", ("model.xml", "model.bin"), opt.precision, quant, runtime, tuple(notes))
@@ -209,6 +234,9 @@ class OpenVinoTarget:
         from edgebundle.calibration.accuracy import drop_vs_reference
         from edgebundle.exporters.onnx import cosine
 
+        import dataclasses
+
+        base = kwargs.get("advanced_parameters") or AdvancedQuantizationParameters()
         default_alpha = AdvancedSmoothQuantParameters().matmul
         sq = opt.smooth_quant
         alphas = ([default_alpha, -1.0] if sq == "auto" else [default_alpha] if sq == "on" else [-1.0] if sq == "off"
@@ -217,8 +245,8 @@ class OpenVinoTarget:
         ref = _val_outputs(ov, model, val, specs) if len(alphas) > 1 else None
         tried = []
         for alpha in alphas:
-            kw = {**kwargs, "advanced_parameters": AdvancedQuantizationParameters(
-                smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))}
+            kw = {**kwargs, "advanced_parameters": dataclasses.replace(
+                base, smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=alpha))}
             q = nncf.quantize(model.clone(), calibration, **kw)
             rec: dict[str, Any] = {"alpha": alpha if alpha >= 0 else None}
             if ref is not None:
