@@ -28,6 +28,7 @@ class PruneReport:
     macs_after: int
     ignored: list[str]
     layers: dict[str, list[int]]  # module name -> [before, after] output channels/features
+    round_to: int | None
     heads: dict[str, list[int]]  # attention module name -> [before, after] heads
 
     @property
@@ -74,6 +75,18 @@ def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[s
     name, m = last
     width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
     return [name] if width == n_out else []
+
+
+SIMD_ROUND = 8
+
+
+def resolve_round_to(cfg: PruneStage, widths: dict[str, int], ignored: list[str]) -> int | None:
+    """`round_to: auto` is 8 when every prunable layer keeps at least 8 channels after pruning (so rounding
+    down never empties a layer), else no rounding."""
+    if cfg.round_to != "auto":
+        return cfg.round_to
+    kept = [w * (1 - cfg.ratio) for n, w in widths.items() if n not in ignored]
+    return SIMD_ROUND if kept and min(kept) >= SIMD_ROUND else None
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,7 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     # prune_head_dims is off, heads go whole).
     ratio_dict = ({p: max(cfg.ratio, 1e-6) for p in num_heads} if cfg.head_ratio > 0 and cfg.ratio == 0
                   else None)
+    round_to = resolve_round_to(cfg, widths0, ignored_names)
     try:
         pruner = tp.pruner.BasePruner(
             model,
@@ -149,7 +163,7 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
             iterative_steps=cfg.iterative_steps,
             global_pruning=cfg.global_pruning,
             ignored_layers=[modules[n] for n in ignored_names],
-            round_to=cfg.round_to,
+            round_to=round_to,
             num_heads=num_heads,
             prune_num_heads=cfg.head_ratio > 0,
             prune_head_dims=False,
@@ -173,6 +187,7 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         ignored=ignored_names,
         layers={n: [widths0[n], widths1.get(n, 0)] for n in widths0},
         heads={a.name: [heads0[a.name], a.heads] for a in attention},
+        round_to=round_to,
     )
 
 

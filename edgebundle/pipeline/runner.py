@@ -220,7 +220,7 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
             metrics = {"params_before": rep.params_before, "params_after": rep.params_after,
                        "macs_before": rep.macs_before, "macs_after": rep.macs_after,
                        "macs_ratio": rep.macs_ratio, "ignored": rep.ignored, "layers": rep.layers,
-                       "heads": rep.heads}
+                       "heads": rep.heads, "round_to": rep.round_to}
             if dataset.test.labels is not None:
                 metrics["test_accuracy_before_finetune"] = accuracy(predict(model, dataset.test, names),
                                                                     dataset.test.labels)
