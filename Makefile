@@ -6,7 +6,7 @@ PY ?= python
 test:            ## the README's test command
 	$(PY) -m pytest -q
 
-bench:           ## edgebundle vs the hand paths, one process (~4 min on 2 cores)
+bench:           ## edgebundle vs the hand paths, one process (~5 min on 2 cores)
 	$(PY) -m bench.compare
 
 bench-all: bench ## every benchmark (~30 min on 2 cores)

@@ -18,7 +18,7 @@ Columns: p50 with IQR, output cosine vs PyTorch, artifact size, the wall time of
 this CPU's peak int8 multiply-accumulate rate, i.e. the fastest the arithmetic alone could run (an
 estimate: cores x int8 MACs per cycle for the ISA found x the clock in /proc/cpuinfo).
 
-    python -m bench.compare       # writes bench/results/compare.{json,md}; about 4 minutes on 2 cores
+    python -m bench.compare       # writes bench/results/compare.{json,md}; about 5 minutes on 2 cores
     python -m bench.compare bert  # only the models whose name contains "bert": compare-only.{json,md}
 """
 
