@@ -19,10 +19,14 @@ from edgebundle.errors import RecipeError
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """Hash of the folder's config and weight files (names and bytes): the model's identity for the cache."""
+def _require_config(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise RecipeError(f"model.hf: {folder} has no config.json (save the model with save_pretrained)")
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Hash of the folder's config and weight files (names and bytes): the model's identity for the cache."""
+    _require_config(folder)
     h = hashlib.sha256()
     for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
         h.update(f.name.encode())
@@ -50,8 +54,7 @@ def sequence_classifier(path: Path | str, **kwargs) -> SequenceClassifier:
     except ImportError as e:
         raise RecipeError("model.hf needs the transformers package: pip install edgebundle[hf]") from e
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise RecipeError(f"model.hf: {path} has no config.json (save the model with save_pretrained)")
+    _require_config(path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), local_files_only=True, attn_implementation="eager", **kwargs)

@@ -76,6 +76,12 @@ def drop_vs_reference(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | Non
     return "cosine", 100.0 * (1.0 - cosine(out, ref))
 
 
+def budget_record(metric: str, drop: float, budget: float) -> dict[str, Any]:
+    """The manifest's `accuracy_budget` for a model as quantized, before any layer is kept in float."""
+    return {"metric": metric, "split": "val", "max_drop": budget, "drop_full_int8": round(drop, 4),
+            "attempts": [], "excluded_nodes": [], "drop_reached": round(drop, 4), "within_budget": drop <= budget}
+
+
 def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None], *, split: Split,
                      specs: list[InputSpec], budget: float, outputs: Callable[[Path], list[np.ndarray]],
                      p50_ms: Callable[[Path], float] | None, layer_errors: bool = True,
@@ -94,16 +100,10 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     if layer_errors:
         result["layer_errors"] = table
     ref = outputs(pre)  # the fp32 outputs, once for every attempt
-
-    def int8_drop() -> tuple[str, float]:
-        return drop_vs_reference(ref, outputs(out), split.labels)
-
-    metric, drop = int8_drop()
-    info: dict[str, Any] = {"metric": metric, "split": "val", "max_drop": budget,
-                            "drop_full_int8": round(drop, 4), "attempts": [], "excluded_nodes": []}
+    metric, drop = drop_vs_reference(ref, outputs(out), split.labels)
+    info = budget_record(metric, drop, budget)
     result["accuracy_budget"] = info
     if drop <= budget or not control:
-        info.update(drop_reached=round(drop, 4), within_budget=drop <= budget)
         return result
     full_ms = p50_ms(out) if p50_ms else None
     ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
@@ -111,7 +111,7 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     while ranked:
         exclude = ranked[:k]
         quantize(exclude)
-        _, drop = int8_drop()
+        _, drop = drop_vs_reference(ref, outputs(out), split.labels)
         info["attempts"].append({"excluded": len(exclude), "drop": round(drop, 4)})
         if drop <= budget or k >= len(ranked):
             break

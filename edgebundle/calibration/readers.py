@@ -54,7 +54,9 @@ class SplitReader(CalibrationDataReader):
         return feed
 
     def rewind(self) -> None:
+        """Start over; `count` is the number of feeds served since the last rewind."""
         self._it = iter_feeds(self.split, self.specs, self.batch)
+        self.count = 0
 
     # ORT's strided calibration (`CalibStridedMinMax`) asks for the length and for sub-ranges of feeds
     def __len__(self) -> int:

@@ -137,6 +137,7 @@ class PruneStage(Strict):
     round_to: int | Literal["auto"] | None = Field("auto", description=(
         "keep channel counts multiples of this; auto: 8 where every pruned layer keeps at least 8 channels "
         "(SIMD-friendly widths: MobileNetV2 pruned 30 % ran 1.9x faster on ORT int8 with 8 than without)"))
+    taylor_batches: int = Field(4, ge=1, description="batches of training data for Taylor gradients")
 
     @field_validator("round_to")
     @classmethod
@@ -144,7 +145,6 @@ class PruneStage(Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be >= 1, 'auto' or null")
         return v
-    taylor_batches: int = Field(4, ge=1, description="batches of training data for Taylor gradients")
 
 
 class DistillStage(Strict):

@@ -184,8 +184,8 @@ def default_hidden_layers(model: nn.Module) -> list[str]:
     lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         return []
-    _, name = max(lists)
-    return [f"{name}.{i}" if name else str(i) for i in range(max(lists)[0])]
+    n, name = max(lists)
+    return [f"{name}.{i}" if name else str(i) for i in range(n)]
 
 
 def _channels_last(h: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,8 @@ fast bias correction cost 1.7 points on the embedded default, full kept 0, so fu
 floating point. `accuracy_control: true` goes straight to the last step. Every attempt, the drop
 reached and the layers left in higher precision are recorded in the manifest.
 
-Transformers (`model_type: auto` finds attention: ScaledDotProductAttention or a MatMul of two activations) are quantized with NNCF's
-transformer model type; SmoothQuant (NNCF's MatMul alpha, 0.95 by default) is applied where it helps:
+Transformers (`model_type: auto` finds attention: ScaledDotProductAttention or a MatMul of two
+activations) are quantized with NNCF's transformer model type; SmoothQuant (NNCF's MatMul alpha, 0.95 by default) is applied where it helps:
 `smooth_quant: auto` quantizes with and without it and keeps the one closer to fp32 on the validation split.
 """
 
@@ -73,11 +73,15 @@ def _device_problem(core, device: str) -> str | None:
     return f"OpenVINO device '{device}' is not available; available devices: {', '.join(available)}"
 
 
+def _val_outputs(ov, model, split, specs) -> np.ndarray:
+    compiled = ov.Core().compile_model(model, "CPU")
+    return np.concatenate([compiled(f)[0] for f in iter_feeds(split, specs, 64)])
+
+
 def _val_accuracy(ov, model, split, specs) -> float:
     from edgebundle.pipeline.training import accuracy
 
-    compiled = ov.Core().compile_model(model, "CPU")
-    return accuracy(np.concatenate([compiled(f)[0] for f in iter_feeds(split, specs, 64)]), split.labels)
+    return accuracy(_val_outputs(ov, model, split, specs), split.labels)
 
 
 def attention_ops(model) -> int:
@@ -92,11 +96,6 @@ def attention_ops(model) -> int:
     return sum(1 for op in model.get_ordered_ops()
                if op.get_type_name() == "ScaledDotProductAttention"
                or (op.get_type_name() == "MatMul" and not any(constant(op.input_value(i)) for i in range(2))))
-
-
-def _val_outputs(ov, model, split, specs) -> np.ndarray:
-    compiled = ov.Core().compile_model(model, "CPU")
-    return np.concatenate([compiled(f)[0] for f in iter_feeds(split, specs, 64)])
 
 
 def range_estimator(cal):
@@ -150,6 +149,8 @@ class OpenVinoTarget:
     def build(self, ctx: BuildContext) -> Built:
         import nncf
 
+        from edgebundle.pipeline.training import accuracy
+
         ov = _ov()
         opt: OpenVinoOptions = ctx.options
         runtime = {"device": opt.device, "performance_hint": opt.performance_hint, "threads": ctx.threads}
@@ -182,9 +183,13 @@ class OpenVinoTarget:
             attempts: list[dict[str, Any]] = []
             first = None  # a quantized model already made with the final kwargs (SmoothQuant choice)
             try:
+                # the fp32 outputs on val, once: the SmoothQuant comparison and the fp32 accuracy use them
+                fp32_out = (_val_outputs(ov, model, val, ctx.recipe.inputs)
+                            if labelled or (transformer and opt.smooth_quant == "auto") else None)
                 if transformer:
-                    first, quant["smooth_quant"] = self._smooth_quant(nncf, model, calibration, kwargs, opt, ctx)
-                fp32_val = _val_accuracy(ov, model, val, ctx.recipe.inputs) if labelled else None
+                    first, quant["smooth_quant"] = self._smooth_quant(nncf, model, calibration, kwargs, opt, ctx,
+                                                                      fp32_out)
+                fp32_val = accuracy(fp32_out, val.labels) if labelled else None
                 steps = ["accuracy_control"] if opt.accuracy_control and labelled else ["defaults"]
                 if opt.fallback and labelled and not opt.accuracy_control:
                     steps += (["full_bias_correction"] if opt.fast_bias_correction else []) + ["accuracy_control"]
@@ -225,9 +230,11 @@ class OpenVinoTarget:
         return Built("model.xml", ("model.xml", "model.bin"), opt.precision, quant, runtime, tuple(notes))
 
     @staticmethod
-    def _smooth_quant(nncf, model, calibration, kwargs: dict, opt: OpenVinoOptions, ctx: BuildContext):
+    def _smooth_quant(nncf, model, calibration, kwargs: dict, opt: OpenVinoOptions, ctx: BuildContext,
+                      ref: np.ndarray | None):
         """Pick SmoothQuant's MatMul alpha (or none) for a transformer; sets kwargs['advanced_parameters'].
-        Returns (the model quantized with the choice, the manifest record)."""
+        `ref`: the fp32 model's val outputs (needed when `smooth_quant` is auto). Returns (the model quantized
+        with the choice, the manifest record)."""
         from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
                                                            AdvancedSmoothQuantParameters)
 
@@ -242,7 +249,7 @@ class OpenVinoTarget:
         alphas = ([default_alpha, -1.0] if sq == "auto" else [default_alpha] if sq == "on" else [-1.0] if sq == "off"
                   else [float(sq)])
         ov, val, specs = _ov(), ctx.validation, ctx.recipe.inputs
-        ref = _val_outputs(ov, model, val, specs) if len(alphas) > 1 else None
+        ref = ref if len(alphas) > 1 else None
         tried = []
         for alpha in alphas:
             kw = {**kwargs, "advanced_parameters": dataclasses.replace(

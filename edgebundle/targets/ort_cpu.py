@@ -163,7 +163,6 @@ class OrtCpuTarget:
 
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         reader.rewind()
-        reader.count = 0
         quantize_static(
             str(pre), str(out), reader,
             quant_format=QuantFormat.QDQ if opt.quant_format == "qdq" else QuantFormat.QOperator,
@@ -181,16 +180,13 @@ class OrtCpuTarget:
         """Dynamic int8 (weights int8 ahead of time, activations quantized per inference), then its drop."""
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from edgebundle.calibration.accuracy import drop_vs_reference
+        from edgebundle.calibration.accuracy import budget_record, drop_vs_reference
 
         quantize_dynamic(str(pre), str(out), per_channel=opt.per_channel, reduce_range=reduce_range,
                          weight_type=QuantType.QInt8)
-        ref, got = (_outputs(p, ctx) for p in (pre, out))
+        ref, got = (val_outputs(p, ctx) for p in (pre, out))
         metric, drop = drop_vs_reference(ref, got, ctx.validation.labels)
-        budget = ctx.spec.max_accuracy_drop
-        return {"accuracy_budget": {"metric": metric, "split": "val", "max_drop": budget,
-                                    "drop_full_int8": round(drop, 4), "drop_reached": round(drop, 4),
-                                    "within_budget": drop <= budget, "attempts": [], "excluded_nodes": []}}
+        return {"accuracy_budget": budget_record(metric, drop, ctx.spec.max_accuracy_drop)}
 
     def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,
                           reduce_range: bool, ctx: BuildContext) -> dict[str, Any]:
@@ -202,14 +198,14 @@ class OrtCpuTarget:
         return control_accuracy(
             pre, out, lambda exclude: self._quantize(pre, out, reader, opt, cal, reduce_range, exclude),
             split=ctx.validation, specs=ctx.recipe.inputs, budget=ctx.spec.max_accuracy_drop,
-            outputs=lambda model: _outputs(model, ctx), p50_ms=lambda model: _p50_ms(model, ctx),
+            outputs=lambda model: val_outputs(model, ctx), p50_ms=lambda model: _p50_ms(model, ctx),
             layer_errors=opt.layer_errors, control=opt.accuracy_control)
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "OrtSession":
         return OrtSession(model_path, threads=threads, level=runtime.get("graph_optimization", "all"))
 
 
-def _outputs(model: Path, ctx: BuildContext) -> list[np.ndarray]:
+def val_outputs(model: Path, ctx: BuildContext) -> list[np.ndarray]:
     """The model's outputs on the validation split."""
     sess = OrtSession(model, threads=ctx.threads)
     try:
@@ -246,7 +242,8 @@ def fuse_transformer(src: Path, dst: Path, when: str) -> dict[str, int]:
     from onnxruntime.transformers.optimizer import optimize_model
 
     # its modules log under their bare names (fusion_attention, ...) and warn about shapes pruning changed
-    # (q/k/v narrower than the hidden size) although the fused graph is right (the bundle is checked against fp32 on the test split)
+    # (q/k/v narrower than the hidden size) although the fused graph is right (the bundle is checked
+    # against fp32 on the test split)
     logging.disable(logging.WARNING)
     try:
         model = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)

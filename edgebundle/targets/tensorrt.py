@@ -89,8 +89,7 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from edgebundle.calibration.accuracy import control_accuracy
-    from edgebundle.calibration.readers import run_split
-    from edgebundle.targets.ort_cpu import OrtSession, calibrate_method, calibration_extra_options
+    from edgebundle.targets.ort_cpu import calibrate_method, calibration_extra_options, val_outputs
 
     opt: TensorRtOptions = ctx.options
     cal = ctx.spec.calibration
@@ -105,24 +104,16 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
 
     def quantize(exclude: list[str]) -> None:
         reader.rewind()
-        reader.count = 0
         quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=list(WEIGHTED_OPS), calibrate_method=calibrate_method(cal.method),
                         nodes_to_exclude=exclude, extra_options=extra)
 
-    def outputs(model: Path) -> list[np.ndarray]:
-        sess = OrtSession(model, threads=ctx.threads)
-        try:
-            return run_split(sess, ctx.validation, ctx.recipe.inputs)
-        finally:
-            sess.close()
-
     try:
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize([])
         control = control_accuracy(pre, out, quantize, split=ctx.validation, specs=ctx.recipe.inputs,
-                                   budget=ctx.spec.max_accuracy_drop, outputs=outputs, p50_ms=None,
+                                   budget=ctx.spec.max_accuracy_drop, outputs=lambda m: val_outputs(m, ctx), p50_ms=None,
                                    layer_errors=opt.layer_errors, control=opt.accuracy_control)
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
         raise StageError(f"onnxruntime.quantization (TensorRT Q/DQ) failed: {type(e).__name__}: {e}") from e
