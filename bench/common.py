@@ -48,6 +48,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, per_round
 
 
 def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """bench/results/NAME.json (payload + date + host) and NAME.md (host line + markdown); prints the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"date": dt.date.today().isoformat(), "host": fingerprint()}
     j = RESULTS / f"{name}.json"
@@ -57,4 +58,6 @@ def write(name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path
               f"onnxruntime {host['versions'].get('onnxruntime')}; {meta['date']}.\n\n")
     m = RESULTS / f"{name}.md"
     m.write_text(header + markdown)
+    print(m.read_text())
+    print(f"wrote {j} and {m}")
     return j, m

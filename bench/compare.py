@@ -210,9 +210,7 @@ def main(only: list[str]) -> None:
           "| model | candidate | GMAC | p50 ms | IQR ms | speedup vs PyTorch eager | vs hand path | cosine vs "
           "PyTorch | MiB | tool step s | int8 limit ms (share of p50) |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
           + "\n".join(rows) + "\n")
-    j, m = write("compare-only" if only else "compare", payload, md)
-    print(m.read_text())
-    print(f"wrote {j} and {m}")
+    write("compare-only" if only else "compare", payload, md)
 
 
 if __name__ == "__main__":

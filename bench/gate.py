@@ -115,9 +115,7 @@ def main() -> None:
           f"[{r_slow.min():.3f}, {r_slow.max():.3f}] |\n"
           f"| repeatability: same model measured {args.repeats}x, largest change between consecutive runs | "
           f"<= 5 % | {np.abs(pairs).max():.1%} (largest deviation from the median {np.abs(dev).max():.1%}) |\n")
-    j, m = write("gate", payload, md)
-    print(md)
-    print(f"wrote {j} and {m}")
+    write("gate", payload, md)
 
 
 if __name__ == "__main__":

@@ -85,9 +85,7 @@ def main() -> None:
                             f"{base / t['p50_ms']:.2f}x | {cos.get(k, 1.0):.4f} | {size} | {frac} |")
     md = ("| model | runtime | p50 ms | IQR ms | speedup vs PyTorch eager | output cosine vs PyTorch | MiB | "
           "XNNPACK-delegated |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    j, m = write("mobile", payload, md)
-    print(md)
-    print(f"wrote {j} and {m}")
+    write("mobile", payload, md)
 
 
 if __name__ == "__main__":

@@ -93,9 +93,7 @@ def main() -> None:
                             f"{t['iqr_ms'][0]:.2f}–{t['iqr_ms'][1]:.2f} | {t['p50_ms'] / hand_p50:.2f}x | {c} |")
     md = ("| model | candidate | GMAC | p50 ms | IQR ms | vs nncf defaults | output cosine vs fp32 |\n"
           "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    j, m = write("openvino_vs_nncf", payload, md)
-    print(m.read_text())
-    print(f"wrote {j} and {m}")
+    write("openvino_vs_nncf", payload, md)
 
 
 if __name__ == "__main__":

@@ -81,9 +81,7 @@ def main() -> None:
                             f"{base / t['p50_ms']:.2f}x | {cos[k]:.4f} |")
     md = ("| model | ORT config (per-channel weights) | p50 ms | IQR ms | speedup vs ORT fp32 | output cosine vs fp32 |\n"
           "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    j, m = write("ort_formats", payload, md)
-    print(m.read_text())
-    print(f"wrote {j} and {m}")
+    write("ort_formats", payload, md)
 
 
 if __name__ == "__main__":
