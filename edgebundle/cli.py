@@ -39,6 +39,21 @@ def _fail(e: BaseException, debug: bool) -> None:
     raise typer.Exit(2)
 
 
+def _target_lines(bundles, debug: bool) -> int:
+    """One line per target that missed its budget or failed; the exit code (1 when any did, else 0)."""
+    from rich.traceback import Traceback
+
+    bad = [b for b in bundles if not b.ok]
+    for b in bad:
+        if debug and b.error is not None:
+            err_console.print(Traceback.from_exception(type(b.error), b.error, b.error.__traceback__))
+        label = "rejected" if b.status == "rejected" else "failed"
+        kept = f" (kept as {b.path})" if b.path is not None else ""
+        err_console.print(f"[bold red]{label}:[/] {esc(' '.join(str(b.reason).split()))}{esc(kept)}",
+                          highlight=False, soft_wrap=True)
+    return 1 if bad else 0
+
+
 class _StageProgress:
     """A rich progress bar per stage, driven by the runner's events."""
 
@@ -58,14 +73,18 @@ class _StageProgress:
 
 def _summary_table(bundles) -> Table:
     t = Table(title="edgebundle bundles", show_lines=False)
-    for col in ("target", "precision", "size", "accuracy (fp32 → target)", "p50 [95% CI]", "speedup vs PyTorch fp32"):
+    for col in ("target", "precision", "size", "accuracy (fp32 → bundle)", "p50 [95% CI]", "speedup vs PyTorch fp32"):
         t.add_column(col, justify="right" if col not in ("target", "precision") else "left")
     for b in bundles:
         m = b.manifest
+        if m is None:
+            continue
         size = sum(f["bytes"] for f in m["files"].values())
         acc = m["accuracy"]
         lat = m["latency"]
-        acc_s = "n/a" if acc["target"] is None else f"{acc['fp32_onnx']:.2f} → {acc['target']:.2f} %"
+        acc_s = _accuracy_text(acc)
+        if b.status == "rejected":
+            acc_s = f"[red]{acc_s} (rejected)[/]"
         if lat is None:  # e.g. a TensorRT bundle whose engine is pending on a GPU machine
             t.add_row(b.target, m["target"]["precision"], f"{size / 1024:.1f} KiB", acc_s,
                       f"not measured ({m['target']['status']})", "n/a")
@@ -77,15 +96,27 @@ def _summary_table(bundles) -> Table:
     return t
 
 
+def _accuracy_text(acc: dict) -> str:
+    from edgebundle.core.metrics import accuracy_text
+
+    return accuracy_text(acc["metric"], acc.get("fp32_onnx"), acc.get("target"), acc.get("judged_samples"),
+                         acc.get("details"))
+
+
 @app.command()
 def run(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omitted: the embedded default (digits CNN)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: the recipe's)"),
     target: Optional[list[str]] = typer.Option(None, "--target", "-t", help="build only these targets"),
     pack: bool = typer.Option(False, "--pack", help="also write OUT/<target>.tar.gz per bundle"),
+    keep_rejected: bool = typer.Option(False, "--keep-rejected", help="keep a bundle that missed its accuracy "
+                                       "budget as OUT/<target>.rejected (status: rejected)"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
-    """Run the whole pipeline: prepare (prune, distill, export) and build a bundle per target."""
+    """Run the whole pipeline: prepare (prune, distill, export) and build a bundle per target.
+
+    Exit 0: every target's bundle is within its accuracy budget; 1: a target missed its budget or failed
+    (one line each; the other targets' bundles are kept); 2: bad input."""
     from edgebundle.pipeline.recipe import load_recipe
     from edgebundle.pipeline.runner import run as run_pipeline
 
@@ -96,10 +127,11 @@ def run(
         r = load_recipe(recipe)
         with _progress() as progress:
             result = run_pipeline(r, output=output, targets=target or None, on_event=_StageProgress(progress),
-                                  pack=pack)
+                                  pack=pack, keep_rejected=keep_rejected)
     except EdgeBundleError as e:
         _fail(e, debug)
     _print_bundles(result.bundles)
+    raise typer.Exit(_target_lines(result.bundles, debug))
 
 
 def _progress() -> Progress:
@@ -107,15 +139,18 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
-def _print_bundles(bundles) -> None:
-    if not bundles:
-        return
-    console.print(_summary_table(bundles))
-    for b in bundles:
-        console.print(f"[green]bundle[/] {b.path}" + (f" (packed: {b.archive})" if b.archive else ""))
+def _print_bundles(bundles, output: Path | None = None) -> None:
+    shown = [b for b in bundles if b.manifest is not None]
+    if shown:
+        console.print(_summary_table(shown))
+    for b in shown:
+        if b.ok:
+            console.print(f"[green]bundle[/] {b.path}" + (f" (packed: {b.archive})" if b.archive else ""))
         for note in b.manifest.get("notes", []):
             console.print(f"  [yellow]note:[/] {esc(note)}")
-    console.print(f"[green]report[/] {bundles[0].path.parent / 'report.html'}")
+    folder = output or next((b.path.parent for b in shown), None)
+    if folder is not None and (folder / "report.html").is_file():
+        console.print(f"[green]report[/] {folder / 'report.html'}")
 
 
 @app.command()
@@ -156,9 +191,13 @@ def build(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="the prepared recipe file, when its relative "
                                           "paths must resolve in this checkout"),
     pack: bool = typer.Option(False, "--pack", help="also write OUT/<target>.tar.gz per bundle"),
+    keep_rejected: bool = typer.Option(False, "--keep-rejected", help="keep a bundle that missed its accuracy "
+                                       "budget as OUT/<target>.rejected (status: rejected)"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
 ) -> None:
-    """Build target bundles from a prepared work folder (the per-target job on that target's machine)."""
+    """Build target bundles from a prepared work folder (the per-target job on that target's machine).
+
+    Exit codes as for `run`: 1 when a target missed its budget or failed, 2 for bad input."""
     from edgebundle.pipeline.recipe import load_recipe
     from edgebundle.pipeline.runner import build as build_targets
 
@@ -166,10 +205,11 @@ def build(
         r = load_recipe(recipe) if recipe is not None else None
         with _progress() as progress:
             bundles = build_targets(work, targets=target or None, output=output, recipe=r,
-                                    on_event=_StageProgress(progress), pack=pack)
+                                    on_event=_StageProgress(progress), pack=pack, keep_rejected=keep_rejected)
     except EdgeBundleError as e:
         _fail(e, debug)
     _print_bundles(bundles)
+    raise typer.Exit(_target_lines(bundles, debug))
 
 
 @app.command()
@@ -177,26 +217,36 @@ def verify(
     bundle: Path = typer.Argument(..., help="bundle folder or packed bundle (.tar.gz)"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """Recompute every file's sha256 against the manifest and SHA256SUMS. Exit 0 = intact, 1 = changed."""
+    """Recompute every file's sha256 against the manifest and SHA256SUMS. Exit 0 = intact, 1 = changed or a
+    rejected bundle (intact, but it missed its accuracy budget: not for shipping)."""
     import tempfile
 
-    from edgebundle.pipeline.bundle import unpack, verify_files
+    from edgebundle.pipeline.bundle import read_manifest, unpack, verify_files
 
+    rejection = None
     try:
         if not bundle.exists():
             raise BundleError(f"not found: {bundle}")
         if bundle.is_file():
             with tempfile.TemporaryDirectory() as td:
-                unpack(bundle, Path(td))  # refuses unsafe members, verifies, raises naming the files
+                folder = unpack(bundle, Path(td))  # refuses unsafe members, verifies, raises naming the files
+                m = read_manifest(folder)
             bad = []
         else:
             bad = verify_files(bundle)
+            m = None if bad else read_manifest(bundle)
+        if m is not None and m.target.status == "rejected":
+            rejection = m.target.rejection or "missed its accuracy budget"
     except IntegrityError as e:
         bad = e.files
     except EdgeBundleError as e:
         _fail(e, debug)
     if bad:
         err_console.print(f"[bold red]changed:[/] {esc(str(bundle))}: {esc(', '.join(bad))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if rejection:
+        err_console.print(f"[bold red]rejected:[/] {esc(str(bundle))}: intact, but rejected: {esc(rejection)}",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {bundle}: every file matches its manifest")
 

@@ -80,3 +80,15 @@ def rgb_only() -> nn.Module:
 
 def not_a_module():
     return "not a model"
+
+
+class TwoOutputs(DigitsCNN):
+    """The digits CNN returning (logits, features): a model with two outputs."""
+
+    def forward(self, x):
+        f = torch.flatten(self.features(x), 1)
+        return self.classifier(f), f
+
+
+def two_outputs() -> nn.Module:
+    return TwoOutputs(width=32)

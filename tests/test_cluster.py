@@ -18,7 +18,7 @@ def clustered(default_run):
 
 
 def _bundles(prepared, out, **options):
-    spec = TargetSpec(name="ort-cpu", options=options, measure={"iterations": 30})
+    spec = TargetSpec(name="ort-cpu", options={"precision": "int8", **options}, measure={"iterations": 30})
     return build_target(prepared, spec, out).manifest
 
 

@@ -62,7 +62,7 @@ def test_manifest_records_lineage_io_and_quantization(default_run):
     q = m["quantization"]
     assert q["format"] == "QDQ" and q["activations"] == "uint8" and q["weights"] == "int8" and q["per_channel"]
     assert q["calibration"] == {"method": "minmax", "samples": 128}
-    assert m["schema_version"] == 1 and m["recipe"]["name"] == "digits-cnn"
+    assert m["schema_version"] == 2 and m["recipe"]["name"] == "digits-cnn"
 
 
 def test_unchanged_recipe_does_no_work(default_run, tmp_path):

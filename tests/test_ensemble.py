@@ -13,7 +13,7 @@ def ensemble_run(tmp_path_factory):
     r = r.model_copy(update={
         "model": r.model.model_copy(update={"members": r.model.members[:2]}),
         "stages": r.stages.model_copy(update={"train": r.stages.train.model_copy(update={"epochs": 8})}),
-        "targets": [TargetSpec(name="ort-cpu", measure={"iterations": 30})]})
+        "targets": [TargetSpec(name="ort-cpu", measure={"iterations": 30}, options={"precision": "int8"})]})
     return run(r, output=tmp_path_factory.mktemp("ens") / "out")
 
 

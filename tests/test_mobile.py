@@ -17,13 +17,13 @@ from edgebundle.targets.executorch_xnnpack import ExecutorchOptions, ExecutorchS
 
 @pytest.fixture(scope="module")
 def et_bundle(prepared, tmp_path_factory):
-    return build_target(prepared, TargetSpec(name="executorch", measure={"iterations": 50}),
+    return build_target(prepared, TargetSpec(name="executorch", measure={"iterations": 50}, options={"precision": "int8"}),
                         tmp_path_factory.mktemp("et"))
 
 
 @pytest.fixture(scope="module")
 def ort_mobile_bundle(prepared, tmp_path_factory):
-    return build_target(prepared, TargetSpec(name="ort-mobile", measure={"iterations": 50}),
+    return build_target(prepared, TargetSpec(name="ort-mobile", measure={"iterations": 50}, options={"precision": "int8"}),
                         tmp_path_factory.mktemp("ortm"))
 
 

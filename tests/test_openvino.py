@@ -67,7 +67,7 @@ def test_unknown_device_lists_available(default_run, tmp_path):
 
 def test_accuracy_control_records_drop_and_fp_layers(default_run, tmp_path):
     spec = TargetSpec(name="openvino", max_accuracy_drop=0.5, measure={"iterations": 20},
-                      options={"accuracy_control": True, "subset_size": 64})
+                      options={"accuracy_control": True, "subset_size": 64, "precision": "int8"})
     b = build_target(default_run.prepared, spec, tmp_path)
     q = b.manifest["quantization"]
     assert q["tool"] == "nncf.quantize_with_accuracy_control"
@@ -104,7 +104,7 @@ def _activation_ranges(xml):
 def test_calibration_method_reaches_nncf(default_run, ov_bundle, tmp_path, method):
     """The recipe's calibration method changes NNCF's activation ranges: percentile (NNCF's QUANTILE
     statistic) clips below NNCF's min/max ranges; entropy (NNCF's HISTOGRAM search) picks other ranges."""
-    spec = TargetSpec(name="openvino", measure={"iterations": 20}, options={"fallback": False},
+    spec = TargetSpec(name="openvino", measure={"iterations": 20}, options={"fallback": False, "precision": "int8"},
                       calibration={"method": method, "percentile": 99.0})
     b = build_target(default_run.prepared, spec, tmp_path)
     cal = b.manifest["quantization"]["calibration"]

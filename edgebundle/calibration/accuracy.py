@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgebundle.calibration.readers import SplitReader
+from edgebundle.core.metrics import Contract, Verdict
 from edgebundle.pipeline.data import Split
 from edgebundle.pipeline.recipe import InputSpec
 
@@ -65,31 +66,28 @@ def _r(x: float | None) -> float | None:
     return None if x is None or not np.isfinite(x) else round(float(x), 2)
 
 
-def drop_vs_reference(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None) -> tuple[str, float]:
-    """(metric, drop in points) of `out` against the fp32 `ref` outputs: top-1 accuracy on labels, or
-    100 * (1 - output cosine) without labels."""
-    from edgebundle.exporters.onnx import cosine
-    from edgebundle.pipeline.training import accuracy
+def budget_record(v: Verdict) -> dict[str, Any]:
+    """The manifest's `accuracy_budget` for a model as quantized, before any layer is kept in float.
+    `drop_*` is the verdict's loss: points below fp32 (top1, agreement, functions), 1 - min cosine,
+    minus the SNR in dB, or the MSE."""
+    return {"metric": v.metric, "split": "val", "budget": v.budget,
+            "max_drop": v.max_drop, "value_full_int8": _r6(v.value),
+            "drop_full_int8": _r6(v.loss), "attempts": [], "excluded_nodes": [], "value_reached": _r6(v.value),
+            "drop_reached": _r6(v.loss), "within_budget": v.within, "judged_samples": v.samples}
 
-    if labels is not None:
-        return "top1", accuracy(ref, labels) - accuracy(out, labels)
-    return "cosine", 100.0 * (1.0 - cosine(out, ref))
 
-
-def budget_record(metric: str, drop: float, budget: float) -> dict[str, Any]:
-    """The manifest's `accuracy_budget` for a model as quantized, before any layer is kept in float."""
-    return {"metric": metric, "split": "val", "max_drop": budget, "drop_full_int8": round(drop, 4),
-            "attempts": [], "excluded_nodes": [], "drop_reached": round(drop, 4), "within_budget": drop <= budget}
+def _r6(x: float) -> float:
+    return round(float(x), 6) if np.isfinite(x) else float(x)
 
 
 def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None], *, split: Split,
-                     specs: list[InputSpec], budget: float, outputs: Callable[[Path], list[np.ndarray]],
+                     specs: list[InputSpec], contract: Contract, outputs: Callable[[Path], np.ndarray],
                      p50_ms: Callable[[Path], float] | None, layer_errors: bool = True,
                      control: bool = True) -> dict[str, Any]:
-    """The per-layer error table of the Q/DQ model `out` (quantized from `pre`) and, over `budget` on
-    `split`, re-quantization by `quantize(excluded_nodes)` (which rewrites `out`) with the 1, 2, 3, ...
-    (beyond 8: doubling) most sensitive layers kept in float until the drop holds. `outputs(model)` runs a
-    model over `split`; `p50_ms(model)`, when given, prices the float layers in latency."""
+    """The per-layer error table of the Q/DQ model `out` (quantized from `pre`) and, over the contract's
+    budget on `split`, re-quantization by `quantize(excluded_nodes)` (which rewrites `out`) with the 1, 2,
+    3, ... (beyond 8: doubling) most sensitive layers kept in float until the budget holds. `outputs(model)`
+    runs a model over `split` (the judged output); `p50_ms(model)`, when given, prices the float layers."""
     result: dict[str, Any] = {}
     table: list[dict[str, Any]] = []
     if layer_errors or control:
@@ -100,10 +98,10 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     if layer_errors:
         result["layer_errors"] = table
     ref = outputs(pre)  # the fp32 outputs, once for every attempt
-    metric, drop = drop_vs_reference(ref, outputs(out), split.labels)
-    info = budget_record(metric, drop, budget)
+    v = contract.judge(ref, outputs(out), split.labels)
+    info = budget_record(v)
     result["accuracy_budget"] = info
-    if drop <= budget or not control:
+    if v.within or not control:
         return result
     full_ms = p50_ms(out) if p50_ms else None
     ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
@@ -111,12 +109,12 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     while ranked:
         exclude = ranked[:k]
         quantize(exclude)
-        _, drop = drop_vs_reference(ref, outputs(out), split.labels)
-        info["attempts"].append({"excluded": len(exclude), "drop": round(drop, 4)})
-        if drop <= budget or k >= len(ranked):
+        v = contract.judge(ref, outputs(out), split.labels)
+        info["attempts"].append({"excluded": len(exclude), "drop": _r6(v.loss), "value": _r6(v.value)})
+        if v.within or k >= len(ranked):
             break
         k = min(k + 1 if k < 8 else 2 * k, len(ranked))
-    info.update(excluded_nodes=exclude, drop_reached=round(drop, 4), within_budget=drop <= budget)
+    info.update(excluded_nodes=exclude, drop_reached=_r6(v.loss), value_reached=_r6(v.value), within_budget=v.within)
     if p50_ms:
         kept_ms = p50_ms(out)
         info["latency_cost"] = {"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,

@@ -32,9 +32,15 @@ def iter_feeds(split: Split, specs: list[InputSpec], batch: int = 1) -> Iterator
         yield {s.name: split.inputs[s.name][i:i + batch] for s in specs}
 
 
-def run_split(session, split: Split, specs: list[InputSpec], batch_hint: int = 64) -> np.ndarray:
-    """A session's first output over a whole split, in order (batches of `batch_hint` where allowed)."""
-    return np.concatenate([session.run(f)[0] for f in iter_feeds(split, specs, batch_hint)])
+def run_outputs(session, split: Split, specs: list[InputSpec], batch_hint: int = 64) -> list[np.ndarray]:
+    """Every output of a session over a whole split, in order (batches of `batch_hint` where allowed)."""
+    parts = [session.run(f) for f in iter_feeds(split, specs, batch_hint)]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def run_split(session, split: Split, specs: list[InputSpec], batch_hint: int = 64, output: int = 0) -> np.ndarray:
+    """One output of a session (the first by default) over a whole split, in order."""
+    return np.concatenate([session.run(f)[output] for f in iter_feeds(split, specs, batch_hint)])
 
 
 class SplitReader(CalibrationDataReader):

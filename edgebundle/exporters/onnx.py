@@ -60,6 +60,46 @@ def _dynamic_shapes(specs: list[InputSpec]):
     return tuple(shapes)
 
 
+def _placeholder(i: int) -> str:
+    return f"edgebundle_output_{i}"
+
+
+def name_outputs(path: Path, outputs: list[str]) -> None:
+    """Give the graph outputs the recipe's names. The exporter names values after the ops that make them
+    (`embedding`, `linear`, ...), so a user's output name can already be taken by an inner value: that
+    value is renamed first (to `<name>__inner`), keeping the graph in single static assignment form."""
+    model = onnx.load(str(path))
+    g = model.graph
+    if len(g.output) != len(outputs):
+        raise StageError(f"the model returns {len(g.output)} output(s); the recipe names {len(outputs)}: "
+                         f"{', '.join(outputs)}")
+    taken = ({i.name for i in g.input} | {i.name for i in g.initializer} | {v.name for v in g.value_info}
+             | {o for n in g.node for o in n.output})
+
+    def rename(old: str, new: str) -> None:
+        for n in g.node:
+            n.input[:] = [new if x == old else x for x in n.input]
+            n.output[:] = [new if x == old else x for x in n.output]
+        for coll in (g.input, g.output, g.value_info, g.initializer):
+            for v in coll:
+                if v.name == old:
+                    v.name = new
+
+    for i, want in enumerate(outputs):
+        have = g.output[i].name
+        if have == want:
+            continue
+        if want in taken:
+            inner = want + "__inner"
+            while inner in taken:
+                inner += "_"
+            rename(want, inner)
+            taken.add(inner)
+        rename(have, want)
+        taken.add(want)
+    onnx.save(model, str(path))
+
+
 def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: ExportStage, out: Path) -> None:
     from edgebundle.pipeline.modelio import example_inputs
 
@@ -70,11 +110,13 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, args, input_names=[s.name for s in specs], output_names=outputs,
+                model, args, input_names=[s.name for s in specs], output_names=[_placeholder(i) for i in
+                                                                                range(len(outputs))],
                 opset_version=cfg.opset, dynamo=True, dynamic_shapes=_dynamic_shapes(specs),
                 external_data=False, verbose=False, optimize=True,
             )
         program.save(str(out))
+        name_outputs(out, outputs)
     except Exception as e:  # the exporter raises many types (torch._dynamo, onnxscript, export errors)
         root = _root_cause(e)
         msg = " ".join(_ANSI.sub("", str(root)).split())

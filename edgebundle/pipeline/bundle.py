@@ -24,7 +24,7 @@ from edgebundle.errors import BundleError, IntegrityError
 from edgebundle.pipeline.cache import sha256_file
 from edgebundle.pipeline.lock import target_lock
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the accuracy contract (metric, budget, judged samples), status rejected
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` format, covering every file including the manifest
 
@@ -45,16 +45,20 @@ class TensorInfo(_M):
 
 
 class Accuracy(_M):
-    metric: str
+    metric: str  # top1 | agreement | cosine | snr | mse | module:fn (schema 1: top1 | none)
+    output: str | None = None  # the output judged
     split: str
     samples: int
+    judged_samples: int | None = None  # agreement: the inputs where fp32 is confident
+    budget: str | None = None  # the rule, in words
     teacher_pytorch: float | None
     student_pytorch: float | None
-    fp32_onnx: float | None
-    target: float | None
+    fp32_onnx: float | None  # the fp32 model's value on the metric (top1: its accuracy; agreement: 100)
+    target: float | None  # the bundle's value on the metric
     drop_vs_fp32: float | None
-    max_drop: float
+    max_drop: float | None
     within_budget: bool | None
+    details: dict[str, Any] = Field(default_factory=dict)
     output_cosine_vs_fp32: float | None  # None when an output is not finite (e.g. -inf log-probabilities)
 
 
@@ -64,7 +68,8 @@ class TargetInfo(_M):
     runtime: dict[str, Any]
     capabilities: dict[str, Any]
     exercised: bool = True  # False where the runtime's build/timing did not run on this host
-    status: str = "complete"
+    status: str = "complete"  # complete | pending (built elsewhere) | rejected (missed its accuracy budget)
+    rejection: str | None = None  # rejected: the one line saying what missed and what was tried
 
 
 class Manifest(_M):
@@ -118,11 +123,14 @@ def check_output_folder(output: Path) -> None:
         raise BundleError(f"output folder {output} is not writable")
 
 
-def write_bundle(output: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Path:
+def write_bundle(output: Path, name: str, fill: Callable[[Path], dict[str, Any]], *,
+                 rejected_name: str | None = None) -> Path | None:
     """`fill(tmp)` writes the bundle's files and returns the manifest dict (without `files`).
 
     Every file's sha256 and size go into the manifest, which is validated against the schema before the
     folder is renamed to `output/name`. An existing bundle there is replaced only once the new one is whole.
+    A manifest with status 'rejected' never goes to `output/name`: it goes to `output/rejected_name` when
+    that is given, else it is discarded (returns None).
     """
     check_output_folder(output)
     try:
@@ -133,7 +141,7 @@ def write_bundle(output: Path, name: str, fill: Callable[[Path], dict[str, Any]]
         # holding the lock, leftovers of an interrupted writer of this bundle are safe to remove
         for stale in [*output.glob(f".{name}.tmp-*"), *output.glob(f".{name}.old-*")]:
             shutil.rmtree(stale, ignore_errors=True)
-        return _write_locked(output, name, fill)
+        return _write_locked(output, name, fill, rejected_name)
 
 
 def _hash_and_gzip_size(path: Path) -> tuple[str, int, int]:
@@ -148,12 +156,18 @@ def _hash_and_gzip_size(path: Path) -> tuple[str, int, int]:
     return h.hexdigest(), nbytes, gzbytes + len(comp.flush())
 
 
-def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]]) -> Path:
+def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]],
+                  rejected_name: str | None = None) -> Path | None:
     tmp = output / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     final = output / name
     try:
         tmp.mkdir()
         manifest = fill(tmp)
+        if (manifest.get("target") or {}).get("status") == "rejected":
+            if rejected_name is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+            final = output / rejected_name
         files, gz = {}, 0
         for p in sorted(tmp.iterdir()):
             if p.is_file() and p.name not in (MANIFEST, SUMS):

@@ -154,6 +154,9 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         raise BundleError(f"candidate is a '{cm.target.name}' bundle, baseline a '{bm.target.name}' bundle: "
                           "compare bundles of the same target")
     for side, m in (("candidate", cm), ("baseline", bm)):
+        if m.target.status == "rejected":
+            why = m.target.rejection or "over its accuracy budget"
+            raise BundleError(f"{side} {m.target.name} bundle is rejected ({why}): a rejected bundle is not compared")
         if m.target.status != "complete" or not m.target.exercised:
             raise BundleError(f"{side} {m.target.name} bundle is {m.target.status}: it has no latency measured on "
                               "its runtime to compare (finish it with `edgebundle build` on its machine)")
@@ -208,13 +211,32 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
 
     latency_reg = is_latency_regression(ratio, ci, tolerance)
     ca, ba = cm.accuracy.target, bm.accuracy.target
-    acc_reg = ca is not None and ba is not None and ca < ba - accuracy_tolerance
+    if cm.accuracy.metric != bm.accuracy.metric:
+        notes.append(f"accuracy not compared: the candidate is judged by {cm.accuracy.metric}, the baseline by "
+                     f"{bm.accuracy.metric}")
+        ca = ba = None
+    acc_reg = ca is not None and ba is not None and accuracy_worse_by(cm.accuracy.metric, ca, ba, cm.accuracy.details
+                                                                      ) > accuracy_tolerance
     return CheckResult(
         regression=latency_reg or acc_reg, latency_regression=latency_reg, accuracy_regression=acc_reg,
         mode=mode, ratio=ratio, ratio_ci95=ci, tolerance=tolerance, candidate_p50_ms=a50, baseline_p50_ms=b50,
         rounds=n, candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance,
         target=cm.target.name, different_host=different, notes=notes,
     )
+
+
+def accuracy_worse_by(metric: str, candidate: float, baseline: float, details: dict | None = None) -> float:
+    """How much worse the candidate is than the baseline, in points of the metric: percentage points for top1
+    and agreement, hundredths for cosine (0.01 = 1 point), dB for snr, the function's units otherwise; for
+    mse, the relative increase in percent."""
+    if metric == "cosine":
+        return (baseline - candidate) * 100.0
+    if metric == "mse":
+        return (candidate - baseline) / baseline * 100.0 if baseline > 0 else (100.0 if candidate > 0 else 0.0)
+    higher = True
+    if metric not in ("top1", "agreement", "snr"):
+        higher = bool((details or {}).get("higher_is_better", True))
+    return (baseline - candidate) if higher else (candidate - baseline)
 
 
 def junit_xml(res: CheckResult) -> str:

@@ -136,12 +136,17 @@ def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], 
     return inputs, (np.concatenate(labels).astype(np.int64) if labels else None)
 
 
-def _function(ref: str, specs: list[InputSpec], base_dir: Path) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | None = None
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     fn = import_object(ref, base_dir=base_dir, what="data.function")
     names = [s.name for s in specs]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     labels: list[np.ndarray] = []
-    for batch in fn():
+    try:
+        batches = fn(**(kwargs or {}))
+    except TypeError as e:
+        raise DataError(f"data.function {ref} cannot be called with {kwargs or 'no arguments'}: {e}") from e
+    for batch in batches:
         if isinstance(batch, dict):
             for n in names:
                 if n not in batch:
@@ -171,7 +176,7 @@ def load_dataset(recipe: Recipe) -> Dataset:
     elif spec.kind == "folder":
         inputs, labels = _folder(recipe.resolve(spec.path), recipe.inputs)
     else:
-        inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir)
+        inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir, spec.kwargs)
     inputs = check_inputs(inputs, recipe.inputs, what=f"data ({spec.kind})")
     n = len(next(iter(inputs.values())))
     if labels is not None and len(labels) != n:

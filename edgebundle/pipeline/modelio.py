@@ -147,8 +147,9 @@ def example_inputs(specs: list[InputSpec], batch: int | None = None) -> tuple[to
     return tuple(out)
 
 
-def check_accepts(model: nn.Module, specs: list[InputSpec]) -> torch.Tensor:
-    """Run the model once on zeros of the input spec; a rejection is the recipe's error."""
+def check_accepts(model: nn.Module, specs: list[InputSpec], outputs: int = 1) -> tuple[torch.Tensor, ...]:
+    """Run the model once on zeros of the input spec; a rejection is the recipe's error. Returns the
+    outputs (one tensor, or a tuple/list of `outputs` tensors)."""
     try:
         with torch.no_grad():
             out = model(*example_inputs(specs))
@@ -156,9 +157,12 @@ def check_accepts(model: nn.Module, specs: list[InputSpec]) -> torch.Tensor:
         shapes = ", ".join(f"'{s.name}' {s.shape} {s.dtype}" for s in specs)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RecipeError(f"the model rejects input {shapes}: {type(e).__name__}: {first}") from e
-    if not isinstance(out, torch.Tensor):
-        raise RecipeError(f"the model must return one tensor (logits); it returned {type(out).__name__}")
-    return out
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out) if isinstance(out, (tuple, list)) else None
+    if outs is None or not all(isinstance(o, torch.Tensor) for o in outs):
+        raise RecipeError(f"the model must return a tensor or a tuple of tensors; it returned {type(out).__name__}")
+    if len(outs) != outputs:
+        raise RecipeError(f"the model returns {len(outs)} tensor(s) but the recipe names {outputs} output(s)")
+    return outs
 
 
 def save_structured(model: nn.Module, folder: Path) -> list[str]:

@@ -42,6 +42,30 @@ def count(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, int
     return int(macs), int(params)
 
 
+def failing_layer(model: nn.Module, example: tuple[torch.Tensor, ...]) -> str | None:
+    """None when the model runs on `example`; else which layer raised and what: forward hooks note the
+    innermost module whose forward began and did not return."""
+    started: list[str] = []
+    handles = []
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_pre_hook(lambda _m, _i, n=name: started.append(n)))
+            handles.append(mod.register_forward_hook(lambda _m, _i, _o, n=name: started.remove(n)
+                                                     if n in started else None))
+    try:
+        with torch.no_grad():
+            model(*example)
+        return None
+    except Exception as e:  # whatever a layer with mismatched shapes raises
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        where = f"layer '{started[-1]}' ({type(dict(model.named_modules())[started[-1]]).__name__})" if started \
+            else "the model's own forward"
+        return f"{where} raised {type(e).__name__}: {first}"
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _importance(name: str) -> tp.importance.Importance:
     if name == "magnitude":
         return tp.importance.MagnitudeImportance(p=2)
@@ -180,6 +204,10 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
         raise StageError(f"Torch-Pruning could not prune this model: {type(e).__name__}: {e}") from e
     model.eval()
+    failed = failing_layer(model, example)
+    if failed:
+        raise StageError(f"the model pruned by Torch-Pruning no longer runs: {failed}; "
+                         "add that layer (or its block) to stages.prune.ignore, or prune less")
     macs1, params1 = count(model, example)
     widths1 = _widths(model)
     return PruneReport(

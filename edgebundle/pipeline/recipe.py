@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgebundle.core.metrics import MetricSpec
 from edgebundle.errors import RecipeError
 
 DTYPES = ("float32", "float16", "int64", "int32")
@@ -98,6 +99,7 @@ class DataSpec(Strict):
     kind: Literal["digits", "folder", "function"] = "digits"
     path: Path | None = Field(default=None, description="kind=folder: folder of .npz (x, y) / .npy files")
     function: str | None = Field(default=None, description="kind=function: 'module:fn' yielding batches")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="kind=function: keyword arguments to it")
     splits: SplitSpec = SplitSpec()
     seed: int = 0
     calibration_split: Literal["train", "val"] = "train"
@@ -216,7 +218,8 @@ class TargetSpec(Strict):
     threads: int | None = Field(None, ge=1, description="intra-op threads; default: usable cores")
     calibration: CalibrationSpec = CalibrationSpec()
     measure: MeasureSpec = MeasureSpec()
-    max_accuracy_drop: float = Field(1.0, ge=0, description="allowed int8 drop in accuracy points")
+    max_accuracy_drop: float = Field(1.0, ge=0, allow_inf_nan=False, description=(
+        "the budget of drop metrics (top1, agreement: points below fp32; a metric function: its own units)"))
     options: dict[str, Any] = Field(default_factory=dict, description="target-specific, validated by it")
 
     @model_validator(mode="after")
@@ -235,6 +238,7 @@ class Recipe(Strict):
     model: ModelSpec | EnsembleSpec
     inputs: list[InputSpec] = Field(min_length=1)
     outputs: list[str] = Field(default_factory=lambda: ["logits"], min_length=1)
+    metric: MetricSpec = MetricSpec()
     data: DataSpec = DataSpec()
     stages: Stages = Stages()
     targets: list[TargetSpec] = Field(default_factory=lambda: [TargetSpec(name="ort-cpu")], min_length=1)
@@ -243,11 +247,23 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _unique(self) -> Recipe:
-        for what, names in (("input", [i.name for i in self.inputs]), ("target", [t.name for t in self.targets])):
+        for what, names in (("input", [i.name for i in self.inputs]), ("output", self.outputs),
+                            ("target", [t.name for t in self.targets])):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"duplicate {what} name(s): {', '.join(dup)}")
+        clash = sorted({i.name for i in self.inputs} & set(self.outputs))
+        if clash:
+            raise ValueError(f"name(s) used for an input and an output: {', '.join(clash)}")
+        if self.metric.output is not None and self.metric.output not in self.outputs:
+            raise ValueError(f"metric.output '{self.metric.output}' is not among outputs: {', '.join(self.outputs)}")
         return self
+
+    @property
+    def judged_output(self) -> tuple[int, str]:
+        """(index, name) of the output the metric judges."""
+        name = self.metric.output or self.outputs[0]
+        return self.outputs.index(name), name
 
     def resolve(self, p: Path) -> Path:
         return p if p.is_absolute() else (self.base_dir / p)

@@ -14,6 +14,7 @@ import io
 import os
 from pathlib import Path
 
+from edgebundle.core.metrics import accuracy_text
 from edgebundle.errors import BundleError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
 from edgebundle.pipeline.lock import LOCKS, file_lock
@@ -26,6 +27,7 @@ table{border-collapse:collapse;margin:1em 0}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}
 .note{color:#8a5a00}.small{color:#666;font-size:90%}
+tr.rejected td{color:#b00020}.rejected b{color:#b00020}
 figure{display:inline-block;margin:0 1em 1em 0}img{max-width:100%}
 """
 
@@ -73,7 +75,7 @@ def _histogram(name: str, samples: list[float], p50: float) -> str:
     return _png(fig)
 
 
-def _tradeoff(points: list[tuple[str, float, float]]) -> str:
+def _tradeoff(points: list[tuple[str, float, float]], metric: str = "top1") -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, lat, acc in points:
@@ -81,7 +83,8 @@ def _tradeoff(points: list[tuple[str, float, float]]) -> str:
         ax.annotate(label, (lat, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("p50 latency (ms, log scale)")
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel({"top1": "top-1 accuracy (%)", "agreement": "top-1 agreement with fp32 (%)",
+                   "cosine": "min cosine vs fp32", "snr": "SNR vs fp32 (dB)"}.get(metric, metric))
     ax.set_title("accuracy vs latency")
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -101,15 +104,20 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
             ci = lat["p50_ci95_ms"]
             p50 = f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]"
             figures.append((m.target.name, _histogram(m.target.name, lat["samples_ms"], lat["p50_ms"])))
-            if acc.target is not None:
+            if acc.target is not None and acc.metric == bundles[0][1].accuracy.metric:
                 points.append((f"{m.target.name} {m.target.precision}", lat["p50_ms"], acc.target))
         else:
             p50 = "not measured"
         sp = m.speedup
+        rejected = m.target.status == "rejected"
+        status = (f"<b>rejected</b>: {e(m.target.rejection or 'missed its accuracy budget')}" if rejected
+                  else e(m.target.status))
         rows.append(
-            f"<tr><td class=l>{e(m.target.name)}</td><td class=l>{e(m.target.precision)}</td>"
-            f"<td class=l>{e(m.target.status)}</td><td>{size / 1024:.1f} KiB</td>"
-            f"<td>{_fmt(acc.fp32_onnx, '.2f', ' %')} &rarr; {_fmt(acc.target, '.2f', ' %')}</td>"
+            f"<tr{' class=rejected' if rejected else ''}><td class=l>{e(path.name)}</td>"
+            f"<td class=l>{e(m.target.precision)}</td>"
+            f"<td class=l>{status}</td><td>{size / 1024:.1f} KiB</td>"
+            f"<td>{e(accuracy_text(acc.metric, acc.fp32_onnx, acc.target, acc.judged_samples, acc.details))}"
+            f"{'' if acc.budget is None else '<br><span class=small>budget: ' + e(acc.budget) + '</span>'}</td>"
             f"<td>{_fmt(acc.output_cosine_vs_fp32, '.5f')}</td><td>{p50}</td>"
             f"<td>{_fmt(sp.get('vs_pytorch_fp32_teacher'), '.2f', 'x')}</td>"
             f"<td>{_fmt(sp.get('vs_same_runtime_fp32'), '.2f', 'x')}</td></tr>")
@@ -118,7 +126,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
         m = bundles[0][1]
         for key, label, a in (("pytorch_fp32_teacher", "PyTorch fp32 teacher", m.accuracy.teacher_pytorch),
                               ("pytorch_fp32_student", "PyTorch fp32 student", m.accuracy.student_pytorch)):
-            if key in m.reference_latency and a is not None:
+            if key in m.reference_latency and a is not None and m.accuracy.metric == "top1":
                 points.append((label, m.reference_latency[key]["p50_ms"], a))
     first = bundles[0][1] if bundles else None
     head = (f"<p>Recipe <b>{e(first.recipe.get('name', '?'))}</b> (sha256 {e(first.recipe.get('sha256', '')[:12])}); "
@@ -132,7 +140,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
         "Latency is p50 per inference at the recipe's batch, with its 95 % bootstrap CI, measured on the host "
         "above; speedups compare p50s measured with the same protocol and threads.</p>",
         "<table><thead><tr><th class=l>target</th><th class=l>precision</th><th class=l>status</th><th>size</th>"
-        "<th>accuracy fp32 &rarr; target</th><th>output cosine</th><th>p50 [95% CI]</th>"
+        "<th>accuracy fp32 &rarr; bundle</th><th>output cosine</th><th>p50 [95% CI]</th>"
         "<th>vs PyTorch fp32</th><th>vs fp32, same runtime</th></tr></thead><tbody>",
         *rows, "</tbody></table>",
     ]
@@ -140,7 +148,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
         parts += ["<h2>Notes</h2><ul>", *(f"<li class=note>{e(n)}</li>" for n in notes), "</ul>"]
     if points:
         parts += ["<h2>Accuracy vs latency</h2>",
-                  f'<figure><img alt="accuracy vs latency" src="data:image/png;base64,{_tradeoff(points)}"></figure>']
+                  f'<figure><img alt="accuracy vs latency" src="data:image/png;base64,{_tradeoff(points, bundles[0][1].accuracy.metric)}"></figure>']
     if figures:
         parts.append("<h2>Latency distributions</h2>")
         parts += [f'<figure><img alt="latency histogram {e(n)}" src="data:image/png;base64,{png}"></figure>'

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 import edgebundle
-from edgebundle.calibration.readers import run_split
+from edgebundle.calibration.readers import run_outputs, run_split  # noqa: F401  (run_split: used by tests and bench)
+from edgebundle.core.metrics import Contract, MetricFunctionError, Verdict, resolve_name
 from edgebundle.errors import BundleError, DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
 from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
 from edgebundle.pipeline import distributed, measure as measure_mod
@@ -33,12 +34,13 @@ from edgebundle.pipeline.data import Dataset, Split, load_dataset
 from edgebundle.pipeline.host import fingerprint, usable_cores
 from edgebundle.pipeline.lock import target_lock, work_lock
 from edgebundle.pipeline.modelio import (
-    build_model, check_accepts, example_inputs, load_structured, save_structured, source_fingerprint,
+    build_model, check_accepts, example_inputs, import_object, load_structured, save_structured, source_fingerprint,
 )
 from edgebundle.pipeline.prune import count, prune
 from edgebundle.pipeline.recipe import DistillStage, EnsembleSpec, MeasureSpec, Recipe, TargetSpec
 from edgebundle.pipeline.training import accuracy, distill, predict, train_supervised
 from edgebundle.targets import BuildContext, registry
+from edgebundle.targets.base import Built
 
 Event = Callable[..., None]  # on_event(kind, stage, **info); kinds: start, done, note
 
@@ -70,15 +72,27 @@ class Prepared:
 @dataclass(frozen=True)
 class BundleResult:
     target: str
-    path: Path
-    manifest: dict[str, Any]
+    path: Path | None  # None: nothing written (failed, or rejected without keep_rejected)
+    manifest: dict[str, Any] | None
     archive: Path | None = None  # OUT/<target>.tar.gz with --pack
+    status: str = "complete"  # complete | pending | rejected | failed
+    reason: str | None = None  # rejected or failed: one line that names the target
+    error: BaseException | None = field(default=None, compare=False, repr=False)  # failed: the cause (--debug)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("complete", "pending")
 
 
 @dataclass(frozen=True)
 class RunResult:
     prepared: Prepared
     bundles: list[BundleResult]
+
+    @property
+    def ok(self) -> bool:
+        """Every target produced a bundle within its budget."""
+        return all(b.ok for b in self.bundles)
 
 
 def recipe_digest(recipe: Recipe) -> str:
@@ -155,9 +169,19 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
     # Cheap checks before any folder is made: the factory imports, the model takes the input spec,
     # the data loads and fits the spec.
     probe = build_model(recipe.model, recipe.base_dir)
-    out = check_accepts(probe, recipe.inputs)
-    if len(recipe.outputs) != 1:
-        raise RecipeError("outputs: the training stages support one output (logits) for now")
+    outs = check_accepts(probe, recipe.inputs, len(recipe.outputs))
+    out = outs[recipe.judged_output[0]]
+    st = recipe.stages
+    if len(outs) > 1:
+        training = [n for n, on in (("train", st.train.enabled is True or (st.train.enabled == "auto"
+                                                                            and recipe.model.weights is None)),
+                                    ("prune", st.prune.enabled and (st.prune.ratio > 0 or st.prune.head_ratio > 0)),
+                                    ("distill", st.distill.enabled), ("cluster", st.cluster.enabled)) if on]
+        if training:
+            raise RecipeError(f"the model has {len(outs)} outputs; stages {', '.join(training)} train on one output "
+                              "(logits): set their enabled: false (and give model.weights) to bundle it as it is")
+    if recipe.metric.is_function:
+        import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric")
     dataset = load_dataset(recipe)
     if dataset.num_classes is not None and out.shape[-1] < dataset.num_classes:
         raise RecipeError(f"the model outputs {out.shape[-1]} values but the data has {dataset.num_classes} classes")
@@ -213,7 +237,7 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
             model = load(teacher)
             rep = prune(model, st.prune, example, train=dataset.train, names=names)
             try:
-                check_accepts(model, recipe.inputs)
+                check_accepts(model, recipe.inputs, len(recipe.outputs))
             except RecipeError as e:
                 raise StageError(f"the pruned model no longer runs: {e}") from e
             save_structured(model, folder)
@@ -465,9 +489,134 @@ def _preflight(spec: TargetSpec):
     return entry, target, options
 
 
+def fp32_reference(prepared: Prepared, threads: int | None = None) -> list[np.ndarray]:
+    """Every output of the fp32 ONNX model on the test split: what each bundle is judged against."""
+    from edgebundle.targets.ort_cpu import OrtSession
+
+    sess = OrtSession(prepared.onnx.path("model.fp32.onnx"), threads=threads or usable_cores())
+    try:
+        return run_outputs(sess, prepared.dataset.test, prepared.recipe.inputs)
+    finally:
+        sess.close()
+
+
+def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:
+    """The recipe's metric bound to this target's budget; `judged` is the fp32 judged output (for `auto`)."""
+    idx, name = recipe.judged_output
+    metric = resolve_name(recipe.metric, has_labels=labels is not None, output_name=name,
+                          output_shape=tuple(judged.shape))
+    if metric == "top1" and labels is None:
+        raise RecipeError("metric top1 needs labels and the data has none; use metric agreement (classifiers) "
+                          "or cosine")
+    fn = (import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric")
+          if recipe.metric.is_function else None)
+    return Contract(metric, recipe.metric, spec.max_accuracy_drop, idx, name, fn)
+
+
+def judge(contract: Contract, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
+    try:
+        return contract.judge(reference, outputs, labels)
+    except MetricFunctionError as e:
+        raise RecipeError(str(e)) from e
+
+
+def check_resolvable(contract: Contract, reference: np.ndarray, labels: np.ndarray | None, target: str) -> None:
+    """A points budget needs enough judged inputs that one changed input does not decide it alone."""
+    v = judge(contract, reference, reference, labels)
+    need = contract.needed_samples()
+    if v.samples < need:
+        what = (f"inputs where the fp32 model is confident (top-1 probability >= {contract.spec.min_confidence:g})"
+                if contract.metric == "agreement" else "inputs")
+        raise DataError(f"target '{target}': the test split has {v.samples} {what}; a {contract.max_drop:g}-point "
+                        f"{contract.metric} budget needs at least {need} (one changed input would be "
+                        f"{100.0 / max(v.samples, 1):.1f} points): give more data or raise max_accuracy_drop")
+
+
+@dataclass
+class _Eval:
+    built: Built
+    outputs: np.ndarray | None  # the judged output on the test split
+    verdict: Verdict
+    latency: measure_mod.LatencyStats | None
+    same_runtime: dict[str, Any] | None  # the same runtime's fp32 latency, where it can run it
+    runtime_seen: dict[str, Any]
+
+
+def _target_build(target, ctx: BuildContext, stage: str, prepared: Prepared) -> Built:
+    try:
+        return target.build(ctx)
+    except (DataError, RecipeError):
+        raise
+    except EdgeBundleError as e:
+        raise StageError(f"{stage} failed (after {', '.join(a.stage for a in prepared.lineage)}): {e}") from e
+
+
+def _evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: TargetSpec, contract: Contract,
+              reference_out: np.ndarray, threads: int, *, same_runtime: bool = True) -> _Eval:
+    """The artifact's judged output on the test split, its verdict and its latency (and the same runtime's
+    fp32 latency, for "vs fp32 on the same runtime")."""
+    from edgebundle.targets.ort_cpu import OrtSession
+
+    recipe, ds = prepared.recipe, prepared.dataset
+    feeds = _measure_feeds(ds.test, recipe, spec.measure.batch)
+    same_rt, lat, runtime_seen = None, None, {}
+    if built.status == "pending":  # the runtime's artifact is not built here: accuracy through ORT CPU, no latency
+        sess = OrtSession(tmp / (built.eval_file or built.model_file), threads=threads)
+        try:
+            outs = run_outputs(sess, ds.test, recipe.inputs)
+        finally:
+            sess.close()
+    else:
+        if same_runtime and built.precision != "fp32" and (built.fp32_file or entry.capabilities.opens_onnx):
+            fp32 = tmp / built.fp32_file if built.fp32_file else prepared.onnx.path("model.fp32.onnx")
+            s32 = target.open(fp32, threads=threads, runtime=built.runtime)
+            try:
+                same_rt = _brief(measure_mod.measure(lambda: s32.run(feeds), spec.measure, threads=threads))
+            finally:
+                s32.close()
+        sess = target.open(tmp / built.model_file, threads=threads, runtime=built.runtime)
+        try:
+            outs = run_outputs(sess, ds.test, recipe.inputs)
+            lat = _latency(sess, feeds, spec.measure, threads)
+            runtime_seen = ({"inference_precision": sess.inference_precision}
+                            if hasattr(sess, "inference_precision") else {})
+        finally:
+            sess.close()
+    if len(outs) <= contract.output_index:
+        raise StageError(f"build:{spec.name}: the artifact has {len(outs)} output(s); the metric judges output "
+                         f"'{contract.output_name}' (number {contract.output_index + 1})")
+    out = outs[contract.output_index]
+    verdict = judge(contract, reference_out, out, ds.test.labels)
+    return _Eval(built, out, verdict, lat, same_rt, runtime_seen)
+
+
+def _tried(quant: dict[str, Any]) -> str:
+    """What the build tried before the verdict, from the target's accuracy-budget record."""
+    b = quant.get("accuracy_budget") or {}
+    parts = []
+    if b.get("drop_full_int8") is not None:
+        parts.append(f"full int8 (val loss {b['drop_full_int8']:.3g})")
+    for a in b.get("attempts") or []:
+        if "excluded" in a:
+            parts.append(f"{a['excluded']} layer(s) kept float (val loss {a['drop']:.3g})")
+        elif "step" in a:
+            parts.append(f"{a['step']} (val loss {a.get('val_drop')})")
+    if quant.get("dynamic_over_budget"):
+        parts.insert(0, "dynamic int8")
+    return "; ".join(parts) if parts else "int8 with the target's settings"
+
+
 def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event: Event = _noop,
-                 reference: dict[str, Any] | None = None) -> BundleResult:
-    """Build one target's bundle from prepared artifacts: calibrate, evaluate, measure, write atomically."""
+                 reference: dict[str, Any] | None = None, fp32_test: list[np.ndarray] | None = None,
+                 keep_rejected: bool = False) -> BundleResult:
+    """Build one target's bundle from prepared artifacts: calibrate, judge, measure, write atomically.
+
+    A bundle that misses the recipe's accuracy budget on the test split is not written where a good one
+    is expected: it is discarded (status 'rejected' in the result), or with `keep_rejected` written to
+    OUT/<target>.rejected with `status: rejected` in its manifest.
+    """
+    import onnx
+
     recipe = prepared.recipe
     entry, target, options = _preflight(spec)
     threads = spec.threads or usable_cores()
@@ -477,78 +626,77 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     cal = ds.calibration(recipe.data, spec.calibration.samples)
     if reference is None:
         reference = reference_latency(prepared, spec.measure, threads)
+    if fp32_test is None:
+        fp32_test = fp32_reference(prepared, threads)
     fp32_path = prepared.onnx.path("model.fp32.onnx")
+    ref_out = fp32_test[recipe.judged_output[0]]
+    contract = contract_for(recipe, spec, ds.test.labels, ref_out)
+    check_resolvable(contract, ref_out, ds.test.labels, spec.name)
+    asked = getattr(options, "precision", None)
+    if asked == "auto":
+        options = options.model_copy(update={"precision": "int8"})
+    rejection: list[str] = []
+
+    def context(opts, workdir: Path) -> BuildContext:
+        return BuildContext(recipe, spec, opts, fp32_path, cal, ds.val, workdir, threads,
+                            load_model=prepared.load_student, contract=contract)
 
     def fill(tmp: Path) -> dict[str, Any]:
-        from edgebundle.targets.ort_cpu import OrtSession
-
-        ctx = BuildContext(recipe, spec, options, fp32_path, cal, ds.val, tmp, threads, load_model=prepared.load_student)
-        try:
-            built = target.build(ctx)
-        except (DataError, RecipeError):
-            raise
-        except EdgeBundleError as e:
-            raise StageError(f"{stage} failed (after {', '.join(a.stage for a in prepared.lineage)}): {e}") from e
-        # accuracy: fp32 ONNX (reference) vs the target's artifact, same inputs
-        fp32 = OrtSession(fp32_path, threads=threads)
-        ref_logits = run_split(fp32, ds.test, recipe.inputs)
-        fp32.close()
-        feeds = _measure_feeds(ds.test, recipe, spec.measure.batch)
-        same_rt = None
+        built = _target_build(target, context(options, tmp), stage, prepared)
+        ev = _evaluate(target, entry, built, tmp, prepared, spec, contract, ref_out, threads)
+        notes = list(built.notes)
+        choice = None
+        if asked == "auto" and built.precision == "int8" and ev.latency is not None and ev.same_runtime:
+            int8_ms, fp32_ms = ev.latency.p50_ms, ev.same_runtime["p50_ms"]
+            choice = {"asked": "auto", "int8_p50_ms": int8_ms, "fp32_p50_ms": fp32_ms, "shipped": "int8",
+                      "int8_within_budget": ev.verdict.within}
+            if ev.verdict.within and int8_ms >= fp32_ms:
+                alt = tmp / ".fp32"
+                alt.mkdir()
+                b32 = _target_build(target, context(options.model_copy(update={"precision": "fp32"}), alt), stage,
+                                    prepared)
+                ev32 = _evaluate(target, entry, b32, alt, prepared, spec, contract, ref_out, threads,
+                                 same_runtime=False)
+                if ev32.verdict.within:
+                    for f in tmp.iterdir():
+                        if f != alt:
+                            shutil.rmtree(f) if f.is_dir() else f.unlink()
+                    for f in alt.iterdir():
+                        os.replace(f, tmp / f.name)
+                    ev, choice["shipped"] = ev32, "fp32"
+                    notes.append(f"precision auto: int8 within budget ran p50 {int8_ms:.3f} ms, fp32 on the same "
+                                 f"runtime {fp32_ms:.3f} ms; shipped fp32, the faster")
+                shutil.rmtree(alt, ignore_errors=True)
+        built, v, lat, same_rt = ev.built, ev.verdict, ev.latency, ev.same_runtime
         pending = built.status == "pending"
-        if pending:  # the runtime's artifact is not built here: accuracy through ORT CPU, no latency
-            sess = OrtSession(tmp / (built.eval_file or built.model_file), threads=threads)
-            try:
-                logits = run_split(sess, ds.test, recipe.inputs)
-            finally:
-                sess.close()
-            lat, runtime_seen = None, {}
-        elif built.precision != "fp32" and (built.fp32_file or entry.capabilities.opens_onnx):
-            s32 = target.open(tmp / built.fp32_file if built.fp32_file else fp32_path, threads=threads,
-                              runtime=built.runtime)
-            try:
-                same_rt = _brief(measure_mod.measure(lambda: s32.run(feeds), spec.measure, threads=threads))
-            finally:
-                s32.close()
-        if not pending:
-            sess = target.open(tmp / built.model_file, threads=threads, runtime=built.runtime)
-            try:
-                logits = run_split(sess, ds.test, recipe.inputs)
-                lat = _latency(sess, feeds, spec.measure, threads)
-                runtime_seen = ({"inference_precision": sess.inference_precision}
-                                if hasattr(sess, "inference_precision") else {})
-            finally:
-                sess.close()
-        labels = ds.test.labels
-        acc_fp32 = accuracy(ref_logits, labels) if labels is not None else None
-        acc_t = accuracy(logits, labels) if labels is not None else None
-        drop = None if acc_t is None else acc_fp32 - acc_t
+        status = built.status if v.within else "rejected"
+        if not v.within:
+            rejection.append(f"{spec.name}: {v.line()} missed the budget; tried: {_tried(built.quantization)}")
+            notes.append(f"rejected: {v.line()}; tried: {_tried(built.quantization)}")
+        if (lat is not None and same_rt and built.precision == "int8" and lat.p50_ms > same_rt["p50_ms"]
+                and not (choice and choice["shipped"] == "fp32")):
+            notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime "
+                         f"({same_rt['p50_ms']:.4f} ms) on this host; options.precision: fp32 (or auto) ships fp32")
         teacher_acc = prepared.teacher.metrics.get("test_accuracy")
         student_acc = prepared.onnx.metrics.get("student_test_accuracy")
-        import onnx
-
         m = onnx.load(str(fp32_path), load_external_data=False)  # every target keeps the exported interface
-        io = {kind: [{"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                      "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]} for v in vals]
+        io = {kind: [{"name": t.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name,
+                      "shape": [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]} for t in vals]
               for kind, vals in (("inputs", m.graph.input), ("outputs", m.graph.output))}
         teacher_p50 = reference["pytorch_fp32_teacher"]["p50_ms"]
         same_rt_p50 = same_rt["p50_ms"] if same_rt else None
-        notes = list(built.notes)
-        if lat is not None and same_rt_p50 and built.precision == "int8" and lat.p50_ms > same_rt_p50:
-            notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime ({same_rt_p50:.4f} ms): "
-                         "for a model this small, quantize/dequantize overhead outweighs int8 arithmetic; "
-                         "options.precision: fp32 builds the faster fp32 bundle")
-        if drop is not None and drop > spec.max_accuracy_drop:
-            notes.append(f"int8 accuracy drop {drop:.2f} points exceeds max_accuracy_drop {spec.max_accuracy_drop}")
+        quantization = dict(built.quantization)
+        if choice:
+            quantization["precision_choice"] = choice
         return {
             "schema_version": SCHEMA_VERSION,
             "edgebundle_version": edgebundle.__version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "recipe": {"name": recipe.name, "sha256": recipe_digest(recipe),
                        "json": recipe.model_dump(mode="json", exclude={"base_dir"})},
-            "target": {"name": spec.name, "precision": built.precision, "status": built.status,
-                       "exercised": not pending,
-                       "runtime": {**built.runtime, **runtime_seen, "threads": threads},
+            "target": {"name": spec.name, "precision": built.precision, "status": status,
+                       "exercised": not pending, "rejection": rejection[0] if rejection else None,
+                       "runtime": {**built.runtime, **ev.runtime_seen, "threads": threads},
                        "capabilities": {"precisions": list(entry.capabilities.precisions),
                                         "needs_gpu": entry.capabilities.needs_gpu,
                                         "extra": entry.capabilities.extra,
@@ -557,12 +705,14 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
             **io,
             "lineage": [a.record() for a in prepared.lineage]
             + [{"stage": stage, "config": spec.model_dump(mode="json"), "options": options.model_dump(mode="json")}],
-            "quantization": built.quantization,
-            "accuracy": {"metric": "top1" if labels is not None else "none", "split": "test", "samples": len(ds.test),
-                         "teacher_pytorch": teacher_acc, "student_pytorch": student_acc, "fp32_onnx": acc_fp32,
-                         "target": acc_t, "drop_vs_fp32": drop, "max_drop": spec.max_accuracy_drop,
-                         "within_budget": None if drop is None else drop <= spec.max_accuracy_drop,
-                         "output_cosine_vs_fp32": cosine(logits, ref_logits)},
+            "quantization": quantization,
+            "accuracy": {"metric": v.metric, "output": contract.output_name, "split": "test", "samples": len(ds.test),
+                         "judged_samples": v.samples, "budget": v.budget,
+                         "teacher_pytorch": teacher_acc, "student_pytorch": student_acc, "fp32_onnx": v.reference,
+                         "target": v.value, "drop_vs_fp32": v.drop,
+                         "max_drop": spec.max_accuracy_drop if v.metric not in ("cosine", "snr", "mse") else None,
+                         "within_budget": v.within, "details": v.details,
+                         "output_cosine_vs_fp32": cosine(ev.outputs, ref_out)},
             "latency": None if lat is None else lat.to_dict(),
             "reference_latency": {**reference, **({f"{entry.capabilities.runtime}_fp32_student": same_rt}
                                                   if same_rt else {})},
@@ -572,27 +722,47 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
             "notes": notes,
         }
 
-    path = write_bundle(output, spec.name, fill)
-    import json
-
+    path = write_bundle(output, spec.name, fill, rejected_name=f"{spec.name}.rejected" if keep_rejected else None)
+    if rejection:
+        on_event("done", stage, cached=False, status="rejected")
+        manifest = json.loads((path / "manifest.json").read_text()) if path is not None else None
+        return BundleResult(spec.name, path, manifest, status="rejected", reason=rejection[0])
     manifest = json.loads((path / "manifest.json").read_text())
     on_event("done", stage, cached=False)
-    return BundleResult(spec.name, path, manifest)
+    return BundleResult(spec.name, path, manifest, status=manifest["target"]["status"])
 
 
 def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_event: Event,
-               pack: bool = False) -> list[BundleResult]:
+               pack: bool = False, keep_rejected: bool = False) -> list[BundleResult]:
+    """Every target in turn. A target that fails or misses its budget is that target's result (status
+    'failed' or 'rejected' with one line); the others go on. Bad input (RecipeError, DataError) stops all."""
     results = []
     refs: dict[tuple, dict] = {}
+    fp32_test = fp32_reference(prepared)
+    labels = prepared.dataset.test.labels
+    judged = fp32_test[prepared.recipe.judged_output[0]]
+    for spec in specs:  # bad input before any target builds: the metric, its function, enough judged inputs
+        check_resolvable(contract_for(prepared.recipe, spec, labels, judged), judged, labels, spec.name)
     for spec in specs:
         threads = spec.threads or usable_cores()
         k = (threads, spec.measure.model_dump_json())
-        if k not in refs:
-            on_event("start", "reference", cached=False)
-            refs[k] = reference_latency(prepared, spec.measure, threads)
-            on_event("done", "reference", cached=False)
-        res = build_target(prepared, spec, output, on_event=on_event, reference=refs[k])
-        if pack:
+        try:
+            if k not in refs:
+                on_event("start", "reference", cached=False)
+                refs[k] = reference_latency(prepared, spec.measure, threads)
+                on_event("done", "reference", cached=False)
+            res = build_target(prepared, spec, output, on_event=on_event, reference=refs[k], fp32_test=fp32_test,
+                               keep_rejected=keep_rejected)
+        except (RecipeError, DataError, BundleError):
+            raise
+        except EdgeBundleError as e:
+            res = BundleResult(spec.name, None, None, status="failed", reason=f"{spec.name}: {e}", error=e)
+        except Exception as e:  # a runtime's own error: this target's failure, the other targets go on
+            res = BundleResult(spec.name, None, None, status="failed",
+                               reason=f"{spec.name}: build:{spec.name} failed: {type(e).__name__}: {e}", error=e)
+        if res.status == "failed":
+            on_event("done", f"build:{spec.name}", cached=False, status="failed")
+        if pack and res.path is not None and res.status in ("complete", "pending"):
             res = dataclasses.replace(res, archive=pack_bundle(res.path))
         results.append(res)
     from edgebundle.pipeline.report import write_report
@@ -610,7 +780,8 @@ def _select(recipe: Recipe, targets: list[str] | None, output: Path) -> list[Tar
 
 
 def build(work: Path, *, targets: list[str] | None = None, output: Path | None = None,
-          recipe: Recipe | None = None, on_event: Event = _noop, pack: bool = False) -> list[BundleResult]:
+          recipe: Recipe | None = None, on_event: Event = _noop, pack: bool = False,
+          keep_rejected: bool = False) -> list[BundleResult]:
     """Build bundles from a prepared work folder: the per-target job, run on that target's machine.
 
     Several `build`s (different targets) may run at once against one work folder and one output
@@ -622,11 +793,12 @@ def build(work: Path, *, targets: list[str] | None = None, output: Path | None =
     with contextlib.ExitStack() as locks:
         for spec in selected:
             locks.enter_context(target_lock(output, spec.name))
-        return _build_all(prepared, selected, output, on_event, pack)
+        return _build_all(prepared, selected, output, on_event, pack, keep_rejected)
 
 
 def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None = None,
-        work: Path | None = None, on_event: Event = _noop, pack: bool = False) -> RunResult:
+        work: Path | None = None, on_event: Event = _noop, pack: bool = False,
+        keep_rejected: bool = False) -> RunResult:
     """prepare + build for every (selected) target. The library's main entry point."""
     output = Path(output) if output is not None else recipe.output
     selected = _select(recipe, targets, output)
@@ -635,4 +807,4 @@ def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None
         for spec in selected:
             locks.enter_context(target_lock(output, spec.name))
         prepared = prepare(recipe, work or output / ".work", on_event=on_event)
-        return RunResult(prepared, _build_all(prepared, selected, output, on_event, pack))
+        return RunResult(prepared, _build_all(prepared, selected, output, on_event, pack, keep_rejected))

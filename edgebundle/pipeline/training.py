@@ -37,14 +37,15 @@ def _tensors(split: Split, names: list[str], device: torch.device) -> list[torch
 
 
 def predict(model: nn.Module, split: Split, names: list[str], batch_size: int = 256) -> np.ndarray:
-    """Logits for every sample of a split (eval mode, no grad)."""
+    """Logits for every sample of a split (eval mode, no grad); a model with several outputs: the first."""
     device = next(model.parameters()).device
     xs = _tensors(split, names, device)
     model.eval()
     outs = []
     with torch.no_grad():
         for i in range(0, len(split), batch_size):
-            outs.append(model(*[x[i:i + batch_size] for x in xs]).float().cpu())
+            y = model(*[x[i:i + batch_size] for x in xs])
+            outs.append((y[0] if isinstance(y, (tuple, list)) else y).float().cpu())
     return torch.cat(outs).numpy()
 
 

