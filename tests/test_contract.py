@@ -191,3 +191,20 @@ def test_openvino_runs_f32_not_the_cpu_plugins_bf16_default(default_run):
     assert OvSession(fp32, threads=1).inference_precision == "f32"
     plugin_default = ov.Core().compile_model(str(fp32), "CPU").get_property("INFERENCE_PRECISION_HINT")
     assert plugin_default.to_string() in ("f32", "bf16", "f16")  # what the plugin would pick by itself
+
+
+def test_precision_auto_ships_the_faster_and_records_both(default_run, tmp_path):
+    """precision auto: int8 within budget is measured against fp32 on the same runtime; the faster ships,
+    both p50s are in the manifest (which one wins on the tiny digits CNN depends on the host)."""
+    recipe, work = _prepared_copy(default_run, tmp_path, targets=[
+        {"name": "ort-cpu", "measure": {"iterations": 50}, "options": {"layer_errors": False}}])
+    out = tmp_path / "out"
+    res = cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    m = yaml.safe_load((out / "ort-cpu" / "manifest.json").read_text())
+    c = m["quantization"]["precision_choice"]
+    assert c["asked"] == "auto" and c["int8_within_budget"] is True
+    assert c["shipped"] == ("fp32" if c["int8_p50_ms"] >= c["fp32_p50_ms"] else "int8") == m["target"]["precision"]
+    if c["shipped"] == "fp32":
+        assert any(n.startswith("precision auto: int8 within budget ran p50") for n in m["notes"])
+        assert not m["quantization"].get("format")  # the fp32 artifact carries no quantization record

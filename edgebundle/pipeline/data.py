@@ -169,6 +169,12 @@ def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | N
     return inputs, (np.concatenate(labels).astype(np.int64) if labels else None)
 
 
+def data_config_json(spec: DataSpec) -> str:
+    """The data spec as it enters cache keys: fields added later are left out at their defaults, so work
+    folders prepared before they existed stay valid."""
+    return spec.model_dump_json(exclude=set() if spec.kwargs else {"kwargs"})
+
+
 def load_dataset(recipe: Recipe) -> Dataset:
     spec = recipe.data
     if spec.kind == "digits":
@@ -190,7 +196,7 @@ def load_dataset(recipe: Recipe) -> Dataset:
         h.update(inputs[k].tobytes())
     if labels is not None:
         h.update(labels.tobytes())
-    h.update(spec.model_dump_json().encode())
+    h.update(data_config_json(spec).encode())
 
     perm = np.random.default_rng(spec.seed).permutation(n)
     n_train = int(round(spec.splits.train * n))

@@ -30,7 +30,7 @@ from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
 from edgebundle.pipeline import distributed, measure as measure_mod
 from edgebundle.pipeline.bundle import SCHEMA_VERSION, check_output_folder, pack as pack_bundle, write_bundle
 from edgebundle.pipeline.cache import Artifact, StageCache
-from edgebundle.pipeline.data import Dataset, Split, load_dataset
+from edgebundle.pipeline.data import Dataset, Split, data_config_json, load_dataset
 from edgebundle.pipeline.host import fingerprint, usable_cores
 from edgebundle.pipeline.lock import target_lock, work_lock
 from edgebundle.pipeline.modelio import (
@@ -341,7 +341,7 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
         return {"fingerprint": dataset.fingerprint, "num_classes": dataset.num_classes,
                 "samples": {"calibration": len(cal), "val": len(dataset.val), "test": len(dataset.test)}}
 
-    data_art = stages.run("data", {"data": dump(recipe.data), "pool": pool}, [], make_data, extra=dataset.fingerprint)
+    data_art = stages.run("data", {"data": json.loads(data_config_json(recipe.data)), "pool": pool}, [], make_data, extra=dataset.fingerprint)
     prepared = Prepared(recipe, dataset, teacher, student, onnx_art, lineage)
     if distributed.is_main():
         _write_prepared(work, prepared, data_art)
