@@ -24,8 +24,8 @@ CHILD = r"""
 import json, resource, sys, numpy as np
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from edgebundle.calibration.readers import SplitReader
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.recipe import CalibrationSpec, InputSpec
+from edgebundle.core.data import Split
+from edgebundle.core.recipe import CalibrationSpec, InputSpec
 from edgebundle.targets.ort_cpu import calibration_extra_options
 src, dst, n, method, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 x = np.random.default_rng(0).standard_normal((n, 3, 96, 96)).astype(np.float32)
@@ -45,7 +45,7 @@ def main() -> None:
 
     from edgebundle import zoo
     from edgebundle.exporters.onnx import export
-    from edgebundle.pipeline.recipe import ExportStage, InputSpec
+    from edgebundle.core.recipe import ExportStage, InputSpec
     from edgebundle.targets.ort_cpu import CALIB_CHUNK
 
     configs = {f"minmax, edgebundle (strides of <= {CALIB_CHUNK})": ("minmax", "edgebundle"),

@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgebundle.pipeline.host import fingerprint
-from edgebundle.pipeline.measure import summarize, warm_up
-from edgebundle.pipeline.recipe import MeasureSpec
+from edgebundle.core.host import fingerprint
+from edgebundle.core.measure import summarize, time_block, warm_up
+from edgebundle.core.recipe import MeasureSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,15 +27,9 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, rounds: int = 7, per_round
         warm_up(fn, spec)
     samples: dict[str, list[float]] = {k: [] for k in fns}
     rounds_med: dict[str, list[float]] = {k: [] for k in fns}
-    import time
-
     for _ in range(rounds):
         for name, fn in fns.items():
-            r = []
-            for _ in range(per_round):
-                t0 = time.perf_counter_ns()
-                fn()
-                r.append((time.perf_counter_ns() - t0) / 1e6)
+            r = time_block(fn, per_round).tolist()
             samples[name] += r
             rounds_med[name].append(float(np.median(r)))
     out = {}

@@ -35,11 +35,12 @@ import torch
 from bench.common import interleaved, write
 from edgebundle import zoo
 from edgebundle.exporters.onnx import cosine, export
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.host import cpu_flags
-from edgebundle.pipeline.prune import count, prune
-from edgebundle.pipeline.recipe import ExportStage, PruneStage, TargetSpec, recipe_from_dict
-from edgebundle.targets import BuildContext, registry
+from edgebundle.core.data import Split
+from edgebundle.core.host import cpu_flags
+from edgebundle.stages.pruning import count, prune
+from edgebundle.core.recipe import ExportStage, PruneStage, TargetSpec, recipe_from_dict
+from edgebundle.core import registry
+from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession
 
 THREADS = 2

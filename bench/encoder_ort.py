@@ -20,9 +20,10 @@ import torch
 from bench.common import interleaved, write
 from edgebundle import zoo
 from edgebundle.exporters.onnx import cosine, export
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.recipe import ExportStage, TargetSpec, recipe_from_dict
-from edgebundle.targets import BuildContext, registry
+from edgebundle.core.data import Split
+from edgebundle.core.recipe import ExportStage, TargetSpec, recipe_from_dict
+from edgebundle.core import registry
+from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession, fuse_transformer
 
 THREADS = 2

@@ -18,7 +18,7 @@ import torch
 from bench.common import interleaved, write
 from edgebundle import zoo
 from edgebundle.exporters.onnx import cosine, export
-from edgebundle.pipeline.recipe import ExportStage, InputSpec
+from edgebundle.core.recipe import ExportStage, InputSpec
 from edgebundle.targets.executorch_xnnpack import ExecutorchSession, _lower
 from edgebundle.targets.ort_cpu import OrtSession
 

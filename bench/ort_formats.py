@@ -17,7 +17,7 @@ import torch
 
 from bench.common import interleaved, write
 from edgebundle.exporters.onnx import cosine, export
-from edgebundle.pipeline.recipe import ExportStage, InputSpec
+from edgebundle.core.recipe import ExportStage, InputSpec
 from edgebundle.targets.ort_cpu import OrtSession
 from edgebundle import zoo
 

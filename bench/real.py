@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import write
 from edgebundle.core.metrics import accuracy_text
-from edgebundle.pipeline.recipe import load_recipe
+from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"

@@ -1,6 +1,6 @@
 """edgebundle: trained PyTorch model -> pruned, distilled, int8 device bundles with measured latency."""
 
-from edgebundle.errors import (
+from edgebundle.core.errors import (
     BundleError,
     DataError,
     EdgeBundleError,

@@ -15,7 +15,7 @@ from rich.markup import escape as esc
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edgebundle.errors import BundleError, EdgeBundleError, IntegrityError
+from edgebundle.core.errors import BundleError, EdgeBundleError, IntegrityError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Prune, distill, export and int8-calibrate a PyTorch model into measured device bundles.")
@@ -65,6 +65,8 @@ class _StageProgress:
         if kind == "start":
             self.t0[stage] = time.perf_counter()
             self.tasks[stage] = self.progress.add_task(label, total=1)
+        elif kind == "note":
+            self.progress.console.print(f"  [yellow]note:[/] {esc(info.get('text', ''))}")
         elif kind == "done" and stage in self.tasks:
             took = time.perf_counter() - self.t0[stage]
             suffix = " [dim](cached)[/]" if info.get("cached") else f" [dim]{took:.1f}s[/]"
@@ -117,7 +119,7 @@ def run(
 
     Exit 0: every target's bundle is within its accuracy budget; 1: a target missed its budget or failed
     (one line each; the other targets' bundles are kept); 2: bad input."""
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import run as run_pipeline
 
     try:
@@ -163,8 +165,8 @@ def prepare(
 
     Under `torchrun --nproc-per-node N -m edgebundle.cli prepare ...` training runs DistributedDataParallel.
     """
-    from edgebundle.pipeline import distributed
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core import distributed
+    from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import prepare as prepare_stages
 
     try:
@@ -198,7 +200,7 @@ def build(
     """Build target bundles from a prepared work folder (the per-target job on that target's machine).
 
     Exit codes as for `run`: 1 when a target missed its budget or failed, 2 for bad input."""
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import build as build_targets
 
     try:
@@ -212,9 +214,27 @@ def build(
     raise typer.Exit(_target_lines(bundles, debug))
 
 
+def _size(text: str) -> int:
+    t = text.strip().upper().removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if t[-1:] in "KMGT" else t) * mult
+    except ValueError as e:
+        raise typer.BadParameter(f"'{text}' is not a size (e.g. 20G, 512M)") from e
+    if not n > 0:
+        raise typer.BadParameter(f"'{text}' must be more than 0")
+    return int(n)
+
+
+MAX_SIZE_HELP = "largest total unpacked size (e.g. 20G; default 16G)"
+MAX_RATIO_HELP = "largest unpacked / packed size ratio (default 100)"
+
+
 @app.command()
 def verify(
     bundle: Path = typer.Argument(..., help="bundle folder or packed bundle (.tar.gz)"),
+    max_unpacked_size: str = typer.Option("16G", help=MAX_SIZE_HELP),
+    max_ratio: float = typer.Option(100.0, min=1.0, help=MAX_RATIO_HELP),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Recompute every file's sha256 against the manifest and SHA256SUMS. Exit 0 = intact, 1 = changed or a
@@ -229,7 +249,8 @@ def verify(
             raise BundleError(f"not found: {bundle}")
         if bundle.is_file():
             with tempfile.TemporaryDirectory() as td:
-                folder = unpack(bundle, Path(td))  # refuses unsafe members, verifies, raises naming the files
+                # refuses unsafe members and bombs, verifies, raises naming the files
+                folder = unpack(bundle, Path(td), max_bytes=_size(max_unpacked_size), max_ratio=max_ratio)
                 m = read_manifest(folder)
             bad = []
         else:
@@ -255,6 +276,8 @@ def verify(
 def unpack(
     archive: Path = typer.Argument(..., help="packed bundle (.tar.gz)"),
     output: Path = typer.Option(Path("."), "--output", "-o", help="folder to unpack into"),
+    max_unpacked_size: str = typer.Option("16G", help=MAX_SIZE_HELP),
+    max_ratio: float = typer.Option(100.0, min=1.0, help=MAX_RATIO_HELP),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Unpack a packed bundle safely (no absolute paths, '..', links or special files) and verify it."""
@@ -263,7 +286,7 @@ def unpack(
     try:
         if not archive.is_file():
             raise BundleError(f"not found: {archive}")
-        path = unpack_bundle(archive, output)
+        path = unpack_bundle(archive, output, max_bytes=_size(max_unpacked_size), max_ratio=max_ratio)
     except EdgeBundleError as e:
         _fail(e, debug)
     console.print(f"[green]unpacked[/] {path}")
@@ -377,7 +400,7 @@ def check(
 @app.command()
 def recipe() -> None:
     """Print the embedded default recipe (a starting point for your own)."""
-    from edgebundle.pipeline.recipe import default_recipe_text
+    from edgebundle.core.recipe import default_recipe_text
 
     sys.stdout.write(default_recipe_text())
 
@@ -385,7 +408,7 @@ def recipe() -> None:
 @app.command()
 def targets() -> None:
     """List the targets, what each needs and whether it is available here."""
-    from edgebundle.targets import registry
+    from edgebundle.core import registry
 
     t = Table(title="targets")
     for col in ("name", "precisions", "runtime", "needs GPU", "extra", "available here"):
@@ -394,7 +417,7 @@ def targets() -> None:
         e = registry.lookup(name)
         target = e.factory()
         why = target.unavailable_reason(None)
-        pending = getattr(target, "pending_reason", lambda _o: None)(None)
+        pending = target.pending_reason(None)
         c = e.capabilities
         here = (f"no: {why}" if why else f"partly: builds a pending bundle ({pending})" if pending else "yes")
         t.add_row(name, ", ".join(c.precisions), c.runtime, "yes" if c.needs_gpu else "no", c.extra or "-", esc(here))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from edgebundle.pipeline.recipe import default_recipe_text, recipe_from_dict
+from edgebundle.core.recipe import default_recipe_text, recipe_from_dict
 
 torch.set_num_threads(2)
 
@@ -34,7 +34,7 @@ def make_recipe(base_dir: Path, **overrides):
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """RunResult of the embedded default recipe (trains teacher, prunes, distills, exports, ORT int8)."""
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import run
 
     out = tmp_path_factory.mktemp("default") / "bundles"

@@ -5,8 +5,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edgebundle.cli import app
-from edgebundle.pipeline.recipe import CalibrationSpec
-from edgebundle.targets import BuildContext, registry
+from edgebundle.core.recipe import CalibrationSpec
+from edgebundle.core import registry
+from edgebundle.targets import BuildContext
 
 runner = CliRunner()
 

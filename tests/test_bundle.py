@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from edgebundle.errors import BundleError
+from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import check_output_folder, read_manifest, verify_files, write_bundle
 
 

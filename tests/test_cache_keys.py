@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from edgebundle.pipeline import cache
-from edgebundle.pipeline.data import load_dataset
-from edgebundle.pipeline.modelio import source_fingerprint
+from edgebundle.core.data import load_dataset
+from edgebundle.core.modelio import source_fingerprint
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "cache_payloads.json"
 
@@ -41,7 +41,7 @@ def _payloads(recipe, work: Path) -> list[dict]:
 
 
 def test_stage_cache_payloads_are_pinned(default_run):
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
 
     got = _payloads(load_recipe(None), default_run.output / ".work")
     if os.environ.get("EDGEBUNDLE_PIN_CACHE_KEYS"):

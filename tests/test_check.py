@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from conftest import make_recipe
 from edgebundle.cli import app
-from edgebundle.errors import BundleError
+from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import write_bundle
 from edgebundle.pipeline.check import check
 from edgebundle.pipeline.runner import build_target, prepare

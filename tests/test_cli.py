@@ -82,7 +82,7 @@ def test_recipe_command_prints_loadable_default(tmp_path):
     assert res.exit_code == 0
     p = tmp_path / "r.yaml"
     p.write_text(res.output)
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
 
     assert load_recipe(p).name == "digits-cnn"
 

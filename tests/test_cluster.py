@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from edgebundle.pipeline.recipe import TargetSpec
+from edgebundle.core.recipe import TargetSpec
 from edgebundle.pipeline.runner import build_target, prepare
 
 

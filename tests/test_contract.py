@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from conftest import default_dict
 from edgebundle.cli import app
 from edgebundle.core.metrics import Contract, MetricSpec, resolve_name
-from edgebundle.errors import RecipeError
-from edgebundle.pipeline.recipe import recipe_from_dict
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.recipe import recipe_from_dict
 
 cli = CliRunner()
 
@@ -73,7 +73,7 @@ def test_bad_metric_names_and_functions_are_one_line_exit_2(tmp_path):
 def _prepared_copy(default_run, tmp_path, **changes):
     """A recipe file (the default with `changes`) prepared into a copy of the default's work folder: every
     stage is a cache hit, only the targets differ."""
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import prepare
 
     d = copy.deepcopy(default_dict())
@@ -145,7 +145,7 @@ def test_agreement_budget_needs_enough_confident_inputs(default_run, tmp_path):
 def test_a_two_output_model_bundles_and_the_metric_judges_the_named_output(default_run, tmp_path):
     """Both outputs exported under the recipe's names (`embedding` too, a name the exporter gives an inner
     value of its own) and parity-checked each; the metric judges the output it names."""
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import run
 
     teacher = default_run.prepared.teacher.folder / "weights.safetensors"

@@ -4,9 +4,9 @@ import copy
 
 import torch
 
-from edgebundle.pipeline.cache import Artifact
-from edgebundle.pipeline.modelio import load_structured
-from edgebundle.pipeline.training import accuracy, distill, predict, train_supervised
+from edgebundle.core.artifact import Artifact
+from edgebundle.core.modelio import load_structured
+from edgebundle.stages.training import accuracy, distill, predict, train_supervised
 
 MARGIN = 1.0  # points: distillation must beat or match the label-only student within this
 

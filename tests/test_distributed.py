@@ -49,3 +49,32 @@ def test_run_under_torchrun_points_to_prepare(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     r = CliRunner().invoke(app, ["run"])
     assert r.exit_code == 2 and "edgebundle prepare" in r.output
+
+
+def test_every_training_stage_under_torchrun_finishes(tmp_path):
+    """teacher (DDP), distill (DDP) and cluster with a fine-tune (rank 0 alone, outside DDP) from a fresh work
+    folder under 2 gloo processes. The cluster fine-tune used to wait in DDP for ranks that never came: a
+    regression fails here on the timeout instead of hanging."""
+    import yaml
+
+    from conftest import default_dict
+
+    d = default_dict()
+    d["stages"]["train"]["epochs"] = 3
+    d["stages"]["distill"]["epochs"] = 3
+    d["stages"]["cluster"] = {"enabled": True, "clusters": 16, "finetune_epochs": 1}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    work = tmp_path / "work"
+    try:
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                              "-m", "edgebundle.cli", "prepare", str(recipe), "-o", str(work)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun prepare with a cluster fine-tune did not finish in {e.timeout} s (hang)")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    stages = {json.loads((p / "artifact.json").read_text())["stage"]: json.loads((p / "artifact.json").read_text())
+              for p in work.iterdir() if (p / "artifact.json").is_file()}
+    assert {"teacher", "prune", "distill", "cluster", "export", "data"} <= set(stages)
+    assert stages["cluster"]["metrics"]["finetune_best_val_accuracy"] > 50.0
+    assert stages["teacher"]["metrics"]["trained"] is True

@@ -3,7 +3,7 @@
 import json
 
 from edgebundle.pipeline.bundle import read_manifest, verify_files
-from edgebundle.pipeline.cache import sha256_file
+from edgebundle.core.artifact import sha256_file
 
 
 def _manifest(default_run):
@@ -66,7 +66,7 @@ def test_manifest_records_lineage_io_and_quantization(default_run):
 
 
 def test_unchanged_recipe_does_no_work(default_run, tmp_path):
-    from edgebundle.pipeline.recipe import load_recipe
+    from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import prepare
 
     events = []

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import factories
-from edgebundle.errors import RecipeError
-from edgebundle.pipeline.modelio import load_structured
-from edgebundle.pipeline.prune import prune
-from edgebundle.pipeline.recipe import PruneStage, TargetSpec, load_recipe
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.modelio import load_structured
+from edgebundle.stages.pruning import prune
+from edgebundle.core.recipe import PruneStage, TargetSpec, load_recipe
 from edgebundle.pipeline.runner import prepare, run
-from edgebundle.pipeline.training import HiddenMatch
+from edgebundle.stages.training import HiddenMatch
 from edgebundle.zoo import tiny_encoder
-from edgebundle.targets import registry
+from edgebundle.core import registry
 
 
 HAVE_EXECUTORCH = importlib.util.find_spec("executorch") is not None

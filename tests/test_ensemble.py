@@ -3,7 +3,7 @@
 import onnx
 import pytest
 
-from edgebundle.pipeline.recipe import TargetSpec, load_recipe
+from edgebundle.core.recipe import TargetSpec, load_recipe
 from edgebundle.pipeline.runner import run
 
 

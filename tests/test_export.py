@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import factories
-from edgebundle.errors import StageError
+from edgebundle.core.errors import StageError
 from edgebundle.exporters.onnx import check_parity, export
-from edgebundle.pipeline.recipe import ExportStage, InputSpec
+from edgebundle.core.recipe import ExportStage, InputSpec
 
 SPECS = [InputSpec(name="image", shape=[1, 1, 8, 8], dynamic_axes={0: "batch"})]
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import yaml
 
-from edgebundle.errors import RecipeError
-from edgebundle.pipeline.recipe import load_recipe
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import run
-from edgebundle.targets import registry
+from edgebundle.core import registry
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed (pip install edgebundle[hf])")
 
@@ -53,7 +53,7 @@ def test_hf_encoder_int8_keeps_outputs_and_accuracy(hf_run, target):
 
 
 def test_hf_folder_without_config_is_one_clear_error(tmp_path):
-    from edgebundle.hf import sequence_classifier
+    from edgebundle.core.hf import sequence_classifier
 
     with pytest.raises(RecipeError, match="no config.json"):
         sequence_classifier(tmp_path)

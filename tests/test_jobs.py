@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from edgebundle.cli import app
-from edgebundle.errors import BundleError
+from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import verify_files
-from edgebundle.pipeline.recipe import load_recipe
+from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import PREPARED_FILE, build, load_prepared, prepare
 
 runner = CliRunner()

@@ -2,9 +2,9 @@ import time
 
 import numpy as np
 
-from edgebundle.pipeline.host import fingerprint
-from edgebundle.pipeline.measure import bootstrap_median_ci, measure, summarize
-from edgebundle.pipeline.recipe import MeasureSpec
+from edgebundle.core.host import fingerprint
+from edgebundle.core.measure import bootstrap_median_ci, measure, summarize
+from edgebundle.core.recipe import MeasureSpec
 
 
 def test_summary_statistics():

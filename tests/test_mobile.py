@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from edgebundle.errors import StageError
+from edgebundle.core.errors import StageError
 from edgebundle.pipeline.bundle import verify_files
-from edgebundle.pipeline.recipe import TargetSpec
+from edgebundle.core.recipe import TargetSpec
 from edgebundle.pipeline.runner import build_target, run_split
-from edgebundle.pipeline.training import accuracy
-from edgebundle.targets import BuildContext, registry
+from edgebundle.stages.training import accuracy
+from edgebundle.core import registry
+from edgebundle.targets import BuildContext
 from edgebundle.targets.executorch_xnnpack import ExecutorchOptions, ExecutorchSession, ExecutorchTarget
 
 

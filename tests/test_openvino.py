@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from edgebundle.errors import TargetUnavailable
+from edgebundle.core.errors import TargetUnavailable
 from edgebundle.exporters.onnx import cosine
-from edgebundle.pipeline.recipe import TargetSpec
+from edgebundle.core.recipe import TargetSpec
 from edgebundle.pipeline.runner import build_target, run_split
-from edgebundle.pipeline.training import accuracy
-from edgebundle.targets import registry
+from edgebundle.stages.training import accuracy
+from edgebundle.core import registry
 
 pytestmark = pytest.mark.openvino
 

@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
 
-from edgebundle.errors import DataError
+from edgebundle.core.errors import DataError
 from edgebundle.exporters.onnx import cosine
-from edgebundle.pipeline.data import Split
+from edgebundle.core.data import Split
 from edgebundle.pipeline.runner import run_split
-from edgebundle.pipeline.training import accuracy
-from edgebundle.targets import BuildContext, registry
+from edgebundle.stages.training import accuracy
+from edgebundle.core import registry
+from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession
 
 
@@ -23,7 +24,7 @@ def _build(prepared, tmp_path, calibration=None, options=None, cal_split=None):
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_int8_agrees_with_fp32(prepared, tmp_path, method):
-    from edgebundle.pipeline.recipe import CalibrationSpec
+    from edgebundle.core.recipe import CalibrationSpec
 
     built = _build(prepared, tmp_path, calibration=CalibrationSpec(method=method))
     assert built.precision == "int8" and built.quantization["calibration"]["method"] == method

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import factories
-from edgebundle.errors import RecipeError
-from edgebundle.pipeline.modelio import example_inputs
-from edgebundle.pipeline.prune import count, prune
-from edgebundle.pipeline.recipe import InputSpec, PruneStage
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.modelio import example_inputs
+from edgebundle.stages.pruning import count, prune
+from edgebundle.core.recipe import InputSpec, PruneStage
 
 SPECS = [InputSpec(name="image", shape=[1, 1, 8, 8], dynamic_axes={0: "batch"})]
 EXAMPLE = example_inputs(SPECS)
@@ -46,7 +46,7 @@ def test_unknown_ignored_layer_is_an_error():
 
 def test_prune_stage_leaves_its_input_artifact_untouched(prepared):
     teacher = prepared.teacher
-    from edgebundle.pipeline.cache import sha256_file
+    from edgebundle.core.artifact import sha256_file
 
     assert all(sha256_file(teacher.path(n)) == h for n, h in teacher.files.items())
     t = prepared.load_teacher()

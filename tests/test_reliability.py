@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from conftest import default_dict
 from edgebundle.cli import app
-from edgebundle.errors import BundleError
+from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import SUMS, pack, unpack, verify_files, write_bundle
-from edgebundle.pipeline.cache import ARTIFACT_FILE, sha256_file
+from edgebundle.core.artifact import ARTIFACT_FILE, sha256_file
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]

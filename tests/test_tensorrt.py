@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from edgebundle.cli import app
 from edgebundle.pipeline.bundle import read_manifest, verify_files
-from edgebundle.pipeline.recipe import TargetSpec
+from edgebundle.core.recipe import TargetSpec
 from edgebundle.pipeline.runner import build_target
 from edgebundle.targets.tensorrt import (
     PENDING, QDQ_FILE, WEIGHTED_OPS, engine_pending_reason, portability_problem, qdq_problems,

@@ -20,8 +20,8 @@ import numpy as np
 
 from edgebundle.calibration.readers import SplitReader
 from edgebundle.core.metrics import Contract, Verdict
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.recipe import InputSpec
+from edgebundle.core.data import Split
+from edgebundle.core.recipe import InputSpec
 
 WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -6,41 +6,11 @@ is reported before any scale is computed.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from edgebundle.errors import DataError
-from edgebundle.pipeline.data import Split, check_inputs
-from edgebundle.pipeline.recipe import InputSpec
-
-
-def iter_feeds(split: Split, specs: list[InputSpec], batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds of `batch` samples each, in order; the last one is shorter when the batch axis is dynamic.
-
-    A static batch dimension forces batch = spec.shape[0], and a trailing remainder is then left out.
-    """
-    if len(split) == 0:
-        raise DataError("calibration data is empty")
-    static = {s.shape[0] for s in specs if 0 not in s.dynamic_axes}
-    if static:
-        batch = static.pop()
-    for i in range(0, len(split), batch):
-        if static and i + batch > len(split):
-            break
-        yield {s.name: split.inputs[s.name][i:i + batch] for s in specs}
-
-
-def run_outputs(session, split: Split, specs: list[InputSpec], batch_hint: int = 64) -> list[np.ndarray]:
-    """Every output of a session over a whole split, in order (batches of `batch_hint` where allowed)."""
-    parts = [session.run(f) for f in iter_feeds(split, specs, batch_hint)]
-    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
-
-
-def run_split(session, split: Split, specs: list[InputSpec], batch_hint: int = 64, output: int = 0) -> np.ndarray:
-    """One output of a session (the first by default) over a whole split, in order."""
-    return np.concatenate([session.run(f)[output] for f in iter_feeds(split, specs, batch_hint)])
+from edgebundle.core.data import Split, check_inputs, iter_feeds, run_outputs, run_split  # noqa: F401  (re-exported)
+from edgebundle.core.recipe import InputSpec
 
 
 class SplitReader(CalibrationDataReader):

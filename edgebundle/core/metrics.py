@@ -37,7 +37,7 @@ CLASSIFIER_HINTS = ("logit", "prob", "score", "class")
 class MetricSpec(BaseModel):
     """`metric:` in the recipe: what "keeps its accuracy" means for this model."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field("auto", description="auto | top1 | agreement | cosine | snr | mse | 'module:fn'")
     output: str | None = Field(None, description="the output judged (default: the first)")
@@ -107,6 +107,29 @@ def _fmt(metric: str, v: float) -> str:
     if metric == "snr":
         return f"{v:.1f} dB"
     return f"{v:.6g}"
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two whole arrays (flattened); 1.0 for two equal all-zero arrays."""
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two runs of the same outputs side by side: the one comparator export parity, bundle evaluation and
+    the .ort round trip share."""
+
+    max_abs: float
+    cosine: float
+    samples: int
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> Comparison:
+    finite = np.isfinite(a).all() and np.isfinite(b).all()
+    diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if finite else float("inf")
+    return Comparison(diff, cosine(a, b) if finite else float("nan"), len(a))
 
 
 def softmax_if_logits(x: np.ndarray) -> np.ndarray:

@@ -20,9 +20,11 @@ import onnx
 import torch
 from torch import nn
 
-from edgebundle.errors import StageError
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.recipe import ExportStage, InputSpec
+from edgebundle.core.errors import StageError
+from edgebundle.core.data import Split, iter_feeds
+from edgebundle.core.metrics import compare, cosine  # noqa: F401  (cosine: re-exported)
+from edgebundle.core.session import OrtSession
+from edgebundle.core.recipe import ExportStage, InputSpec
 
 EXPORTER = "torch.onnx.export(dynamo=True)"
 
@@ -33,12 +35,6 @@ class Parity:
     max_abs: float
     cosine: float
     samples: int
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    den = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -101,7 +97,7 @@ def name_outputs(path: Path, outputs: list[str]) -> None:
 
 
 def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: ExportStage, out: Path) -> None:
-    from edgebundle.pipeline.modelio import example_inputs
+    from edgebundle.core.modelio import example_inputs
 
     model = model.eval()
     args = example_inputs(specs)
@@ -132,15 +128,11 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
 def check_parity(model: nn.Module, onnx_path: Path, split: Split, specs: list[InputSpec], outputs: list[str],
                  cfg: ExportStage) -> list[Parity]:
     """Compare ONNX Runtime fp32 outputs with PyTorch's on real inputs; raise naming the output on failure."""
-    from edgebundle.calibration.readers import iter_feeds
-    from edgebundle.targets.ort_cpu import OrtSession
-
-    sess = OrtSession(onnx_path, threads=1)
     sub = split.head(cfg.parity.samples)
     got: list[list[np.ndarray]] = [[] for _ in outputs]
     ref: list[list[np.ndarray]] = [[] for _ in outputs]
     batch = 16 if all(0 in s.dynamic_axes for s in specs) else 1
-    with torch.no_grad():
+    with torch.no_grad(), OrtSession(onnx_path, threads=1) as sess:
         for feeds in iter_feeds(sub, specs, batch):
             o = sess.run(feeds)
             t = model(*[torch.from_numpy(feeds[s.name]) for s in specs])
@@ -148,11 +140,11 @@ def check_parity(model: nn.Module, onnx_path: Path, split: Split, specs: list[In
             for i in range(len(outputs)):
                 got[i].append(o[i])
                 ref[i].append(t[i].numpy())
-    sess.close()
     report = []
     for i, name in enumerate(outputs):
         a, b = np.concatenate(got[i]), np.concatenate(ref[i])
-        p = Parity(name, float(np.abs(a - b).max()), cosine(a, b), len(a))
+        c = compare(a, b)
+        p = Parity(name, c.max_abs, c.cosine, c.samples)
         if p.max_abs > cfg.parity.max_abs or p.cosine < cfg.parity.min_cosine:
             raise StageError(
                 f"export parity failed for output '{name}': max_abs={p.max_abs:.3g} (limit {cfg.parity.max_abs:g}), "

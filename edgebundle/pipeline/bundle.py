@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgebundle.errors import BundleError, IntegrityError
-from edgebundle.pipeline.cache import sha256_file
+from edgebundle.core.errors import BundleError, IntegrityError
+from edgebundle.core.artifact import sha256_file
 from edgebundle.pipeline.lock import target_lock
 
 SCHEMA_VERSION = 2  # 2: the accuracy contract (metric, budget, judged samples), status rejected
@@ -72,14 +72,15 @@ class TargetInfo(_M):
     rejection: str | None = None  # rejected: the one line saying what missed and what was tried
 
 
-class Manifest(_M):
+class ManifestDraft(_M):
+    """Everything a manifest says but its files' hashes and sizes, which the bundle writer adds."""
+
     schema_version: int
     edgebundle_version: str
     created: str
     recipe: dict[str, Any]
     target: TargetInfo
     model_file: str
-    files: dict[str, FileEntry]
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     lineage: list[dict[str, Any]]
@@ -89,8 +90,12 @@ class Manifest(_M):
     reference_latency: dict[str, Any]
     speedup: dict[str, float | None]
     host: dict[str, Any]
-    size: dict[str, int] | None = None  # raw and gzip -9 bytes of the artifact files (what a device downloads)
     notes: list[str] = Field(default_factory=list)
+
+
+class Manifest(ManifestDraft):
+    files: dict[str, FileEntry]
+    size: dict[str, int] | None = None  # raw and gzip -9 bytes of the artifact files (what a device downloads)
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -123,7 +128,35 @@ def check_output_folder(output: Path) -> None:
         raise BundleError(f"output folder {output} is not writable")
 
 
-def write_bundle(output: Path, name: str, fill: Callable[[Path], dict[str, Any]], *,
+def replaceable_problem(folder: Path) -> str | None:
+    """None when `folder` may be replaced by a new bundle: it does not exist, or it is exactly a bundle this
+    tool wrote (manifest and SHA256SUMS of ours, every file as written, nothing added). Anything else holds
+    someone's files, and replacing it would lose them: the reason, in words."""
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return "it is not a folder"
+    if not (folder / MANIFEST).is_file() or not (folder / SUMS).is_file():
+        return "it is not an edgebundle bundle (no manifest.json and SHA256SUMS)"
+    try:
+        bad = verify_files(folder)
+    except BundleError as e:
+        return f"its manifest cannot be read ({e})"
+    if bad:
+        return f"it holds files the bundle did not write or that changed since: {', '.join(bad)}"
+    return None
+
+
+def check_bundle_places(output: Path, names: list[str]) -> None:
+    """Refuse, before any work, to write where a folder that is not one of our bundles would be replaced."""
+    for name in names:
+        for place in (output / name, output / f"{name}.rejected"):
+            why = replaceable_problem(place)
+            if why:
+                raise BundleError(f"refusing to replace {place}: {why}; move it away or choose another output folder")
+
+
+def write_bundle(output: Path, name: str, fill: Callable[[Path], ManifestDraft | dict[str, Any]], *,
                  rejected_name: str | None = None) -> Path | None:
     """`fill(tmp)` writes the bundle's files and returns the manifest dict (without `files`).
 
@@ -156,13 +189,14 @@ def _hash_and_gzip_size(path: Path) -> tuple[str, int, int]:
     return h.hexdigest(), nbytes, gzbytes + len(comp.flush())
 
 
-def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]],
+def _write_locked(output: Path, name: str, fill: Callable[[Path], ManifestDraft | dict[str, Any]],
                   rejected_name: str | None = None) -> Path | None:
     tmp = output / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     final = output / name
     try:
         tmp.mkdir()
-        manifest = fill(tmp)
+        draft = fill(tmp)
+        manifest = draft.model_dump(mode="json") if isinstance(draft, ManifestDraft) else draft
         if (manifest.get("target") or {}).get("status") == "rejected":
             if rejected_name is None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -183,6 +217,9 @@ def _write_locked(output: Path, name: str, fill: Callable[[Path], dict[str, Any]
         sums = {**{n: e.sha256 for n, e in manifest.files.items()}, MANIFEST: sha256_file(tmp / MANIFEST)}
         (tmp / SUMS).write_text("".join(f"{h}  {n}\n" for n, h in sorted(sums.items())), encoding="utf-8")
         old = None
+        why = replaceable_problem(final)
+        if why:  # checked before the build started too; a folder may have appeared since
+            raise BundleError(f"refusing to replace {final}: {why}; move it away or choose another output folder")
         if final.exists():
             old = output / f".{name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -288,11 +325,47 @@ def _unsafe_member(ti, root: str) -> str | None:
     return None
 
 
-def unpack(archive: Path, dest: Path) -> Path:
+MAX_UNPACKED_BYTES = 16 << 30  # a bundle larger than 16 GiB unpacked is refused unless raised
+MAX_RATIO = 100  # unpacked / packed size; model weights compress about 1.1x, zeros 1000x
+RATIO_FROM_BYTES = 16 << 20  # the ratio is judged once more than 16 MiB would be unpacked
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _members_within_bounds(tar, archive: Path, max_bytes: int, max_ratio: float) -> list:
+    """The archive's members, read header by header, stopping as soon as the declared sizes cross a bound
+    (before the member that crosses it is decompressed, and before anything is written)."""
+    import tarfile
+
+    packed = max(archive.stat().st_size, 1)
+    members, total = [], 0
+    try:
+        while (ti := tar.next()) is not None:
+            members.append(ti)
+            total += max(ti.size, 0)
+            if total > max_bytes:
+                raise BundleError(f"{archive}: refused: it would unpack to more than {_human(max_bytes)} "
+                                  "(--max-unpacked-size raises the limit); nothing was written")
+            if total > RATIO_FROM_BYTES and total / packed > max_ratio:
+                raise BundleError(f"{archive}: refused: it would unpack to more than {max_ratio:g}x its packed size "
+                                  f"({packed} bytes; a compression bomb?) (--max-ratio raises the limit); "
+                                  "nothing was written")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise BundleError(f"{archive} is truncated or corrupt: {e}") from e
+    return members
+
+
+def unpack(archive: Path, dest: Path, *, max_bytes: int = MAX_UNPACKED_BYTES, max_ratio: float = MAX_RATIO) -> Path:
     """Unpack a packed bundle into `dest/<name>` and verify it; refuse anything unsafe before writing.
 
     Refused: absolute paths, '..' components, links of any kind, special files, members outside the one
-    top-level bundle folder. The bundle is extracted into a temporary folder, verified, then renamed.
+    top-level bundle folder, and archives whose declared sizes exceed `max_bytes` in all or `max_ratio`
+    times the archive's size. The bundle is extracted into a temporary folder, verified, then renamed.
     """
     import tarfile
 
@@ -302,10 +375,7 @@ def unpack(archive: Path, dest: Path) -> Path:
     except (OSError, tarfile.TarError, EOFError) as e:
         raise BundleError(f"{archive} is not a readable .tar.gz: {e}") from e
     with tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, EOFError, OSError) as e:
-            raise BundleError(f"{archive} is truncated or corrupt: {e}") from e
+        members = _members_within_bounds(tar, archive, max_bytes, max_ratio)
         if not members:
             raise BundleError(f"{archive} is empty")
         root = Path(members[0].name).parts[0] if Path(members[0].name).parts else ""

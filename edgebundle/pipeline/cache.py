@@ -13,53 +13,17 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from edgebundle.errors import BundleError
-from edgebundle.pipeline.host import tool_versions
-
-ARTIFACT_FILE = "artifact.json"
-
-
-def sha256_file(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Artifact:
-    stage: str
-    key: str
-    folder: Path
-    files: dict[str, str]  # file name -> sha256
-    parents: tuple[str, ...]  # parent artifact keys
-    config: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def path(self, name: str) -> Path:
-        return self.folder / name
-
-    def record(self) -> dict[str, Any]:
-        """Lineage entry: which stage made which files from what, with which parameters."""
-        return {"stage": self.stage, "key": self.key, "parents": list(self.parents), "config": self.config,
-                "files": self.files, "metrics": self.metrics, "seconds": round(self.seconds, 3)}
-
-    @classmethod
-    def load(cls, folder: Path) -> Artifact:
-        d = json.loads((folder / ARTIFACT_FILE).read_text())
-        return cls(stage=d["stage"], key=d["key"], folder=folder, files=d["files"], parents=tuple(d["parents"]),
-                   config=d["config"], metrics=d["metrics"], seconds=d.get("seconds", 0.0))
-
+from edgebundle.core.artifact import ARTIFACT_FILE, Artifact, sha256_file  # noqa: F401  (re-exported)
+from edgebundle.core.errors import BundleError
+from edgebundle.core.host import tool_versions
 
 class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.notes: list[str] = []  # cache entries found corrupt and discarded (the runner reports them)
 
     def key(self, stage: str, config: dict[str, Any], parents: list[Artifact], extra: str = "") -> str:
         h = hashlib.sha256()
@@ -75,10 +39,27 @@ class StageCache:
         f = self.folder(stage, key)
         if not (f / ARTIFACT_FILE).is_file():
             return None
-        art = Artifact.load(f)
-        if art.key != key or any(not (f / n).is_file() for n in art.files):
-            return None
+        try:
+            art = Artifact.load(f)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return self._discard(f, f"its record cannot be read ({type(e).__name__})")
+        if art.key != key:
+            return self._discard(f, "its record names another key")
+        changed = [n for n, digest in art.files.items() if not (f / n).is_file() or sha256_file(f / n) != digest]
+        if changed:
+            return self._discard(f, f"{', '.join(changed)} changed since it was written")
         return art
+
+    def _discard(self, folder: Path, why: str) -> None:
+        """A cache entry whose bytes do not match its record is a miss: moved aside and removed, noted."""
+        self.notes.append(f"cached {folder.name} discarded and recomputed: {why}")
+        aside = self.root / f".{folder.name}.corrupt-{uuid.uuid4().hex[:8]}"
+        try:
+            os.replace(folder, aside)
+        except OSError:
+            return None
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
 
     def put(self, stage: str, key: str, config: dict[str, Any], parents: list[Artifact],
             fill: Callable[[Path], dict[str, Any]]) -> Artifact:

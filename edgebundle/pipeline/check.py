@@ -12,7 +12,6 @@ baseline's recorded samples: a weaker comparison (different moments, no pairing)
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from xml.etree import ElementTree as ET
 
 import numpy as np
 
-from edgebundle.errors import BundleError, IntegrityError
+from edgebundle.core.errors import BundleError, IntegrityError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, verify_files
-from edgebundle.pipeline.host import fingerprint
-from edgebundle.pipeline.measure import bootstrap_median_ci, measure, warm_up
-from edgebundle.pipeline.recipe import MeasureSpec
+from edgebundle.core.host import fingerprint
+from edgebundle.core.measure import bootstrap_median_ci, measure, time_block, warm_up
+from edgebundle.core.recipe import MeasureSpec
 
 BOOTSTRAP = 4000
 MIN_BLOCK_MS = 20.0
@@ -90,7 +89,7 @@ def _feeds(m: Manifest, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _open(side: Side):
-    from edgebundle.targets import registry
+    from edgebundle.core import registry
 
     m = side.manifest
     entry = registry.lookup(m.target.name)
@@ -100,12 +99,7 @@ def _open(side: Side):
 
 
 def _block(fn, n: int) -> float:
-    out = np.empty(n)
-    for i in range(n):
-        t0 = time.perf_counter_ns()
-        fn()
-        out[i] = (time.perf_counter_ns() - t0) / 1e6
-    return float(np.median(out))
+    return float(np.median(time_block(fn, n)))
 
 
 def interleaved_ratio(cand_fn, base_fn, *, rounds: int, per_round: int) -> tuple[float, tuple[float, float], float, float]:
@@ -176,15 +170,11 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
 
     if cand.has_model and base.has_model:
         mode = "interleaved"
-        sa, sb = _open(cand), _open(base)
         batch = int((cm.latency or {}).get("batch", 1))
         fa, fb = _feeds(cm, batch), _feeds(bm, batch)
-        try:
+        with _open(cand) as sa, _open(base) as sb:
             ratio, ci, a50, b50 = interleaved_ratio(lambda: sa.run(fa), lambda: sb.run(fb),
                                                     rounds=rounds, per_round=per_round)
-        finally:
-            sa.close()
-            sb.close()
         n = rounds
     else:
         mode = "recorded"
@@ -192,14 +182,11 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
             raise BundleError(f"baseline {base.path} has no recorded latency samples")
         base_s = np.array(bm.latency["samples_ms"])
         if cand.has_model:
-            s = _open(cand)
             feeds = _feeds(cm, int(bm.latency.get("batch", 1)))
             spec = MeasureSpec(warmup_min=20, warmup_max=500, iterations=len(base_s))
-            try:
+            with _open(cand) as s:
                 cand_s = np.array(measure(lambda: s.run(feeds), spec, threads=cm.target.runtime.get("threads", 1))
                                   .samples_ms)
-            finally:
-                s.close()
         else:
             if not cm.latency or not cm.latency.get("samples_ms"):
                 raise BundleError(f"candidate {cand.path} has neither a model nor recorded latency samples")

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from edgebundle.errors import BundleError
+from edgebundle.core.errors import BundleError
 
 try:
     import fcntl

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from edgebundle.core.metrics import accuracy_text
-from edgebundle.errors import BundleError
+from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
 from edgebundle.pipeline.lock import LOCKS, file_lock
 

@@ -9,38 +9,39 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import nn
 
 import edgebundle
-from edgebundle.calibration.readers import run_outputs, run_split  # noqa: F401  (run_split: used by tests and bench)
-from edgebundle.core.metrics import Contract, MetricFunctionError, Verdict, resolve_name
-from edgebundle.errors import BundleError, DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
-from edgebundle.exporters.onnx import EXPORTER, check_parity, cosine, export
-from edgebundle.pipeline import distributed, measure as measure_mod
-from edgebundle.pipeline.bundle import SCHEMA_VERSION, check_output_folder, pack as pack_bundle, write_bundle
-from edgebundle.pipeline.cache import Artifact, StageCache
-from edgebundle.pipeline.data import Dataset, Split, data_config_json, load_dataset
-from edgebundle.pipeline.host import fingerprint, usable_cores
+from edgebundle.core import distributed
+from edgebundle.core.artifact import ARTIFACT_FILE, Artifact, sha256_file
+from edgebundle.core.data import Dataset, Split, load_dataset, run_outputs, run_split  # noqa: F401  (re-exported)
+from edgebundle.core.errors import BundleError, DataError, EdgeBundleError, RecipeError, StageError, TargetUnavailable
+from edgebundle.core.host import fingerprint, usable_cores
+from edgebundle.core.metrics import Contract, cosine
+from edgebundle.core.modelio import build_model, check_accepts, example_inputs, import_object, source_fingerprint
+from edgebundle.core.recipe import Recipe, TargetSpec
+from edgebundle.core import registry
+from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft, TargetInfo, check_bundle_places,
+                                        check_output_folder,
+                                        pack as pack_bundle, write_bundle)
+from edgebundle.pipeline.cache import StageCache
+from edgebundle.pipeline.evaluate import (Evaluation, check_resolvable, contract_for, evaluate, fp32_reference,
+                                          reference_latency, target_build, tried)
 from edgebundle.pipeline.lock import target_lock, work_lock
-from edgebundle.pipeline.modelio import (
-    build_model, check_accepts, example_inputs, import_object, load_structured, save_structured, source_fingerprint,
-)
-from edgebundle.pipeline.prune import count, prune
-from edgebundle.pipeline.recipe import DistillStage, EnsembleSpec, MeasureSpec, Recipe, TargetSpec
-from edgebundle.pipeline.training import accuracy, distill, predict, train_supervised
-from edgebundle.targets import BuildContext, registry
-from edgebundle.targets.base import Built
+from edgebundle.pipeline.records import BundleResult, Prepared, RunResult, recipe_digest
+from edgebundle.stages import STAGES, StageContext
+from edgebundle.stages.data import load_split
+from edgebundle.stages.teacher import trains
+from edgebundle.targets import BuildContext
 
 Event = Callable[..., None]  # on_event(kind, stage, **info); kinds: start, done, note
 
@@ -49,61 +50,8 @@ def _noop(*_a, **_k) -> None:
     return None
 
 
-@dataclass
-class Prepared:
-    recipe: Recipe
-    dataset: Dataset
-    teacher: Artifact
-    student: Artifact
-    onnx: Artifact
-    lineage: list[Artifact] = field(default_factory=list)
-
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.recipe.inputs]
-
-    def load_teacher(self) -> nn.Module:
-        return load_structured(self.recipe.model, self.recipe.base_dir, self.teacher.folder)
-
-    def load_student(self) -> nn.Module:
-        return load_structured(self.recipe.model, self.recipe.base_dir, self.student.folder)
-
-
-@dataclass(frozen=True)
-class BundleResult:
-    target: str
-    path: Path | None  # None: nothing written (failed, or rejected without keep_rejected)
-    manifest: dict[str, Any] | None
-    archive: Path | None = None  # OUT/<target>.tar.gz with --pack
-    status: str = "complete"  # complete | pending | rejected | failed
-    reason: str | None = None  # rejected or failed: one line that names the target
-    error: BaseException | None = field(default=None, compare=False, repr=False)  # failed: the cause (--debug)
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("complete", "pending")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    prepared: Prepared
-    bundles: list[BundleResult]
-
-    @property
-    def ok(self) -> bool:
-        """Every target produced a bundle within its budget."""
-        return all(b.ok for b in self.bundles)
-
-
-def recipe_digest(recipe: Recipe) -> str:
-    return hashlib.sha256(recipe.model_dump_json(exclude={"base_dir", "output"}).encode()).hexdigest()
-
-
 def _device() -> torch.device:
     return distributed.device()
-
-
-COLLECTIVE_STAGES = ("teacher", "distill")  # every torchrun rank takes part (DDP); others run on rank 0
 
 
 class _Stages:
@@ -117,16 +65,19 @@ class _Stages:
         self.cache, self.done = cache, []
         self.on_event = on_event if distributed.is_main() else _noop
 
-    def run(self, stage: str, config: dict, parents: list[Artifact], fill, extra: str = "") -> Artifact:
+    def run(self, stage: str, config: dict, parents: list[Artifact], fill, extra: str = "",
+            collective: bool = False) -> Artifact:
         key = self.cache.key(stage, config, parents, extra)  # the same key with or without torchrun
         hit = self.cache.get(stage, key) if distributed.is_main() else None
+        while self.cache.notes:
+            self.on_event("note", stage, text=self.cache.notes.pop(0))
         cached = distributed.broadcast_flag(hit is not None)
         self.on_event("start", stage, cached=cached)
         if not cached:
             try:
                 if distributed.is_main():
                     hit = self.cache.put(stage, key, config, parents, fill)
-                elif stage in COLLECTIVE_STAGES:
+                elif collective:  # every rank takes part (DDP); the others' artifacts are thrown away
                     with tempfile.TemporaryDirectory() as td:
                         fill(Path(td))
             except EdgeBundleError as e:
@@ -163,20 +114,15 @@ def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
     return prepared
 
 
-def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
-    torch.manual_seed(recipe.seed)
-    names = [s.name for s in recipe.inputs]
-    # Cheap checks before any folder is made: the factory imports, the model takes the input spec,
-    # the data loads and fits the spec.
+def _check_inputs(recipe: Recipe) -> Dataset:
+    """Cheap checks before any folder is made: the factory imports, the model takes the input spec and
+    returns the recipe's outputs, the metric function imports, the data loads and fits the spec."""
     probe = build_model(recipe.model, recipe.base_dir)
     outs = check_accepts(probe, recipe.inputs, len(recipe.outputs))
     out = outs[recipe.judged_output[0]]
-    st = recipe.stages
     if len(outs) > 1:
-        training = [n for n, on in (("train", st.train.enabled is True or (st.train.enabled == "auto"
-                                                                            and recipe.model.weights is None)),
-                                    ("prune", st.prune.enabled and (st.prune.ratio > 0 or st.prune.head_ratio > 0)),
-                                    ("distill", st.distill.enabled), ("cluster", st.cluster.enabled)) if on]
+        training = [("train" if s.name == "teacher" else s.name) for s in STAGES if s.name in TRAINING_STAGES
+                    and s.enabled(recipe) and (s.name != "teacher" or trains(recipe))]
         if training:
             raise RecipeError(f"the model has {len(outs)} outputs; stages {', '.join(training)} train on one output "
                               "(logits): set their enabled: false (and give model.weights) to bundle it as it is")
@@ -185,185 +131,37 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
     dataset = load_dataset(recipe)
     if dataset.num_classes is not None and out.shape[-1] < dataset.num_classes:
         raise RecipeError(f"the model outputs {out.shape[-1]} values but the data has {dataset.num_classes} classes")
-    src = source_fingerprint(recipe.model, recipe.base_dir)
-    example = example_inputs(recipe.inputs)
-    device = _device()
-    st = recipe.stages
-    stages = _Stages(StageCache(work), on_event)
+    return dataset
 
-    def dump(cfg) -> dict:
-        return cfg.model_dump(mode="json")
 
-    # 1. teacher: build (and train when asked) -----------------------------------------------------------
-    train_on = st.train.enabled is True or (st.train.enabled == "auto" and recipe.model.weights is None)
+TRAINING_STAGES = ("teacher", "prune", "distill", "cluster")  # they train or rank on one output (logits)
 
-    def make_teacher(folder: Path) -> dict:
-        model = build_model(recipe.model, recipe.base_dir)
-        metrics: dict[str, Any] = {"trained": train_on}
-        if train_on and isinstance(recipe.model, EnsembleSpec):
-            # model averaging: every member without weights trains on its own, with its own seed
-            for i, (mspec, member) in enumerate(zip(recipe.model.members, model.members)):
-                if mspec.weights is None:
-                    train_supervised(member, dataset.train, dataset.val, names, st.train, seed=recipe.seed + i,
-                                     device=device)
-            model = model.cpu().eval()
-            if dataset.test.labels is not None:
-                metrics["members_test_accuracy"] = [accuracy(predict(m, dataset.test, names), dataset.test.labels)
-                                                    for m in model.members]
-        elif train_on:
-            fit = train_supervised(model, dataset.train, dataset.val, names, st.train, seed=recipe.seed, device=device)
-            model = model.cpu().eval()
-            metrics["best_val_accuracy"] = fit.best_val_accuracy
-            metrics["best_epoch"] = fit.best_epoch
-        macs, params = count(model, example)
-        metrics.update(macs=macs, params=params)
-        if dataset.test.labels is not None:
-            metrics["test_accuracy"] = accuracy(predict(model, dataset.test, names), dataset.test.labels)
-        save_structured(model, folder)
-        return metrics
 
-    teacher = stages.run("teacher", {"model": dump(recipe.model), "train": dump(st.train) if train_on else None,
-                                     "seed": recipe.seed, "inputs": [dump(i) for i in recipe.inputs]},
-                         [], make_teacher, extra=src + dataset.fingerprint)
-    lineage = [teacher]
-
-    def load(art: Artifact) -> nn.Module:
-        return load_structured(recipe.model, recipe.base_dir, art.folder)
-
-    # 2. prune --------------------------------------------------------------------------------------------
-    student = teacher
-    if st.prune.enabled and (st.prune.ratio > 0 or st.prune.head_ratio > 0):
-        def make_pruned(folder: Path) -> dict:
-            model = load(teacher)
-            rep = prune(model, st.prune, example, train=dataset.train, names=names)
-            try:
-                check_accepts(model, recipe.inputs, len(recipe.outputs))
-            except RecipeError as e:
-                raise StageError(f"the pruned model no longer runs: {e}") from e
-            save_structured(model, folder)
-            metrics = {"params_before": rep.params_before, "params_after": rep.params_after,
-                       "macs_before": rep.macs_before, "macs_after": rep.macs_after,
-                       "macs_ratio": rep.macs_ratio, "ignored": rep.ignored, "layers": rep.layers,
-                       "heads": rep.heads, "round_to": rep.round_to}
-            if dataset.test.labels is not None:
-                metrics["test_accuracy_before_finetune"] = accuracy(predict(model, dataset.test, names),
-                                                                    dataset.test.labels)
-            return metrics
-
-        student = stages.run("prune", {"prune": dump(st.prune)}, [teacher], make_pruned,
-                             extra=dataset.fingerprint if st.prune.importance == "taylor" else "")
-        lineage.append(student)
-
-    # 3. distill ------------------------------------------------------------------------------------------
-    if st.distill.enabled:
-        pruned = student
-
-        def make_distilled(folder: Path) -> dict:
-            t_model, s_model = load(teacher), load(pruned)
-            fit = distill(s_model, t_model, dataset.train, dataset.val, names, st.distill,
-                          seed=recipe.seed, device=device)
-            s_model = s_model.cpu().eval()
-            save_structured(s_model, folder)
-            macs, params = count(s_model, example)
-            metrics = {"best_val_accuracy": fit.best_val_accuracy, "best_epoch": fit.best_epoch,
-                       "val_history": fit.history, "macs": macs, "params": params, "device": str(device)}
-            if dataset.test.labels is not None:
-                metrics["teacher_test_accuracy"] = teacher.metrics.get("test_accuracy")
-                metrics["test_accuracy"] = accuracy(predict(s_model, dataset.test, names), dataset.test.labels)
-            return metrics
-
-        student = stages.run("distill", {"distill": dump(st.distill), "seed": recipe.seed},
-                             [pruned, teacher], make_distilled, extra=dataset.fingerprint)
-        lineage.append(student)
-
-    # 3b. weight clustering (optional) ---------------------------------------------------------------------
-    if st.cluster.enabled:
-        unclustered = student
-
-        def make_clustered(folder: Path) -> dict:
-            from edgebundle.pipeline import cluster as cl
-
-            model = load(unclustered)
-            before = (accuracy(predict(model, dataset.test, names), dataset.test.labels)
-                      if dataset.test.labels is not None else None)
-            clustered = cl.cluster(model, st.cluster, seed=recipe.seed)
-            metrics: dict[str, Any] = {"clusters": st.cluster.clusters, "sharing": st.cluster.sharing,
-                                       "layers": sorted(clustered), "test_accuracy_before": before,
-                                       "clustered_params": sum(c.assignment.numel() for c in clustered.values()),
-                                       "total_params": sum(p.numel() for p in model.parameters())}
-            if dataset.test.labels is not None:
-                metrics["test_accuracy_after_kmeans"] = accuracy(predict(model, dataset.test, names),
-                                                                 dataset.test.labels)
-            if st.cluster.finetune_epochs:
-                c = st.cluster
-                cfg = DistillStage(epochs=c.finetune_epochs, lr=c.lr, temperature=c.temperature, alpha=c.alpha,
-                                   batch_size=c.batch_size, weight_decay=0.0)
-                cl.share(model, clustered)
-                fit = distill(model, load(teacher), dataset.train, dataset.val, names, cfg, seed=recipe.seed,
-                              device=device)
-                model = model.cpu()
-                cl.bake(model)
-                metrics["finetune_best_val_accuracy"] = fit.best_val_accuracy
-            model.eval()
-            metrics["distinct_values"] = cl.distinct_values(model, st.cluster)
-            if dataset.test.labels is not None:
-                metrics["test_accuracy"] = accuracy(predict(model, dataset.test, names), dataset.test.labels)
-            save_structured(model, folder)
-            return metrics
-
-        student = stages.run("cluster", {"cluster": dump(st.cluster), "seed": recipe.seed}, [unclustered, teacher],
-                             make_clustered, extra=dataset.fingerprint)
-        lineage.append(student)
-
-    # 4. export -------------------------------------------------------------------------------------------
-    def make_onnx(folder: Path) -> dict:
-        model = load(student)
-        path = folder / "model.fp32.onnx"
-        export(model, recipe.inputs, recipe.outputs, st.export, path)
-        parity = check_parity(model, path, dataset.test, recipe.inputs, recipe.outputs, st.export)
-        metrics: dict[str, Any] = {"exporter": EXPORTER, "opset": st.export.opset,
-                                   "parity": [p.__dict__ for p in parity]}
-        if dataset.test.labels is not None:
-            metrics["student_test_accuracy"] = accuracy(predict(model, dataset.test, names), dataset.test.labels)
-        return metrics
-
-    onnx_art = stages.run("export", {"export": dump(st.export), "inputs": [dump(i) for i in recipe.inputs],
-                                     "outputs": recipe.outputs}, [student], make_onnx, extra=dataset.fingerprint)
-    lineage.append(onnx_art)
-
-    # 5. the data a target build needs (calibration pool, val, test), so `build` runs without the source
-    pool = max([recipe.data.calibration_samples] + [t.calibration.samples or 0 for t in recipe.targets])
-
-    def make_data(folder: Path) -> dict:
-        cal = dataset.split(recipe.data.calibration_split).head(pool)
-        for name, split in (("calibration", cal), ("val", dataset.val), ("test", dataset.test)):
-            _save_split(split, folder / f"{name}.npz")
-        return {"fingerprint": dataset.fingerprint, "num_classes": dataset.num_classes,
-                "samples": {"calibration": len(cal), "val": len(dataset.val), "test": len(dataset.test)}}
-
-    data_art = stages.run("data", {"data": json.loads(data_config_json(recipe.data)), "pool": pool}, [], make_data, extra=dataset.fingerprint)
-    prepared = Prepared(recipe, dataset, teacher, student, onnx_art, lineage)
+def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
+    """Walk the registered stages (edgebundle.stages.STAGES) the recipe enables, through the cache."""
+    torch.manual_seed(recipe.seed)
+    dataset = _check_inputs(recipe)
+    ctx = StageContext(recipe, dataset, example_inputs(recipe.inputs), _device(),
+                       source_fingerprint(recipe.model, recipe.base_dir))
+    runner = _Stages(StageCache(work), on_event)
+    lineage: list[Artifact] = []
+    for stage in STAGES:
+        if not stage.enabled(recipe):
+            continue
+        art = runner.run(stage.name, stage.config(ctx), stage.inputs(ctx), lambda folder, s=stage: s.run(ctx, folder),
+                         extra=stage.extra(ctx), collective=stage.collective)
+        ctx.artifacts[stage.name] = art
+        if stage.makes_model:
+            ctx.student = art
+        if stage.name != "data":
+            lineage.append(art)
+    prepared = Prepared(recipe, dataset, ctx.artifacts["teacher"], ctx.student, ctx.artifacts["export"], lineage)
     if distributed.is_main():
-        _write_prepared(work, prepared, data_art)
+        _write_prepared(work, prepared, ctx.artifacts["data"])
     return prepared
 
 
 PREPARED_FILE = "prepared.json"
-
-
-def _save_split(split: Split, path: Path) -> None:
-    arrays = {f"input:{k}": v for k, v in split.inputs.items()}
-    if split.labels is not None:
-        arrays["labels"] = split.labels
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def _load_split(path: Path) -> Split:
-    with np.load(path, allow_pickle=False) as z:
-        inputs = {k.removeprefix("input:"): z[k] for k in z.files if k.startswith("input:")}
-        labels = z["labels"] if "labels" in z.files else None
-    return Split(inputs, labels)
 
 
 def _write_prepared(work: Path, p: Prepared, data: Artifact) -> None:
@@ -384,8 +182,6 @@ def _write_prepared(work: Path, p: Prepared, data: Artifact) -> None:
 
 
 def _load_artifact(work: Path, name: str) -> Artifact:
-    from edgebundle.pipeline.cache import ARTIFACT_FILE, sha256_file
-
     folder = work / name
     if not (folder / ARTIFACT_FILE).is_file():
         raise BundleError(f"work folder {work} is incomplete: {name}/ is missing; run `edgebundle prepare` again")
@@ -403,7 +199,7 @@ def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
     Every artifact's files are checked against their recorded sha256. `recipe`, when given, must be the
     recipe that was prepared (same digest); it supplies the folder its relative paths resolve against.
     """
-    from edgebundle.pipeline.recipe import recipe_from_dict
+    from edgebundle.core.recipe import recipe_from_dict
 
     work = Path(work)
     doc_path = work / PREPARED_FILE
@@ -425,7 +221,7 @@ def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
     arts = {k: _load_artifact(work, v) for k, v in doc["artifacts"].items()}
     lineage = [_load_artifact(work, n) for n in doc["lineage"]]
     d = arts["data"]
-    cal, val, test = (_load_split(d.path(f"{n}.npz")) for n in ("calibration", "val", "test"))
+    cal, val, test = (load_split(d.path(f"{n}.npz")) for n in ("calibration", "val", "test"))
     train = cal if recipe.data.calibration_split == "train" else val.head(0)
     dataset = Dataset(train=train, val=val, test=test, fingerprint=d.metrics["fingerprint"],
                       num_classes=d.metrics["num_classes"])
@@ -433,51 +229,6 @@ def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
 
 
 # ---- build ---------------------------------------------------------------------------------------------
-
-def _measure_feeds(split: Split, recipe: Recipe, batch: int) -> dict[str, np.ndarray]:
-    from edgebundle.calibration.readers import iter_feeds
-
-    return next(iter_feeds(split.head(max(batch, 1)), recipe.inputs, batch))
-
-
-def _torch_latency(model: nn.Module, feeds: dict[str, np.ndarray], names: list[str], spec: MeasureSpec,
-                   threads: int) -> measure_mod.LatencyStats:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    xs = [torch.from_numpy(feeds[n]) for n in names]
-    model = model.cpu().eval()
-    try:
-        with torch.inference_mode():
-            return measure_mod.measure(lambda: model(*xs), spec, threads=threads)
-    finally:
-        torch.set_num_threads(prev)
-
-
-def _brief(s: measure_mod.LatencyStats) -> dict[str, Any]:
-    d = s.to_dict()
-    d.pop("samples_ms")
-    return d
-
-
-def reference_latency(prepared: Prepared, spec: MeasureSpec, threads: int) -> dict[str, Any]:
-    """PyTorch fp32 eager, teacher and student: same protocol, same inputs, same threads as the targets."""
-    recipe = prepared.recipe
-    feeds = _measure_feeds(prepared.dataset.test, recipe, spec.batch)
-    names = prepared.input_names
-    return {
-        "pytorch_fp32_teacher": _brief(_torch_latency(prepared.load_teacher(), feeds, names, spec, threads)),
-        "pytorch_fp32_student": _brief(_torch_latency(prepared.load_student(), feeds, names, spec, threads)),
-    }
-
-
-def _latency(sess, feeds, spec: MeasureSpec, threads: int) -> measure_mod.LatencyStats:
-    """The shared wall-clock protocol, or the device's own clock where the session has one (CUDA events)."""
-    if hasattr(sess, "gpu_samples_ms"):
-        samples = sess.gpu_samples_ms(feeds, warmup=spec.warmup_min * 10, iterations=spec.iterations)
-        return measure_mod.summarize(np.array(samples), batch=spec.batch, threads=threads,
-                                     warmup=spec.warmup_min * 10)
-    return measure_mod.measure(lambda: sess.run(feeds), spec, threads=threads)
-
 
 def _preflight(spec: TargetSpec):
     entry = registry.lookup(spec.name)
@@ -489,123 +240,6 @@ def _preflight(spec: TargetSpec):
     return entry, target, options
 
 
-def fp32_reference(prepared: Prepared, threads: int | None = None) -> list[np.ndarray]:
-    """Every output of the fp32 ONNX model on the test split: what each bundle is judged against."""
-    from edgebundle.targets.ort_cpu import OrtSession
-
-    sess = OrtSession(prepared.onnx.path("model.fp32.onnx"), threads=threads or usable_cores())
-    try:
-        return run_outputs(sess, prepared.dataset.test, prepared.recipe.inputs)
-    finally:
-        sess.close()
-
-
-def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:
-    """The recipe's metric bound to this target's budget; `judged` is the fp32 judged output (for `auto`)."""
-    idx, name = recipe.judged_output
-    metric = resolve_name(recipe.metric, has_labels=labels is not None, output_name=name,
-                          output_shape=tuple(judged.shape))
-    if metric == "top1" and labels is None:
-        raise RecipeError("metric top1 needs labels and the data has none; use metric agreement (classifiers) "
-                          "or cosine")
-    fn = (import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric")
-          if recipe.metric.is_function else None)
-    return Contract(metric, recipe.metric, spec.max_accuracy_drop, idx, name, fn)
-
-
-def judge(contract: Contract, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
-    try:
-        return contract.judge(reference, outputs, labels)
-    except MetricFunctionError as e:
-        raise RecipeError(str(e)) from e
-
-
-def check_resolvable(contract: Contract, reference: np.ndarray, labels: np.ndarray | None, target: str) -> None:
-    """A points budget needs enough judged inputs that one changed input does not decide it alone."""
-    v = judge(contract, reference, reference, labels)
-    need = contract.needed_samples()
-    if v.samples < need:
-        what = (f"inputs where the fp32 model is confident (top-1 probability >= {contract.spec.min_confidence:g})"
-                if contract.metric == "agreement" else "inputs")
-        raise DataError(f"target '{target}': the test split has {v.samples} {what}; a {contract.max_drop:g}-point "
-                        f"{contract.metric} budget needs at least {need} (one changed input would be "
-                        f"{100.0 / max(v.samples, 1):.1f} points): give more data or raise max_accuracy_drop")
-
-
-@dataclass
-class _Eval:
-    built: Built
-    outputs: np.ndarray | None  # the judged output on the test split
-    verdict: Verdict
-    latency: measure_mod.LatencyStats | None
-    same_runtime: dict[str, Any] | None  # the same runtime's fp32 latency, where it can run it
-    runtime_seen: dict[str, Any]
-
-
-def _target_build(target, ctx: BuildContext, stage: str, prepared: Prepared) -> Built:
-    try:
-        return target.build(ctx)
-    except (DataError, RecipeError):
-        raise
-    except EdgeBundleError as e:
-        raise StageError(f"{stage} failed (after {', '.join(a.stage for a in prepared.lineage)}): {e}") from e
-
-
-def _evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: TargetSpec, contract: Contract,
-              reference_out: np.ndarray, threads: int, *, same_runtime: bool = True) -> _Eval:
-    """The artifact's judged output on the test split, its verdict and its latency (and the same runtime's
-    fp32 latency, for "vs fp32 on the same runtime")."""
-    from edgebundle.targets.ort_cpu import OrtSession
-
-    recipe, ds = prepared.recipe, prepared.dataset
-    feeds = _measure_feeds(ds.test, recipe, spec.measure.batch)
-    same_rt, lat, runtime_seen = None, None, {}
-    if built.status == "pending":  # the runtime's artifact is not built here: accuracy through ORT CPU, no latency
-        sess = OrtSession(tmp / (built.eval_file or built.model_file), threads=threads)
-        try:
-            outs = run_outputs(sess, ds.test, recipe.inputs)
-        finally:
-            sess.close()
-    else:
-        if same_runtime and built.precision != "fp32" and (built.fp32_file or entry.capabilities.opens_onnx):
-            fp32 = tmp / built.fp32_file if built.fp32_file else prepared.onnx.path("model.fp32.onnx")
-            s32 = target.open(fp32, threads=threads, runtime=built.runtime)
-            try:
-                same_rt = _brief(measure_mod.measure(lambda: s32.run(feeds), spec.measure, threads=threads))
-            finally:
-                s32.close()
-        sess = target.open(tmp / built.model_file, threads=threads, runtime=built.runtime)
-        try:
-            outs = run_outputs(sess, ds.test, recipe.inputs)
-            lat = _latency(sess, feeds, spec.measure, threads)
-            runtime_seen = ({"inference_precision": sess.inference_precision}
-                            if hasattr(sess, "inference_precision") else {})
-        finally:
-            sess.close()
-    if len(outs) <= contract.output_index:
-        raise StageError(f"build:{spec.name}: the artifact has {len(outs)} output(s); the metric judges output "
-                         f"'{contract.output_name}' (number {contract.output_index + 1})")
-    out = outs[contract.output_index]
-    verdict = judge(contract, reference_out, out, ds.test.labels)
-    return _Eval(built, out, verdict, lat, same_rt, runtime_seen)
-
-
-def _tried(quant: dict[str, Any]) -> str:
-    """What the build tried before the verdict, from the target's accuracy-budget record."""
-    b = quant.get("accuracy_budget") or {}
-    parts = []
-    if b.get("drop_full_int8") is not None:
-        parts.append(f"full int8 (val loss {b['drop_full_int8']:.3g})")
-    for a in b.get("attempts") or []:
-        if "excluded" in a:
-            parts.append(f"{a['excluded']} layer(s) kept float (val loss {a['drop']:.3g})")
-        elif "step" in a:
-            parts.append(f"{a['step']} (val loss {a.get('val_drop')})")
-    if quant.get("dynamic_over_budget"):
-        parts.insert(0, "dynamic int8")
-    return "; ".join(parts) if parts else "int8 with the target's settings"
-
-
 def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event: Event = _noop,
                  reference: dict[str, Any] | None = None, fp32_test: list[np.ndarray] | None = None,
                  keep_rejected: bool = False) -> BundleResult:
@@ -615,121 +249,163 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     is expected: it is discarded (status 'rejected' in the result), or with `keep_rejected` written to
     OUT/<target>.rejected with `status: rejected` in its manifest.
     """
-    import onnx
-
-    recipe = prepared.recipe
+    recipe, ds = prepared.recipe, prepared.dataset
     entry, target, options = _preflight(spec)
     threads = spec.threads or usable_cores()
-    ds = prepared.dataset
     stage = f"build:{spec.name}"
     on_event("start", stage, cached=False)
-    cal = ds.calibration(recipe.data, spec.calibration.samples)
     if reference is None:
         reference = reference_latency(prepared, spec.measure, threads)
     if fp32_test is None:
         fp32_test = fp32_reference(prepared, threads)
-    fp32_path = prepared.onnx.path("model.fp32.onnx")
     ref_out = fp32_test[recipe.judged_output[0]]
     contract = contract_for(recipe, spec, ds.test.labels, ref_out)
     check_resolvable(contract, ref_out, ds.test.labels, spec.name)
-    asked = getattr(options, "precision", None)
-    if asked == "auto":
-        options = options.model_copy(update={"precision": "int8"})
-    rejection: list[str] = []
+    job = _Job(prepared, spec, entry, target, options, contract, ref_out, threads, stage)
+    verdicts: list[Evaluation] = []
 
-    def context(opts, workdir: Path) -> BuildContext:
-        return BuildContext(recipe, spec, opts, fp32_path, cal, ds.val, workdir, threads,
-                            load_model=prepared.load_student, contract=contract)
-
-    def fill(tmp: Path) -> dict[str, Any]:
-        built = _target_build(target, context(options, tmp), stage, prepared)
-        ev = _evaluate(target, entry, built, tmp, prepared, spec, contract, ref_out, threads)
-        notes = list(built.notes)
-        choice = None
-        if asked == "auto" and built.precision == "int8" and ev.latency is not None and ev.same_runtime:
-            int8_ms, fp32_ms = ev.latency.p50_ms, ev.same_runtime["p50_ms"]
-            choice = {"asked": "auto", "int8_p50_ms": int8_ms, "fp32_p50_ms": fp32_ms, "shipped": "int8",
-                      "int8_within_budget": ev.verdict.within}
-            if ev.verdict.within and int8_ms >= fp32_ms:
-                alt = tmp / ".fp32"
-                alt.mkdir()
-                b32 = _target_build(target, context(options.model_copy(update={"precision": "fp32"}), alt), stage,
-                                    prepared)
-                ev32 = _evaluate(target, entry, b32, alt, prepared, spec, contract, ref_out, threads,
-                                 same_runtime=False)
-                if ev32.verdict.within:
-                    for f in tmp.iterdir():
-                        if f != alt:
-                            shutil.rmtree(f) if f.is_dir() else f.unlink()
-                    for f in alt.iterdir():
-                        os.replace(f, tmp / f.name)
-                    ev, choice["shipped"] = ev32, "fp32"
-                    notes.append(f"precision auto: int8 within budget ran p50 {int8_ms:.3f} ms, fp32 on the same "
-                                 f"runtime {fp32_ms:.3f} ms; shipped fp32, the faster")
-                shutil.rmtree(alt, ignore_errors=True)
-        built, v, lat, same_rt = ev.built, ev.verdict, ev.latency, ev.same_runtime
-        pending = built.status == "pending"
-        status = built.status if v.within else "rejected"
-        if not v.within:
-            rejection.append(f"{spec.name}: {v.line()} missed the budget; tried: {_tried(built.quantization)}")
-            notes.append(f"rejected: {v.line()}; tried: {_tried(built.quantization)}")
-        if (lat is not None and same_rt and built.precision == "int8" and lat.p50_ms > same_rt["p50_ms"]
-                and not (choice and choice["shipped"] == "fp32")):
-            notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime "
-                         f"({same_rt['p50_ms']:.4f} ms) on this host; options.precision: fp32 (or auto) ships fp32")
-        teacher_acc = prepared.teacher.metrics.get("test_accuracy")
-        student_acc = prepared.onnx.metrics.get("student_test_accuracy")
-        m = onnx.load(str(fp32_path), load_external_data=False)  # every target keeps the exported interface
-        io = {kind: [{"name": t.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name,
-                      "shape": [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]} for t in vals]
-              for kind, vals in (("inputs", m.graph.input), ("outputs", m.graph.output))}
-        teacher_p50 = reference["pytorch_fp32_teacher"]["p50_ms"]
-        same_rt_p50 = same_rt["p50_ms"] if same_rt else None
-        quantization = dict(built.quantization)
-        if choice:
-            quantization["precision_choice"] = choice
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "edgebundle_version": edgebundle.__version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "recipe": {"name": recipe.name, "sha256": recipe_digest(recipe),
-                       "json": recipe.model_dump(mode="json", exclude={"base_dir"})},
-            "target": {"name": spec.name, "precision": built.precision, "status": status,
-                       "exercised": not pending, "rejection": rejection[0] if rejection else None,
-                       "runtime": {**built.runtime, **ev.runtime_seen, "threads": threads},
-                       "capabilities": {"precisions": list(entry.capabilities.precisions),
-                                        "needs_gpu": entry.capabilities.needs_gpu,
-                                        "extra": entry.capabilities.extra,
-                                        "runtime": entry.capabilities.runtime}},
-            "model_file": built.model_file,
-            **io,
-            "lineage": [a.record() for a in prepared.lineage]
-            + [{"stage": stage, "config": spec.model_dump(mode="json"), "options": options.model_dump(mode="json")}],
-            "quantization": quantization,
-            "accuracy": {"metric": v.metric, "output": contract.output_name, "split": "test", "samples": len(ds.test),
-                         "judged_samples": v.samples, "budget": v.budget,
-                         "teacher_pytorch": teacher_acc, "student_pytorch": student_acc, "fp32_onnx": v.reference,
-                         "target": v.value, "drop_vs_fp32": v.drop,
-                         "max_drop": spec.max_accuracy_drop if v.metric not in ("cosine", "snr", "mse") else None,
-                         "within_budget": v.within, "details": v.details,
-                         "output_cosine_vs_fp32": cosine(ev.outputs, ref_out)},
-            "latency": None if lat is None else lat.to_dict(),
-            "reference_latency": {**reference, **({f"{entry.capabilities.runtime}_fp32_student": same_rt}
-                                                  if same_rt else {})},
-            "speedup": {"vs_pytorch_fp32_teacher": None if lat is None else teacher_p50 / lat.p50_ms,
-                        "vs_same_runtime_fp32": (same_rt_p50 / lat.p50_ms) if same_rt_p50 and lat else None},
-            "host": fingerprint(),
-            "notes": notes,
-        }
+    def fill(tmp: Path) -> ManifestDraft:
+        ev, choice = job.build_and_evaluate(tmp)
+        verdicts.append(ev)
+        return _manifest(job, ev, choice, reference)
 
     path = write_bundle(output, spec.name, fill, rejected_name=f"{spec.name}.rejected" if keep_rejected else None)
-    if rejection:
+    manifest = json.loads((path / "manifest.json").read_text()) if path is not None else None
+    ev = verdicts[-1]
+    if not ev.verdict.within:
         on_event("done", stage, cached=False, status="rejected")
-        manifest = json.loads((path / "manifest.json").read_text()) if path is not None else None
-        return BundleResult(spec.name, path, manifest, status="rejected", reason=rejection[0])
-    manifest = json.loads((path / "manifest.json").read_text())
+        return BundleResult(spec.name, path, manifest, status="rejected", reason=_rejection(spec, ev))
     on_event("done", stage, cached=False)
     return BundleResult(spec.name, path, manifest, status=manifest["target"]["status"])
+
+
+@dataclass
+class _Job:
+    """One target's build: its settings, the contract it is held to, and the fp32 reference outputs."""
+
+    prepared: Prepared
+    spec: TargetSpec
+    entry: Any
+    target: Any
+    options: Any  # the target's validated options, precision 'auto' already resolved to int8
+    contract: Contract
+    ref_out: np.ndarray
+    threads: int
+    stage: str
+    asked: str | None = None
+
+    def __post_init__(self) -> None:
+        self.asked = getattr(self.options, "precision", None)
+        if self.asked == "auto":
+            self.options = self.options.model_copy(update={"precision": "int8"})
+
+    def context(self, options, workdir: Path) -> BuildContext:
+        p, recipe = self.prepared, self.prepared.recipe
+        return BuildContext(recipe, self.spec, options, p.onnx.path("model.fp32.onnx"),
+                            p.dataset.calibration(recipe.data, self.spec.calibration.samples), p.dataset.val,
+                            workdir, self.threads, load_model=p.load_student, contract=self.contract)
+
+    def build_and_evaluate(self, tmp: Path, options=None, same_runtime: bool = True) -> tuple[Evaluation, dict | None]:
+        built = target_build(self.target, self.context(options or self.options, tmp), self.stage, self.prepared)
+        ev = evaluate(self.target, self.entry, built, tmp, self.prepared, self.spec, self.contract, self.ref_out,
+                      self.threads, same_runtime=same_runtime)
+        if options is not None or self.asked != "auto":
+            return ev, None
+        return self._precision_auto(tmp, ev)
+
+    def _precision_auto(self, tmp: Path, ev: Evaluation) -> tuple[Evaluation, dict | None]:
+        """precision auto: int8 within budget that is not faster than fp32 on the same runtime ships fp32."""
+        if ev.built.precision != "int8" or ev.latency is None or not ev.same_runtime:
+            return ev, None
+        int8_ms, fp32_ms = ev.latency.p50_ms, ev.same_runtime["p50_ms"]
+        choice = {"asked": "auto", "int8_p50_ms": int8_ms, "fp32_p50_ms": fp32_ms, "shipped": "int8",
+                  "int8_within_budget": ev.verdict.within}
+        if not ev.verdict.within or int8_ms < fp32_ms:
+            return ev, choice
+        alt = tmp / ".fp32"
+        alt.mkdir()
+        try:
+            ev32, _ = self.build_and_evaluate(alt, self.options.model_copy(update={"precision": "fp32"}),
+                                              same_runtime=False)
+            if ev32.verdict.within:
+                for f in tmp.iterdir():
+                    if f != alt:
+                        shutil.rmtree(f) if f.is_dir() else f.unlink()
+                for f in alt.iterdir():
+                    os.replace(f, tmp / f.name)
+                ev, choice["shipped"] = ev32, "fp32"
+        finally:
+            shutil.rmtree(alt, ignore_errors=True)
+        return ev, choice
+
+
+def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
+    return f"{spec.name}: {ev.verdict.line()} missed the budget; tried: {tried(ev.built.quantization)}"
+
+
+def _io(fp32_path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The exported interface every target keeps: names, dtypes and shapes of inputs and outputs."""
+    import onnx
+
+    m = onnx.load(str(fp32_path), load_external_data=False)
+    return {kind: [{"name": t.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name,
+                    "shape": [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]} for t in vals]
+            for kind, vals in (("inputs", m.graph.input), ("outputs", m.graph.output))}
+
+
+def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
+    notes = list(ev.built.notes)
+    lat, same_rt, v = ev.latency, ev.same_runtime, ev.verdict
+    if choice and choice["shipped"] == "fp32":
+        notes.append(f"precision auto: int8 within budget ran p50 {choice['int8_p50_ms']:.3f} ms, fp32 on the same "
+                     f"runtime {choice['fp32_p50_ms']:.3f} ms; shipped fp32, the faster")
+    elif lat is not None and same_rt and ev.built.precision == "int8" and lat.p50_ms > same_rt["p50_ms"]:
+        notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime "
+                     f"({same_rt['p50_ms']:.4f} ms) on this host; options.precision: fp32 (or auto) ships fp32")
+    if not v.within:
+        notes.append(f"rejected: {v.line()}; tried: {tried(ev.built.quantization)}")
+    return notes
+
+
+def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[str, Any]) -> ManifestDraft:
+    """The typed manifest record of one evaluated build (the writer adds the files' hashes and sizes)."""
+    prepared, spec, entry, recipe = job.prepared, job.spec, job.entry, job.prepared.recipe
+    built, v, lat, same_rt = ev.built, ev.verdict, ev.latency, ev.same_runtime
+    caps = entry.capabilities
+    quantization = {**built.quantization, **({"precision_choice": choice} if choice else {})}
+    same_rt_p50 = same_rt["p50_ms"] if same_rt else None
+    return ManifestDraft(
+        schema_version=SCHEMA_VERSION,
+        edgebundle_version=edgebundle.__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        recipe={"name": recipe.name, "sha256": recipe_digest(recipe),
+                "json": recipe.model_dump(mode="json", exclude={"base_dir"})},
+        target=TargetInfo(name=spec.name, precision=built.precision,
+                          status=built.status if v.within else "rejected", exercised=built.status != "pending",
+                          rejection=None if v.within else _rejection(spec, ev),
+                          runtime={**built.runtime, **ev.runtime_seen, "threads": job.threads},
+                          capabilities={"precisions": list(caps.precisions), "needs_gpu": caps.needs_gpu,
+                                        "extra": caps.extra, "runtime": caps.runtime}),
+        model_file=built.model_file,
+        **_io(prepared.onnx.path("model.fp32.onnx")),
+        lineage=[a.record() for a in prepared.lineage]
+        + [{"stage": job.stage, "config": spec.model_dump(mode="json"), "options": job.options.model_dump(mode="json")}],
+        quantization=quantization,
+        accuracy=Accuracy(metric=v.metric, output=job.contract.output_name, split="test",
+                          samples=len(prepared.dataset.test), judged_samples=v.samples, budget=v.budget,
+                          teacher_pytorch=prepared.teacher.metrics.get("test_accuracy"),
+                          student_pytorch=prepared.onnx.metrics.get("student_test_accuracy"),
+                          fp32_onnx=v.reference, target=v.value, drop_vs_fp32=v.drop, max_drop=v.max_drop,
+                          within_budget=v.within, details=v.details,
+                          output_cosine_vs_fp32=cosine(ev.outputs, job.ref_out)),
+        latency=None if lat is None else lat.to_dict(),
+        reference_latency={**reference, **({f"{caps.runtime}_fp32_student": same_rt} if same_rt else {})},
+        speedup={"vs_pytorch_fp32_teacher": None if lat is None else reference["pytorch_fp32_teacher"]["p50_ms"]
+                 / lat.p50_ms,
+                 "vs_same_runtime_fp32": (same_rt_p50 / lat.p50_ms) if same_rt_p50 and lat else None},
+        host=fingerprint(),
+        notes=_notes(job, ev, choice),
+    )
 
 
 def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_event: Event,
@@ -776,6 +452,7 @@ def _select(recipe: Recipe, targets: list[str] | None, output: Path) -> list[Tar
     selected = [recipe.target(t) for t in targets] if targets else list(recipe.targets)
     for spec in selected:
         _preflight(spec)
+    check_bundle_places(output, [s.name for s in selected])
     return selected
 
 

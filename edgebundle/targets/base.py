@@ -14,8 +14,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from edgebundle.core.metrics import Contract
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.recipe import Recipe, TargetSpec
+from edgebundle.core.data import Split
+from edgebundle.core.recipe import Recipe, TargetSpec
 
 
 @dataclass(frozen=True)
@@ -55,11 +55,19 @@ class Built:
 
 
 class Session(Protocol):
+    """An opened artifact (`with target.open(...) as s:`); optional features are declared in `features`
+    (see edgebundle.core.session), never probed."""
+
     input_names: list[str]
+    features: frozenset[str]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
     def close(self) -> None: ...
+
+    def __enter__(self) -> Session: ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 class Target(Protocol):
@@ -69,8 +77,9 @@ class Target(Protocol):
     def unavailable_reason(self, options: BaseModel) -> str | None:
         """None when the runtime and device are present, else why not (shown to the user)."""
 
-    # Optional: `pending_reason(options) -> str | None` -- the target can prepare its input here but not
-    # build or time its final artifact (e.g. a GPU engine); it then returns Built(status="pending").
+    def pending_reason(self, options: BaseModel | None) -> str | None:
+        """None when this machine can build and time the runtime's own artifact; else why not: the target
+        then prepares what it can (e.g. a Q/DQ model for a GPU engine) and returns Built(status="pending")."""
 
     def build(self, ctx: BuildContext) -> Built: ...
 

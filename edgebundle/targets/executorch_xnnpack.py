@@ -22,9 +22,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgebundle.errors import StageError, TargetUnavailable
+from edgebundle.core.session import SessionBase
+from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.targets.registry import Capabilities, register_target
+from edgebundle.core.registry import Capabilities, register_target
 
 BOOKKEEPING = ("getitem",)
 HOST_NOTE = ("latency measured with executorch.runtime (XNNPACK) on this x86 host, not on a phone; measure the "
@@ -70,6 +71,9 @@ def _lower(exported, out: Path) -> dict[str, Any]:
 class ExecutorchTarget:
     def unavailable_reason(self, options: ExecutorchOptions | None = None) -> str | None:
         return _missing()
+
+    def pending_reason(self, options: ExecutorchOptions | None = None) -> str | None:
+        return None  # builds and times its own artifact on this machine
 
     def build(self, ctx: BuildContext) -> Built:
         import torch
@@ -132,7 +136,7 @@ class ExecutorchTarget:
         return ExecutorchSession(model_path, runtime.get("inputs", []))
 
 
-class ExecutorchSession:
+class ExecutorchSession(SessionBase):
     def __init__(self, model_path: Path, input_names: list[str]) -> None:
         why = _missing()
         if why:

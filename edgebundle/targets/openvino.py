@@ -21,11 +21,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgebundle.calibration.readers import iter_feeds
-from edgebundle.errors import StageError, TargetUnavailable
+from edgebundle.core.data import iter_feeds
+from edgebundle.core.session import SessionBase
+from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
 from edgebundle.targets.ort_cpu import int8_if_auto
-from edgebundle.targets.registry import Capabilities, register_target
+from edgebundle.core.registry import Capabilities, register_target
 
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
 
@@ -153,6 +154,9 @@ class OpenVinoTarget:
             return f"{e.name} is not installed (pip install openvino nncf)"
         return _device_problem(ov.Core(), (options or OpenVinoOptions()).device)
 
+    def pending_reason(self, options: OpenVinoOptions | None = None) -> str | None:
+        return None  # builds and times its own artifact on this machine
+
     def build(self, ctx: BuildContext) -> Built:
         import nncf
 
@@ -249,7 +253,7 @@ class OpenVinoTarget:
 
         import dataclasses
 
-        from edgebundle.exporters.onnx import cosine
+        from edgebundle.core.metrics import cosine
 
         base = kwargs.get("advanced_parameters") or AdvancedQuantizationParameters()
         default_alpha = AdvancedSmoothQuantParameters().matmul
@@ -307,7 +311,9 @@ class OpenVinoTarget:
                          precision=runtime.get("inference_precision_hint", "f32"))
 
 
-class OvSession:
+class OvSession(SessionBase):
+    features = frozenset({"inference_precision"})
+
     def __init__(self, model_path: Path, *, threads: int, device: str = "CPU", hint: str = "latency",
                  precision: str = "f32") -> None:
         ov = _ov()

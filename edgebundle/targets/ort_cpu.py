@@ -22,18 +22,11 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from edgebundle.calibration.readers import SplitReader, iter_feeds, run_split
-from edgebundle.errors import StageError
-from edgebundle.pipeline.host import cpu_flags
+from edgebundle.core.errors import StageError
+from edgebundle.core.session import OrtSession
+from edgebundle.core.host import cpu_flags
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.targets.registry import Capabilities, register_target
-
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
+from edgebundle.core.registry import Capabilities, register_target
 
 class OrtCpuOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -105,6 +98,9 @@ class OrtCpuTarget:
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CPUExecutionProvider"
         return None
+
+    def pending_reason(self, options: OrtCpuOptions | None = None) -> str | None:
+        return None  # builds and times its own artifact on this machine
 
     def build(self, ctx: BuildContext) -> Built:
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -211,24 +207,18 @@ class OrtCpuTarget:
 
 def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
     """The model's judged output on the validation split."""
-    sess = OrtSession(model, threads=ctx.threads)
-    try:
+    with OrtSession(model, threads=ctx.threads) as sess:
         return run_split(sess, ctx.validation, ctx.recipe.inputs, output=ctx.val_contract().output_index)
-    finally:
-        sess.close()
 
 
 def _p50_ms(model: Path, ctx: BuildContext) -> float:
     """Batch-1 median latency, the price of the layers accuracy control keeps in float."""
-    from edgebundle.pipeline.measure import measure
-    from edgebundle.pipeline.recipe import MeasureSpec
+    from edgebundle.core.measure import measure
+    from edgebundle.core.recipe import MeasureSpec
 
     feeds = next(iter_feeds(ctx.validation.head(1), ctx.recipe.inputs, 1))
-    sess = OrtSession(model, threads=ctx.threads)
-    try:
+    with OrtSession(model, threads=ctx.threads) as sess:
         return measure(lambda: sess.run(feeds), MeasureSpec(iterations=50, warmup_max=200), threads=ctx.threads).p50_ms
-    finally:
-        sess.close()
 
 
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
@@ -262,24 +252,3 @@ def fuse_transformer(src: Path, dst: Path, when: str) -> dict[str, int]:
         return {}
     model.save_model_to_file(str(dst))
     return stats
-
-
-class OrtSession:
-    def __init__(self, model_path: Path, *, threads: int, level: str = "all") -> None:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = _OPT_LEVELS[level]
-        so.log_severity_level = 3
-        try:
-            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise StageError(f"onnxruntime cannot load {model_path.name}: {e}") from e
-        self.input_names = [i.name for i in self.sess.get_inputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sess.run(None, feeds)
-
-    def close(self) -> None:
-        self.sess = None

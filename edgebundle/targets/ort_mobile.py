@@ -22,10 +22,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edgebundle.errors import StageError
+from edgebundle.core.errors import StageError
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.targets.ort_cpu import OrtCpuOptions, OrtCpuTarget, OrtSession
-from edgebundle.targets.registry import Capabilities, register_target
+from edgebundle.core.metrics import compare
+from edgebundle.core.session import OrtSession
+from edgebundle.targets.ort_cpu import OrtCpuOptions, OrtCpuTarget
+from edgebundle.core.registry import Capabilities, register_target
 
 CONFIG = "required_operators.config"
 HOST_NOTE = ("latency measured with onnxruntime on this x86 host, not on a phone; measure the same .ort on the "
@@ -43,6 +45,9 @@ class OrtMobileOptions(OrtCpuOptions):
 class OrtMobileTarget:
     def unavailable_reason(self, options: OrtMobileOptions | None = None) -> str | None:
         return OrtCpuTarget().unavailable_reason()
+
+    def pending_reason(self, options: OrtMobileOptions | None = None) -> str | None:
+        return None  # builds and times its own artifact on this machine
 
     def build(self, ctx: BuildContext) -> Built:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
@@ -82,16 +87,12 @@ class OrtMobileTarget:
 def _round_trip(onnx_path: Path, ort_path: Path, ctx: BuildContext) -> tuple[float, str]:
     """Largest output difference between the .onnx and the re-loaded .ort on the validation split (both at
     ORT's full optimisation level), and the .ort judged against the .onnx by the recipe's metric."""
-    from edgebundle.calibration.readers import run_split
+    from edgebundle.core.data import run_split
 
     part = ctx.validation.head(256)
     contract = ctx.val_contract()
-    a, b = OrtSession(onnx_path, threads=ctx.threads), OrtSession(ort_path, threads=ctx.threads)
-    try:
+    with OrtSession(onnx_path, threads=ctx.threads) as a, OrtSession(ort_path, threads=ctx.threads) as b:
         x, y = (run_split(s, part, ctx.recipe.inputs, output=contract.output_index) for s in (a, b))
-    finally:
-        a.close()
-        b.close()
-    diff = float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max())
+    diff = compare(x, y).max_abs
     v = contract.judge(x, y, part.labels)
     return diff, v.line()

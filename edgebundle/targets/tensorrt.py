@@ -30,9 +30,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgebundle.calibration.readers import SplitReader
-from edgebundle.errors import StageError, TargetUnavailable
+from edgebundle.core.session import SessionBase
+from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.targets.registry import Capabilities, register_target
+from edgebundle.core.registry import Capabilities, register_target
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # per-channel weight axis TensorRT accepts: output channels (Conv K, ConvTranspose is [C, K/g, ...]),
@@ -280,8 +281,10 @@ def build_engine(onnx_path: Path, out: Path, *, int8: bool, fp16: bool, opt: Ten
     timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-class TrtSession:
+class TrtSession(SessionBase):
     """Runs a serialized engine with torch-allocated device buffers on one CUDA stream."""
+
+    features = frozenset({"gpu_timing"})
 
     def __init__(self, engine_path: Path, *, runtime: dict[str, Any], device: int = 0) -> None:
         if engine_pending_reason():
@@ -397,7 +400,7 @@ class TensorRtTarget:
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]):
         if model_path.suffix == ".onnx":  # a pending bundle: its Q/DQ model runs on ONNX Runtime CPU
-            from edgebundle.targets.ort_cpu import OrtSession
+            from edgebundle.core.session import OrtSession
 
             return OrtSession(model_path, threads=threads)
         return TrtSession(model_path, runtime=runtime, device=int(runtime.get("device", 0)))

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edgebundle.errors import RecipeError
-from edgebundle.pipeline.cache import sha256_file
-from edgebundle.pipeline.recipe import EnsembleSpec, InputSpec, ModelSpec
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.artifact import sha256_file
+from edgebundle.core.recipe import EnsembleSpec, InputSpec, ModelSpec
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -52,6 +52,8 @@ def import_object(ref: str, *, base_dir: Path, what: str) -> Callable[..., Any]:
             module = importlib.import_module(module_name)
     except RecipeError:
         raise
+    except SystemExit as e:  # an import runs arbitrary user code, which may even exit
+        raise RecipeError(f"{what}: importing '{module_name}' called sys.exit({e.code})") from e
     except Exception as e:  # an import runs arbitrary user code: report any failure as the recipe's
         raise RecipeError(f"{what}: cannot import '{module_name}': {type(e).__name__}: {e}") from e
     obj = getattr(module, attr, None)
@@ -71,7 +73,7 @@ def source_fingerprint(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> str:
         return h.hexdigest()
     h = hashlib.sha256(spec.model_dump_json(exclude={"weights", "hf"}).encode())
     if spec.hf is not None:
-        from edgebundle import hf
+        from edgebundle.core import hf
 
         h.update(hf.folder_fingerprint(_resolve(spec.hf, base_dir)).encode())
         fn = hf.sequence_classifier
@@ -94,20 +96,22 @@ def _resolve(p: Path, base_dir: Path) -> Path:
 
 def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> nn.Module:
     if isinstance(spec, EnsembleSpec):
-        from edgebundle.ensemble import Ensemble
+        from edgebundle.core.ensemble import Ensemble
 
         model = Ensemble([build_model(m, base_dir) for m in spec.members], spec.mode)
         if spec.weights is not None:
             load_weights(model, _resolve(spec.weights, base_dir))
         return model.eval()
     if spec.hf is not None:
-        from edgebundle import hf
+        from edgebundle.core import hf
 
         model = hf.sequence_classifier(_resolve(spec.hf, base_dir), **spec.kwargs)
     else:
         fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
         try:
             model = fn(**spec.kwargs)
+        except SystemExit as e:  # user factory code
+            raise RecipeError(f"model.factory {spec.factory}({spec.kwargs}) called sys.exit({e.code})") from e
         except Exception as e:  # user factory code
             raise RecipeError(f"model.factory {spec.factory}({spec.kwargs}) failed: {type(e).__name__}: {e}") from e
         if not isinstance(model, nn.Module):

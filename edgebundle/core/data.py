@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from edgebundle.errors import DataError
-from edgebundle.pipeline.recipe import DataSpec, InputSpec, Recipe
-from edgebundle.pipeline.modelio import import_object
+from edgebundle.core.errors import DataError
+from edgebundle.core.recipe import DataSpec, InputSpec, Recipe
+from edgebundle.core.modelio import import_object
 
 LABEL_KEYS = ("y", "label", "labels")
 
@@ -49,6 +50,33 @@ class Dataset:
 
     def calibration(self, spec: DataSpec, samples: int | None = None) -> Split:
         return self.split(spec.calibration_split).head(samples or spec.calibration_samples)
+
+
+def iter_feeds(split: Split, specs: list[InputSpec], batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Feeds of `batch` samples each, in order; the last one is shorter when the batch axis is dynamic.
+
+    A static batch dimension forces batch = spec.shape[0], and a trailing remainder is then left out.
+    """
+    if len(split) == 0:
+        raise DataError("calibration data is empty")
+    static = {s.shape[0] for s in specs if 0 not in s.dynamic_axes}
+    if static:
+        batch = static.pop()
+    for i in range(0, len(split), batch):
+        if static and i + batch > len(split):
+            break
+        yield {s.name: split.inputs[s.name][i:i + batch] for s in specs}
+
+
+def run_outputs(session, split: Split, specs: list[InputSpec], batch_hint: int = 64) -> list[np.ndarray]:
+    """Every output of a session over a whole split, in order (batches of `batch_hint` where allowed)."""
+    parts = [session.run(f) for f in iter_feeds(split, specs, batch_hint)]
+    return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def run_split(session, split: Split, specs: list[InputSpec], batch_hint: int = 64, output: int = 0) -> np.ndarray:
+    """One output of a session (the first by default) over a whole split, in order."""
+    return np.concatenate([session.run(f)[output] for f in iter_feeds(split, specs, batch_hint)])
 
 
 def check_inputs(inputs: dict[str, np.ndarray], specs: list[InputSpec], *, what: str) -> dict[str, np.ndarray]:
@@ -132,8 +160,7 @@ def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], 
             raise DataError(f"cannot read data file {f}: {e}") from e
     if labels and len(labels) != len(files):
         raise DataError(f"data folder {path}: some files have labels and some do not")
-    inputs = {n: np.concatenate(v) for n, v in parts.items()}
-    return inputs, (np.concatenate(labels).astype(np.int64) if labels else None)
+    return _joined(parts, labels, f"data folder {path}", "file", [f.name for f in files])
 
 
 def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | None = None
@@ -143,10 +170,20 @@ def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | N
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     labels: list[np.ndarray] = []
     try:
-        batches = fn(**(kwargs or {}))
+        batches = iter(fn(**(kwargs or {})))
     except TypeError as e:
         raise DataError(f"data.function {ref} cannot be called with {kwargs or 'no arguments'}: {e}") from e
-    for batch in batches:
+    except (Exception, SystemExit) as e:  # user code: any failure is the data's, in one line
+        raise DataError(f"data.function {ref} failed: {_what(e)}") from e
+    i = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            break
+        except (Exception, SystemExit) as e:  # a generator that raises midway
+            raise DataError(f"data.function {ref} failed after {i} batch(es): {_what(e)}") from e
+        i += 1
         if isinstance(batch, dict):
             for n in names:
                 if n not in batch:
@@ -165,8 +202,40 @@ def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | N
             labels.append(np.asarray(lab))
     if not parts[names[0]]:
         raise DataError(f"data.function {ref} yielded no batches")
-    inputs = {n: np.concatenate(v) for n, v in parts.items()}
-    return inputs, (np.concatenate(labels).astype(np.int64) if labels else None)
+    return _joined(parts, labels, f"data.function {ref}", "batch")
+
+
+def _what(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code})"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _joined(parts: dict[str, list[np.ndarray]], labels: list[np.ndarray], source: str, unit: str,
+            names: list[str] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Concatenate per-batch (or per-file) arrays, naming the batch or file whose per-sample shape, or whose
+    labels, do not fit."""
+    inputs = {}
+    for n, arrays in parts.items():
+        first = arrays[0].shape[1:]
+        for k, a in enumerate(arrays):
+            if a.ndim == 0 or a.shape[1:] != first:
+                where = names[k] if names else f"{unit} {k + 1}"
+                raise DataError(f"{source}: input '{n}' in {where} has per-sample shape {list(a.shape[1:])}, the "
+                                f"first has {list(first)}")
+        inputs[n] = np.concatenate(arrays)
+    if not labels:
+        return inputs, None
+    for k, y in enumerate(labels):
+        where = names[k] if names else f"{unit} {k + 1}"
+        if y.ndim != 1:
+            raise DataError(f"{source}: labels in {where} have shape {list(y.shape)}; one integer class per sample")
+        if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
+            raise DataError(f"{source}: labels in {where} are {y.dtype}, not integer classes")
+        if y.size and y.min() < 0:
+            raise DataError(f"{source}: labels in {where} include {int(y.min())}; classes are 0, 1, 2, ...")
+    return inputs, np.concatenate(labels).astype(np.int64)
 
 
 def data_config_json(spec: DataSpec) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgebundle.pipeline.recipe import MeasureSpec
+from edgebundle.core.recipe import MeasureSpec
 
 WARMUP_WINDOW = 10
 STABLE_WITHIN = 0.05
@@ -59,11 +59,19 @@ def _time_once(fn: Callable[[], Any]) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
 
 
+def time_block(fn: Callable[[], Any], n: int) -> np.ndarray:
+    """Milliseconds of `n` back-to-back calls: the one timing loop (measure, check's rounds, the benches)."""
+    out = np.empty(n)
+    for i in range(n):
+        out[i] = _time_once(fn)
+    return out
+
+
 def warm_up(fn: Callable[[], Any], spec: MeasureSpec) -> tuple[int, bool]:
     """Run until two consecutive windows' medians agree within 5 %; returns (iterations, stable)."""
     done, prev = 0, None
     while done < spec.warmup_max:
-        window = np.array([_time_once(fn) for _ in range(WARMUP_WINDOW)])
+        window = time_block(fn, WARMUP_WINDOW)
         done += WARMUP_WINDOW
         med = float(np.median(window))
         if done >= spec.warmup_min and prev is not None and abs(med / prev - 1) <= STABLE_WITHIN:

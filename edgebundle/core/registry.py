@@ -1,4 +1,9 @@
-"""One registry of targets, filled by `@register_target` in each target module."""
+"""One registry of targets, filled by `@register_target` in each target module.
+
+It sits in core so that the recipe schema can check target names and options. The built-in targets are
+found the way plugins are: on the first lookup the `edgebundle.targets` package is imported by name
+(each of its modules registers itself), so nothing in core imports a layer above it.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,13 @@ class Entry:
 
 
 _TARGETS: dict[str, Entry] = {}
+BUILTIN_PACKAGE = "edgebundle.targets"
+
+
+def _discover() -> None:
+    import importlib
+
+    importlib.import_module(BUILTIN_PACKAGE)
 
 
 def register_target(name: str, *, capabilities: Capabilities, options: type[BaseModel]):
@@ -41,10 +53,13 @@ def register_target(name: str, *, capabilities: Capabilities, options: type[Base
 
 
 def names() -> list[str]:
+    _discover()
     return sorted(_TARGETS)
 
 
 def lookup(name: str) -> Entry:
+    if name not in _TARGETS:
+        _discover()
     if name not in _TARGETS:
         raise ValueError(f"unknown target '{name}'; available: {', '.join(names())}")
     return _TARGETS[name]

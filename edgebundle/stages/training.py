@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgebundle.errors import DataError, RecipeError
-from edgebundle.pipeline import distributed
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.recipe import DistillStage, TrainStage
+from edgebundle.core.errors import DataError, RecipeError
+from edgebundle.core import distributed
+from edgebundle.core.data import Split
+from edgebundle.core.recipe import DistillStage, TrainStage
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ def _fit(
     loss_fn: Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor | None, torch.Tensor], torch.Tensor],
     device: torch.device,
     on_epoch: Callable[[int, float], None] | None = None,
+    ddp: bool = True,
 ) -> FitResult:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -81,7 +82,7 @@ def _fit(
     xs = _tensors(train, names, device)
     ys = None if train.labels is None else torch.from_numpy(train.labels).to(device)
     val_labels = _require_labels(val, "choosing the best checkpoint")
-    world = distributed.world_size()
+    world = distributed.world_size() if ddp else 1  # ddp=False: this process trains alone, even under torchrun
     net: nn.Module = model
     sampler = None
     if world > 1:
@@ -143,7 +144,7 @@ def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str
 
 
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
-            cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None) -> FitResult:
+            cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True) -> FitResult:
     """Knowledge distillation from a frozen teacher; soft targets are computed once up front."""
     teacher = teacher.to(device).eval()
     with torch.no_grad():
@@ -163,7 +164,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     model = student if hidden is None else _StudentWithMaps(student, hidden.maps)
     try:
         return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                    weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch)
+                    weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
+                    ddp=ddp)
     finally:
         if hidden is not None:
             hidden.close()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgebundle.errors import RecipeError
+from edgebundle.core.errors import RecipeError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from edgebundle.errors import RecipeError, StageError
-from edgebundle.pipeline.data import Split
-from edgebundle.pipeline.recipe import PruneStage
+from edgebundle.core.errors import RecipeError, StageError
+from edgebundle.core.data import Split
+from edgebundle.core.recipe import PruneStage
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgebundle.pipeline.recipe import ClusterStage
+from edgebundle.core.recipe import ClusterStage
 
 
 class _Shared(nn.Module):

@@ -1,0 +1,170 @@
+"""Judging and timing a built artifact: the fp32 reference outputs, the recipe's accuracy contract bound to
+a target's budget, the artifact's outputs and verdict on the test split, and its latency (with the same
+runtime's fp32 latency and the PyTorch references) through the one measurement protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgebundle.core import measure as measure_mod
+from edgebundle.core.data import Split, iter_feeds, run_outputs
+from edgebundle.core.errors import DataError, EdgeBundleError, RecipeError, StageError
+from edgebundle.core.host import usable_cores
+from edgebundle.core.metrics import Contract, MetricFunctionError, Verdict, resolve_name
+from edgebundle.core.modelio import import_object
+from edgebundle.core.recipe import MeasureSpec, Recipe, TargetSpec
+from edgebundle.core.session import OrtSession
+from edgebundle.pipeline.records import Prepared
+from edgebundle.targets.base import BuildContext, Built
+
+
+def measure_feeds(split: Split, recipe: Recipe, batch: int) -> dict[str, np.ndarray]:
+    return next(iter_feeds(split.head(max(batch, 1)), recipe.inputs, batch))
+
+
+def torch_latency(model: nn.Module, feeds: dict[str, np.ndarray], names: list[str], spec: MeasureSpec,
+                   threads: int) -> measure_mod.LatencyStats:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    xs = [torch.from_numpy(feeds[n]) for n in names]
+    model = model.cpu().eval()
+    try:
+        with torch.inference_mode():
+            return measure_mod.measure(lambda: model(*xs), spec, threads=threads)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def brief(s: measure_mod.LatencyStats) -> dict[str, Any]:
+    d = s.to_dict()
+    d.pop("samples_ms")
+    return d
+
+
+def reference_latency(prepared: Prepared, spec: MeasureSpec, threads: int) -> dict[str, Any]:
+    """PyTorch fp32 eager, teacher and student: same protocol, same inputs, same threads as the targets."""
+    recipe = prepared.recipe
+    feeds = measure_feeds(prepared.dataset.test, recipe, spec.batch)
+    names = prepared.input_names
+    return {
+        "pytorch_fp32_teacher": brief(torch_latency(prepared.load_teacher(), feeds, names, spec, threads)),
+        "pytorch_fp32_student": brief(torch_latency(prepared.load_student(), feeds, names, spec, threads)),
+    }
+
+
+def latency(sess, feeds, spec: MeasureSpec, threads: int) -> measure_mod.LatencyStats:
+    """The shared wall-clock protocol, or the device's own clock where the session has one (CUDA events)."""
+    if "gpu_timing" in sess.features:
+        samples = sess.gpu_samples_ms(feeds, warmup=spec.warmup_min * 10, iterations=spec.iterations)
+        return measure_mod.summarize(np.array(samples), batch=spec.batch, threads=threads,
+                                     warmup=spec.warmup_min * 10)
+    return measure_mod.measure(lambda: sess.run(feeds), spec, threads=threads)
+
+
+def fp32_reference(prepared: Prepared, threads: int | None = None) -> list[np.ndarray]:
+    """Every output of the fp32 ONNX model on the test split: what each bundle is judged against."""
+    with OrtSession(prepared.onnx.path("model.fp32.onnx"), threads=threads or usable_cores()) as sess:
+        return run_outputs(sess, prepared.dataset.test, prepared.recipe.inputs)
+
+
+def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:
+    """The recipe's metric bound to this target's budget; `judged` is the fp32 judged output (for `auto`)."""
+    idx, name = recipe.judged_output
+    metric = resolve_name(recipe.metric, has_labels=labels is not None, output_name=name,
+                          output_shape=tuple(judged.shape))
+    if metric == "top1" and labels is None:
+        raise RecipeError("metric top1 needs labels and the data has none; use metric agreement (classifiers) "
+                          "or cosine")
+    fn = (import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric")
+          if recipe.metric.is_function else None)
+    return Contract(metric, recipe.metric, spec.max_accuracy_drop, idx, name, fn)
+
+
+def judge(contract: Contract, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
+    try:
+        return contract.judge(reference, outputs, labels)
+    except MetricFunctionError as e:
+        raise RecipeError(str(e)) from e
+
+
+def check_resolvable(contract: Contract, reference: np.ndarray, labels: np.ndarray | None, target: str) -> None:
+    """A points budget needs enough judged inputs that one changed input does not decide it alone."""
+    v = judge(contract, reference, reference, labels)
+    need = contract.needed_samples()
+    if v.samples < need:
+        what = (f"inputs where the fp32 model is confident (top-1 probability >= {contract.spec.min_confidence:g})"
+                if contract.metric == "agreement" else "inputs")
+        raise DataError(f"target '{target}': the test split has {v.samples} {what}; a {contract.max_drop:g}-point "
+                        f"{contract.metric} budget needs at least {need} (one changed input would be "
+                        f"{100.0 / max(v.samples, 1):.1f} points): give more data or raise max_accuracy_drop")
+
+
+@dataclass
+class Evaluation:
+    built: Built
+    outputs: np.ndarray | None  # the judged output on the test split
+    verdict: Verdict
+    latency: measure_mod.LatencyStats | None
+    same_runtime: dict[str, Any] | None  # the same runtime's fp32 latency, where it can run it
+    runtime_seen: dict[str, Any]
+
+
+def target_build(target, ctx: BuildContext, stage: str, prepared: Prepared) -> Built:
+    try:
+        return target.build(ctx)
+    except (DataError, RecipeError):
+        raise
+    except EdgeBundleError as e:
+        raise StageError(f"{stage} failed (after {', '.join(a.stage for a in prepared.lineage)}): {e}") from e
+
+
+def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: TargetSpec, contract: Contract,
+              reference_out: np.ndarray, threads: int, *, same_runtime: bool = True) -> Evaluation:
+    """The artifact's judged output on the test split, its verdict and its latency (and the same runtime's
+    fp32 latency, for "vs fp32 on the same runtime")."""
+    recipe, ds = prepared.recipe, prepared.dataset
+    feeds = measure_feeds(ds.test, recipe, spec.measure.batch)
+    same_rt, lat, runtime_seen = None, None, {}
+    if built.status == "pending":  # the runtime's artifact is not built here: accuracy through ORT CPU, no latency
+        with OrtSession(tmp / (built.eval_file or built.model_file), threads=threads) as sess:
+            outs = run_outputs(sess, ds.test, recipe.inputs)
+    else:
+        if same_runtime and built.precision != "fp32" and (built.fp32_file or entry.capabilities.opens_onnx):
+            fp32 = tmp / built.fp32_file if built.fp32_file else prepared.onnx.path("model.fp32.onnx")
+            with target.open(fp32, threads=threads, runtime=built.runtime) as s32:
+                same_rt = brief(measure_mod.measure(lambda: s32.run(feeds), spec.measure, threads=threads))
+        with target.open(tmp / built.model_file, threads=threads, runtime=built.runtime) as sess:
+            outs = run_outputs(sess, ds.test, recipe.inputs)
+            lat = latency(sess, feeds, spec.measure, threads)
+            runtime_seen = ({"inference_precision": sess.inference_precision}
+                            if "inference_precision" in sess.features else {})
+    if len(outs) <= contract.output_index:
+        raise StageError(f"build:{spec.name}: the artifact has {len(outs)} output(s); the metric judges output "
+                         f"'{contract.output_name}' (number {contract.output_index + 1})")
+    out = outs[contract.output_index]
+    verdict = judge(contract, reference_out, out, ds.test.labels)
+    return Evaluation(built, out, verdict, lat, same_rt, runtime_seen)
+
+
+def tried(quant: dict[str, Any]) -> str:
+    """What the build tried before the verdict, from the target's accuracy-budget record."""
+    b = quant.get("accuracy_budget") or {}
+    parts = []
+    if b.get("drop_full_int8") is not None:
+        parts.append(f"full int8 (val loss {b['drop_full_int8']:.3g})")
+    for a in b.get("attempts") or []:
+        if "excluded" in a:
+            parts.append(f"{a['excluded']} layer(s) kept float (val loss {a['drop']:.3g})")
+        elif "step" in a:
+            parts.append(f"{a['step']} (val loss {a.get('val_drop')})")
+    if quant.get("dynamic_over_budget"):
+        parts.insert(0, "dynamic int8")
+    return "; ".join(parts) if parts else "int8 with the target's settings"
+
+

@@ -1,0 +1,68 @@
+"""The `Stage` protocol: one prepare step (load, prune, distill, cluster, export, ...) behind a small interface.
+
+The runner (edgebundle.pipeline.runner) walks the registered stages in order, asks each whether the recipe
+enables it, and runs it through the content-addressed cache: the key is the stage's name, its `config`,
+the files of the artifacts it consumes (`inputs`) and its `extra` fingerprint. A stage writes its files
+into the folder it is given and returns metrics; it never mutates an input artifact. The runner, not the
+stage, records lineage, wraps a failure with the stages that ran before it, and under torchrun runs a
+`collective` stage on every rank (the others on rank 0 only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from edgebundle.core.artifact import Artifact
+from edgebundle.core.data import Dataset
+from edgebundle.core.modelio import load_structured
+from edgebundle.core.recipe import Recipe
+
+
+@dataclass
+class StageContext:
+    """What a stage may read: the recipe, the data, and the artifacts made so far."""
+
+    recipe: Recipe
+    dataset: Dataset
+    example: tuple[torch.Tensor, ...]  # zeros of the input spec (MACs, tracing)
+    device: torch.device
+    source: str  # fingerprint of the model's source (factory file, kwargs, weights)
+    artifacts: dict[str, Artifact] = field(default_factory=dict)  # by stage name
+    student: Artifact | None = None  # the newest model artifact (teacher, then each model stage's output)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.recipe.inputs]
+
+    def load(self, art: Artifact) -> nn.Module:
+        return load_structured(self.recipe.model, self.recipe.base_dir, art.folder)
+
+
+def dump(cfg) -> dict[str, Any]:
+    """A pydantic config as it enters a cache key."""
+    return cfg.model_dump(mode="json")
+
+
+class Stage(Protocol):
+    name: ClassVar[str]
+    collective: ClassVar[bool]  # runs on every torchrun rank (it trains with DDP); else rank 0 only
+    makes_model: ClassVar[bool]  # its artifact is a model: the new student, and a lineage entry
+
+    def enabled(self, recipe: Recipe) -> bool: ...
+
+    def config(self, ctx: StageContext) -> dict[str, Any]:
+        """What of the recipe determines the result (enters the cache key)."""
+
+    def inputs(self, ctx: StageContext) -> list[Artifact]:
+        """The artifacts it consumes, in the order they enter the key."""
+
+    def extra(self, ctx: StageContext) -> str:
+        """Fingerprints of other inputs (data, model source) that enter the key; "" for none."""
+
+    def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
+        """Write the artifact's files into `folder`; return its metrics."""

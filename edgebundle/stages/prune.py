@@ -1,0 +1,49 @@
+"""Stage `prune`: structured pruning with Torch-Pruning (channels and whole attention heads really removed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgebundle.core.artifact import Artifact
+from edgebundle.core.errors import RecipeError, StageError
+from edgebundle.core.modelio import check_accepts, save_structured
+from edgebundle.core.recipe import Recipe
+from edgebundle.stages.base import StageContext, dump
+from edgebundle.stages.pruning import prune
+from edgebundle.stages.training import accuracy, predict
+
+
+class Prune:
+    name = "prune"
+    collective = False
+    makes_model = True
+
+    def enabled(self, recipe: Recipe) -> bool:
+        p = recipe.stages.prune
+        return p.enabled and (p.ratio > 0 or p.head_ratio > 0)
+
+    def config(self, ctx: StageContext) -> dict[str, Any]:
+        return {"prune": dump(ctx.recipe.stages.prune)}
+
+    def inputs(self, ctx: StageContext) -> list[Artifact]:
+        return [ctx.artifacts["teacher"]]
+
+    def extra(self, ctx: StageContext) -> str:
+        return ctx.dataset.fingerprint if ctx.recipe.stages.prune.importance == "taylor" else ""
+
+    def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
+        recipe, ds = ctx.recipe, ctx.dataset
+        model = ctx.load(ctx.artifacts["teacher"])
+        rep = prune(model, recipe.stages.prune, ctx.example, train=ds.train, names=ctx.names)
+        try:
+            check_accepts(model, recipe.inputs, len(recipe.outputs))
+        except RecipeError as e:
+            raise StageError(f"the pruned model no longer runs: {e}") from e
+        save_structured(model, folder)
+        metrics = {"params_before": rep.params_before, "params_after": rep.params_after,
+                   "macs_before": rep.macs_before, "macs_after": rep.macs_after, "macs_ratio": rep.macs_ratio,
+                   "ignored": rep.ignored, "layers": rep.layers, "heads": rep.heads, "round_to": rep.round_to}
+        if ds.test.labels is not None:
+            metrics["test_accuracy_before_finetune"] = accuracy(predict(model, ds.test, ctx.names), ds.test.labels)
+        return metrics

@@ -1,0 +1,172 @@
+"""Hostile and faulty input: nothing of the user's is lost, no bundle is built from bytes that do not match
+their record. Each case is a reproduction with the exit code and the line it must print."""
+
+from __future__ import annotations
+
+import shutil
+
+import yaml
+from typer.testing import CliRunner
+
+from conftest import default_dict
+from edgebundle.cli import app
+
+cli = CliRunner()
+
+
+def _work_copy(default_run, tmp_path):
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.pipeline.runner import prepare
+
+    d = default_dict()
+    d["targets"] = [{"name": "ort-cpu", "measure": {"iterations": 20}, "options": {"precision": "int8"}}]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    work = tmp_path / "work"
+    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
+    prepare(load_recipe(recipe), work)
+    return recipe, work
+
+
+def test_a_users_folder_at_a_bundles_place_is_refused_not_deleted(default_run, tmp_path):
+    recipe, work = _work_copy(default_run, tmp_path)
+    out = tmp_path / "out"
+    (out / "ort-cpu").mkdir(parents=True)
+    (out / "ort-cpu" / "important.txt").write_text("notes")
+    res = cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert f"refusing to replace {out / 'ort-cpu'}: it is not an edgebundle bundle" in line
+    assert (out / "ort-cpu" / "important.txt").read_text() == "notes"
+
+    # a bundle of ours replaces fine; a file the user then put into it makes it theirs again
+    (out / "ort-cpu" / "important.txt").unlink()
+    (out / "ort-cpu").rmdir()
+    assert cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)]).exit_code == 0
+    assert cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)]).exit_code == 0
+    (out / "ort-cpu" / "important.txt").write_text("notes")
+    res = cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)])
+    assert res.exit_code == 2 and "holds files the bundle did not write or that changed since: important.txt" in \
+        " ".join(res.output.split())
+    assert (out / "ort-cpu" / "important.txt").read_text() == "notes"
+
+
+def test_a_corrupted_cache_entry_is_recomputed_not_trusted(default_run, tmp_path):
+    from edgebundle.core.artifact import sha256_file
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.pipeline.runner import prepare
+
+    recipe, work = _work_copy(default_run, tmp_path)
+    (export,) = work.glob("export-*")
+    model = export / "model.fp32.onnx"
+    good = sha256_file(model)
+    raw = bytearray(model.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    model.write_bytes(bytes(raw))
+    events = []
+    prepare(load_recipe(recipe), work, on_event=lambda kind, stage, **k: events.append((kind, stage, k)))
+    starts = {s: k["cached"] for kind, s, k in events if kind == "start"}
+    assert starts["export"] is False and starts["teacher"] is True  # only the corrupt entry is recomputed
+    notes = [k["text"] for kind, s, k in events if kind == "note"]
+    assert len(notes) == 1 and "model.fp32.onnx changed since it was written" in notes[0]
+    assert sha256_file(model) == good  # the export is deterministic: the same bytes again
+    assert not [p for p in work.iterdir() if ".corrupt-" in p.name]
+
+
+def _bomb(path, size: int) -> None:
+    """A .tar.gz whose one member is `size` bytes of zeros: a few hundred KB packed."""
+    import io
+    import tarfile
+
+    class Zeros(io.RawIOBase):
+        def __init__(self, n):
+            self.left = n
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            k = min(len(b), self.left)
+            b[:k] = bytes(k)
+            self.left -= k
+            return k
+
+    with tarfile.open(path, "w:gz") as tar:
+        d = tarfile.TarInfo("bundle")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        ti = tarfile.TarInfo("bundle/model.onnx")
+        ti.size = size
+        tar.addfile(ti, io.BufferedReader(Zeros(size)))
+
+
+def test_a_compression_bomb_is_refused_before_anything_is_written(tmp_path):
+    archive = tmp_path / "bomb.tar.gz"
+    _bomb(archive, 64 << 20)
+    assert archive.stat().st_size < 1 << 20
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    res = cli.invoke(app, ["unpack", str(archive), "-o", str(dest)])
+    assert res.exit_code == 2, res.output
+    assert "refused: it would unpack to more than 100x its packed size" in " ".join(res.output.split())
+    assert list(dest.iterdir()) == []
+    res = cli.invoke(app, ["verify", str(archive), "--max-unpacked-size", "32M"])
+    assert res.exit_code == 2 and "refused: it would unpack to more than 32.0 MiB" in " ".join(res.output.split())
+
+
+def _run(tmp_path, **changes):
+    d = default_dict()
+    d.update(changes)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(d))
+    res = cli.invoke(app, ["run", str(path), "-o", str(tmp_path / "out")])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    return res, " ".join(res.output.split()), lines
+
+
+def _npz(folder, name, x, y=None):
+    import numpy as np
+
+    folder.mkdir(exist_ok=True)
+    np.savez(folder / name, x=x.astype(np.float32), **({"y": y} if y is not None else {}))
+
+
+def test_bad_data_and_bad_models_are_one_line_exit_2(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "neg"
+    _npz(data, "a.npz", rng.standard_normal((40, 1, 8, 8)), np.r_[np.arange(39) % 10, -1])
+    res, text, lines = _run(tmp_path, data={"kind": "folder", "path": str(data)})
+    assert res.exit_code == 2 and len(lines) == 1
+    assert f"data folder {data}: labels in a.npz include -1; classes are 0, 1, 2, ..." in text
+
+    data = tmp_path / "shapes"
+    _npz(data, "a.npz", rng.standard_normal((20, 1, 8, 8)), np.arange(20) % 10)
+    _npz(data, "b.npz", rng.standard_normal((20, 1, 9, 9)), np.arange(20) % 10)
+    res, text, lines = _run(tmp_path, data={"kind": "folder", "path": str(data)})
+    assert res.exit_code == 2 and len(lines) == 1 and "in b.npz has per-sample shape [1, 9, 9], the first has [1, 8, 8]" in text
+
+    (tmp_path / "gen.py").write_text(
+        "import numpy as np\n"
+        "def batches():\n"
+        "    yield np.zeros((8, 1, 8, 8), np.float32), np.zeros(8, np.int64)\n"
+        "    raise OSError('disk went away')\n"
+        "def factory():\n"
+        "    import sys\n"
+        "    sys.exit(3)\n")
+    res, text, lines = _run(tmp_path, data={"kind": "function", "function": "gen.py:batches"})
+    assert res.exit_code == 2 and len(lines) == 1
+    assert "data.function gen.py:batches failed after 1 batch(es): OSError: disk went away" in text
+    res, text, lines = _run(tmp_path, model={"factory": "gen.py:factory"})
+    assert res.exit_code == 2 and len(lines) == 1 and "model.factory gen.py:factory({}) called sys.exit(3)" in text
+
+
+def test_absurd_counts_and_non_finite_numbers_are_refused(tmp_path):
+    d = default_dict()
+    for key, value, msg in (
+            ("train", {"epochs": 99999999999999999999999999}, "stages.train.epochs: Input should be less than or equal to 100000"),
+            ("prune", {"ratio": float("nan")}, "stages.prune.ratio: Input should be a finite number"),
+            ("distill", {"lr": float("inf")}, "stages.distill.lr: Input should be a finite number")):
+        res, text, lines = _run(tmp_path, stages={**d["stages"], key: {**d["stages"][key], **value}})
+        assert res.exit_code == 2 and len(lines) == 1 and msg in text, text
