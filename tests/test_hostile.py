@@ -170,3 +170,56 @@ def test_absurd_counts_and_non_finite_numbers_are_refused(tmp_path):
             ("distill", {"lr": float("inf")}, "stages.distill.lr: Input should be a finite number")):
         res, text, lines = _run(tmp_path, stages={**d["stages"], key: {**d["stages"][key], **value}})
         assert res.exit_code == 2 and len(lines) == 1 and msg in text, text
+
+
+def test_weights_files_that_cannot_be_used_say_why(tmp_path):
+    import torch
+
+    from edgebundle.core.errors import RecipeError
+    from edgebundle.core.modelio import load_weights
+    from edgebundle.zoo import digits_cnn
+
+    model = digits_cnn()
+    good = tmp_path / "w.pt"
+    torch.save(model.state_dict(), good)
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    pickled = tmp_path / "p.pt"
+    torch.save({"model": model}, pickled)
+    import pytest
+
+    for path, msg in ((tmp_path, "is a folder; give the weights file"),
+                      (truncated, "it is truncated or not a PyTorch checkpoint"),
+                      (pickled, "it holds pickled Python objects")):
+        with pytest.raises(RecipeError, match=msg):
+            load_weights(model, path)
+
+
+def test_report_flags_a_tampered_bundle(default_run, tmp_path):
+    from edgebundle.pipeline.report import write_report
+
+    out = tmp_path / "out"
+    shutil.copytree(default_run.bundles[0].path, out / "ort-cpu")
+    m = out / "ort-cpu" / "manifest.json"
+    m.write_text(m.read_text().replace('"p50_ms": ', '"p50_ms": 0.0001 + ', 1).replace("0.0001 + ", "", 1) + " ")
+    html = write_report(out).read_text()
+    assert "changed since written" in html and "manifest.json" in html
+
+
+def test_fewer_calibration_samples_than_asked_is_noted(default_run, tmp_path):
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.pipeline.runner import prepare
+
+    d = default_dict()
+    d["targets"] = [{"name": "ort-cpu", "calibration": {"samples": 5000}, "measure": {"iterations": 20},
+                     "options": {"precision": "int8", "layer_errors": False}}]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    work = tmp_path / "work"
+    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
+    prepare(load_recipe(recipe), work)
+    out = tmp_path / "out"
+    assert cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)]).exit_code == 0
+    m = yaml.safe_load((out / "ort-cpu" / "manifest.json").read_text())
+    n = m["quantization"]["calibration"]["samples"]
+    assert n < 5000 and f"calibration used {n} samples, fewer than the 5000 asked for" in " ".join(m["notes"])

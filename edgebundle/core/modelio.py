@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,16 +122,33 @@ def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> nn.Module:
     return model.eval()
 
 
+def _weights_problem(e: Exception) -> str:
+    """What is wrong with a weights file, in words (torch's own messages are long or say only errno)."""
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("it holds pickled Python objects, which torch.load(weights_only=True) refuses to run; save a "
+                "state_dict (torch.save(model.state_dict(), ...)) or use .safetensors")
+    if isinstance(e, (OSError, EOFError)) or "PytorchStreamReader" in text or "zip" in text.lower():
+        return f"it is truncated or not a PyTorch checkpoint ({type(e).__name__}: {text[:120]})"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 def load_weights(model: nn.Module, path: Path) -> None:
+    if path.is_dir():
+        raise RecipeError(f"model.weights {path} is a folder; give the weights file (.safetensors, .pt or .pth)")
     if not path.is_file():
         raise RecipeError(f"model.weights not found: {path}")
+    if path.stat().st_size == 0:
+        raise RecipeError(f"model.weights {path} is empty")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickles before refusing them: one line is enough
+            warnings.simplefilter("ignore")
+            if path.suffix == ".safetensors":
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle refused by weights_only, ...
-        raise RecipeError(f"model.weights {path} cannot be loaded safely: {type(e).__name__}: {e}") from e
+        raise RecipeError(f"model.weights {path} cannot be loaded safely: {_weights_problem(e)}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgebundle.core.metrics import accuracy_text
 from edgebundle.core.errors import BundleError
-from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest
+from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, verify_files
 from edgebundle.pipeline.lock import LOCKS, file_lock
 
 REPORT = "report.html"
@@ -39,6 +39,13 @@ def bundles_in(output: Path) -> list[tuple[Path, Manifest]]:
         if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
             found.append((d, read_manifest(d)))
     return found
+
+
+def _changed(folder: Path) -> list[str]:
+    try:
+        return verify_files(folder)
+    except BundleError as e:
+        return [str(e)]
 
 
 def _pyplot():
@@ -112,6 +119,12 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
         rejected = m.target.status == "rejected"
         status = (f"<b>rejected</b>: {e(m.target.rejection or 'missed its accuracy budget')}" if rejected
                   else e(m.target.status))
+        changed = _changed(path)
+        if changed:  # its figures are not to be trusted: say so where they are shown
+            rejected = True
+            status += f"<br><b>changed since written</b>: {e(', '.join(changed))}"
+            notes.append(f"{path.name}: files changed since the bundle was written ({', '.join(changed)}): "
+                         "its figures are not to be trusted")
         rows.append(
             f"<tr{' class=rejected' if rejected else ''}><td class=l>{e(path.name)}</td>"
             f"<td class=l>{e(m.target.precision)}</td>"

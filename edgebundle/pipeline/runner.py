@@ -364,6 +364,12 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
                      f"({same_rt['p50_ms']:.4f} ms) on this host; options.precision: fp32 (or auto) ships fp32")
     if not v.within:
         notes.append(f"rejected: {v.line()}; tried: {tried(ev.built.quantization)}")
+    recipe = job.prepared.recipe
+    asked = job.spec.calibration.samples or recipe.data.calibration_samples
+    got = len(job.prepared.dataset.calibration(recipe.data, asked))
+    if ev.built.precision == "int8" and got < asked:
+        notes.append(f"calibration used {got} samples, fewer than the {asked} asked for: the "
+                     f"{recipe.data.calibration_split} split has only {got}")
     return notes
 
 

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 
 from edgebundle.core.errors import StageError
 from edgebundle.targets.base import BuildContext, Built
