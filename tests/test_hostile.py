@@ -56,9 +56,10 @@ def test_a_corrupted_cache_entry_is_recomputed_not_trusted(default_run, tmp_path
     from edgebundle.core.recipe import load_recipe
     from edgebundle.pipeline.runner import prepare
 
+    from edgebundle.pipeline.runner import load_prepared
+
     recipe, work = _work_copy(default_run, tmp_path)
-    (export,) = work.glob("export-*")
-    model = export / "model.fp32.onnx"
+    model = load_prepared(work).onnx.path("model.fp32.onnx")
     good = sha256_file(model)
     raw = bytearray(model.read_bytes())
     raw[len(raw) // 2] ^= 0xFF

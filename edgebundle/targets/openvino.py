@@ -283,12 +283,19 @@ class OpenVinoTarget:
         """NNCF accuracy control on the recipe's metric over the validation split: its validation function
         returns the metric as a number NNCF maximises (top1 or agreement as a fraction, min cosine, or a
         metric function's value), and `max_drop` is the budget in those units."""
-        items = list(iter_feeds(val, ctx.recipe.inputs, 1))
+        # each item carries its sample indices: NNCF also validates on subsets of the validation data
+        items, offset = [], 0
+        for feeds in iter_feeds(val, ctx.recipe.inputs, 1):
+            n = len(next(iter(feeds.values())))
+            items.append((feeds, np.arange(offset, offset + n)))
+            offset += n
         idx = contract.output_index
 
         def validate(compiled, data) -> float:
-            out = np.concatenate([compiled(f)[idx] for f in data])
-            v = contract.judge(ref, out, val.labels)
+            pairs = list(data)
+            out = np.concatenate([compiled(f)[idx] for f, _ in pairs])
+            rows = np.concatenate([i for _, i in pairs])
+            v = contract.judge(ref[rows], out, None if val.labels is None else val.labels[rows])
             if contract.metric in ("top1", "agreement"):
                 return v.value / 100.0
             if contract.metric == "cosine" or contract.spec.higher_is_better:
@@ -297,7 +304,7 @@ class OpenVinoTarget:
 
         max_drop = (ctx.spec.max_accuracy_drop / 100.0 if contract.metric in ("top1", "agreement")
                     else 1.0 - contract.spec.min_cosine if contract.metric == "cosine" else ctx.spec.max_accuracy_drop)
-        validation = nncf.Dataset(items)
+        validation = nncf.Dataset(items, transform_func=lambda item: item[0])
         kwargs = dict(kwargs)
         if "advanced_parameters" in kwargs:  # the same settings under this function's name for them
             kwargs["advanced_quantization_parameters"] = kwargs.pop("advanced_parameters")
