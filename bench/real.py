@@ -8,6 +8,7 @@ bench/results/real.{json,md}: per model and target, the metric fp32 -> bundle, p
 on the same runtime, size and status (complete, pending, rejected with its reason, or failed).
 
 Options: --only efficientnet_lite|minilm, --targets ort-cpu,openvino (default: every target of the recipe).
+With either, the rows run replace the same model's and target's rows of the last results; the others stay.
 """
 
 from __future__ import annotations
@@ -46,7 +47,32 @@ def _row(model: str, b) -> dict:
     }
 
 
+def _summary(rows: list[dict]) -> str:
+    """The short table (the README's): one line per model and target, the reason cut to its first clause."""
+    lines = ["| model | target | accuracy: fp32 → bundle | p50 ms | vs fp32, same runtime | MiB | status |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "metric" not in r:
+            why = (r["reason"] or "").split(": ", 1)[-1][:90]
+            lines.append(f"| {r['model']} | {r['target']} | — | — | — | — | failed: {why} |")
+            continue
+        acc = accuracy_text(r["metric"], r["fp32"], r["value"], r["judged_samples"], r["details"])
+        if r["metric"] == "agreement":
+            acc += f" (all crops {(r['details'] or {}).get('agreement_all', 0):.1f} %)"
+        p50 = "—" if r["p50_ms"] is None else f"{r['p50_ms']:.2f}"
+        vs = "—" if r["vs_same_runtime_fp32"] is None else f"{r['vs_same_runtime_fp32']:.2f}x"
+        size = "—" if r["size_bytes"] is None else f"{r['size_bytes'] / 2**20:.1f}"
+        status = {"rejected": "**rejected**", "pending": "pending (no GPU: accuracy via ORT CPU)"}.get(
+            r["status"], r["status"])
+        lines.append(f"| {r['model']} | {r['target']} | {acc} | {p50} | {vs} | {size} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(rows: list[dict], seconds: dict[str, float]) -> str:
+    return _summary(rows) + "\nIn full, with each rejection's reason:\n\n" + _details(rows, seconds)
+
+
+def _details(rows: list[dict], seconds: dict[str, float]) -> str:
     lines = ["| model | target | precision | accuracy: fp32 → bundle | p50 ms | vs fp32, same runtime | size MiB | "
              "status |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -86,7 +112,24 @@ def main(argv: list[str] | None = None) -> None:
                       keep_rejected=True)
             seconds[name] = time.perf_counter() - t0
             rows += [_row(name, b) for b in res.bundles]
+    if args.only or args.targets:
+        rows, seconds = _merged(rows, seconds)
     write("real", {"rows": rows, "seconds": seconds}, _markdown(rows, seconds))
+
+
+def _merged(rows: list[dict], seconds: dict[str, float]) -> tuple[list[dict], dict[str, float]]:
+    """This run's rows in place of the same (model, target) rows of the last results."""
+    import json
+
+    from bench.common import RESULTS
+
+    last = RESULTS / "real.json"
+    if not last.is_file():
+        return rows, seconds
+    old = json.loads(last.read_text())
+    new = {(r["model"], r["target"]): r for r in rows}
+    merged = [new.pop((r["model"], r["target"]), r) for r in old["rows"]] + list(new.values())
+    return merged, {**old.get("seconds", {}), **seconds}
 
 
 if __name__ == "__main__":
