@@ -31,6 +31,24 @@ def make_recipe(base_dir: Path, **overrides):
     return recipe_from_dict(d, base_dir=base_dir)
 
 
+def prepared_copy(default_run, tmp_path: Path, **changes):
+    """A recipe file (the default with top-level `changes`) prepared into a copy of the default's work
+    folder: every stage the changes do not touch is a cache hit. Returns (recipe path, work folder)."""
+    import shutil
+
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.pipeline.runner import prepare
+
+    d = copy.deepcopy(default_dict())
+    d.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(d))
+    work = tmp_path / "work"
+    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
+    prepare(load_recipe(path), work)
+    return path, work
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """RunResult of the embedded default recipe (trains teacher, prunes, distills, exports, ORT int8)."""

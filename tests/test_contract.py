@@ -4,14 +4,13 @@ never left where a good one is expected; a failing target does not take the othe
 from __future__ import annotations
 
 import copy
-import shutil
 
 import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import default_dict
+from conftest import default_dict, prepared_copy
 from edgebundle.cli import app
 from edgebundle.core.metrics import Contract, MetricSpec, resolve_name
 from edgebundle.core.errors import RecipeError
@@ -70,27 +69,11 @@ def test_bad_metric_names_and_functions_are_one_line_exit_2(tmp_path):
         assert len([ln for ln in res.output.splitlines() if ln.startswith("error:")]) == 1
 
 
-def _prepared_copy(default_run, tmp_path, **changes):
-    """A recipe file (the default with `changes`) prepared into a copy of the default's work folder: every
-    stage is a cache hit, only the targets differ."""
-    from edgebundle.core.recipe import load_recipe
-    from edgebundle.pipeline.runner import prepare
-
-    d = copy.deepcopy(default_dict())
-    d.update(changes)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(d))
-    work = tmp_path / "work"
-    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
-    prepare(load_recipe(path), work)
-    return path, work
-
-
 UNREACHABLE = {"name": "cosine", "min_cosine": 0.5, "min_mean_cosine": 1.0}  # int8 is never bit-exact
 
 
 def test_over_budget_target_exits_1_and_leaves_no_bundle(default_run, tmp_path):
-    recipe, work = _prepared_copy(default_run, tmp_path, metric=UNREACHABLE, targets=[
+    recipe, work = prepared_copy(default_run, tmp_path, metric=UNREACHABLE, targets=[
         {"name": "ort-cpu", "options": {"precision": "int8", "accuracy_control": False, "layer_errors": False},
          "measure": {"iterations": 20}}])
     out = tmp_path / "out"
@@ -117,7 +100,7 @@ def test_over_budget_target_exits_1_and_leaves_no_bundle(default_run, tmp_path):
 
 
 def test_a_failing_target_does_not_take_the_others_down(default_run, tmp_path):
-    recipe, work = _prepared_copy(default_run, tmp_path, targets=[
+    recipe, work = prepared_copy(default_run, tmp_path, targets=[
         {"name": "openvino", "options": {"precision": "int8", "ignored_scope": {"names": ["no_such_layer"]}},
          "measure": {"iterations": 20}},
         {"name": "ort-cpu", "options": {"precision": "int8"}, "measure": {"iterations": 20}}])
@@ -135,7 +118,7 @@ def test_a_failing_target_does_not_take_the_others_down(default_run, tmp_path):
 def test_agreement_budget_needs_enough_confident_inputs(default_run, tmp_path):
     """A 0.1-point agreement budget cannot be resolved on a 360-sample test split: one line, exit 2."""
     d = default_dict()
-    recipe, work = _prepared_copy(default_run, tmp_path, metric={"name": "agreement"}, targets=[
+    recipe, work = prepared_copy(default_run, tmp_path, metric={"name": "agreement"}, targets=[
         {**d["targets"][0], "max_accuracy_drop": 0.1}])
     res = cli.invoke(app, ["build", str(work), "-o", str(tmp_path / "out"), "--recipe", str(recipe)])
     assert res.exit_code == 2, res.output
@@ -196,7 +179,7 @@ def test_openvino_runs_f32_not_the_cpu_plugins_bf16_default(default_run):
 def test_precision_auto_ships_the_faster_and_records_both(default_run, tmp_path):
     """precision auto: int8 within budget is measured against fp32 on the same runtime; the faster ships,
     both p50s are in the manifest (which one wins on the tiny digits CNN depends on the host)."""
-    recipe, work = _prepared_copy(default_run, tmp_path, targets=[
+    recipe, work = prepared_copy(default_run, tmp_path, targets=[
         {"name": "ort-cpu", "measure": {"iterations": 50}, "options": {"layer_errors": False}}])
     out = tmp_path / "out"
     res = cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)])

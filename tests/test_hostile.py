@@ -8,24 +8,17 @@ import shutil
 import yaml
 from typer.testing import CliRunner
 
-from conftest import default_dict
+from conftest import default_dict, prepared_copy
 from edgebundle.cli import app
 
 cli = CliRunner()
 
 
-def _work_copy(default_run, tmp_path):
-    from edgebundle.core.recipe import load_recipe
-    from edgebundle.pipeline.runner import prepare
+ONE_TARGET = [{"name": "ort-cpu", "measure": {"iterations": 20}, "options": {"precision": "int8"}}]
 
-    d = default_dict()
-    d["targets"] = [{"name": "ort-cpu", "measure": {"iterations": 20}, "options": {"precision": "int8"}}]
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(d))
-    work = tmp_path / "work"
-    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
-    prepare(load_recipe(recipe), work)
-    return recipe, work
+
+def _work_copy(default_run, tmp_path):
+    return prepared_copy(default_run, tmp_path, targets=ONE_TARGET)
 
 
 def test_a_users_folder_at_a_bundles_place_is_refused_not_deleted(default_run, tmp_path):
@@ -208,17 +201,9 @@ def test_report_flags_a_tampered_bundle(default_run, tmp_path):
 
 
 def test_fewer_calibration_samples_than_asked_is_noted(default_run, tmp_path):
-    from edgebundle.core.recipe import load_recipe
-    from edgebundle.pipeline.runner import prepare
-
-    d = default_dict()
-    d["targets"] = [{"name": "ort-cpu", "calibration": {"samples": 5000}, "measure": {"iterations": 20},
-                     "options": {"precision": "int8", "layer_errors": False}}]
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(d))
-    work = tmp_path / "work"
-    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
-    prepare(load_recipe(recipe), work)
+    recipe, work = prepared_copy(default_run, tmp_path, targets=[
+        {"name": "ort-cpu", "calibration": {"samples": 5000}, "measure": {"iterations": 20},
+         "options": {"precision": "int8", "layer_errors": False}}])
     out = tmp_path / "out"
     assert cli.invoke(app, ["build", str(work), "-o", str(out), "--recipe", str(recipe)]).exit_code == 0
     m = yaml.safe_load((out / "ort-cpu" / "manifest.json").read_text())
