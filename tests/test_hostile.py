@@ -209,3 +209,23 @@ def test_fewer_calibration_samples_than_asked_is_noted(default_run, tmp_path):
     m = yaml.safe_load((out / "ort-cpu" / "manifest.json").read_text())
     n = m["quantization"]["calibration"]["samples"]
     assert n < 5000 and f"calibration used {n} samples, fewer than the 5000 asked for" in " ".join(m["notes"])
+
+
+def test_user_code_that_never_returns_ends_with_a_line_naming_it(tmp_path):
+    (tmp_path / "slow.py").write_text(
+        "import time\n"
+        "def factory():\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(10)\n"
+        "        except Exception:\n"  # even code that swallows exceptions is stopped
+        "            pass\n"
+        "def batches():\n"
+        "    time.sleep(3600)\n"
+        "    yield None\n")
+    res, text, lines = _run(tmp_path, model={"factory": "slow.py:factory"}, limits={"user_code_s": 1})
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "model.factory slow.py:factory did not return within 1 s (limits.user_code_s)" in text
+    res, text, lines = _run(tmp_path, data={"kind": "function", "function": "slow.py:batches"},
+                            limits={"user_code_s": 1})
+    assert res.exit_code == 2 and len(lines) == 1 and "data.function slow.py:batches did not return within 1 s" in text

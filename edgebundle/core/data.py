@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from edgebundle.core.errors import DataError
+from edgebundle.core.limits import time_limit
 from edgebundle.core.recipe import DataSpec, InputSpec, Recipe
 from edgebundle.core.modelio import import_object
 
@@ -163,9 +164,15 @@ def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], 
     return _joined(parts, labels, f"data folder {path}", "file", [f.name for f in files])
 
 
-def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | None = None
-              ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    fn = import_object(ref, base_dir=base_dir, what="data.function")
+def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | None = None,
+              timeout_s: float | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    fn = import_object(ref, base_dir=base_dir, what="data.function", timeout_s=timeout_s)
+    with time_limit(timeout_s, f"data.function {ref}"):
+        return _read_batches(fn, ref, specs, kwargs)
+
+
+def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     names = [s.name for s in specs]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     labels: list[np.ndarray] = []
@@ -251,7 +258,8 @@ def load_dataset(recipe: Recipe) -> Dataset:
     elif spec.kind == "folder":
         inputs, labels = _folder(recipe.resolve(spec.path), recipe.inputs)
     else:
-        inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir, spec.kwargs)
+        inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir, spec.kwargs,
+                                   recipe.limits.user_code_s)
     inputs = check_inputs(inputs, recipe.inputs, what=f"data ({spec.kind})")
     n = len(next(iter(inputs.values())))
     if labels is not None and len(labels) != n:

@@ -165,6 +165,7 @@ class Contract:
     output_index: int = 0
     output_name: str = "logits"
     fn: Callable[..., Any] | None = None
+    timeout_s: float | None = None  # the time limit of each call of a user function
 
     @property
     def budget(self) -> str:
@@ -236,8 +237,8 @@ class Contract:
         # a user function
         if self.fn is None:
             raise ValueError(f"metric function {m} was not imported")
-        value = _call(self.fn, m, outputs, reference, labels)
-        ref_value = _call(self.fn, m, reference, reference, labels)
+        value = _call(self.fn, m, outputs, reference, labels, self.timeout_s)
+        ref_value = _call(self.fn, m, reference, reference, labels, self.timeout_s)
         drop = (ref_value - value) if s.higher_is_better else (value - ref_value)
         return Verdict(m, value, ref_value, drop, drop <= self.max_drop + 1e-12, self.budget, n, drop,
                        max_drop=self.max_drop)
@@ -247,10 +248,16 @@ class MetricFunctionError(ValueError):
     """A user metric function raised or returned something that is not a finite number."""
 
 
-def _call(fn: Callable[..., Any], name: str, outputs, reference, labels) -> float:
+def _call(fn: Callable[..., Any], name: str, outputs, reference, labels, timeout_s: float | None = None) -> float:
+    from edgebundle.core.errors import RecipeError
+    from edgebundle.core.limits import time_limit
+
     try:
-        v = fn(outputs, reference, labels)
-    except Exception as e:  # user code
+        with time_limit(timeout_s, f"metric function {name}"):
+            v = fn(outputs, reference, labels)
+    except RecipeError as e:  # the time limit
+        raise MetricFunctionError(str(e)) from e
+    except (Exception, SystemExit) as e:  # user code
         raise MetricFunctionError(f"metric function {name} failed: {type(e).__name__}: {e}") from e
     try:
         v = float(v)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgebundle.core.errors import RecipeError
+from edgebundle.core.limits import DEFAULT_USER_CODE_S, time_limit
 from edgebundle.core.artifact import sha256_file
 from edgebundle.core.recipe import EnsembleSpec, InputSpec, ModelSpec
 
@@ -35,7 +36,8 @@ _SHAPE_ATTRS = (
 )
 
 
-def import_object(ref: str, *, base_dir: Path, what: str) -> Callable[..., Any]:
+def import_object(ref: str, *, base_dir: Path, what: str, timeout_s: float | None = DEFAULT_USER_CODE_S
+                  ) -> Callable[..., Any]:
     """Import exactly what `ref` names: 'pkg.module:attr' or 'path/to/file.py:attr'."""
     module_name, _, attr = ref.rpartition(":")
     try:
@@ -48,9 +50,11 @@ def import_object(ref: str, *, base_dir: Path, what: str) -> Callable[..., Any]:
             spec = importlib.util.spec_from_file_location(mod_id, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[mod_id] = module
-            spec.loader.exec_module(module)
+            with time_limit(timeout_s, f"{what}: importing '{module_name}'"):
+                spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            with time_limit(timeout_s, f"{what}: importing '{module_name}'"):
+                module = importlib.import_module(module_name)
     except RecipeError:
         raise
     except SystemExit as e:  # an import runs arbitrary user code, which may even exit
@@ -95,11 +99,12 @@ def _resolve(p: Path, base_dir: Path) -> Path:
     return p if p.is_absolute() else base_dir / p
 
 
-def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> nn.Module:
+def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path, timeout_s: float | None = DEFAULT_USER_CODE_S
+                ) -> nn.Module:
     if isinstance(spec, EnsembleSpec):
         from edgebundle.core.ensemble import Ensemble
 
-        model = Ensemble([build_model(m, base_dir) for m in spec.members], spec.mode)
+        model = Ensemble([build_model(m, base_dir, timeout_s) for m in spec.members], spec.mode)
         if spec.weights is not None:
             load_weights(model, _resolve(spec.weights, base_dir))
         return model.eval()
@@ -108,9 +113,12 @@ def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> nn.Module:
 
         model = hf.sequence_classifier(_resolve(spec.hf, base_dir), **spec.kwargs)
     else:
-        fn = import_object(spec.factory, base_dir=base_dir, what="model.factory")
+        fn = import_object(spec.factory, base_dir=base_dir, what="model.factory", timeout_s=timeout_s)
         try:
-            model = fn(**spec.kwargs)
+            with time_limit(timeout_s, f"model.factory {spec.factory}"):
+                model = fn(**spec.kwargs)
+        except RecipeError:
+            raise
         except SystemExit as e:  # user factory code
             raise RecipeError(f"model.factory {spec.factory}({spec.kwargs}) called sys.exit({e.code})") from e
         except Exception as e:  # user factory code
@@ -205,12 +213,13 @@ def save_structured(model: nn.Module, folder: Path) -> list[str]:
     return [WEIGHTS_FILE, STRUCTURE_FILE]
 
 
-def load_structured(spec: ModelSpec | EnsembleSpec, base_dir: Path, folder: Path) -> nn.Module:
+def load_structured(spec: ModelSpec | EnsembleSpec, base_dir: Path, folder: Path,
+                    timeout_s: float | None = DEFAULT_USER_CODE_S) -> nn.Module:
     """Rebuild the factory model, reshape it to the saved structure, load the saved tensors."""
     if isinstance(spec, EnsembleSpec):  # the saved tensors replace every member's weights
         spec = spec.model_copy(update={"weights": None, "members": [m.model_copy(update={"weights": None})
                                                                     for m in spec.members]})
-    model = build_model(spec.model_copy(update={"weights": None}), base_dir)
+    model = build_model(spec.model_copy(update={"weights": None}), base_dir, timeout_s)
     attrs = json.loads((folder / STRUCTURE_FILE).read_text())
     tensors = load_file(str(folder / WEIGHTS_FILE))
     modules = dict(model.named_modules())

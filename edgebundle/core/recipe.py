@@ -236,6 +236,12 @@ class TargetSpec(Strict):
         return self
 
 
+class LimitsSpec(Strict):
+    user_code_s: float = Field(600.0, gt=0, le=7 * 24 * 3600, description=(
+        "time limit of each call into user code (model factory, data function, metric function, importing "
+        "their module); a call that does not return in time ends the run with a line naming it"))
+
+
 class Recipe(Strict):
     version: Literal[1] = 1
     name: str = Field("model", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -247,6 +253,7 @@ class Recipe(Strict):
     data: DataSpec = DataSpec()
     stages: Stages = Stages()
     targets: list[TargetSpec] = Field(default_factory=lambda: [TargetSpec(name="ort-cpu")], min_length=1)
+    limits: LimitsSpec = LimitsSpec()
     output: Path = Path("bundles")
     base_dir: Path = Field(Path("."), exclude=True, description="set by the loader: the recipe's folder")
 

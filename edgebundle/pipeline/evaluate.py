@@ -81,9 +81,9 @@ def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, ju
     if metric == "top1" and labels is None:
         raise RecipeError("metric top1 needs labels and the data has none; use metric agreement (classifiers) "
                           "or cosine")
-    fn = (import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric")
-          if recipe.metric.is_function else None)
-    return Contract(metric, recipe.metric, spec.max_accuracy_drop, idx, name, fn)
+    fn = (import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric",
+                        timeout_s=recipe.limits.user_code_s) if recipe.metric.is_function else None)
+    return Contract(metric, recipe.metric, spec.max_accuracy_drop, idx, name, fn, recipe.limits.user_code_s)
 
 
 def judge(contract: Contract, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:

@@ -29,10 +29,12 @@ class Prepared:
         return [s.name for s in self.recipe.inputs]
 
     def load_teacher(self) -> nn.Module:
-        return load_structured(self.recipe.model, self.recipe.base_dir, self.teacher.folder)
+        return load_structured(self.recipe.model, self.recipe.base_dir, self.teacher.folder,
+                               self.recipe.limits.user_code_s)
 
     def load_student(self) -> nn.Module:
-        return load_structured(self.recipe.model, self.recipe.base_dir, self.student.folder)
+        return load_structured(self.recipe.model, self.recipe.base_dir, self.student.folder,
+                               self.recipe.limits.user_code_s)
 
 
 @dataclass(frozen=True)

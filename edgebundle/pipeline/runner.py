@@ -117,7 +117,7 @@ def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
 def _check_inputs(recipe: Recipe) -> Dataset:
     """Cheap checks before any folder is made: the factory imports, the model takes the input spec and
     returns the recipe's outputs, the metric function imports, the data loads and fits the spec."""
-    probe = build_model(recipe.model, recipe.base_dir)
+    probe = build_model(recipe.model, recipe.base_dir, recipe.limits.user_code_s)
     outs = check_accepts(probe, recipe.inputs, len(recipe.outputs))
     out = outs[recipe.judged_output[0]]
     if len(outs) > 1:
@@ -127,7 +127,7 @@ def _check_inputs(recipe: Recipe) -> Dataset:
             raise RecipeError(f"the model has {len(outs)} outputs; stages {', '.join(training)} train on one output "
                               "(logits): set their enabled: false (and give model.weights) to bundle it as it is")
     if recipe.metric.is_function:
-        import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric")
+        import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric", timeout_s=recipe.limits.user_code_s)
     dataset = load_dataset(recipe)
     if dataset.num_classes is not None and out.shape[-1] < dataset.num_classes:
         raise RecipeError(f"the model outputs {out.shape[-1]} values but the data has {dataset.num_classes} classes")

@@ -40,7 +40,7 @@ class StageContext:
         return [s.name for s in self.recipe.inputs]
 
     def load(self, art: Artifact) -> nn.Module:
-        return load_structured(self.recipe.model, self.recipe.base_dir, art.folder)
+        return load_structured(self.recipe.model, self.recipe.base_dir, art.folder, self.recipe.limits.user_code_s)
 
 
 def dump(cfg) -> dict[str, Any]:

@@ -40,7 +40,7 @@ class Teacher:
 
     def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
         recipe, ds, names, st = ctx.recipe, ctx.dataset, ctx.names, ctx.recipe.stages
-        model = build_model(recipe.model, recipe.base_dir)
+        model = build_model(recipe.model, recipe.base_dir, recipe.limits.user_code_s)
         train_on = trains(recipe)
         metrics: dict[str, Any] = {"trained": train_on}
         if train_on and isinstance(recipe.model, EnsembleSpec):
