@@ -69,6 +69,13 @@ def test_minilm_embedding_output_exports_and_ort_holds_the_cosine_budget(tmp_pat
     within = acc["target"] >= 0.99 and acc["details"]["cosine_mean"] >= 0.995
     assert acc["within_budget"] is within and b.status == ("complete" if within else "rejected")
     assert [o["name"] for o in b.manifest["outputs"]] == ["embedding"]
+    # attention found unfused (activation x activation MatMuls): dynamic int8, not the static Q/DQ that
+    # collapses on BERT's additive attention mask; over budget, the MatMuls ranked by the damage each does
+    q = b.manifest["quantization"]
+    assert q["mode"] == "dynamic" or "dynamic_over_budget" in q
+    budget = q.get("dynamic_over_budget") or q["accuracy_budget"]
+    if budget["attempts"]:
+        assert len(budget["ranking"]) == 36 and budget["attempts"][0]["excluded"] == 1
 
 
 def test_efficientnet_agreement_is_judged_on_confident_crops(tmp_path):
