@@ -141,7 +141,7 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
-def _print_bundles(bundles, output: Path | None = None) -> None:
+def _print_bundles(bundles) -> None:
     shown = [b for b in bundles if b.manifest is not None]
     if shown:
         console.print(_summary_table(shown))
@@ -150,7 +150,7 @@ def _print_bundles(bundles, output: Path | None = None) -> None:
             console.print(f"[green]bundle[/] {b.path}" + (f" (packed: {b.archive})" if b.archive else ""))
         for note in b.manifest.get("notes", []):
             console.print(f"  [yellow]note:[/] {esc(note)}")
-    folder = output or next((b.path.parent for b in shown), None)
+    folder = next((b.path.parent for b in shown), None)
     if folder is not None and (folder / "report.html").is_file():
         console.print(f"[green]report[/] {folder / 'report.html'}")
 

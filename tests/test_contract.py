@@ -191,3 +191,23 @@ def test_precision_auto_ships_the_faster_and_records_both(default_run, tmp_path)
     if c["shipped"] == "fp32":
         assert any(n.startswith("precision auto: int8 within budget took") for n in m["notes"])
         assert not m["quantization"].get("format")  # the fp32 artifact carries no quantization record
+
+
+def test_a_metric_function_that_raises_is_bad_input_wherever_it_is_judged(default_run, tmp_path):
+    (tmp_path / "m.py").write_text("def score(out, ref, labels):\n    raise ValueError('boom')\n")
+    recipe, work = prepared_copy(default_run, tmp_path, metric={"name": "m.py:score"}, targets=[
+        {"name": "ort-cpu", "measure": {"iterations": 20}, "options": {"precision": "int8"}}])
+    res = cli.invoke(app, ["build", str(work), "-o", str(tmp_path / "out"), "--recipe", str(recipe)])
+    assert res.exit_code == 2, res.output
+    assert "metric function m.py:score failed: ValueError: boom" in " ".join(res.output.split())
+
+    from edgebundle.core.metrics import Contract, MetricFunctionError
+    from edgebundle.core.errors import RecipeError
+
+    def bad(out, ref, labels):
+        raise ValueError("boom")
+
+    c = Contract("m:bad", MetricSpec(name="m:bad"), 1.0, fn=bad)
+    with pytest.raises(RecipeError):  # also inside a target's accuracy control: the recipe's error, not the target's
+        c.judge(np.zeros((2, 3)), np.zeros((2, 3)), None)
+    assert issubclass(MetricFunctionError, RecipeError)

@@ -80,6 +80,24 @@ def _r6(x: float) -> float:
     return round(float(x), 6) if np.isfinite(x) else float(x)
 
 
+def keep_float_until_within(ranked: list[str], quantize: Callable[[list[str]], None], judge: Callable[[], Verdict],
+                            first: Verdict, info: dict[str, Any]) -> Verdict:
+    """Re-quantize with the 1, 2, 3, ... (beyond 8: doubling) first nodes of `ranked` (most damaging first)
+    kept in float, `judge()` after each, until the budget holds or all are float. Records the attempts and
+    the outcome in `info` (a `budget_record`); `first` is the verdict with nothing kept float."""
+    k, exclude, v = 1, [], first
+    while ranked:
+        exclude = ranked[:k]
+        quantize(exclude)
+        v = judge()
+        info["attempts"].append({"excluded": len(exclude), "drop": _r6(v.loss), "value": _r6(v.value)})
+        if v.within or k >= len(ranked):
+            break
+        k = min(k + 1 if k < 8 else 2 * k, len(ranked))
+    info.update(excluded_nodes=exclude, drop_reached=_r6(v.loss), value_reached=_r6(v.value), within_budget=v.within)
+    return v
+
+
 def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None], *, split: Split,
                      specs: list[InputSpec], contract: Contract, outputs: Callable[[Path], np.ndarray],
                      p50_ms: Callable[[Path], float] | None, layer_errors: bool = True,
@@ -105,16 +123,7 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
         return result
     full_ms = p50_ms(out) if p50_ms else None
     ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
-    k, exclude = 1, []
-    while ranked:
-        exclude = ranked[:k]
-        quantize(exclude)
-        v = contract.judge(ref, outputs(out), split.labels)
-        info["attempts"].append({"excluded": len(exclude), "drop": _r6(v.loss), "value": _r6(v.value)})
-        if v.within or k >= len(ranked):
-            break
-        k = min(k + 1 if k < 8 else 2 * k, len(ranked))
-    info.update(excluded_nodes=exclude, drop_reached=_r6(v.loss), value_reached=_r6(v.value), within_budget=v.within)
+    keep_float_until_within(ranked, quantize, lambda: contract.judge(ref, outputs(out), split.labels), v, info)
     if p50_ms:
         kept_ms = p50_ms(out)
         info["latency_cost"] = {"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,

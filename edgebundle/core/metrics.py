@@ -29,6 +29,8 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgebundle.core.errors import RecipeError
+
 BUILTIN = ("top1", "agreement", "cosine", "snr", "mse")
 DROP_METRICS = ("top1", "agreement")  # judged in percentage points below the fp32 reference
 CLASSIFIER_HINTS = ("logit", "prob", "score", "class")
@@ -244,19 +246,19 @@ class Contract:
                        max_drop=self.max_drop)
 
 
-class MetricFunctionError(ValueError):
-    """A user metric function raised or returned something that is not a finite number."""
+class MetricFunctionError(RecipeError):
+    """A user metric function raised, did not return in time, or returned something that is not a finite
+    number: the recipe's error (exit 2) wherever it is judged, in a target's accuracy control too."""
 
 
 def _call(fn: Callable[..., Any], name: str, outputs, reference, labels, timeout_s: float | None = None) -> float:
-    from edgebundle.core.errors import RecipeError
     from edgebundle.core.limits import time_limit
 
     try:
         with time_limit(timeout_s, f"metric function {name}"):
             v = fn(outputs, reference, labels)
-    except RecipeError as e:  # the time limit
-        raise MetricFunctionError(str(e)) from e
+    except RecipeError:  # the time limit
+        raise
     except (Exception, SystemExit) as e:  # user code
         raise MetricFunctionError(f"metric function {name} failed: {type(e).__name__}: {e}") from e
     try:

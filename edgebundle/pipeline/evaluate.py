@@ -16,7 +16,7 @@ from edgebundle.core import measure as measure_mod
 from edgebundle.core.data import Split, iter_feeds, run_outputs
 from edgebundle.core.errors import DataError, EdgeBundleError, RecipeError, StageError
 from edgebundle.core.host import usable_cores
-from edgebundle.core.metrics import Contract, MetricFunctionError, Verdict, resolve_name
+from edgebundle.core.metrics import Contract, Verdict, resolve_name
 from edgebundle.core.modelio import import_object
 from edgebundle.core.recipe import MeasureSpec, Recipe, TargetSpec
 from edgebundle.core.session import OrtSession
@@ -86,16 +86,9 @@ def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, ju
     return Contract(metric, recipe.metric, spec.max_accuracy_drop, idx, name, fn, recipe.limits.user_code_s)
 
 
-def judge(contract: Contract, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
-    try:
-        return contract.judge(reference, outputs, labels)
-    except MetricFunctionError as e:
-        raise RecipeError(str(e)) from e
-
-
 def check_resolvable(contract: Contract, reference: np.ndarray, labels: np.ndarray | None, target: str) -> None:
     """A points budget needs enough judged inputs that one changed input does not decide it alone."""
-    v = judge(contract, reference, reference, labels)
+    v = contract.judge(reference, reference, labels)
     need = contract.needed_samples()
     if v.samples < need:
         what = (f"inputs where the fp32 model is confident (top-1 probability >= {contract.spec.min_confidence:g})"
@@ -148,7 +141,7 @@ def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: T
         raise StageError(f"build:{spec.name}: the artifact has {len(outs)} output(s); the metric judges output "
                          f"'{contract.output_name}' (number {contract.output_index + 1})")
     out = outs[contract.output_index]
-    verdict = judge(contract, reference_out, out, ds.test.labels)
+    verdict = contract.judge(reference_out, out, ds.test.labels)
     return Evaluation(built, out, verdict, lat, same_rt, runtime_seen)
 
 

@@ -243,14 +243,14 @@ def _preflight(spec: TargetSpec):
 
 def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event: Event = _noop,
                  reference: dict[str, Any] | None = None, fp32_test: list[np.ndarray] | None = None,
-                 keep_rejected: bool = False) -> BundleResult:
+                 contract: Contract | None = None, keep_rejected: bool = False) -> BundleResult:
     """Build one target's bundle from prepared artifacts: calibrate, judge, measure, write atomically.
 
     A bundle that misses the recipe's accuracy budget on the test split is not written where a good one
     is expected: it is discarded (status 'rejected' in the result), or with `keep_rejected` written to
     OUT/<target>.rejected with `status: rejected` in its manifest.
     """
-    recipe, ds = prepared.recipe, prepared.dataset
+    recipe = prepared.recipe
     entry, target, options = _preflight(spec)
     threads = spec.threads or usable_cores()
     stage = f"build:{spec.name}"
@@ -260,8 +260,8 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     if fp32_test is None:
         fp32_test = fp32_reference(prepared, threads)
     ref_out = fp32_test[recipe.judged_output[0]]
-    contract = contract_for(recipe, spec, ds.test.labels, ref_out)
-    check_resolvable(contract, ref_out, ds.test.labels, spec.name)
+    if contract is None:
+        contract = _contract(prepared, spec, ref_out)
     job = _Job(prepared, spec, entry, target, options, contract, ref_out, threads, stage)
     verdicts: list[Evaluation] = []
 
@@ -435,6 +435,14 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
     )
 
 
+def _contract(prepared: Prepared, spec: TargetSpec, judged: np.ndarray) -> Contract:
+    """The target's contract, checked resolvable on the test split (bad input otherwise)."""
+    labels = prepared.dataset.test.labels
+    contract = contract_for(prepared.recipe, spec, labels, judged)
+    check_resolvable(contract, judged, labels, spec.name)
+    return contract
+
+
 def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_event: Event,
                pack: bool = False, keep_rejected: bool = False) -> list[BundleResult]:
     """Every target in turn. A target that fails or misses its budget is that target's result (status
@@ -442,10 +450,9 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
     results = []
     refs: dict[tuple, dict] = {}
     fp32_test = fp32_reference(prepared)
-    labels = prepared.dataset.test.labels
     judged = fp32_test[prepared.recipe.judged_output[0]]
-    for spec in specs:  # bad input before any target builds: the metric, its function, enough judged inputs
-        check_resolvable(contract_for(prepared.recipe, spec, labels, judged), judged, labels, spec.name)
+    # bad input before any target builds: the metric, its function, enough judged inputs
+    contracts = {spec.name: _contract(prepared, spec, judged) for spec in specs}
     for spec in specs:
         threads = spec.threads or usable_cores()
         k = (threads, spec.measure.model_dump_json())
@@ -455,7 +462,7 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
                 refs[k] = reference_latency(prepared, spec.measure, threads)
                 on_event("done", "reference", cached=False)
             res = build_target(prepared, spec, output, on_event=on_event, reference=refs[k], fp32_test=fp32_test,
-                               keep_rejected=keep_rejected)
+                               contract=contracts[spec.name], keep_rejected=keep_rejected)
         except (RecipeError, DataError, BundleError):
             raise
         except EdgeBundleError as e:

@@ -188,7 +188,7 @@ class OrtCpuTarget:
         0.982 and four MatMuls kept float reached 0.991."""
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        from edgebundle.calibration.accuracy import budget_record
+        from edgebundle.calibration.accuracy import budget_record, keep_float_until_within
 
         def quantize(path: Path, **nodes) -> None:
             quantize_dynamic(str(pre), str(path), per_channel=opt.per_channel, reduce_range=reduce_range,
@@ -212,20 +212,10 @@ class OrtCpuTarget:
                 damage.append((contract.judge(part_ref, val_outputs(one, part_ctx), part.labels).loss, node))
         finally:
             one.unlink(missing_ok=True)
-        ranked = [n for _, n in sorted(damage, reverse=True)]
-        info["ranking"] = [{"node": n, "loss_alone": round(float(d), 6)} for d, n in sorted(damage, reverse=True)]
-        k, exclude = 1, []
-        while ranked:
-            exclude = ranked[:k]
-            quantize(out, nodes_to_exclude=exclude)
-            v = contract.judge(ref, val_outputs(out, ctx), val.labels)
-            info["attempts"].append({"excluded": len(exclude), "drop": round(float(v.loss), 6),
-                                     "value": round(float(v.value), 6)})
-            if v.within or k >= len(ranked):
-                break
-            k = min(k + 1 if k < 8 else 2 * k, len(ranked))
-        info.update(excluded_nodes=exclude, drop_reached=round(float(v.loss), 6), value_reached=round(float(v.value), 6),
-                    within_budget=v.within)
+        damage.sort(reverse=True)
+        info["ranking"] = [{"node": n, "loss_alone": round(float(d), 6)} for d, n in damage]
+        keep_float_until_within([n for _, n in damage], lambda exclude: quantize(out, nodes_to_exclude=exclude),
+                                lambda: contract.judge(ref, val_outputs(out, ctx), val.labels), v, info)
         return {"accuracy_budget": info}
 
     def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,
