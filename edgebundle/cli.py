@@ -333,11 +333,13 @@ def report(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """(Re)write OUTPUT/report.html from the bundles in OUTPUT."""
-    from edgebundle.pipeline.report import write_report
+    from edgebundle.pipeline.report import bundles_in, write_report
 
     try:
         if not output.is_dir():
             raise BundleError(f"not a folder: {output}")
+        if not bundles_in(output):
+            raise BundleError(f"no bundles in {output} (a bundle is a sub-folder with a manifest.json)")
         path = write_report(output)
     except EdgeBundleError as e:
         _fail(e, debug)

@@ -229,3 +229,23 @@ def test_user_code_that_never_returns_ends_with_a_line_naming_it(tmp_path):
     res, text, lines = _run(tmp_path, data={"kind": "function", "function": "slow.py:batches"},
                             limits={"user_code_s": 1})
     assert res.exit_code == 2 and len(lines) == 1 and "data.function slow.py:batches did not return within 1 s" in text
+
+
+def test_wrong_kinds_of_file_say_what_they_are(tmp_path):
+    """A folder given as the recipe, random bytes named .npz, a report of a folder with no bundles."""
+    res = cli.invoke(app, ["run", str(tmp_path), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and f"recipe {tmp_path} is a folder; give the recipe's .yaml file" in res.output
+
+    data = tmp_path / "junk"
+    data.mkdir()
+    (data / "a.npz").write_bytes(b"\x80\x04junk, not numpy")
+    res, text, lines = _run(tmp_path, data={"kind": "folder", "path": str(data)})
+    assert res.exit_code == 2 and len(lines) == 1
+    assert "a.npz: not a numpy .npz/.npy file, or it holds pickled objects (never loaded" in text
+    assert "allow_pickle" not in text
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = cli.invoke(app, ["report", str(empty)])
+    assert res.exit_code == 2 and "no bundles in" in res.output
+    assert not (empty / "report.html").exists()

@@ -158,7 +158,9 @@ def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], 
                 if lab is not None:
                     labels.append(z[lab])
         except (ValueError, OSError) as e:
-            raise DataError(f"cannot read data file {f}: {e}") from e
+            why = ("not a numpy .npz/.npy file, or it holds pickled objects (never loaded: they can run code)"
+                   if "pickled" in str(e) else str(e))
+            raise DataError(f"cannot read data file {f}: {why}") from e
     if labels and len(labels) != len(files):
         raise DataError(f"data folder {path}: some files have labels and some do not")
     return _joined(parts, labels, f"data folder {path}", "file", [f.name for f in files])

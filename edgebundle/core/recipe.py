@@ -321,6 +321,8 @@ def load_recipe(path: str | Path | None = None) -> Recipe:
         text = default_recipe_text()
         return recipe_from_dict(yaml.safe_load(text), base_dir=Path.cwd(), source="(embedded default)")
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"recipe {p} is a folder; give the recipe's .yaml file")
     if not p.is_file():
         raise RecipeError(f"recipe not found: {p}")
     try:
