@@ -15,8 +15,8 @@ sequence length 128 (random weights, random token ids):
 
 Columns: p50 with IQR, output cosine vs PyTorch, artifact size, the wall time of the tool's own step
 (quantization / target build) next to the hand path's, and a physical-limit column: the model's MACs over
-this CPU's peak int8 multiply-accumulate rate, i.e. the fastest the arithmetic alone could run (an
-estimate: cores x int8 MACs per cycle for the ISA found x the clock in /proc/cpuinfo).
+this host's int8 multiply-accumulate rate, measured (bench.common.int8_peak: ORT's MatMulInteger on large
+GEMMs, the best of many runs), i.e. the fastest the arithmetic alone could run on the int8 kernels here.
 
     python -m bench.compare       # writes bench/results/compare.{json,md}; about 5 minutes on 2 cores
     python -m bench.compare bert  # only the models whose name contains "bert": compare-only.{json,md}
@@ -32,11 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import interleaved, write
+from bench.common import int8_peak, interleaved, write
 from edgebundle import zoo
 from edgebundle.exporters.onnx import cosine, export
 from edgebundle.core.data import Split
-from edgebundle.core.host import cpu_flags
 from edgebundle.stages.pruning import count, prune
 from edgebundle.core.recipe import ExportStage, PruneStage, TargetSpec, recipe_from_dict
 from edgebundle.core import registry
@@ -44,29 +43,6 @@ from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession
 
 THREADS = 2
-
-
-def peak_int8_macs_per_s() -> tuple[float, str]:
-    """cores x int8 MACs/cycle x clock, with the assumption spelled out."""
-    flags = cpu_flags()
-    # an upper bound on the arithmetic rate: two SIMD multiply-accumulate ports per core, both busy
-    if flags & {"avx512_vnni", "amx_int8"}:
-        per_cycle, isa = 128, "AVX-512 VNNI, two 512-bit VNNI ops per cycle (128 int8 MACs)"
-    elif "avx_vnni" in flags:
-        per_cycle, isa = 64, "AVX-VNNI, two 256-bit ops per cycle (64 int8 MACs)"
-    elif "avx2" in flags:
-        per_cycle, isa = 64, "AVX2 vpmaddubsw, two 256-bit ops per cycle (64 int8 MACs)"
-    else:
-        per_cycle, isa = 32, "128-bit SIMD, two ops per cycle (32 int8 MACs)"
-    mhz = []
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("cpu MHz"):
-                mhz.append(float(line.split(":")[1]))
-    except OSError:
-        pass
-    ghz = (max(mhz) / 1000) if mhz else 2.0
-    return THREADS * per_cycle * ghz * 1e9, f"{THREADS} cores x {isa} x {ghz:.2f} GHz"
 
 
 def hand_ort_int8(src: Path, dst: Path, calib: np.ndarray, input_name: str) -> None:
@@ -106,8 +82,8 @@ def main(only: list[str]) -> None:
     started = time.perf_counter()
     torch.set_num_threads(THREADS)
     rng = np.random.default_rng(0)
-    peak, peak_how = peak_int8_macs_per_s()
-    payload, rows = {"peak_int8_macs_per_s": peak, "peak_assumption": peak_how, "models": {}}, []
+    peak, peak_how = int8_peak(THREADS)
+    payload, rows = {"peak_int8_macs_per_s": peak, "peak_how": peak_how, "models": {}}, []
     ort_t, ov_t = registry.lookup("ort-cpu"), registry.lookup("openvino")
     core = ov.Core()
     cfg = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": THREADS}
@@ -205,7 +181,8 @@ def main(only: list[str]) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     payload["peak_rss_mib"] = rss
     payload["wall_seconds"] = wall = time.perf_counter() - started
-    md = (f"Physical limit: MACs / ({peak_how}) = {peak / 1e9:.0f} G int8 MAC/s; the column gives that time and "
+    md = (f"Int8 limit: MACs / the measured int8 peak of this host, {peak / 1e9:.0f} G MAC/s ({peak_how}); the "
+          "column gives that time and "
           f"what fraction of the measured p50 it is. Peak RSS of the whole benchmark process: {rss:.0f} MiB; "
           f"whole run {wall / 60:.1f} minutes.\n\n"
           "| model | candidate | GMAC | p50 ms | IQR ms | speedup vs PyTorch eager | vs hand path | cosine vs "
