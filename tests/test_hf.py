@@ -65,3 +65,83 @@ def test_hf_and_factory_are_exclusive(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(RecipeError, match="exactly one of model.factory and model.hf"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_hf_tasks_give_their_outputs_and_a_task_the_class_lacks_is_one_line(tmp_path):
+    import torch
+
+    from edgebundle.core.hf import load
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    transformers.BertForTokenClassification(cfg).save_pretrained(tmp_path / "bert")
+    ids = torch.randint(3, 32, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.int64)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        assert load(tmp_path / "bert", "token-classification")(ids, mask).shape == (2, 10, 3)
+        assert load(tmp_path / "bert", "sequence-classification")(ids, mask).shape == (2, 3)
+        emb = load(tmp_path / "bert", "feature-extraction", normalize=True)(ids, mask)
+        assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+        # mean pooling ignores padded tokens: changing them does not change the embedding
+        ids2 = ids.clone()
+        ids2[1, 6:] = 5
+        torch.testing.assert_close(load(tmp_path / "bert", "feature-extraction")(ids2, mask)[1],
+                                   load(tmp_path / "bert", "feature-extraction")(ids, mask)[1])
+    with pytest.raises(RecipeError, match="has no image-classification head"):
+        load(tmp_path / "bert", "image-classification")
+
+
+def test_hf_only_fields_on_a_factory_model_are_refused():
+    from pydantic import ValidationError
+
+    from edgebundle.core.recipe import ModelSpec
+
+    with pytest.raises(ValidationError, match="apply to model.hf only"):
+        ModelSpec(factory="edgebundle.zoo:digits_cnn", task="feature-extraction")
+    with pytest.raises(ValidationError, match="apply to task feature-extraction only"):
+        ModelSpec(hf="x", normalize=True)
+
+
+def test_a_text_file_feeds_a_hf_classifier_with_the_folders_own_tokenizer(tmp_path):
+    """`data: {kind: text}` on a .txt of `text<TAB>label` lines, tokenized by the tokenizer saved in the
+    model folder, trains and bundles a Hugging Face sequence classifier."""
+    import torch
+
+    torch.manual_seed(0)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "bad", "awful", "film", "movie",
+             "a", "the", "very", "plot", "acting"]
+    folder = tmp_path / "bert"
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                  num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(240):
+        pos = i % 2 == 0
+        filler = list(rng.choice(["a", "the", "very", "film", "movie", "plot", "acting"], size=4))
+        filler.insert(int(rng.integers(0, 5)), str(rng.choice(["good", "great"] if pos else ["bad", "awful"])))
+        lines.append(" ".join(filler) + ("\tpositive" if pos else "\tnegative"))
+    (tmp_path / "reviews.txt").write_text("\n".join(lines) + "\n")
+    recipe = {
+        "version": 1, "name": "reviews", "model": {"hf": "bert"},
+        "inputs": [{"name": "input_ids", "shape": [1, 12], "dtype": "int64", "dynamic_axes": {0: "batch"}},
+                   {"name": "attention_mask", "shape": [1, 12], "dtype": "int64", "dynamic_axes": {0: "batch"}}],
+        "outputs": ["logits"],
+        "data": {"kind": "text", "path": "reviews.txt", "calibration_samples": 32},
+        "stages": {"train": {"enabled": True, "epochs": 30, "lr": 0.003, "batch_size": 16}, "prune": {"enabled": False},
+                   "distill": {"enabled": False}},
+        "targets": [{"name": "ort-cpu", "measure": {"iterations": 10}, "max_accuracy_drop": 3.0,
+                     "options": {"precision": "int8"}}],
+        "output": "out",
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = run(load_recipe(tmp_path / "r.yaml"))
+    assert res.prepared.dataset.classes == ("negative", "positive")
+    assert res.prepared.teacher.metrics["test_accuracy"] >= 90.0
+    b = res.bundles[0]
+    assert b.status == "complete", b.reason
+    assert b.manifest["accuracy"]["metric"] == "top1"

@@ -97,3 +97,22 @@ def test_efficientnet_agreement_is_judged_on_confident_crops(tmp_path):
     assert acc["within_budget"] is (acc["drop_vs_fp32"] <= 5.0) and b.status in ("complete", "rejected")
     assert b.manifest["target"]["runtime"]["inference_precision"] == "f32"  # not the CPU plugin's bf16 default
     assert np.isfinite(acc["output_cosine_vs_fp32"])
+
+
+def test_minilm_folder_as_hf_feature_extraction_matches_the_sentence_embedding(minilm):
+    """`model: {hf: folder, task: feature-extraction, normalize: true}` gives what sentence-transformers'
+    encode(normalize_embeddings=True) gives for this mean-pooling model: the example's own wrapper."""
+    from edgebundle.core.hf import load
+
+    hf_model = load(minilm.model_folder(), "feature-extraction", pooling="mean", normalize=True)
+    ref_model = minilm.model()
+    feeds = minilm.tokenize(["A slice of real text to embed.", "Short one.", "The pass statement does nothing."])
+    ids, mask = torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
+    with torch.no_grad():
+        got, want = hf_model(ids, mask), ref_model(ids, mask)
+    assert got.shape == (3, 384)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    cls = load(minilm.model_folder(), "feature-extraction", pooling="cls")
+    with torch.no_grad():
+        c = cls(ids, mask)
+    assert c.shape == (3, 384) and not torch.allclose(c.norm(dim=-1), torch.ones(3))

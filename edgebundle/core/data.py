@@ -14,7 +14,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgebundle.core.errors import DataError
+from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core.limits import time_limit
 from edgebundle.core.recipe import DataSpec, InputSpec, Recipe
 from edgebundle.core.modelio import import_object
@@ -45,6 +45,7 @@ class Dataset:
     test: Split
     fingerprint: str
     num_classes: int | None
+    classes: tuple[str, ...] = ()  # class names in label order, where the source names them
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -250,15 +251,39 @@ def _joined(parts: dict[str, list[np.ndarray]], labels: list[np.ndarray], source
 def data_config_json(spec: DataSpec) -> str:
     """The data spec as it enters cache keys: fields added later are left out at their defaults, so work
     folders prepared before they existed stay valid."""
-    return spec.model_dump_json(exclude=set() if spec.kwargs else {"kwargs"})
+    unset = {"kwargs"} if not spec.kwargs else set()
+    unset |= {f for f in ("image", "text") if getattr(spec, f) is None}
+    return spec.model_dump_json(exclude=unset)
+
+
+def _source(recipe: Recipe) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[str]]:
+    from edgebundle.core import sources
+    from edgebundle.core.recipe import ImageSpec, TextSpec
+
+    spec = recipe.data
+    hf = recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
+    if spec.kind == "images":
+        if len(recipe.inputs) != 1:
+            raise RecipeError("data.kind images feeds a model with one input")
+        x, labels, classes = sources.read_images(recipe.resolve(spec.path), spec.image or ImageSpec(),
+                                                 recipe.inputs[0], hf)
+        return {recipe.inputs[0].name: x}, labels, classes
+    text = spec.text or TextSpec()
+    folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else hf
+    if folder is None:
+        raise RecipeError("data.kind text needs a tokenizer: data.text.tokenizer (a local folder) or model.hf")
+    return sources.read_text(recipe.resolve(spec.path), text, recipe.inputs, folder)
 
 
 def load_dataset(recipe: Recipe) -> Dataset:
     spec = recipe.data
+    classes: list[str] = []
     if spec.kind == "digits":
         inputs, labels = _digits(recipe.inputs)
     elif spec.kind == "folder":
         inputs, labels = _folder(recipe.resolve(spec.path), recipe.inputs)
+    elif spec.kind in ("images", "text"):
+        inputs, labels, classes = _source(recipe)
     else:
         inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir, spec.kwargs,
                                    recipe.limits.user_code_s)
@@ -286,5 +311,6 @@ def load_dataset(recipe: Recipe) -> Dataset:
         val=whole.take(perm[n_train:n_train + n_val]),
         test=whole.take(perm[n_train + n_val:]),
         fingerprint=h.hexdigest(),
-        num_classes=None if labels is None else int(labels.max()) + 1,
+        num_classes=None if labels is None else max(int(labels.max()) + 1, len(classes)),
+        classes=tuple(classes),
     )

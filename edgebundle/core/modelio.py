@@ -76,7 +76,8 @@ def source_fingerprint(spec: ModelSpec | EnsembleSpec, base_dir: Path) -> str:
         if spec.weights is not None:
             h.update(sha256_file(_resolve(spec.weights, base_dir)).encode())
         return h.hexdigest()
-    h = hashlib.sha256(spec.model_dump_json(exclude={"weights", "hf"}).encode())
+    unset = {"task", "pooling", "normalize"} - set(spec.hf_fields())
+    h = hashlib.sha256(spec.model_dump_json(exclude={"weights", "hf", *unset}).encode())
     if spec.hf is not None:
         from edgebundle.core import hf
 
@@ -111,7 +112,8 @@ def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path, timeout_s: float
     if spec.hf is not None:
         from edgebundle.core import hf
 
-        model = hf.sequence_classifier(_resolve(spec.hf, base_dir), **spec.kwargs)
+        model = hf.load(_resolve(spec.hf, base_dir), spec.task, pooling=spec.pooling, normalize=spec.normalize,
+                        **spec.kwargs)
     else:
         fn = import_object(spec.factory, base_dir=base_dir, what="model.factory", timeout_s=timeout_s)
         try:

@@ -34,6 +34,11 @@ class ModelSpec(Strict):
     hf: Path | None = Field(None, description=(
         "instead of a factory: a Hugging Face transformers sequence-classification model saved in a local "
         "folder (config.json + weights; never downloaded); needs edgebundle[hf]"))
+    task: Literal["sequence-classification", "feature-extraction", "token-classification",
+                  "image-classification"] = Field("sequence-classification", description=(
+        "model.hf only: which head and output; feature-extraction gives one pooled embedding per input"))
+    pooling: Literal["mean", "cls"] = Field("mean", description="feature-extraction: mean over real tokens or CLS")
+    normalize: bool = Field(False, description="feature-extraction: L2-normalize the embedding")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     weights: Path | None = Field(
         default=None, description="state dict: .safetensors, or .pt/.pth loaded with weights_only=True"
@@ -53,7 +58,16 @@ class ModelSpec(Strict):
     def _one_source(self) -> ModelSpec:
         if (self.factory is None) == (self.hf is None):
             raise ValueError("give exactly one of model.factory and model.hf")
+        if self.factory is not None and self.hf_fields():
+            raise ValueError(f"{', '.join(self.hf_fields())} apply to model.hf only")
+        if self.task != "feature-extraction" and ("pooling" in self.hf_fields() or self.normalize):
+            raise ValueError("pooling and normalize apply to task feature-extraction only")
         return self
+
+    def hf_fields(self) -> list[str]:
+        """The model.hf fields set away from their defaults (only these enter cache keys, so recipes written
+        before they existed keep their keys)."""
+        return [f for f in ("task", "pooling", "normalize") if getattr(self, f) != type(self).model_fields[f].default]
 
 
 class EnsembleSpec(Strict):
@@ -100,20 +114,53 @@ class SplitSpec(Strict):
         return self
 
 
+class ImageSpec(Strict):
+    """kind=images: how each image becomes the input tensor (shorter side resized, center crop to the
+    input's H x W, 0..1, then (x - mean) / std per channel)."""
+
+    resize: int | None = Field(None, ge=1, le=16384, description="shorter side before the crop (default: the crop)")
+    mean: list[float] | None = Field(None, min_length=1, max_length=3)
+    std: list[float] | None = Field(None, min_length=1, max_length=3)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(x <= 0 for x in v):
+            raise ValueError("every std must be > 0")
+        return v
+
+
+class TextSpec(Strict):
+    """kind=text: .txt (one text per line, optional TAB label), .csv or .jsonl (named columns)."""
+
+    text_column: str = "text"
+    label_column: str | None = Field(None, description=".csv/.jsonl: the label column, if any")
+    tokenizer: Path | None = Field(None, description="a local tokenizer folder (default: model.hf's folder)")
+
+
 class DataSpec(Strict):
-    kind: Literal["digits", "folder", "function"] = "digits"
-    path: Path | None = Field(default=None, description="kind=folder: folder of .npz (x, y) / .npy files")
+    kind: Literal["digits", "folder", "function", "images", "text"] = "digits"
+    path: Path | None = Field(default=None, description=(
+        "kind=folder: folder of .npz (x, y) / .npy files; kind=images: image folder (class sub-folders or "
+        "flat); kind=text: a .txt, .csv or .jsonl file"))
     function: str | None = Field(default=None, description="kind=function: 'module:fn' yielding batches")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="kind=function: keyword arguments to it")
     splits: SplitSpec = SplitSpec()
     seed: int = Field(0, ge=0, le=2**32 - 1)
     calibration_split: Literal["train", "val"] = "train"
     calibration_samples: int = Field(128, ge=1, le=100_000)
+    image: ImageSpec | None = None
+    text: TextSpec | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DataSpec:
-        if self.kind == "folder" and self.path is None:
-            raise ValueError("data.kind 'folder' needs data.path")
+        if self.kind in ("folder", "images", "text") and self.path is None:
+            raise ValueError(f"data.kind '{self.kind}' needs data.path")
+        if self.image is not None and self.kind != "images":
+            raise ValueError("data.image applies to kind 'images' only")
+        if self.text is not None and self.kind != "text":
+            raise ValueError("data.text applies to kind 'text' only")
         if self.kind == "function" and not self.function:
             raise ValueError("data.kind 'function' needs data.function ('module:fn')")
         return self

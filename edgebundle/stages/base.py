@@ -48,6 +48,18 @@ def dump(cfg) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+def model_key(spec) -> dict[str, Any]:
+    """The model spec as it enters a cache key: the model.hf fields at their defaults are left out, so work
+    folders prepared before those fields existed stay valid."""
+    d = dump(spec)
+    if hasattr(spec, "hf_fields"):
+        for f in {"task", "pooling", "normalize"} - set(spec.hf_fields()):
+            d.pop(f, None)
+    else:  # an ensemble: each member likewise
+        d["members"] = [model_key(m) for m in spec.members]
+    return d
+
+
 class Stage(Protocol):
     name: ClassVar[str]
     collective: ClassVar[bool]  # runs on every torchrun rank (it trains with DDP); else rank 0 only

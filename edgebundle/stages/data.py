@@ -57,4 +57,5 @@ class Data:
         for name, split in (("calibration", cal), ("val", ds.val), ("test", ds.test)):
             save_split(split, folder / f"{name}.npz")
         return {"fingerprint": ds.fingerprint, "num_classes": ds.num_classes,
+                **({"classes": list(ds.classes)} if ds.classes else {}),
                 "samples": {"calibration": len(cal), "val": len(ds.val), "test": len(ds.test)}}

@@ -9,7 +9,7 @@ from typing import Any
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import build_model, save_structured
 from edgebundle.core.recipe import EnsembleSpec, Recipe
-from edgebundle.stages.base import StageContext, dump
+from edgebundle.stages.base import StageContext, dump, model_key
 from edgebundle.stages.pruning import count
 from edgebundle.stages.training import accuracy, predict, train_supervised
 
@@ -29,7 +29,7 @@ class Teacher:
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
-        return {"model": dump(r.model), "train": dump(r.stages.train) if trains(r) else None, "seed": r.seed,
+        return {"model": model_key(r.model), "train": dump(r.stages.train) if trains(r) else None, "seed": r.seed,
                 "inputs": [dump(i) for i in r.inputs]}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:

@@ -1,0 +1,197 @@
+"""Data as users have it: a folder of images, a text file. Each becomes arrays keyed by input name.
+
+- `images`: JPEG/PNG/BMP/WebP files, either in class sub-folders (labels from the sub-folder names, in sorted
+  order; the order is returned so it can be recorded) or flat (unlabeled). Each is decoded with Pillow,
+  converted to RGB (or L for one channel), resized so its shorter side is `resize`, center-cropped to the
+  input's height x width, scaled to 0..1 and normalized with `mean`/`std` per channel, channels first
+  unless the input is NHWC. With `model.hf` of task image-classification and no `mean`/`std`, the
+  folder's image processor gives them (and its resize).
+- `text`: a `.txt` file (one text per line, optionally `text<TAB>label`), a `.csv` or a `.jsonl` with named
+  columns; tokenized with the tokenizer of `data.tokenizer` (a local folder) or of `model.hf`, padded and
+  truncated to the input's sequence length. Labels: integers, or strings mapped to classes in sorted order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebundle.core.errors import DataError, RecipeError
+from edgebundle.core.recipe import ImageSpec, InputSpec, TextSpec
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _image_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str]]:
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}")
+    subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if subdirs:
+        files, labels, classes = [], [], []
+        for d in subdirs:
+            found = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if found:
+                classes.append(d.name)
+                files += found
+                labels += [len(classes) - 1] * len(found)
+        if not files:
+            raise DataError(f"image folder {folder}: its sub-folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+        return files, labels, classes
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}) and no class "
+                        "sub-folders")
+    return files, None, []
+
+
+def _processor_defaults(hf_folder: Path | None) -> dict[str, Any]:
+    """mean, std and resize from a Hugging Face image processor in the model folder, where there is one."""
+    if hf_folder is None or not (hf_folder / "preprocessor_config.json").is_file():
+        return {}
+    cfg = json.loads((hf_folder / "preprocessor_config.json").read_text())
+    out: dict[str, Any] = {}
+    if "image_mean" in cfg and "image_std" in cfg:
+        out.update(mean=list(cfg["image_mean"]), std=list(cfg["image_std"]))
+    size = cfg.get("size")
+    if isinstance(size, dict):
+        size = size.get("shortest_edge") or size.get("height")
+    if isinstance(size, int):
+        out["resize"] = size
+    return out
+
+
+def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(N x C x H x W float32 (or NHWC), labels or None, class names) from an image folder."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError as e:
+        raise RecipeError("data.kind images needs Pillow: pip install edgebundle[images]") from e
+
+    files, labels, classes = _image_files(folder)
+    nhwc = spec.layout == "NHWC"
+    if len(inp.shape) != 4:
+        raise RecipeError(f"data.kind images: input '{inp.name}' has shape {inp.shape}; images need 4 "
+                          "dimensions (N, C, H, W or N, H, W, C)")
+    c, h, w = (inp.shape[3], inp.shape[1], inp.shape[2]) if nhwc else inp.shape[1:4]
+    if c not in (1, 3):
+        raise RecipeError(f"data.kind images: input '{inp.name}' has {c} channels; images give 1 or 3")
+    d = {"resize": None, "mean": None, "std": None, **{k: v for k, v in _processor_defaults(hf_folder).items()}}
+    d.update({k: v for k, v in spec.model_dump().items() if k in d and v is not None})
+    mean = np.asarray(d["mean"] if d["mean"] is not None else [0.0] * c, np.float32)
+    std = np.asarray(d["std"] if d["std"] is not None else [1.0] * c, np.float32)
+    if len(mean) != c or len(std) != c:
+        raise RecipeError(f"data.image: mean and std need {c} values (one per channel)")
+    resize = d["resize"] or min(h, w)
+    out = np.empty((len(files), h, w, c), np.float32)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB" if c == 3 else "L")
+                s = resize / min(im.size)
+                im = im.resize((max(w, round(im.size[0] * s)), max(h, round(im.size[1] * s))),
+                               Image.Resampling.BILINEAR)
+                left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
+                a = np.asarray(im.crop((left, top, left + w, top + h)), np.float32) / 255.0
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(f"cannot read image {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                            ) from e
+        out[i] = (a.reshape(h, w, c) - mean) / std
+    x = out if nhwc else out.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x), None if labels is None else np.asarray(labels, np.int64), classes
+
+
+def _rows(path: Path, spec: TextSpec) -> tuple[list[str], list[Any] | None]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            texts, labels = [], []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                text, tab, label = line.partition("\t")
+                texts.append(text)
+                labels.append(label.strip() if tab else None)
+            have = [lab is not None for lab in labels]
+            if any(have) and not all(have):
+                raise DataError(f"{path}: some lines have a tab-separated label and some do not")
+            return texts, labels if any(have) else None
+        if suffix in (".csv", ".jsonl"):
+            if suffix == ".csv":
+                with path.open(newline="", encoding="utf-8") as fh:
+                    records = list(csv.DictReader(fh))
+            else:
+                records = []
+                for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise DataError(f"{path}, line {n}: not JSON: {e.msg}") from e
+            if not records:
+                raise DataError(f"text file {path} has no rows")
+            cols = list(records[0])
+            for col in (spec.text_column, spec.label_column):
+                if col is not None and any(col not in r for r in records):
+                    raise DataError(f"{path}: no column '{col}' in every row (columns: {', '.join(map(str, cols))})")
+            texts = [str(r[spec.text_column]) for r in records]
+            return texts, None if spec.label_column is None else [r[spec.label_column] for r in records]
+    except UnicodeDecodeError as e:
+        raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except OSError as e:
+        raise DataError(f"cannot read text file {path}: {e.strerror or e}") from e
+    raise DataError(f"text file {path}: unknown kind '{suffix}' (.txt, .csv or .jsonl)")
+
+
+def _classes(labels: list[Any], path: Path) -> tuple[np.ndarray, list[str]]:
+    """Integer labels as given; anything else mapped to classes in sorted order (the order recorded)."""
+    try:
+        ints = [int(x) for x in labels]
+        if all(str(x).strip() == str(i) for x, i in zip(labels, ints)):
+            if min(ints) < 0:
+                raise DataError(f"{path}: labels include {min(ints)}; classes are 0, 1, 2, ...")
+            return np.asarray(ints, np.int64), []
+    except (TypeError, ValueError):
+        pass
+    classes = sorted({str(x) for x in labels})
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray([index[str(x)] for x in labels], np.int64), classes
+
+
+def tokenizer_for(folder: Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise RecipeError("data.kind text needs the transformers package: pip install edgebundle[hf]") from e
+    if not folder.is_dir():
+        raise DataError(f"tokenizer folder not found: {folder}")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"no tokenizer in {folder} (tokenizer.json or vocab files, saved with save_pretrained): "
+                        f"{type(e).__name__}") from e
+
+
+def read_text(path: Path, spec: TextSpec, inputs: list[InputSpec], tokenizer_folder: Path
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[str]]:
+    """Tokenized arrays for the recipe's inputs (input_ids, attention_mask, token_type_ids, as named)."""
+    if not path.is_file():
+        raise DataError(f"text file not found: {path}")
+    texts, raw = _rows(path, spec)
+    if not texts:
+        raise DataError(f"text file {path} has no texts")
+    tok = tokenizer_for(tokenizer_folder)
+    length = inputs[0].shape[1] if len(inputs[0].shape) > 1 else None
+    enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+    out = {}
+    for s in inputs:
+        if s.name not in enc:
+            raise DataError(f"the tokenizer of {tokenizer_folder} gives {', '.join(enc)}; the recipe's input "
+                            f"'{s.name}' is not one of them")
+        out[s.name] = enc[s.name].astype(np.dtype(s.dtype))
+    labels, classes = (None, []) if raw is None else _classes(raw, path)
+    return out, labels, classes

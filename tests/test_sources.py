@@ -1,0 +1,171 @@
+"""Data as users bring it: image folders (class sub-folders or flat) and text files (.txt, .csv, .jsonl),
+preprocessed as the recipe says; bad inputs on each path are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import default_dict
+from edgebundle.cli import app
+from edgebundle.core.recipe import ImageSpec, InputSpec, TextSpec
+
+PIL = pytest.importorskip("PIL", reason="Pillow is not installed (pip install edgebundle[real])")
+cli = CliRunner()
+
+
+def _photos():
+    """Real photos that ship with scikit-learn: china.jpg and flower.jpg (427 x 640 RGB)."""
+    from sklearn.datasets import load_sample_images
+
+    return load_sample_images().images
+
+
+def _save(arr, path, size=None):
+    from PIL import Image
+
+    im = Image.fromarray(arr)
+    if size:
+        im = im.resize(size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+def test_an_image_folder_with_class_subfolders_gives_labels_in_sorted_class_order(tmp_path):
+    from edgebundle.core.sources import read_images
+
+    china, flower = _photos()
+    _save(china, tmp_path / "temple" / "a.jpg")
+    _save(china[:300, :300], tmp_path / "temple" / "b.png")
+    _save(flower, tmp_path / "flower" / "c.png")  # lossless: compared pixel for pixel below
+    spec = ImageSpec(resize=256, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    x, y, classes = read_images(tmp_path, spec, InputSpec(name="image", shape=[1, 3, 224, 224]))
+    assert x.shape == (3, 3, 224, 224) and x.dtype == np.float32
+    assert classes == ["flower", "temple"] and y.tolist() == [0, 1, 1]
+    # the flower photo by hand: shorter side to 256, center crop 224, (x/255 - .5)/.25, channels first
+    from PIL import Image
+
+    im = Image.fromarray(flower)
+    im = im.resize((round(640 * 256 / 427), 256), Image.Resampling.BILINEAR)
+    left, top = (im.size[0] - 224) // 2, (256 - 224) // 2
+    want = ((np.asarray(im.crop((left, top, left + 224, top + 224)), np.float32) / 255 - 0.5) / 0.25)
+    np.testing.assert_allclose(x[0], want.transpose(2, 0, 1), atol=1e-6)
+
+
+def test_a_flat_image_folder_is_unlabeled_and_nhwc_and_grayscale_follow_the_input(tmp_path):
+    from edgebundle.core.sources import read_images
+
+    china, _ = _photos()
+    for i in range(3):
+        _save(china[i * 50:i * 50 + 200], tmp_path / f"{i}.jpg")
+    x, y, classes = read_images(tmp_path, ImageSpec(layout="NHWC"), InputSpec(name="x", shape=[1, 64, 64, 3]))
+    assert x.shape == (3, 64, 64, 3) and y is None and classes == []
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    g, _, _ = read_images(tmp_path, ImageSpec(), InputSpec(name="x", shape=[1, 1, 8, 8]))
+    assert g.shape == (3, 1, 8, 8)
+
+
+def test_an_image_folder_feeds_a_whole_run(tmp_path):
+    """The embedded default's CNN (1 x 8 x 8 inputs) on an image folder of real photo crops in 10 classes."""
+    china, flower = _photos()
+    rng = np.random.default_rng(0)
+    for k in range(10):
+        for i in range(8):
+            src = china if k % 2 else flower
+            r, c = rng.integers(0, 300), rng.integers(0, 500)
+            _save(src[r:r + 120, c:c + 120], tmp_path / "photos" / f"class{k}" / f"{i}.png", size=(16, 16))
+    d = default_dict()
+    d["data"] = {"kind": "images", "path": "photos", "image": {"mean": [0.5], "std": [0.5]},
+                 "calibration_samples": 16}
+    d["stages"] = {"train": {"epochs": 2}, "prune": {"enabled": False}, "distill": {"enabled": False}}
+    d["targets"] = [{"name": "ort-cpu", "measure": {"iterations": 10}, "max_accuracy_drop": 100.0}]
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    prepared = json.loads((tmp_path / "out" / ".work" / "prepared.json").read_text())
+    data_art = next(p for p in (tmp_path / "out" / ".work").iterdir() if p.name.startswith("data-"))
+    meta = json.loads((data_art / "artifact.json").read_text())
+    assert meta["metrics"]["classes"] == [f"class{k}" for k in range(10)]
+    assert prepared["recipe"]["data"]["kind"] == "images"
+
+
+def _tokenizer_folder(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie", "film", "a", "very", "the"]
+    folder = tmp_path / "tok"
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    return folder
+
+
+def test_text_files_are_tokenized_with_labels_from_tabs_or_columns(tmp_path):
+    from edgebundle.core.sources import read_text
+
+    tok = _tokenizer_folder(tmp_path)
+    ins = [InputSpec(name="input_ids", shape=[1, 8], dtype="int64"),
+           InputSpec(name="attention_mask", shape=[1, 8], dtype="int64")]
+    (tmp_path / "a.txt").write_text("a good movie\tpos\n\nthe bad film\tneg\nvery good\tpos\n")
+    x, y, classes = read_text(tmp_path / "a.txt", TextSpec(), ins, tok)
+    assert x["input_ids"].shape == (3, 8) and x["attention_mask"][0].tolist() == [1] * 5 + [0] * 3
+    assert classes == ["neg", "pos"] and y.tolist() == [1, 0, 1]
+    (tmp_path / "b.csv").write_text("review,stars\na good movie,1\nthe bad film,0\n")
+    x, y, classes = read_text(tmp_path / "b.csv", TextSpec(text_column="review", label_column="stars"), ins, tok)
+    assert y.tolist() == [1, 0] and classes == []
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "good film"}) + "\n" + json.dumps({"text": "bad"}) + "\n")
+    x, y, _ = read_text(tmp_path / "c.jsonl", TextSpec(), ins, tok)
+    assert y is None and x["input_ids"][0, :4].tolist() == [2, 5, 8, 3]  # [CLS] good film [SEP]
+
+
+def test_bad_images_and_text_are_one_line_exit_2(tmp_path):
+    china, _ = _photos()
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    _save(china[:50, :50], tmp_path / "imgs" / "cat" / "ok.jpg")
+    (tmp_path / "imgs" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ({"kind": "images", "path": "imgs"}, "cannot read image", "broken.jpg"),
+        ({"kind": "images", "path": "empty"}, "has no images", "empty"),
+        ({"kind": "images", "path": "nowhere"}, "image folder not found", "nowhere"),
+    ]
+    tok = _tokenizer_folder(tmp_path)
+    (tmp_path / "t.csv").write_text("body\nhello\n")
+    (tmp_path / "notok").mkdir()
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "tokmodel.py").write_text(
+        "from torch import nn\n"
+        "def model():\n"
+        "    return nn.Sequential(nn.Embedding(12, 4), nn.Flatten(), nn.Linear(32, 2))\n")
+    d = default_dict()
+    d["model"] = {"factory": "tokmodel.py:model"}
+    d["inputs"] = [{"name": "input_ids", "shape": [1, 8], "dtype": "int64"}]
+    cases_text = [
+        ({"kind": "text", "path": "t.csv", "text": {"tokenizer": str(tok)}}, "no column 'text'", "columns: body"),
+        ({"kind": "text", "path": "t.csv", "text": {"text_column": "body", "tokenizer": "notok"}},
+         "no tokenizer in", "notok"),
+        ({"kind": "text", "path": "bin.txt", "text": {"tokenizer": str(tok)}}, "is not UTF-8 text", "bin.txt"),
+        ({"kind": "text", "path": "t.csv"}, "needs a tokenizer", "model.hf"),
+    ]
+    for data, want, also in cases + [(c, w, a) for c, w, a in cases_text]:
+        dd = default_dict() if data["kind"] == "images" else dict(d)
+        dd["data"] = data
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump(dd))
+        res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+        lines = [ln for ln in res.output.splitlines() if ln.strip()]
+        assert res.exit_code == 2 and len(lines) == 1, (data, res.output)
+        assert want in lines[0] and also in lines[0], (data, lines[0])
+
+
+def test_image_and_text_options_are_checked_by_the_recipe():
+    from pydantic import ValidationError
+
+    from edgebundle.core.recipe import DataSpec
+
+    with pytest.raises(ValidationError, match="needs data.path"):
+        DataSpec(kind="images")
+    with pytest.raises(ValidationError, match="applies to kind 'images' only"):
+        DataSpec(kind="digits", image={"resize": 8})
+    with pytest.raises(ValidationError, match="std must be > 0"):
+        DataSpec(kind="images", path="x", image={"std": [0.0]})
