@@ -47,3 +47,36 @@ def test_distill_uses_teacher_soft_targets(prepared):
             device=torch.device("cpu"))
     after = accuracy(predict(student, ds.test, prepared.input_names), ds.test.labels)
     assert after > 90.0 and after >= before
+
+
+def test_embeddings_distil_by_cosine_without_labels_and_keep_the_best_cosine_checkpoint():
+    """A model whose output is an embedding (no classes, no labels): the loss is 1 - cosine to the teacher's
+    output, the checkpoint kept is the one with the best mean cosine on the validation split."""
+    import numpy as np
+    from torch import nn
+
+    from edgebundle.core.data import Split
+    from edgebundle.core.recipe import DistillStage
+    from edgebundle.stages.training import distill_loss_for
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 24)).eval()
+    student = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 24))
+    rng = np.random.default_rng(0)
+    train = Split({"x": rng.standard_normal((512, 16)).astype(np.float32)}, None)
+    val = Split({"x": rng.standard_normal((128, 16)).astype(np.float32)}, None)
+    cfg = DistillStage(epochs=15, lr=0.01, batch_size=32)
+    assert distill_loss_for(cfg, "cosine") == "cosine" and distill_loss_for(cfg, "snr") == "mse"
+    assert distill_loss_for(cfg, "agreement") == "kl" and distill_loss_for(cfg.model_copy(update={"loss": "mse"}),
+                                                                           "cosine") == "mse"
+
+    def mean_cos(m):
+        a, b = predict(m, val, ["x"]), predict(teacher, val, ["x"])
+        return float(np.mean(np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+    before = mean_cos(student)
+    fit = distill(student, teacher, train, val, ["x"], cfg, seed=0, device=torch.device("cpu"), metric="cosine")
+    assert fit.metric == "val_cosine" and len(fit.history) == 15
+    assert fit.best_val_accuracy == max(fit.history)
+    assert abs(mean_cos(student) - fit.best_val_accuracy) < 1e-5
+    assert before < 0.5 < 0.9 < fit.best_val_accuracy

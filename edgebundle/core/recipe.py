@@ -215,6 +215,9 @@ class DistillStage(Strict):
         "KL term (0.01-0.1 on the example encoder), so useful weights are around 10"))
     hidden_layers: list[str] | None = Field(None, description=(
         "module names whose outputs are matched; default: every block of the model's largest ModuleList"))
+    loss: Literal["auto", "kl", "cosine", "mse"] = Field("auto", description=(
+        "auto follows the recipe's metric: top1/agreement -> KL on softened logits (+ CE on labels), cosine -> "
+        "1 - cosine of the outputs (embeddings), else relative MSE (regression); no labels needed"))
 
 
 class ClusterStage(Strict):

@@ -1,5 +1,6 @@
-"""Stage `distill`: the pruned student learns from the original teacher (KL on softened logits, CE on
-labels where there are some, hidden states where asked)."""
+"""Stage `distill`: the pruned student learns from the original teacher: KL on softened logits (+ CE on
+labels where there are some) for class outputs, cosine for embeddings, relative MSE otherwise (the loss
+follows the recipe's metric unless `distill.loss` says), hidden states where asked."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from edgebundle.core.modelio import save_structured
 from edgebundle.core.recipe import Recipe
 from edgebundle.stages.base import StageContext, dump
 from edgebundle.stages.pruning import count
-from edgebundle.stages.training import accuracy, distill, predict
+from edgebundle.core.metrics import resolve_name
+from edgebundle.stages.training import accuracy, distill, distill_loss_for, predict
 
 
 class Distill:
@@ -23,7 +25,30 @@ class Distill:
         return recipe.stages.distill.enabled
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        return {"distill": dump(ctx.recipe.stages.distill), "seed": ctx.recipe.seed}
+        d = dump(ctx.recipe.stages.distill)
+        if d.get("loss") == "auto":  # the key before `loss` existed: those work folders stay valid
+            d.pop("loss")
+            kind = self._loss(ctx)
+            if kind != "kl":
+                d["loss_resolved"] = kind
+        return {"distill": d, "seed": ctx.recipe.seed}
+
+    @staticmethod
+    def _metric(ctx: StageContext) -> str:
+        import torch
+
+        r = ctx.recipe
+        if r.metric.name != "auto":
+            return r.metric.name
+        idx, name = r.judged_output
+        with torch.no_grad():
+            out = ctx.load(ctx.artifacts["teacher"])(*ctx.example)
+        out = out[idx] if isinstance(out, (tuple, list)) else out
+        return resolve_name(r.metric, has_labels=ctx.dataset.train.labels is not None, output_name=name,
+                            output_shape=tuple(out.shape))
+
+    def _loss(self, ctx: StageContext) -> str:
+        return distill_loss_for(ctx.recipe.stages.distill, self._metric(ctx))
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.student, ctx.artifacts["teacher"]]
@@ -36,11 +61,12 @@ class Distill:
         teacher = ctx.artifacts["teacher"]
         t_model, s_model = ctx.load(teacher), ctx.load(ctx.student)
         fit = distill(s_model, t_model, ds.train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
-                      device=ctx.device)
+                      device=ctx.device, metric=self._metric(ctx))
         s_model = s_model.cpu().eval()
         save_structured(s_model, folder)
         macs, params = count(s_model, ctx.example)
-        metrics = {"best_val_accuracy": fit.best_val_accuracy, "best_epoch": fit.best_epoch,
+        metrics = {"best_val_accuracy" if fit.metric == "val_accuracy" else f"best_{fit.metric}":
+                   fit.best_val_accuracy, "best_epoch": fit.best_epoch, "val_metric": fit.metric,
                    "val_history": fit.history, "macs": macs, "params": params, "device": str(ctx.device)}
         if ds.test.labels is not None:
             metrics["teacher_test_accuracy"] = teacher.metrics.get("test_accuracy")

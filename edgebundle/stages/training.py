@@ -1,6 +1,6 @@
 """Teacher training, knowledge distillation and evaluation (PyTorch, CPU or CUDA).
 
-Distillation loss: alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels),
+Distillation loss (class outputs): alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(labels),
 plus, when `hidden_weight` > 0, that weight times the mean relative MSE between chosen blocks' outputs
 (student mapped to the teacher's width by a learned linear layer where pruning narrowed it).
 The checkpoint with the best validation accuracy is kept. Under `torchrun` (an initialised process
@@ -26,10 +26,11 @@ from edgebundle.core.recipe import DistillStage, TrainStage
 
 @dataclass(frozen=True)
 class FitResult:
-    best_val_accuracy: float
+    best_val_accuracy: float  # the best value of `metric` (named so for the classification case)
     best_epoch: int
     epochs: int
-    history: list[float]  # validation accuracy per epoch
+    history: list[float]  # `metric` on the validation split, per epoch
+    metric: str = "val_accuracy"  # val_accuracy | val_agreement (with the teacher) | val_cosine | val_neg_rel_mse
 
 
 def _tensors(split: Split, names: list[str], device: torch.device) -> list[torch.Tensor]:
@@ -75,13 +76,16 @@ def _fit(
     device: torch.device,
     on_epoch: Callable[[int, float], None] | None = None,
     ddp: bool = True,
+    score: tuple[str, Callable[[nn.Module], float]] | None = None,
 ) -> FitResult:
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
     xs = _tensors(train, names, device)
     ys = None if train.labels is None else torch.from_numpy(train.labels).to(device)
-    val_labels = _require_labels(val, "choosing the best checkpoint")
+    if score is None:  # higher is better; picks the best checkpoint
+        val_labels = _require_labels(val, "choosing the best checkpoint")
+        score = ("val_accuracy", lambda m: accuracy(predict(m, val, names), val_labels))
     world = distributed.world_size() if ddp else 1  # ddp=False: this process trains alone, even under torchrun
     net: nn.Module = model
     sampler = None
@@ -120,7 +124,7 @@ def _fit(
             loss.backward()
             opt.step()
             sched.step()
-        acc = accuracy(predict(model, val, names), val_labels)
+        acc = score[1](model)
         history.append(acc)
         if on_epoch:
             on_epoch(epoch, acc)
@@ -128,7 +132,7 @@ def _fit(
             best = (acc, epoch, copy.deepcopy(model.state_dict()))
     model.load_state_dict(best[2])
     model.eval()
-    return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=epochs, history=history)
+    return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=epochs, history=history, metric=score[0])
 
 
 def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str], cfg: TrainStage | DistillStage,
@@ -143,29 +147,66 @@ def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str
                 weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch)
 
 
+def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
+    """The distillation loss: as asked, or (auto) following the recipe's metric: class metrics (top1,
+    agreement) -> KL on softened logits; cosine -> cosine of the outputs; anything else -> relative MSE."""
+    if cfg.loss != "auto":
+        return cfg.loss
+    return {"top1": "kl", "agreement": "kl", "cosine": "cosine"}.get(metric or "top1", "mse")
+
+
+def _per_sample_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=1e-12)
+
+
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
-            cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True) -> FitResult:
-    """Knowledge distillation from a frozen teacher; soft targets are computed once up front."""
+            cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True,
+            metric: str | None = None) -> FitResult:
+    """Knowledge distillation from a frozen teacher; its outputs are computed once up front.
+
+    The loss follows `distill_loss_for` (no labels needed except for the CE term of kl); the best checkpoint
+    is the one with the best validation score in the same terms: accuracy on labels (kl with labels),
+    top-1 agreement with the teacher (kl without), mean cosine to the teacher's outputs, or negative
+    relative MSE."""
     teacher = teacher.to(device).eval()
     with torch.no_grad():
         soft = torch.from_numpy(predict(teacher, train, names)).to(device)
+        val_ref = torch.from_numpy(predict(teacher, val, names))
+    kind = distill_loss_for(cfg, metric)
     t = cfg.temperature
     alpha = cfg.alpha if train.labels is not None else 1.0
     hidden = HiddenMatch(student, teacher, cfg.hidden_layers, train, names, device) if cfg.hidden_weight else None
 
     def loss_fn(out, batch, y, idx):
-        kl = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(soft[idx] / t, dim=1),
-                      reduction="batchmean", log_target=True) * (t * t)
-        loss = kl if alpha >= 1.0 or y is None else alpha * kl + (1 - alpha) * F.cross_entropy(out, y)
+        if kind == "kl":
+            kl = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(soft[idx] / t, dim=1),
+                          reduction="batchmean", log_target=True) * (t * t)
+            loss = kl if alpha >= 1.0 or y is None else alpha * kl + (1 - alpha) * F.cross_entropy(out, y)
+        elif kind == "cosine":
+            loss = (1.0 - _per_sample_cosine(out, soft[idx])).mean()
+        else:
+            loss = F.mse_loss(out.float(), soft[idx].float()) / (soft[idx].float().pow(2).mean() + 1e-8)
         if hidden is not None:
             loss = loss + cfg.hidden_weight * hidden.loss(batch)
         return loss
 
+    def val_score(m: nn.Module) -> float:
+        out = torch.from_numpy(predict(m, val, names))
+        if kind == "cosine":
+            return float(_per_sample_cosine(out, val_ref).mean())
+        if kind == "mse":
+            return -float(F.mse_loss(out, val_ref) / (val_ref.pow(2).mean() + 1e-8))
+        if val.labels is not None:
+            return accuracy(out.numpy(), val.labels)
+        return float((out.argmax(1) == val_ref.argmax(1)).float().mean() * 100.0)
+
+    name = {"cosine": "val_cosine", "mse": "val_neg_rel_mse"}.get(
+        kind, "val_accuracy" if val.labels is not None else "val_agreement")
     model = student if hidden is None else _StudentWithMaps(student, hidden.maps)
     try:
         return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                     weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
-                    ddp=ddp)
+                    ddp=ddp, score=(name, lambda m: val_score(student)))
     finally:
         if hidden is not None:
             hidden.close()
