@@ -67,3 +67,45 @@ def test_round_to_auto_keeps_simd_friendly_widths():
     tiny = factories.tiny_cnn().eval()  # 8-channel layers: 4 after pruning, so no rounding
     rep = prune(tiny, PruneStage(ratio=0.5), EXAMPLE, train=None, names=["image"])
     assert rep.round_to is None and tiny.features[1][0].out_channels == 8
+
+
+class _FixedScale(torch.nn.Module):
+    """A width Torch-Pruning cannot see: a plain buffer of 32 scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(32))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_a_layer_pruning_breaks_is_one_line_naming_it():
+    from edgebundle.core.errors import StageError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), _FixedScale(), torch.nn.Linear(32, 4))
+    with pytest.raises(StageError) as e:
+        prune(model, PruneStage(ratio=0.5), (torch.zeros(1, 8),), train=None, names=["x"])
+    msg = str(e.value)
+    assert "\n" not in msg and "no longer runs: layer '2' (_FixedScale)" in msg and "stages.prune.ignore" in msg
+
+
+def test_an_encoder_whose_output_is_its_hidden_state_keeps_that_width():
+    """Sentence-embedding style: the output is the pooled residual stream, so every residual writer is
+    protected; heads and MLP channels are pruned, the embedding keeps its width."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from edgebundle.core.hf import FeatureExtractor
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=32)
+    model = FeatureExtractor(transformers.BertModel(cfg, add_pooling_layer=True).eval(), normalize=True)
+    ex = (torch.randint(3, 40, (1, 16)), torch.ones(1, 16, dtype=torch.int64))
+    rep = prune(model, PruneStage(ratio=0.25, head_ratio=0.5), ex, train=None, names=["input_ids", "attention_mask"])
+    assert model(*ex).shape == (1, 64)
+    assert all(v == [4, 2] for v in rep.heads.values())
+    changed = {k: v for k, v in rep.layers.items() if v[0] != v[1]}
+    assert {k.rsplit(".", 1)[-1] for k in changed} == {"query", "key", "value", "dense"}
+    assert all("intermediate" in k or "attention.self" in k for k in changed)
+    assert rep.layers["model.encoder.layer.0.intermediate.dense"] == [128, 96]
+    assert rep.params_after < rep.params_before

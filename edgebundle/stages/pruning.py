@@ -87,18 +87,39 @@ def _widths(model: nn.Module) -> dict[str, int]:
 
 
 def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
-    """Layers whose output width equals the model's output width and that come last: never pruned."""
+    """Layers whose out-channels are the model's output or coupled to it: never pruned, so the output keeps
+    its width. Found on Torch-Pruning's dependency graph: for a classifier, its head; for an encoder whose
+    output is the residual stream (sentence embeddings: pooled last hidden state), every residual writer
+    (each block's attention output and MLP down projection), so the hidden width stays and heads and MLP
+    channels are what is pruned. Plus, as before, the last Linear/Conv when its width is the output's
+    (it may sit on a branch the trace does not reach, such as an unused pooler)."""
+    names = {m: n for n, m in model.named_modules()}
+    found: set[str] = set()
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example[0] if len(example) == 1
+                                                   else example)
+        for m in dg.module2node:
+            if not isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) or names.get(m) in found:
+                continue
+            group = dg.get_pruning_group(m, dg.get_pruner_of_module(m).prune_out_channels, [0])
+            if any(dep.target.type == tp.ops.OPTYPE.OUTPUT for dep, _ in group):
+                found.update(names[d.target.module] for d, _ in group
+                             if isinstance(d.target.module, (nn.Linear, nn.modules.conv._ConvNd))
+                             and d.target.module in names and dg.is_out_channel_pruning_fn(d.handler))
+    except (RuntimeError, ValueError, KeyError, IndexError, AttributeError):
+        pass  # a graph Torch-Pruning cannot trace fails in the pruner itself, with its own message
     with torch.no_grad():
-        n_out = model(*example).shape[-1]
+        out = model(*example)
+    n_out = (out[0] if isinstance(out, (tuple, list)) else out).shape[-1]
     last = None
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             last = (name, m)
-    if last is None:
-        return []
-    name, m = last
-    width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-    return [name] if width == n_out else []
+    if last is not None:
+        name, m = last
+        if (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == n_out:
+            found.add(name)
+    return sorted(found)
 
 
 SIMD_ROUND = 8
