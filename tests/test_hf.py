@@ -23,7 +23,7 @@ def hf_run(tmp_path_factory):
     transformers.BertForSequenceClassification(cfg).save_pretrained(root / "tiny-bert")
     recipe = yaml.safe_load(open("examples/encoder.yaml"))
     recipe.update(model={"hf": "tiny-bert"}, output="out")
-    recipe["stages"].update(train={"epochs": 8, "lr": 0.002}, distill={"epochs": 6, "hidden_weight": 10.0})
+    recipe["stages"].update(train={"enabled": True, "epochs": 8, "lr": 0.002}, distill={"epochs": 6, "hidden_weight": 10.0})
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return run(load_recipe(root / "recipe.yaml"))
 

@@ -167,7 +167,7 @@ class DataSpec(Strict):
 
 
 class TrainStage(Strict):
-    """Trains the teacher. 'auto': train only when the model has no weights file."""
+    """Trains the teacher. 'auto': train only when the model has no weights (a weights file, or model.hf)."""
 
     enabled: bool | Literal["auto"] = "auto"
     epochs: int = Field(20, ge=1, le=MAX_EPOCHS)

@@ -60,6 +60,7 @@ class Accuracy(_M):
     within_budget: bool | None
     details: dict[str, Any] = Field(default_factory=dict)
     output_cosine_vs_fp32: float | None  # None when an output is not finite (e.g. -inf log-probabilities)
+    student_vs_teacher: dict[str, float] | None = None  # a pruned, distilled student against its teacher (test)
 
 
 class TargetInfo(_M):

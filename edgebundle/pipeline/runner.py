@@ -386,6 +386,12 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
     if not v.within:
         notes.append(f"rejected: {v.line()}; tried: {tried(ev.built.quantization)}")
     recipe = job.prepared.recipe
+    svt = next((a.metrics.get("student_vs_teacher") for a in job.prepared.lineage if a.stage == "distill"), None)
+    if svt and v.metric == "cosine" and svt["cosine_min"] < (recipe.metric.min_cosine or 0.0):
+        notes.append(f"the pruned, distilled student is at cosine min {svt['cosine_min']:.4f} / mean "
+                     f"{svt['cosine_mean']:.4f} against the teacher on the test split: the budget above judges "
+                     "int8 against this student; pruning cost the rest (more distillation data or epochs, or "
+                     "prune less)")
     asked = job.spec.calibration.samples or recipe.data.calibration_samples
     got = len(job.prepared.dataset.calibration(recipe.data, asked))
     if ev.built.precision == "int8" and got < asked:
@@ -424,7 +430,9 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           student_pytorch=prepared.onnx.metrics.get("student_test_accuracy"),
                           fp32_onnx=v.reference, target=v.value, drop_vs_fp32=v.drop, max_drop=v.max_drop,
                           within_budget=v.within, details=v.details,
-                          output_cosine_vs_fp32=cosine(ev.outputs, job.ref_out)),
+                          output_cosine_vs_fp32=cosine(ev.outputs, job.ref_out),
+                          student_vs_teacher=next((a.metrics.get("student_vs_teacher") for a in prepared.lineage
+                                                   if a.stage == "distill"), None)),
         latency=None if lat is None else lat.to_dict(),
         reference_latency={**reference, **({f"{caps.runtime}_fp32_student": same_rt} if same_rt else {})},
         speedup={"vs_pytorch_fp32_teacher": None if lat is None else reference["pytorch_fp32_teacher"]["p50_ms"]

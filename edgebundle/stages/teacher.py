@@ -15,8 +15,10 @@ from edgebundle.stages.training import accuracy, predict, train_supervised
 
 
 def trains(recipe: Recipe) -> bool:
+    """enabled true, or auto and the model comes without weights (a Hugging Face folder has its own)."""
     t = recipe.stages.train
-    return t.enabled is True or (t.enabled == "auto" and recipe.model.weights is None)
+    pretrained = recipe.model.weights is not None or getattr(recipe.model, "hf", None) is not None
+    return t.enabled is True or (t.enabled == "auto" and not pretrained)
 
 
 class Teacher:

@@ -161,3 +161,22 @@ def batches(n=600, batch_size=50, max_length=MAX_LENGTH):
 def data(n=600):
     """``n`` sentences in batches of 50: {"input_ids", "attention_mask"} int64 (50, 128)."""
     yield from batches(n, 50, MAX_LENGTH)
+
+
+def export_folder(dest):
+    """Copy the model folder to ``dest/all-MiniLM-L6-v2`` and write ``dest/sentences.txt`` (one sentence per
+    line): what ``minilm_pruned.yaml`` reads as ``model.hf`` and ``data.kind text``."""
+    dest = Path(dest)
+    target = dest / NAME
+    if not (target / "config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}-", dir=dest))
+        shutil.copytree(model_folder(), tmp, dirs_exist_ok=True)
+        os.rename(tmp, target)
+    (dest / "sentences.txt").write_text("\n".join(sentences()) + "\n", encoding="utf-8")
+    return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(export_folder(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent))
