@@ -1,7 +1,8 @@
 """Real pretrained models, every target, judged by the accuracy contract: `python -m bench.real`.
 
 Runs the recipes in examples/real/ (EfficientNet-Lite1 with ImageNet weights on real photo crops;
-all-MiniLM-L6-v2 sentence embeddings on real English sentences) through `edgebundle.run` with every
+all-MiniLM-L6-v2 sentence embeddings on real English sentences, as is and pruned + distilled from its
+Hugging Face folder on a text file) through `edgebundle.run` with every
 target, keeping rejected bundles (`keep_rejected`) so their figures can be shown, then sets beside them,
 in the same process, what a user does by hand (bench/hand.py: ORT quantize_static or Optimum's dynamic
 config, nncf.quantize defaults) on the same exported fp32 model and calibration samples. Every candidate
@@ -10,7 +11,7 @@ and all are timed interleaved (ORT fp32, each runtime's own fp32, hand paths, bu
 bench/results/real.{json,md}: metric fp32 -> int8, p50 with IQR, speedup vs ORT fp32 and vs the same
 runtime's fp32, share of the host's measured int8 peak, size, tool seconds and status.
 
-Options: --only efficientnet_lite|minilm, --targets ort-cpu,openvino (default: every target of the recipe).
+Options: --only efficientnet_lite|minilm|minilm_pruned, --targets ort-cpu,openvino (default: every target of the recipe).
 With --only, that model's rows replace its rows of the last results; the other model's stay.
 """
 
@@ -28,7 +29,7 @@ from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
-MODELS = ("efficientnet_lite", "minilm")
+MODELS = ("efficientnet_lite", "minilm", "minilm_pruned")
 
 
 def _open_bundle(path: Path, m: dict, threads: int):
@@ -72,10 +73,18 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
     macs = count(p.load_student(), tuple(torch.from_numpy(feeds[n]) for n in names))[0]
     calib = [{k: v[i:i + 1] for k, v in p.dataset.train.inputs.items()}
              for i in range(min(recipe.data.calibration_samples, len(p.dataset.train)))]
-    work = root / f"{name}-hand"
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(root, name)
     sessions: dict[str, Any] = {"ORT fp32": OrtSession(fp32, threads=threads)}
     rows = {"ORT fp32": {"kind": "fp32", "size_bytes": fp32.stat().st_size}}
+    pruned = any(a.stage == "prune" for a in p.lineage)
+    if pruned:  # the unpruned model, exported the same way: what the speedups are against
+        from edgebundle.exporters.onnx import export
+
+        teacher = work_dir(root, name) / "teacher.fp32.onnx"
+        export(p.load_teacher(), recipe.inputs, recipe.outputs, recipe.stages.export, teacher)
+        sessions["ORT fp32, unpruned"] = OrtSession(teacher, threads=threads)
+        rows["ORT fp32, unpruned"] = {"kind": "fp32", "size_bytes": teacher.stat().st_size}
+        rows["ORT fp32"]["candidate_label"] = "ORT fp32, pruned student"
 
     def hand_row(label: str, make, open_, size_of=None) -> None:
         t0 = time.perf_counter()
@@ -125,7 +134,7 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
     timing = interleaved({k: (lambda s=s: s.run(feeds)) for k, s in sessions.items()}, threads=threads)
     for s in sessions.values():
         s.close()
-    ort32 = timing["ORT fp32"]["p50_ms"]
+    ort32 = timing["ORT fp32, unpruned" if pruned else "ORT fp32"]["p50_ms"]
     out = []
     for label, r in rows.items():
         t = timing.get(label)
@@ -133,13 +142,21 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
         own = timing.get(own_label) if r["kind"] == "bundle" else None
         if r["kind"] == "hand" and "OpenVINO" in label:
             own = None
-        row = {k: v for k, v in r.items() if k != "manifest"}
-        row.update(model=name, candidate=label, macs=macs, timing=t,
+        row = {k: v for k, v in r.items() if k not in ("manifest", "candidate_label")}
+        if r["kind"] == "bundle":
+            row["student_vs_teacher"] = r["manifest"]["accuracy"].get("student_vs_teacher")
+        row.update(model=name, candidate=r.get("candidate_label", label), macs=macs, timing=t,
                    p50_ms=None if t is None else t["p50_ms"],
                    vs_ort_fp32=None if t is None else ort32 / t["p50_ms"],
                    vs_own_fp32=None if (t is None or own is None) else own["p50_ms"] / t["p50_ms"])
         out.append(row)
     return out
+
+
+def work_dir(root: Path, name: str) -> Path:
+    d = root / f"{name}-hand"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def _summary(rows: list[dict], peak: float) -> str:
@@ -153,12 +170,15 @@ def _summary(rows: list[dict], peak: float) -> str:
             why = (r["reason"] or "").split(": ", 1)[-1][:90]
             lines.append(f"| {r['model']} | edgebundle {r['target']} | — | — | — | — | — | — | — | failed: {why} |")
             continue
-        if r["kind"] == "fp32" and r["candidate"] != "ORT fp32":
+        if r["kind"] == "fp32" and not r["candidate"].startswith("ORT fp32"):
             continue
         acc = "—" if "metric" not in r else accuracy_text(r["metric"], r["fp32"], r["value"],
                                                            r["judged_samples"], r["details"])
         if r.get("metric") == "agreement":
             acc += f" (all inputs {(r['details'] or {}).get('agreement_all', 0):.1f} %)"
+        svt = r.get("student_vs_teacher")
+        if svt:
+            acc += f"; pruned student vs unpruned: cosine min {svt['cosine_min']:.3f}, mean {svt['cosine_mean']:.3f}"
         t = r.get("timing")
         p50 = "—" if t is None else f"{t['p50_ms']:.2f} ({t['iqr_ms'][0]:.2f}–{t['iqr_ms'][1]:.2f})"
         x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
@@ -181,7 +201,9 @@ def _markdown(rows: list[dict], seconds: dict[str, float], peak: float, peak_how
             "time its MACs take at that rate over its p50. Every candidate of a model is judged by the same "
             "contract on the recipe's test split (never seen by calibration or accuracy control) and timed "
             "interleaved in one process (2 threads, batch 1); vs ORT fp32 and vs own fp32 are ratios of those "
-            "p50s. Tool s: the target's build (quantization, accuracy control, measuring) or the hand path's "
+            "p50s (for the pruned model, vs ORT fp32 is against the unpruned model; its metric judges int8 "
+            "against the pruned student, and the student's distance from the unpruned model is beside it). "
+            "Tool s: the target's build (quantization, accuracy control, measuring) or the hand path's "
             "calls.\n\n" + _summary(rows, peak) + ("\nWhy each bundle was rejected or failed:\n\n" +
                                                      "\n".join(reasons) + "\n" if reasons else "")
             + "\nWall time per model: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".\n")
@@ -201,6 +223,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as td:
         root = args.out or Path(td)
         for name in args.only or MODELS:
+            if name == "minilm_pruned":  # its Hugging Face folder and sentences.txt, written next to the recipe
+                import sys
+
+                sys.path.insert(0, str(EXAMPLES))
+                __import__("minilm").export_folder(EXAMPLES)
             recipe = load_recipe(EXAMPLES / f"{name}.yaml")
             t0 = time.perf_counter()
             started: dict[str, float] = {}
