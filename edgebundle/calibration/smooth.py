@@ -2,7 +2,7 @@
 
 Dynamic int8 gives each activation tensor one scale per inference, so a few outlier channels (BERT's
 FFN and attention inputs reach 20x their 99.9th percentile) crush the resolution of all the others. For
-every MatMul with a constant weight W (K x N), grouped by the activation they read (q, k and v share
+every MatMul (or fused Attention) with a constant weight W (K x N), grouped by the activation they read (q, k and v share
 theirs), the input channel j is divided by s_j and the weight row j multiplied by it:
 
     s_j = max|X_j| ** alpha / max|W_j,:| ** (1 - alpha)        (alpha: how much of the range moves)
@@ -26,7 +26,8 @@ SUFFIX = "_smooth_inv_scale"
 
 
 def _groups(model) -> dict[str, list]:
-    """Activation name -> the MatMul nodes that read it with a constant 2-D weight as their second input."""
+    """Activation name -> the MatMul nodes (and ONNX Runtime's fused Attention nodes) that read it with a
+    constant 2-D weight as their second input: input channel j meets weight row j in both."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -36,7 +37,8 @@ def _groups(model) -> dict[str, list]:
             uses[i] = uses.get(i, 0) + 1
     groups: dict[str, list] = {}
     for n in model.graph.node:
-        if n.op_type != "MatMul" or len(n.input) != 2 or n.input[1] not in inits or n.input[0] in inits:
+        if n.op_type not in ("MatMul", "Attention") or len(n.input) < 2 or n.input[1] not in inits \
+                or n.input[0] in inits or (n.op_type == "MatMul" and len(n.input) != 2):
             continue
         w = inits[n.input[1]]
         if len(w.dims) != 2 or uses.get(n.input[1], 0) != 1 or numpy_helper.to_array(w).dtype != np.float32:

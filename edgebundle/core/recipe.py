@@ -244,6 +244,10 @@ class ParitySpec(Strict):
 class ExportStage(Strict):
     opset: int = Field(20, ge=17, le=23)
     parity: ParitySpec = ParitySpec()
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field("auto", description=(
+        "torch.onnx's dynamo exporter, or its TorchScript one, whose graphs of Hugging Face BERT-style "
+        "attention ONNX Runtime's transformer optimizer fuses (Attention, SkipLayerNorm, BiasGelu: faster "
+        "fp32 and the QAttention int8 path); auto: torchscript for models with such attention, else dynamo"))
 
 
 class Stages(Strict):

@@ -96,22 +96,40 @@ def name_outputs(path: Path, outputs: list[str]) -> None:
     onnx.save(model, str(path))
 
 
-def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: ExportStage, out: Path) -> None:
+def resolve_exporter(model: nn.Module, cfg: ExportStage) -> str:
+    """auto: the TorchScript exporter for models with Hugging Face BERT-style self-attention (query/key/value
+    Linears and num_attention_heads), whose graph ONNX Runtime's BERT fusions match; else dynamo."""
+    if cfg.exporter != "auto":
+        return cfg.exporter
+    hf_attention = any(all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value"))
+                       and isinstance(getattr(m, "num_attention_heads", None), int) for m in model.modules())
+    return "torchscript" if hf_attention else "dynamo"
+
+
+def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: ExportStage, out: Path) -> str:
+    """Export to `out`; returns the exporter used (dynamo or torchscript)."""
     from edgebundle.core.modelio import example_inputs
 
     model = model.eval()
     args = example_inputs(specs)
+    which = resolve_exporter(model, cfg)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    names = [_placeholder(i) for i in range(len(outputs))]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model, args, input_names=[s.name for s in specs], output_names=[_placeholder(i) for i in
-                                                                                range(len(outputs))],
-                opset_version=cfg.opset, dynamo=True, dynamic_shapes=_dynamic_shapes(specs),
-                external_data=False, verbose=False, optimize=True,
-            )
-        program.save(str(out))
+            if which == "torchscript":
+                axes = {s.name: {a: str(label) for a, label in s.dynamic_axes.items()} for s in specs}
+                torch.onnx.export(model, args, str(out), input_names=[s.name for s in specs], output_names=names,
+                                  opset_version=min(cfg.opset, 20), dynamo=False, dynamic_axes=axes or None,
+                                  do_constant_folding=True)
+            else:
+                program = torch.onnx.export(
+                    model, args, input_names=[s.name for s in specs], output_names=names,
+                    opset_version=cfg.opset, dynamo=True, dynamic_shapes=_dynamic_shapes(specs),
+                    external_data=False, verbose=False, optimize=True,
+                )
+                program.save(str(out))
         name_outputs(out, outputs)
     except Exception as e:  # the exporter raises many types (torch._dynamo, onnxscript, export errors)
         root = _root_cause(e)
@@ -123,6 +141,7 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
         onnx.shape_inference.infer_shapes_path(str(out), str(out), check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise StageError(f"exported ONNX fails the onnx checker: {str(e).splitlines()[0]}") from e
+    return which
 
 
 def check_parity(model: nn.Module, onnx_path: Path, split: Split, specs: list[InputSpec], outputs: list[str],

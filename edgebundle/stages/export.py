@@ -7,7 +7,7 @@ from typing import Any
 
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.recipe import Recipe
-from edgebundle.exporters.onnx import EXPORTER, check_parity, export
+from edgebundle.exporters.onnx import EXPORTER, check_parity, export, resolve_exporter
 from edgebundle.stages.base import StageContext, dump
 from edgebundle.stages.training import accuracy, predict
 
@@ -24,7 +24,12 @@ class Export:
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
-        return {"export": dump(r.stages.export), "inputs": [dump(i) for i in r.inputs], "outputs": r.outputs}
+        d = dump(r.stages.export)
+        if d.get("exporter") == "auto":  # the key before `exporter` existed, where auto means dynamo
+            d.pop("exporter")
+            if resolve_exporter(ctx.load(ctx.student), r.stages.export) != "dynamo":
+                d["exporter_resolved"] = "torchscript"
+        return {"export": d, "inputs": [dump(i) for i in r.inputs], "outputs": r.outputs}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.student]
@@ -36,9 +41,10 @@ class Export:
         recipe, ds, st = ctx.recipe, ctx.dataset, ctx.recipe.stages
         model = ctx.load(ctx.student)
         path = folder / FILE
-        export(model, recipe.inputs, recipe.outputs, st.export, path)
+        which = export(model, recipe.inputs, recipe.outputs, st.export, path)
         parity = check_parity(model, path, ds.test, recipe.inputs, recipe.outputs, st.export)
-        metrics: dict[str, Any] = {"exporter": EXPORTER, "opset": st.export.opset,
+        metrics: dict[str, Any] = {"exporter": EXPORTER if which == "dynamo" else "torch.onnx.export(dynamo=False)",
+                                   "opset": st.export.opset if which == "dynamo" else min(st.export.opset, 20),
                                    "parity": [p.__dict__ for p in parity]}
         if ds.test.labels is not None:
             metrics["student_test_accuracy"] = accuracy(predict(model, ds.test, ctx.names), ds.test.labels)

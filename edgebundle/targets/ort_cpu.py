@@ -203,8 +203,10 @@ class OrtCpuTarget:
         from edgebundle.calibration.accuracy import budget_record, keep_float_until_within
 
         def quantize(path: Path, src: Path = pre, **nodes) -> None:
+            # DefaultTensorType: the types of fused com.microsoft ops' outputs, which ONNX shape inference
+            # does not know (without it, a smoothed fused graph fails to quantize)
             quantize_dynamic(str(src), str(path), per_channel=opt.per_channel, reduce_range=reduce_range,
-                             weight_type=QuantType.QInt8, **nodes)
+                             weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": 1}, **nodes)
 
         contract, val = ctx.val_contract(), ctx.validation
         smoothing = OrtCpuTarget._smooth(pre, opt, ctx, quantize)
