@@ -2,7 +2,7 @@
 
 The pruned, distilled PyTorch student is captured with `torch.export`, quantized with PT2E and the
 XNNPACK quantizer (symmetric int8, per-channel weights; ReLU6 observed after its clamp) calibrated on the
-recipe's calibration split (dynamic activations for models fed token ids),
+recipe's calibration split (dynamic activations for token-id models where static misses the budget),
 lowered with `to_edge_transform_and_lower` and the XNNPACK partitioner, and serialized to `model.pte`
 (plus `model.fp32.pte`, lowered the same way without quantization, for comparison).
 
@@ -41,7 +41,8 @@ class ExecutorchOptions(BaseModel):
     also_fp32: bool = Field(True, description="also write model.fp32.pte, for the same-runtime comparison")
     activations: Literal["auto", "static", "dynamic"] = Field("auto", description=(
         "int8 activations: static (calibrated scales) or dynamic (per inference, Linear layers only); auto: "
-        "dynamic for models fed token ids (transformers: static int8 of BERT collapses), static otherwise"))
+        "static, and for models fed token ids dynamic when static misses the budget on validation inputs "
+        "(static int8 of a real BERT collapses)"))
 
 
 def _missing() -> str | None:
@@ -67,6 +68,21 @@ def _lower(exported, out: Path) -> dict[str, Any]:
     return {"delegated_nodes": delegated, "non_delegated_nodes": non_delegated,
             "delegated_subgraphs": int(info.num_delegated_subgraphs),
             "delegated_fraction": delegated / total if total else 1.0, "non_delegated_ops": left}
+
+
+def _judge_on_val(ctx: BuildContext, pte: Path, names: list[str]):
+    """The .pte's verdict on (up to 64 of) the validation inputs against the fp32 ONNX model."""
+    import dataclasses
+
+    from edgebundle.core.data import run_outputs
+    from edgebundle.targets.ort_cpu import val_outputs
+
+    part = ctx.validation.head(64)
+    pctx = dataclasses.replace(ctx, validation=part)
+    contract = ctx.val_contract()
+    with ExecutorchSession(pte, names) as sess:
+        out = run_outputs(sess, part, ctx.recipe.inputs)[contract.output_index]
+    return contract.judge(val_outputs(ctx.fp32_onnx, pctx), out, part.labels)
 
 
 def _xnnpack_quantizer():
@@ -148,24 +164,37 @@ class ExecutorchTarget:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-            dynamic = opt.activations == "dynamic" or (
-                opt.activations == "auto" and any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs))
-            quantizer = _xnnpack_quantizer().set_global(
-                get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
-            prepared = prepare_pt2e(fp32_ep.module(), quantizer)
-            n = len(ctx.calibration)
-            with torch.no_grad():
-                for i in range(n):  # the program is captured at batch 1: calibrate sample by sample
-                    prepared(*(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[k][i:i + 1]))
-                               for k in names))
-            converted = convert_pt2e(prepared)
-            info = _lower(torch.export.export(converted, example), ctx.workdir / "model.pte")
+            def int8(dynamic: bool) -> dict[str, Any]:
+                quantizer = _xnnpack_quantizer().set_global(
+                    get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+                prepared = prepare_pt2e(fp32_ep.module(), quantizer)
+                with torch.no_grad():
+                    for i in range(len(ctx.calibration)):  # captured at batch 1: calibrate sample by sample
+                        prepared(*(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[k][i:i + 1]))
+                                   for k in names))
+                return _lower(torch.export.export(convert_pt2e(prepared), example), ctx.workdir / "model.pte")
+
+            tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
+            order = ([opt.activations] if opt.activations != "auto" else
+                     ["static", "dynamic"] if tokens else ["static"])
+            tried: list[dict[str, Any]] = []
+            for mode in order:
+                info = int8(mode == "dynamic")
+                if len(order) == 1:
+                    break
+                v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
+                tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within,
+                              "delegated_fraction": round(info["delegated_fraction"], 4)})
+                if v.within:
+                    break
+            dynamic = mode == "dynamic"
             files.insert(0, "model.pte")
             quant = {"tool": "PT2E (torchao prepare_pt2e/convert_pt2e) + XNNPACKQuantizer (ReLU6 observed after "
                              "the clamp)",
                      "scheme": "int8 symmetric, per-channel weights, " + (
                          "dynamic activations (Linear layers)" if dynamic else "static activations"),
-                     "calibration": {"method": "histogram (observers)", "samples": n}}
+                     "calibration": {"method": "histogram (observers)", "samples": len(ctx.calibration)},
+                     **({"activations_tried_on_val": tried} if tried else {})}
         runtime["delegation"] = info
         if fp32_info is not None and opt.precision == "int8":
             runtime["delegation_fp32"] = fp32_info
