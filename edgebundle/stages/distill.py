@@ -74,15 +74,16 @@ class Distill:
             metrics["teacher_test_accuracy"] = teacher.metrics.get("test_accuracy")
             metrics["test_accuracy"] = accuracy(predict(s_model, ds.test, names), ds.test.labels)
         metrics["student_vs_teacher"] = vs_teacher(predict(s_model, ds.test, names),
-                                                   predict(t_model.cpu().eval(), ds.test, names))
+                                                   predict(t_model.cpu().eval(), ds.test, names),
+                                                   classes=self._metric(ctx) in ("top1", "agreement"))
         return metrics
 
 
-def vs_teacher(student: np.ndarray, teacher: np.ndarray) -> dict[str, float]:
+def vs_teacher(student: np.ndarray, teacher: np.ndarray, classes: bool = True) -> dict[str, float]:
     """How far the student's outputs are from the teacher's on the test split: per-input cosine (min and
     mean) and, for class outputs, top-1 agreement in percent."""
     cos = per_sample_cosine(student, teacher)
     out = {"cosine_min": round(float(cos.min()), 6), "cosine_mean": round(float(cos.mean()), 6)}
-    if student.ndim == 2 and student.shape[1] >= 2:
+    if classes and student.ndim == 2 and student.shape[1] >= 2:
         out["top1_agreement"] = round(float((student.argmax(1) == teacher.argmax(1)).mean() * 100.0), 4)
     return out
