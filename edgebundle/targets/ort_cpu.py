@@ -142,7 +142,9 @@ class OrtCpuTarget:
             if mode == "dynamic":
                 control = self._dynamic(pre, out, opt, reduce_range, ctx)
                 if not control["accuracy_budget"]["within_budget"] and opt.accuracy_control:
-                    mode, fell_back = "static", control["accuracy_budget"]
+                    mode, fell_back = "static", {**control["accuracy_budget"],
+                                                 **({"smooth_quant": control["smooth_quant"]}
+                                                    if "smooth_quant" in control else {})}
             if mode == "static":
                 self._quantize(pre, out, reader, opt, cal, reduce_range, [])
                 control = {**self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx),
