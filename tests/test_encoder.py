@@ -156,7 +156,7 @@ def test_openvino_encoder_uses_the_transformer_model_type_and_picks_smooth_quant
     q = next(b.manifest for b in encoder_run.bundles if b.target == "openvino")["quantization"]
     assert q["model_type"] == "transformer"
     sq = q["smooth_quant"]
-    assert sq["mode"] == "auto" and [t["alpha"] for t in sq["tried"]] == [0.95, None]
+    assert sq["mode"] == "auto" and [t["alpha"] for t in sq["tried"]] == [0.95, 0.8, None]
     best = min(sq["tried"], key=lambda t: (t["metric_drop"], -t["cosine"]))
     assert sq["chosen_alpha"] == best["alpha"]
 

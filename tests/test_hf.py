@@ -159,4 +159,5 @@ def test_bert_style_attention_exports_with_torchscript_so_ort_fuses_it(hf_run):
     assert export_art.metrics["exporter"] == "torch.onnx.export(dynamo=False)"
     b = next(b for b in hf_run.bundles if b.target == "ort-cpu")
     assert b.manifest["target"]["runtime"]["transformer_fusions"].get("SkipLayerNormalization") == 4
-    assert resolve_exporter(zoo.tiny_encoder(), ExportStage()) == "dynamo"
+    assert resolve_exporter(zoo.digits_cnn(), ExportStage()) == "dynamo"
+    assert export_art.metrics["opset"] == 17

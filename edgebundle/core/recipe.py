@@ -247,7 +247,8 @@ class ExportStage(Strict):
     exporter: Literal["auto", "dynamo", "torchscript"] = Field("auto", description=(
         "torch.onnx's dynamo exporter, or its TorchScript one, whose graphs of Hugging Face BERT-style "
         "attention ONNX Runtime's transformer optimizer fuses (Attention, SkipLayerNorm, BiasGelu: faster "
-        "fp32 and the QAttention int8 path); auto: torchscript for models with such attention, else dynamo"))
+        "fp32 and the QAttention int8 path); auto: torchscript (at opset 17, the one those fusions match) for "
+        "models with such attention, else dynamo"))
 
 
 class Stages(Strict):

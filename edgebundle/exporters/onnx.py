@@ -96,6 +96,13 @@ def name_outputs(path: Path, outputs: list[str]) -> None:
     onnx.save(model, str(path))
 
 
+def torchscript_opset(cfg: ExportStage) -> int:
+    """The TorchScript exporter's opset: 17 when chosen automatically (from opset 18 on, ReduceMean takes
+    its axes as an input and ONNX Runtime's BERT fusions no longer match LayerNorm, SkipLayerNorm or
+    Attention); the recipe's, up to the exporter's 20, when asked for by name."""
+    return 17 if cfg.exporter == "auto" else min(cfg.opset, 20)
+
+
 def resolve_exporter(model: nn.Module, cfg: ExportStage) -> str:
     """auto: the TorchScript exporter for models with Hugging Face BERT-style self-attention (query/key/value
     Linears and num_attention_heads), whose graph ONNX Runtime's BERT fusions match; else dynamo."""
@@ -121,7 +128,7 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
             if which == "torchscript":
                 axes = {s.name: {a: str(label) for a, label in s.dynamic_axes.items()} for s in specs}
                 torch.onnx.export(model, args, str(out), input_names=[s.name for s in specs], output_names=names,
-                                  opset_version=min(cfg.opset, 20), dynamo=False, dynamic_axes=axes or None,
+                                  opset_version=torchscript_opset(cfg), dynamo=False, dynamic_axes=axes or None,
                                   do_constant_folding=True)
             else:
                 program = torch.onnx.export(

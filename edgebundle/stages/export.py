@@ -7,7 +7,7 @@ from typing import Any
 
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.recipe import Recipe
-from edgebundle.exporters.onnx import EXPORTER, check_parity, export, resolve_exporter
+from edgebundle.exporters.onnx import EXPORTER, check_parity, export, resolve_exporter, torchscript_opset
 from edgebundle.stages.base import StageContext, dump
 from edgebundle.stages.training import accuracy, predict
 
@@ -28,7 +28,7 @@ class Export:
         if d.get("exporter") == "auto":  # the key before `exporter` existed, where auto means dynamo
             d.pop("exporter")
             if resolve_exporter(ctx.load(ctx.student), r.stages.export) != "dynamo":
-                d["exporter_resolved"] = "torchscript"
+                d["exporter_resolved"] = f"torchscript-opset{torchscript_opset(r.stages.export)}"
         return {"export": d, "inputs": [dump(i) for i in r.inputs], "outputs": r.outputs}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
@@ -44,7 +44,7 @@ class Export:
         which = export(model, recipe.inputs, recipe.outputs, st.export, path)
         parity = check_parity(model, path, ds.test, recipe.inputs, recipe.outputs, st.export)
         metrics: dict[str, Any] = {"exporter": EXPORTER if which == "dynamo" else "torch.onnx.export(dynamo=False)",
-                                   "opset": st.export.opset if which == "dynamo" else min(st.export.opset, 20),
+                                   "opset": st.export.opset if which == "dynamo" else torchscript_opset(st.export),
                                    "parity": [p.__dict__ for p in parity]}
         if ds.test.labels is not None:
             metrics["student_test_accuracy"] = accuracy(predict(model, ds.test, ctx.names), ds.test.labels)
