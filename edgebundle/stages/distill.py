@@ -62,8 +62,9 @@ class Distill:
         recipe, ds, names = ctx.recipe, ctx.dataset, ctx.names
         teacher = ctx.artifacts["teacher"]
         t_model, s_model = ctx.load(teacher), ctx.load(ctx.student)
+        metric = self._metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         fit = distill(s_model, t_model, ds.train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
-                      device=ctx.device, metric=self._metric(ctx))
+                      device=ctx.device, metric=metric)
         s_model = s_model.cpu().eval()
         save_structured(s_model, folder)
         macs, params = count(s_model, ctx.example)
@@ -75,7 +76,7 @@ class Distill:
             metrics["test_accuracy"] = accuracy(predict(s_model, ds.test, names), ds.test.labels)
         metrics["student_vs_teacher"] = vs_teacher(predict(s_model, ds.test, names),
                                                    predict(t_model.cpu().eval(), ds.test, names),
-                                                   classes=self._metric(ctx) in ("top1", "agreement"))
+                                                   classes=metric in ("top1", "agreement"))
         return metrics
 
 
