@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import hand as hand_paths
 from bench.common import int8_peak, interleaved, write
 from edgebundle import zoo
 from edgebundle.exporters.onnx import cosine, export
@@ -43,24 +44,6 @@ from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession
 
 THREADS = 2
-
-
-def hand_ort_int8(src: Path, dst: Path, calib: np.ndarray, input_name: str) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {input_name: x[None]}
-
-    pre = dst.with_suffix(".pre.onnx")
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
 
 
 IMAGE = {"name": "image", "shape": [1, 3, 224, 224]}
@@ -123,7 +106,7 @@ def main(only: list[str]) -> None:
                     fns["ORT fp32"], macs["ORT fp32"], size["ORT fp32"] = (lambda s=s: s.run(feeds)), m_macs, fp32.stat().st_size
                     hand = td / f"{slug}-hand.onnx"
                     t0 = time.perf_counter()
-                    hand_ort_int8(fp32, hand, calib, iname)
+                    hand_paths.ort_static(fp32, hand, [{iname: x[None]} for x in calib], activations="s8")
                     step_s["ORT int8 by hand"] = time.perf_counter() - t0
                     s = OrtSession(hand, threads=THREADS)
                     fns["ORT int8 by hand"], macs["ORT int8 by hand"], size["ORT int8 by hand"] = (lambda s=s: s.run(feeds)), m_macs, hand.stat().st_size
