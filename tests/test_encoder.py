@@ -13,7 +13,7 @@ from edgebundle.core.errors import RecipeError
 from edgebundle.core.modelio import load_structured
 from edgebundle.stages.pruning import prune
 from edgebundle.core.recipe import PruneStage, TargetSpec, load_recipe
-from edgebundle.pipeline.runner import prepare, run
+from edgebundle.pipeline.runner import build_target, prepare, run
 from edgebundle.stages.training import HiddenMatch
 from edgebundle.zoo import tiny_encoder
 from edgebundle.core import registry
@@ -152,9 +152,36 @@ def test_cnn_gets_no_transformer_fusions(default_run):
     assert m["quantization"]["mode"] == "static" and m["quantization"]["format"] == "QDQ"
 
 
-def test_openvino_encoder_uses_the_transformer_model_type_and_picks_smooth_quant(encoder_run):
-    q = next(b.manifest for b in encoder_run.bundles if b.target == "openvino")["quantization"]
-    assert q["model_type"] == "transformer"
+def test_openvino_encoder_tries_int8_weights_with_dynamic_activations_first(encoder_run):
+    """activations auto: a transformer gets int8 weights (nncf.compress_weights) and the CPU plugin's
+    dynamic int8 activations, judged on val per group size; the bundle runs with the group it was judged by."""
+    import openvino as ov
+
+    b = next(b for b in encoder_run.bundles if b.target == "openvino")
+    q, runtime = b.manifest["quantization"], b.manifest["target"]["runtime"]
+    if "dynamic_over_budget" in q:  # missed on val: static int8 followed, and says so
+        assert q["dynamic_over_budget"]["accuracy_budget"]["within_budget"] is False
+        assert q["tool"].startswith("nncf.quantize")
+        return
+    tried = q["accuracy_budget"]["attempts"]
+    assert q["activations"] == "dynamic" and tried[-1]["within_budget"]
+    assert [t["group_size"] for t in tried] == [128, 64, 32][:len(tried)]
+    assert runtime["dynamic_quantization_group_size"] == q["dynamic_group_size"] == tried[-1]["group_size"]
+    model = ov.Core().read_model(b.path / "model.xml")
+    types = {op.get_type_name() for op in model.get_ordered_ops()}
+    assert "FakeQuantize" not in types
+    int8_weights = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+                    and op.get_element_type().get_type_name() in ("u8", "i8")]
+    assert len(int8_weights) >= 4  # every Linear's weights (2 layers x Q, K, V, O, 2 FFN) stored int8
+
+
+def test_openvino_static_encoder_uses_the_transformer_model_type_and_picks_smooth_quant(encoder_run, tmp_path):
+    res = build_target(encoder_run.prepared, TargetSpec(name="openvino", measure={"iterations": 10},
+                                                        options={"precision": "int8", "activations": "static"}),
+                       tmp_path / "out", keep_rejected=True)
+    q = res.manifest["quantization"]
+    assert q["model_type"] == "transformer" and "dynamic_group_size" not in q
+    assert "dynamic_quantization_group_size" not in res.manifest["target"]["runtime"]
     sq = q["smooth_quant"]
     assert sq["mode"] == "auto" and [t["alpha"] for t in sq["tried"]] == [0.95, 0.8, None]
     best = min(sq["tried"], key=lambda t: (t["metric_drop"], -t["cosine"]))
