@@ -178,7 +178,8 @@ def _summary(rows: list[dict], peak: float) -> str:
             continue
         if r["kind"] == "failed":
             why = (r["reason"] or "").split(": ", 1)[-1][:90]
-            lines.append(f"| {r['model']} | edgebundle {r['target']} | — | — | — | — | — | — | — | failed: {why} |")
+            earlier = " (earlier run)" if r.get("earlier_run") else ""
+            lines.append(f"| {r['model']} | edgebundle {r['target']}{earlier} | — | — | — | — | — | — | — | failed: {why} |")
             continue
         if r["kind"] == "fp32" and not r["candidate"].startswith("ORT fp32"):
             continue
@@ -200,7 +201,8 @@ def _summary(rows: list[dict], peak: float) -> str:
                 r["status"], r["status"])
         else:
             status = "" if r["kind"] == "fp32" else ("within budget" if r["within_budget"] else "over budget")
-        lines.append(f"| {r['model']} | {r['candidate']} | {acc} | {p50} | {x(r['vs_ort_fp32'])} | "
+        earlier = " (earlier run)" if r.get("earlier_run") else ""
+        lines.append(f"| {r['model']} | {r['candidate']}{earlier} | {acc} | {p50} | {x(r['vs_ort_fp32'])} | "
                      f"{x(r['vs_own_fp32'])} | {share} | {size} | {tool} | {status} |")
     return "\n".join(lines) + "\n"
 
@@ -259,13 +261,15 @@ def main(argv: list[str] | None = None) -> None:
                      for b in res.bundles if b.manifest is not None and b.status == "rejected"]
             seconds[name] = time.perf_counter() - t0
     if args.only:
-        rows, seconds = _merged(rows, seconds, {n for n in args.only})
+        rows, seconds = _merged(rows, seconds, set(args.only), set(args.targets.split(",")) if args.targets else None)
     write("real", {"int8_peak_macs_per_s": peak, "int8_peak_how": peak_how, "rows": rows, "seconds": seconds},
           _markdown(rows, seconds, peak, peak_how))
 
 
-def _merged(rows: list[dict], seconds: dict[str, float], models: set[str]) -> tuple[list[dict], dict[str, float]]:
-    """This run's models in place of the same models' rows of the last results."""
+def _merged(rows: list[dict], seconds: dict[str, float], models: set[str],
+            targets: set[str] | None = None) -> tuple[list[dict], dict[str, float]]:
+    """This run's models in place of the same models' rows of the last results; with `targets`, the last
+    results' rows of the model's other targets stay, marked as measured in an earlier run."""
     import json
 
     from bench.common import RESULTS
@@ -277,7 +281,12 @@ def _merged(rows: list[dict], seconds: dict[str, float], models: set[str]) -> tu
     if "int8_peak_macs_per_s" not in old:  # results of the older layout: nothing to keep
         return rows, seconds
     kept = [r for r in old["rows"] if r["model"] not in models]
-    return kept + rows, {**old.get("seconds", {}), **seconds}
+    if targets is not None:
+        kept += [{**r, "earlier_run": True} for r in old["rows"] if r["model"] in models
+                 and r["kind"] in ("bundle", "failed", "reason") and r.get("target") not in targets]
+    order = {m: i for i, m in enumerate(MODELS)}
+    merged = sorted(kept + rows, key=lambda r: (order.get(r["model"], len(order)), bool(r.get("earlier_run"))))
+    return merged, {**old.get("seconds", {}), **seconds}
 
 
 if __name__ == "__main__":

@@ -180,3 +180,29 @@ def test_executorch_int8_observes_relu6_after_its_clamp_on_the_real_cnn(effnet):
         q = np.concatenate([converted(test[i:i + 1]).numpy() for i in range(len(test))])
         ref = model(test).numpy()
     assert (q.argmax(1) == ref.argmax(1)).mean() >= 0.85
+
+
+def test_a_folder_of_photos_feeds_the_real_cnn_what_its_weights_expect(effnet, tmp_path):
+    """data.kind images with efficientnet_lite_folder.yaml's preprocessing (resize 272, center crop 240, the
+    Lite weights' mean/std) on the whole photos: the pretrained network names what is in them (a wrong
+    layout, scale or normalization sends these elsewhere)."""
+    from PIL import Image
+
+    from edgebundle.core import sources
+
+    recipe = load_recipe(EXAMPLES / "efficientnet_lite_folder.yaml")
+    names = ["astronaut", "coffee", "chelsea", "rocket", "motorcycle", "china", "flower", "grace_hopper"]
+    for name, rgb in zip(names, effnet._load_photos()):
+        Image.fromarray(rgb).save(tmp_path / f"{name}.jpg", quality=95)
+    x, labels, _ = sources.read_images(tmp_path, recipe.data.image, recipe.inputs[0])
+    assert labels is None and x.shape == (8, 3, 240, 240)
+    with torch.no_grad():
+        top1 = effnet.model()(torch.from_numpy(x)).argmax(1).tolist()
+    got = dict(zip(sorted(names), top1))  # the folder is read in sorted order
+    assert got["chelsea"] in (281, 282, 285)  # tabby, tiger cat, Egyptian cat
+    assert got["coffee"] in (967, 968, 504)  # espresso, cup, coffee mug
+    assert got["china"] == 698  # palace
+    assert got["motorcycle"] in (665, 670)  # moped, motor scooter
+    # the example's own folder: crops of the same photos, as JPEG files
+    folder = effnet.export_folder(tmp_path / "ex", n=12)
+    assert len(list(folder.glob("crop-*.jpg"))) == 12

@@ -14,6 +14,11 @@ builder uses mean 127 / std 128 on 0-255 pixels, i.e. ``(x - 127) / 128``.
 
 ``data(n=600)`` yields ``{"image": batch}`` dicts: ``n`` crops in batches of
 50, for use as ``data.function: efficientnet_lite.py:data`` (``data.kwargs: {n: ...}``).
+
+``export_folder(dest, n=1200)`` writes the same kind of crops as JPEG files to
+``dest/photos/`` (each crop at its own size, at most 480 pixels on the longer
+side), a flat unlabeled image folder as users have one: what
+``efficientnet_lite_folder.yaml`` reads with ``data.kind: images``.
 """
 import numpy as np
 
@@ -61,8 +66,8 @@ def preprocess(rgb, size=IMAGE_SIZE):
     return _normalize(np.asarray(im))[None]
 
 
-def _random_resized_crop(rgb, rng, size, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
-    from PIL import Image
+def _crop_region(rgb, rng, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)):
+    """A random region (scale of the area, aspect ratio): (HxWx3 uint8, flip it horizontally or not)."""
     h, w = rgb.shape[:2]
     area = h * w
     for _ in range(10):
@@ -77,12 +82,15 @@ def _random_resized_crop(rgb, rng, size, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3)
     else:  # fallback: central crop
         ch = cw = min(h, w)
         top, left = (h - ch) // 2, (w - cw) // 2
-    im = Image.fromarray(rgb[top:top + ch, left:left + cw])
-    im = im.resize((size, size), Image.BILINEAR)
-    out = np.asarray(im)
-    if rng.random() < 0.5:
-        out = out[:, ::-1]
-    return _normalize(out)
+    return rgb[top:top + ch, left:left + cw], rng.random() < 0.5
+
+
+def _random_resized_crop(rgb, rng, size):
+    """A random region resized to size x size and normalized: 3 x size x size float32."""
+    from PIL import Image
+    region, flip = _crop_region(rgb, rng)
+    out = np.asarray(Image.fromarray(region).resize((size, size), Image.BILINEAR))
+    return _normalize(out[:, ::-1] if flip else out)
 
 
 def photos(n=600, batch_size=50, size=IMAGE_SIZE, seed=0):
@@ -101,3 +109,36 @@ def data(n=600, seed=0):
     """``n`` crops in batches of 50, as ``{"image": (50, 3, 240, 240) float32}``."""
     for batch in photos(n=n, batch_size=50, size=IMAGE_SIZE, seed=seed):
         yield {"image": batch}
+
+
+def export_folder(dest, n=1200, seed=0, max_side=480):
+    """Write ``n`` random crops of the photos as ``dest/photos/crop-NNNN.jpg`` (quality 92); returns the folder.
+    Written into a temporary folder and renamed into place, so a half-written folder is never seen."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    folder = Path(dest) / "photos"
+    if folder.is_dir() and len(list(folder.glob("crop-*.jpg"))) == n:
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=".photos-", dir=dest))
+    imgs, rng = _load_photos(), np.random.default_rng(seed)
+    for i in range(n):
+        region, flip = _crop_region(imgs[i % len(imgs)], rng)
+        im = Image.fromarray(np.ascontiguousarray(region[:, ::-1] if flip else region))
+        im.thumbnail((max_side, max_side), Image.BILINEAR)
+        im.save(tmp / f"crop-{i:04d}.jpg", quality=92)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+    return folder
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    print(export_folder(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent))
