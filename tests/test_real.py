@@ -206,3 +206,26 @@ def test_a_folder_of_photos_feeds_the_real_cnn_what_its_weights_expect(effnet, t
     # the example's own folder: crops of the same photos, as JPEG files
     folder = effnet.export_folder(tmp_path / "ex", n=12)
     assert len(list(folder.glob("crop-*.jpg"))) == 12
+
+
+def test_a_labelled_text_file_feeds_a_classifier_on_the_real_tokenizer(minilm, tmp_path):
+    """minilm_topics.yaml's data: topics.txt (sentence TAB section) tokenized by the model folder's own
+    tokenizer, labels from the file in sorted class order; the folder loads with a 5-way classification
+    head whose logits follow the recipe's output."""
+    from edgebundle.core import sources
+    from edgebundle.core.hf import load
+
+    recipe = load_recipe(EXAMPLES / "minilm_topics.yaml")
+    folder = minilm.export_folder(tmp_path)
+    x, labels, classes = sources.read_text(tmp_path / "topics.txt", recipe.data.text or sources.TextSpec(),
+                                           recipe.inputs, folder)
+    lines = (tmp_path / "topics.txt").read_text(encoding="utf-8").splitlines()
+    assert classes == sorted(minilm.SECTIONS) and len(labels) == len(lines) > 1000
+    assert np.bincount(labels, minlength=5).min() >= 30  # every section has sentences
+    assert x["input_ids"].shape == (len(lines), 128) and x["attention_mask"][:, 0].all()
+    first = lines[0].split("\t")
+    assert classes[labels[0]] == first[1]
+    model = load(folder, "sequence-classification", **recipe.model.kwargs)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x["input_ids"][:2]), torch.from_numpy(x["attention_mask"][:2]))
+    assert logits.shape == (2, 5)

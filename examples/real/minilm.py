@@ -116,6 +116,27 @@ _ABBREV = re.compile(r"(?:\b(?:i\.e|e\.g|etc|vs|cf)\.)$")
 
 def sentences():
     """Distinct English sentences (5-60 words) from CPython's pydoc_data.topics."""
+    return [s for _, s in topic_sentences()]
+
+
+# the sections of the Language Reference each pydoc topic belongs to: the classes of topics.txt
+SECTIONS = {
+    "statements": "assert assignment augassign async break class compound continue del else exceptions for "
+                  "function global if import nonlocal pass raise return try while with yield",
+    "expressions": "atom-identifiers atom-literals attribute-references await binary bitwise booleans calls "
+                   "comparisons conversions exprlists formatstrings identifiers in lambda operator-summary power "
+                   "shifting slicings subscriptions unary",
+    "data model": "attribute-access callable-types context-managers customization id-classes numeric-types objects "
+                  "sequence-types specialattrs specialnames types",
+    "built-in types": "bltin-code-objects bltin-ellipsis-object bltin-null-object bltin-type-objects dict floating "
+                      "imaginary integers lists numbers string-methods strings truth typesfunctions typesmapping "
+                      "typesmethods typesmodules typesseq typesseq-mutable",
+    "execution model": "dynamic-features execmodel naming",
+}
+
+
+def topic_sentences():
+    """(pydoc topic, sentence) for every distinct sentence, in ``sentences()``'s order."""
     from pydoc_data.topics import topics
 
     out, seen = [], set()
@@ -144,7 +165,7 @@ def sentences():
                     continue  # mostly symbols/code
                 if s not in seen:
                     seen.add(s)
-                    out.append(s)
+                    out.append((key, s))
     return out
 
 
@@ -165,7 +186,8 @@ def data(n=600):
 
 def export_folder(dest):
     """Copy the model folder to ``dest/all-MiniLM-L6-v2`` and write ``dest/sentences.txt`` (one sentence per
-    line): what ``minilm_pruned.yaml`` reads as ``model.hf`` and ``data.kind text``."""
+    line) and ``dest/topics.txt`` (sentence TAB the Language Reference section it comes from): what
+    ``minilm_pruned.yaml`` and ``minilm_topics.yaml`` read as ``model.hf`` and ``data.kind text``."""
     dest = Path(dest)
     target = dest / NAME
     if not (target / "config.json").is_file():
@@ -173,6 +195,9 @@ def export_folder(dest):
         shutil.copytree(model_folder(), tmp, dirs_exist_ok=True)
         os.rename(tmp, target)
     (dest / "sentences.txt").write_text("\n".join(sentences()) + "\n", encoding="utf-8")
+    section = {k: name for name, keys in SECTIONS.items() for k in keys.split()}
+    labelled = [f"{s}\t{section[k]}" for k, s in topic_sentences() if k in section]
+    (dest / "topics.txt").write_text("\n".join(labelled) + "\n", encoding="utf-8")
     return target
 
 
