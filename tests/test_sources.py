@@ -62,9 +62,12 @@ def test_a_flat_image_folder_is_unlabeled_and_nhwc_and_grayscale_follow_the_inpu
     china, _ = _photos()
     for i in range(3):
         _save(china[i * 50:i * 50 + 200], tmp_path / f"{i}.jpg")
-    x, y, classes = read_images(tmp_path, ImageSpec(layout="NHWC"), InputSpec(name="x", shape=[1, 64, 64, 3]))
-    assert x.shape == (3, 64, 64, 3) and y is None and classes == []
-    assert 0.0 <= x.min() and x.max() <= 1.0
+    lazy, y, classes = read_images(tmp_path, ImageSpec(layout="NHWC"), InputSpec(name="x", shape=[1, 64, 64, 3]))
+    assert lazy.shape == (3, 64, 64, 3) and y is None and classes == []
+    x = np.asarray(lazy)  # decoded on access: all rows, a view's rows, one row
+    assert x.shape == (3, 64, 64, 3) and 0.0 <= x.min() and x.max() <= 1.0
+    np.testing.assert_array_equal(lazy.view(np.array([2, 0]))[:], x[[2, 0]])
+    np.testing.assert_array_equal(lazy[1], x[1])
     g, _, _ = read_images(tmp_path, ImageSpec(), InputSpec(name="x", shape=[1, 1, 8, 8]))
     assert g.shape == (3, 1, 8, 8)
 
@@ -165,7 +168,7 @@ def test_image_and_text_options_are_checked_by_the_recipe():
 
     with pytest.raises(ValidationError, match="needs data.path"):
         DataSpec(kind="images")
-    with pytest.raises(ValidationError, match="applies to kind 'images' only"):
+    with pytest.raises(ValidationError, match="applies to kinds 'images' and 'datasets' only"):
         DataSpec(kind="digits", image={"resize": 8})
     with pytest.raises(ValidationError, match="std must be > 0"):
         DataSpec(kind="images", path="x", image={"std": [0.0]})

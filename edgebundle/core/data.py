@@ -1,4 +1,5 @@
-"""Data sources and fixed splits. Everything here yields plain numpy arrays keyed by input name.
+"""Data sources and fixed splits: numpy arrays keyed by input name, or `LazyRows` where the rows are made
+on access (image files, decoded batch by batch: the train split of a folder larger than memory streams).
 
 Sources: scikit-learn's bundled `digits` (the embedded default), a folder of `.npz`/`.npy` files, or a
 `module:function` that yields batches. Every array is checked against the recipe's input spec (shape,
@@ -17,6 +18,7 @@ import numpy as np
 from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core.limits import time_limit
 from edgebundle.core.recipe import DataSpec, InputSpec, Recipe
+from edgebundle.core.rows import LazyRows
 from edgebundle.core.modelio import import_object
 
 LABEL_KEYS = ("y", "label", "labels")
@@ -24,15 +26,21 @@ LABEL_KEYS = ("y", "label", "labels")
 
 @dataclass(frozen=True)
 class Split:
-    inputs: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray | LazyRows]
     labels: np.ndarray | None
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def take(self, idx: np.ndarray) -> Split:
-        return Split({k: v[idx] for k, v in self.inputs.items()},
+        return Split({k: v.view(idx) if isinstance(v, LazyRows) else v[idx] for k, v in self.inputs.items()},
                      None if self.labels is None else self.labels[idx])
+
+    def materialized(self) -> Split:
+        """The same split with every lazy input made (in memory)."""
+        if not any(isinstance(v, LazyRows) for v in self.inputs.values()):
+            return self
+        return Split({k: np.asarray(v) for k, v in self.inputs.items()}, self.labels)
 
     def head(self, n: int) -> Split:
         return self.take(np.arange(min(n, len(self))))
@@ -51,7 +59,7 @@ class Dataset:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
 
     def calibration(self, spec: DataSpec, samples: int | None = None) -> Split:
-        return self.split(spec.calibration_split).head(samples or spec.calibration_samples)
+        return self.split(spec.calibration_split).head(samples or spec.calibration_samples).materialized()
 
 
 def iter_feeds(split: Split, specs: list[InputSpec], batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
@@ -89,6 +97,16 @@ def check_inputs(inputs: dict[str, np.ndarray], specs: list[InputSpec], *, what:
         raise DataError(f"{what}: no array for input(s) {', '.join(missing)}; got {', '.join(inputs) or 'none'}")
     n = None
     for spec in specs:
+        if isinstance(inputs[spec.name], LazyRows):  # rows made by a source that checks what it makes
+            lazy = inputs[spec.name]
+            if not _shape_matches(list(lazy.sample_shape), _sample_shape(spec), spec):
+                raise DataError(f"{what}: input '{spec.name}' has per-sample shape {list(lazy.sample_shape)}, "
+                                f"the input spec says {_sample_shape(spec)}")
+            if n is not None and len(lazy) != n:
+                raise DataError(f"{what}: inputs have different sample counts ({n} vs {len(lazy)})")
+            n = len(lazy)
+            out[spec.name] = lazy
+            continue
         a = np.asarray(inputs[spec.name])
         if a.size == 0 or a.ndim == 0 or len(a) == 0:
             raise DataError(f"{what}: input '{spec.name}' is empty (shape {list(a.shape)})")
@@ -252,7 +270,7 @@ def data_config_json(spec: DataSpec) -> str:
     """The data spec as it enters cache keys: fields added later are left out at their defaults, so work
     folders prepared before they existed stay valid."""
     unset = {"kwargs"} if not spec.kwargs else set()
-    unset |= {f for f in ("image", "text") if getattr(spec, f) is None}
+    unset |= {f for f in ("image", "text", "datasets", "max_eval_samples") if getattr(spec, f) is None}
     return spec.model_dump_json(exclude=unset)
 
 
@@ -270,6 +288,9 @@ def _source(recipe: Recipe) -> tuple[dict[str, np.ndarray], np.ndarray | None, l
         return {recipe.inputs[0].name: x}, labels, classes
     text = spec.text or TextSpec()
     folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else hf
+    if spec.kind == "datasets":
+        return sources.read_datasets(recipe.resolve(spec.path), spec.datasets, recipe.inputs,
+                                     image=spec.image or ImageSpec(), tokenizer_folder=folder, hf_folder=hf)
     if folder is None:
         raise RecipeError("data.kind text needs a tokenizer: data.text.tokenizer (a local folder) or model.hf")
     return sources.read_text(recipe.resolve(spec.path), text, recipe.inputs, folder)
@@ -282,7 +303,7 @@ def load_dataset(recipe: Recipe) -> Dataset:
         inputs, labels = _digits(recipe.inputs)
     elif spec.kind == "folder":
         inputs, labels = _folder(recipe.resolve(spec.path), recipe.inputs)
-    elif spec.kind in ("images", "text"):
+    elif spec.kind in ("images", "text", "datasets"):
         inputs, labels, classes = _source(recipe)
     else:
         inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir, spec.kwargs,
@@ -297,7 +318,8 @@ def load_dataset(recipe: Recipe) -> Dataset:
     h = hashlib.sha256()
     for k in sorted(inputs):
         h.update(k.encode())
-        h.update(inputs[k].tobytes())
+        v = inputs[k]
+        h.update(v.fingerprint.encode() if isinstance(v, LazyRows) else v.tobytes())
     if labels is not None:
         h.update(labels.tobytes())
     h.update(data_config_json(spec).encode())
@@ -305,11 +327,15 @@ def load_dataset(recipe: Recipe) -> Dataset:
     perm = np.random.default_rng(spec.seed).permutation(n)
     n_train = int(round(spec.splits.train * n))
     n_val = int(round(spec.splits.val * n))
+    n_test = n - n_train - n_val
+    if spec.max_eval_samples is not None:  # the rest of val and test is left out
+        n_val, n_test = min(n_val, spec.max_eval_samples), min(n_test, spec.max_eval_samples)
     whole = Split(inputs, labels)
+    # val and test are made once, in memory (every build judges on them); train streams where it is lazy
     return Dataset(
         train=whole.take(perm[:n_train]),
-        val=whole.take(perm[n_train:n_train + n_val]),
-        test=whole.take(perm[n_train + n_val:]),
+        val=whole.take(perm[n_train:n_train + n_val]).materialized(),
+        test=whole.take(perm[n_train + n_val:n_train + n_val + n_test]).materialized(),
         fingerprint=h.hexdigest(),
         num_classes=None if labels is None else max(int(labels.max()) + 1, len(classes)),
         classes=tuple(classes),

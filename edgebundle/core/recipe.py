@@ -139,28 +139,54 @@ class TextSpec(Strict):
     tokenizer: Path | None = Field(None, description="a local tokenizer folder (default: model.hf's folder)")
 
 
+class DatasetsSpec(Strict):
+    """kind=datasets: a Hugging Face `datasets` folder written by `save_to_disk` (a Dataset or a DatasetDict).
+    Exactly one of text_column (tokenized as kind text), image_column (preprocessed as kind images, lazily)
+    or columns (input name -> column, taken as arrays)."""
+
+    split: str | None = Field(None, description="a DatasetDict's split (default: 'train', or its only split)")
+    text_column: str | None = None
+    image_column: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    label_column: str | None = Field(None, description="integer or ClassLabel labels (class names recorded)")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DatasetsSpec:
+        given = [k for k in ("text_column", "image_column", "columns") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of text_column, image_column and columns")
+        return self
+
+
 class DataSpec(Strict):
-    kind: Literal["digits", "folder", "function", "images", "text"] = "digits"
+    kind: Literal["digits", "folder", "function", "images", "text", "datasets"] = "digits"
     path: Path | None = Field(default=None, description=(
         "kind=folder: folder of .npz (x, y) / .npy files; kind=images: image folder (class sub-folders or "
-        "flat); kind=text: a .txt, .csv or .jsonl file"))
+        "flat); kind=text: a .txt, .csv or .jsonl file; kind=datasets: a `datasets` save_to_disk folder"))
     function: str | None = Field(default=None, description="kind=function: 'module:fn' yielding batches")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="kind=function: keyword arguments to it")
     splits: SplitSpec = SplitSpec()
     seed: int = Field(0, ge=0, le=2**32 - 1)
     calibration_split: Literal["train", "val"] = "train"
     calibration_samples: int = Field(128, ge=1, le=100_000)
+    max_eval_samples: int | None = Field(None, ge=10, le=10_000_000, description=(
+        "at most this many samples in each of val and test (drawn once, kept in memory and in the work "
+        "folder); the train split streams from the source, so a folder larger than memory needs this cap"))
     image: ImageSpec | None = None
     text: TextSpec | None = None
+    datasets: DatasetsSpec | None = None
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DataSpec:
-        if self.kind in ("folder", "images", "text") and self.path is None:
+        if self.kind in ("folder", "images", "text", "datasets") and self.path is None:
             raise ValueError(f"data.kind '{self.kind}' needs data.path")
-        if self.image is not None and self.kind != "images":
-            raise ValueError("data.image applies to kind 'images' only")
-        if self.text is not None and self.kind != "text":
-            raise ValueError("data.text applies to kind 'text' only")
+        if self.image is not None and self.kind not in ("images", "datasets"):
+            raise ValueError("data.image applies to kinds 'images' and 'datasets' only")
+        if self.text is not None and self.kind not in ("text", "datasets"):
+            raise ValueError("data.text applies to kinds 'text' and 'datasets' only")
+        if (self.datasets is None) != (self.kind != "datasets"):
+            raise ValueError("data.kind 'datasets' needs data.datasets (its columns), and data.datasets "
+                             "applies to that kind only")
         if self.kind == "function" and not self.function:
             raise ValueError("data.kind 'function' needs data.function ('module:fn')")
         return self

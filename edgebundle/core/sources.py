@@ -1,6 +1,6 @@
 """Data as users have it: a folder of images, a text file. Each becomes arrays keyed by input name.
 
-- `images`: JPEG/PNG/BMP/WebP files, either in class sub-folders (labels from the sub-folder names, in sorted
+- `images`: JPEG/PNG/BMP/WebP files (decoded lazily, batch by batch: see `core.data.LazyRows`), either in class sub-folders (labels from the sub-folder names, in sorted
   order; the order is returned so it can be recorded) or flat (unlabeled). Each is decoded with Pillow,
   converted to RGB (or L for one channel), resized so its shorter side is `resize`, center-cropped to the
   input's height x width, scaled to 0..1 and normalized with `mean`/`std` per channel, channels first
@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from edgebundle.core.errors import DataError, RecipeError
-from edgebundle.core.recipe import ImageSpec, InputSpec, TextSpec
+from edgebundle.core.recipe import DatasetsSpec, ImageSpec, InputSpec, TextSpec
+from edgebundle.core.rows import LazyRows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -64,22 +65,19 @@ def _processor_defaults(hf_folder: Path | None) -> dict[str, Any]:
     return out
 
 
-def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path | None = None
-                ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """(N x C x H x W float32 (or NHWC), labels or None, class names) from an image folder."""
+def _image_transform(spec: ImageSpec, inp: InputSpec, hf_folder: Path | None):
+    """(sample shape, transform: PIL image -> one row, the settings as text for hashing) for `inp`."""
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
     except ImportError as e:
-        raise RecipeError("data.kind images needs Pillow: pip install edgebundle[images]") from e
-
-    files, labels, classes = _image_files(folder)
+        raise RecipeError("image data needs Pillow: pip install edgebundle[images]") from e
     nhwc = spec.layout == "NHWC"
     if len(inp.shape) != 4:
-        raise RecipeError(f"data.kind images: input '{inp.name}' has shape {inp.shape}; images need 4 "
+        raise RecipeError(f"image data: input '{inp.name}' has shape {inp.shape}; images need 4 "
                           "dimensions (N, C, H, W or N, H, W, C)")
     c, h, w = (inp.shape[3], inp.shape[1], inp.shape[2]) if nhwc else inp.shape[1:4]
     if c not in (1, 3):
-        raise RecipeError(f"data.kind images: input '{inp.name}' has {c} channels; images give 1 or 3")
+        raise RecipeError(f"image data: input '{inp.name}' has {c} channels; images give 1 or 3")
     d = {"resize": None, "mean": None, "std": None, **{k: v for k, v in _processor_defaults(hf_folder).items()}}
     d.update({k: v for k, v in spec.model_dump().items() if k in d and v is not None})
     mean = np.asarray(d["mean"] if d["mean"] is not None else [0.0] * c, np.float32)
@@ -87,22 +85,65 @@ def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path |
     if len(mean) != c or len(std) != c:
         raise RecipeError(f"data.image: mean and std need {c} values (one per channel)")
     resize = d["resize"] or min(h, w)
-    out = np.empty((len(files), h, w, c), np.float32)
-    for i, f in enumerate(files):
+
+    def transform(im) -> np.ndarray:
+        im = im.convert("RGB" if c == 3 else "L")
+        s = resize / min(im.size)
+        im = im.resize((max(w, round(im.size[0] * s)), max(h, round(im.size[1] * s))), Image.Resampling.BILINEAR)
+        left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
+        a = (np.asarray(im.crop((left, top, left + w, top + h)), np.float32) / 255.0).reshape(h, w, c)
+        a = (a - mean) / std
+        return a if nhwc else a.transpose(2, 0, 1)
+
+    settings = json.dumps([resize, mean.tolist(), std.tolist(), nhwc, c, h, w])
+    return ((h, w, c) if nhwc else (c, h, w)), transform, settings
+
+
+def _lazy_images(n: int, open_row, sample, transform, fingerprint: str) -> LazyRows:
+    def make(rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *sample), np.float32)
+        for i, r in enumerate(rows):
+            out[i] = transform(open_row(int(r)))
+        return out
+
+    return LazyRows(make, sample, np.float32, np.arange(n), fingerprint)
+
+
+def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path | None = None
+                ) -> tuple[LazyRows, np.ndarray | None, list[str]]:
+    """(N x C x H x W float32 rows (or NHWC), labels or None, class names) from an image folder. The rows are
+    lazy: each file's header is read here (an unreadable file is one line now, not mid-training) and the
+    content hashed; pixels are decoded when rows are taken, so a folder larger than memory streams."""
+    import hashlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    sample, transform, settings = _image_transform(spec, inp, hf_folder)
+    files, labels, classes = _image_files(folder)
+
+    def unreadable(f: Path, e: BaseException) -> DataError:
+        return DataError(f"cannot read image {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    digest = hashlib.sha256(settings.encode())
+    for f in files:
         try:
             with Image.open(f) as im:
-                im = im.convert("RGB" if c == 3 else "L")
-                s = resize / min(im.size)
-                im = im.resize((max(w, round(im.size[0] * s)), max(h, round(im.size[1] * s))),
-                               Image.Resampling.BILINEAR)
-                left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
-                a = np.asarray(im.crop((left, top, left + w, top + h)), np.float32) / 255.0
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"cannot read image {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                            ) from e
-        out[i] = (a.reshape(h, w, c) - mean) / std
-    x = out if nhwc else out.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(x), None if labels is None else np.asarray(labels, np.int64), classes
+                im.size  # noqa: B018  (the header parses)
+            digest.update(f.relative_to(folder).as_posix().encode())
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise unreadable(f, e) from e
+
+    def open_row(r: int):
+        try:
+            with Image.open(files[r]) as im:
+                im.load()
+                return im.copy()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise unreadable(files[r], e) from e
+
+    rows = _lazy_images(len(files), open_row, sample, transform, digest.hexdigest())
+    return rows, None if labels is None else np.asarray(labels, np.int64), classes
 
 
 def _rows(path: Path, spec: TextSpec) -> tuple[list[str], list[Any] | None]:
@@ -184,6 +225,13 @@ def read_text(path: Path, spec: TextSpec, inputs: list[InputSpec], tokenizer_fol
     texts, raw = _rows(path, spec)
     if not texts:
         raise DataError(f"text file {path} has no texts")
+    labels, classes = (None, []) if raw is None else _classes(raw, path)
+    return tokenize(texts, inputs, tokenizer_folder), labels, classes
+
+
+def tokenize(texts: list[str], inputs: list[InputSpec], tokenizer_folder: Path) -> dict[str, np.ndarray]:
+    """The recipe's inputs (input_ids, attention_mask, token_type_ids, as named) for `texts`, padded and
+    truncated to the first input's sequence length."""
     tok = tokenizer_for(tokenizer_folder)
     length = inputs[0].shape[1] if len(inputs[0].shape) > 1 else None
     enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
@@ -193,5 +241,79 @@ def read_text(path: Path, spec: TextSpec, inputs: list[InputSpec], tokenizer_fol
             raise DataError(f"the tokenizer of {tokenizer_folder} gives {', '.join(enc)}; the recipe's input "
                             f"'{s.name}' is not one of them")
         out[s.name] = enc[s.name].astype(np.dtype(s.dtype))
-    labels, classes = (None, []) if raw is None else _classes(raw, path)
-    return out, labels, classes
+    return out
+
+
+def _folder_digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def read_datasets(path: Path, spec: DatasetsSpec, inputs: list[InputSpec], *, image: ImageSpec,
+                  tokenizer_folder: Path | None, hf_folder: Path | None
+                  ) -> tuple[dict[str, Any], np.ndarray | None, list[str]]:
+    """A Hugging Face `datasets` folder (save_to_disk): one split's text column tokenized, image column
+    decoded lazily (Arrow is memory-mapped: rows are read when taken) or named columns as arrays."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise RecipeError("data.kind datasets needs the datasets package: pip install edgebundle[datasets]") from e
+    if not path.is_dir():
+        raise DataError(f"datasets folder not found: {path}")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError, KeyError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path} is not a folder written by datasets' save_to_disk: {why}") from e
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        split = spec.split or ("train" if "train" in loaded else names[0] if len(names) == 1 else None)
+        if split not in loaded:
+            raise DataError(f"{path} has splits {', '.join(names)}: "
+                            + (f"no split '{split}'" if split else "give data.datasets.split"))
+        ds = loaded[split]
+    else:
+        if spec.split:
+            raise DataError(f"{path} holds one Dataset, not a DatasetDict: leave data.datasets.split out")
+        ds, split = loaded, None
+    cols = ds.column_names
+    for c in (spec.text_column, spec.image_column, *spec.columns.values(), spec.label_column):
+        if c is not None and c not in cols:
+            raise DataError(f"{path}: no column '{c}' (columns: {', '.join(cols)})")
+    if len(ds) == 0:
+        raise DataError(f"{path}: the dataset{f' split {split}' if split else ''} has no rows")
+    labels, classes = None, []
+    if spec.label_column is not None:
+        feature, raw = ds.features[spec.label_column], list(ds[spec.label_column])
+        if isinstance(feature, datasets.ClassLabel):
+            labels, classes = np.asarray(raw, np.int64), list(feature.names)
+        else:
+            labels, classes = _classes(raw, path)
+    if spec.text_column is not None:
+        if tokenizer_folder is None:
+            raise RecipeError("data.datasets.text_column needs a tokenizer: data.text.tokenizer (a local folder) "
+                              "or model.hf")
+        return tokenize([str(t) for t in ds[spec.text_column]], inputs, tokenizer_folder), labels, classes
+    if spec.image_column is not None:
+        if len(inputs) != 1:
+            raise RecipeError("data.datasets.image_column feeds a model with one input")
+        if not isinstance(ds.features[spec.image_column], datasets.Image):
+            raise DataError(f"{path}: column '{spec.image_column}' holds {type(ds.features[spec.image_column]).__name__}"
+                            ", not images (datasets.Image)")
+        sample, transform, settings = _image_transform(image, inputs[0], hf_folder)
+        images = ds.select_columns([spec.image_column])
+        fp = f"{_folder_digest(path)}:{split}:{spec.image_column}:{settings}"
+        rows = _lazy_images(len(ds), lambda r: images[r][spec.image_column], sample, transform, fp)
+        return {inputs[0].name: rows}, labels, classes
+    missing = [i.name for i in inputs if i.name not in spec.columns]
+    if missing:
+        raise RecipeError(f"data.datasets.columns names no column for input(s) {', '.join(missing)}")
+    arrays = ds.with_format("numpy")
+    return {name: np.asarray(arrays[col]) for name, col in spec.columns.items()}, labels, classes

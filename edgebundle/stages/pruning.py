@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
@@ -243,11 +244,11 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
 def _taylor_gradients(model: nn.Module, train: Split, names: list[str], batches: int, batch_size: int) -> None:
     model.zero_grad(set_to_none=True)
     model.train()
-    xs = [torch.from_numpy(train.inputs[n]) for n in names]
     y = torch.from_numpy(train.labels)
     for b in range(batches):
         sl = slice(b * batch_size, (b + 1) * batch_size)
         if len(y[sl]) < 2:
             break
-        F.cross_entropy(model(*[x[sl] for x in xs]), y[sl]).backward()
+        xs = [torch.from_numpy(np.ascontiguousarray(train.inputs[n][sl])) for n in names]  # rows of this batch only
+        F.cross_entropy(model(*xs), y[sl]).backward()
     model.eval()

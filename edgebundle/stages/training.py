@@ -5,6 +5,9 @@ plus, when `hidden_weight` > 0, that weight times the mean relative MSE between 
 (student mapped to the teacher's width by a learned linear layer where pruning narrowed it).
 The checkpoint with the best validation accuracy is kept. Under `torchrun` (an initialised process
 group) training runs DistributedDataParallel over a DistributedSampler.
+
+Batches come from a torch DataLoader over the split (`batches`): rows are taken batch by batch, so a lazy
+split (image files, core.data.LazyRows) is decoded one batch at a time and never held whole in memory.
 """
 
 from __future__ import annotations
@@ -33,19 +36,38 @@ class FitResult:
     metric: str = "val_accuracy"  # val_accuracy | val_agreement (with the teacher) | val_cosine | val_neg_rel_mse
 
 
-def _tensors(split: Split, names: list[str], device: torch.device) -> list[torch.Tensor]:
-    return [torch.from_numpy(split.inputs[n]).to(device) for n in names]
+class _Batches(torch.utils.data.Dataset):
+    """Map-style dataset indexed by a whole batch of row numbers (the sampler yields lists of them): one
+    fancy-indexing call per batch, in memory or on lazy rows alike."""
+
+    def __init__(self, split: Split, names: list[str]) -> None:
+        self.split, self.names = split, names
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, idx) -> list[torch.Tensor]:
+        idx = np.asarray(idx, np.int64)
+        return [torch.from_numpy(np.ascontiguousarray(self.split.inputs[n][idx])) for n in self.names]
+
+
+def batches(split: Split, names: list[str], order: list[np.ndarray]):
+    """The split's inputs as tensors, one list per batch of row numbers in `order`, through a DataLoader."""
+    return torch.utils.data.DataLoader(_Batches(split, names), sampler=order, batch_size=None)
+
+
+def _in_order(n: int, batch_size: int) -> list[np.ndarray]:
+    return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
 def predict(model: nn.Module, split: Split, names: list[str], batch_size: int = 256) -> np.ndarray:
     """Logits for every sample of a split (eval mode, no grad); a model with several outputs: the first."""
     device = next(model.parameters()).device
-    xs = _tensors(split, names, device)
     model.eval()
     outs = []
     with torch.no_grad():
-        for i in range(0, len(split), batch_size):
-            y = model(*[x[i:i + batch_size] for x in xs])
+        for xs in batches(split, names, _in_order(len(split), batch_size)):
+            y = model(*[x.to(device) for x in xs])
             outs.append((y[0] if isinstance(y, (tuple, list)) else y).float().cpu())
     return torch.cat(outs).numpy()
 
@@ -81,7 +103,6 @@ def _fit(
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
-    xs = _tensors(train, names, device)
     ys = None if train.labels is None else torch.from_numpy(train.labels).to(device)
     if score is None:  # higher is better; picks the best checkpoint
         val_labels = _require_labels(val, "choosing the best checkpoint")
@@ -113,11 +134,10 @@ def _fit(
             order = torch.tensor(list(iter(sampler)), device=device)
         else:
             order = torch.randperm(len(train), generator=gen).to(device)
-        for i in range(0, per_epoch, batch_size):
-            idx = order[i:i + batch_size]
-            if len(idx) < 2:  # BatchNorm needs more than one sample (same on every rank: equal shards)
-                continue
-            batch = [x[idx] for x in xs]
+        # BatchNorm needs more than one sample per batch (same on every rank: equal shards)
+        plan = [order[i:i + batch_size] for i in range(0, per_epoch, batch_size) if len(order[i:i + batch_size]) >= 2]
+        for idx, xs in zip(plan, batches(train, names, [p.cpu().numpy() for p in plan])):
+            batch = [x.to(device) for x in xs]
             out = net(*batch)
             loss = loss_fn(out, batch, None if ys is None else ys[idx], idx)
             opt.zero_grad(set_to_none=True)
