@@ -27,6 +27,7 @@ from bench.common import write
 from edgebundle.core.metrics import accuracy_text
 from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import run
+from edgebundle.stages.pruning import count
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
 MODELS = ("efficientnet_lite", "minilm", "minilm_pruned")
@@ -69,7 +70,7 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
     contract = contract_for(recipe, TargetSpec(name="ort-cpu"), test.labels, ref)
     feeds = measure_feeds(test, recipe, 1)
     names = p.input_names
-    macs = _macs(p.load_student(), tuple(torch.from_numpy(feeds[n]) for n in names))
+    macs = count(p.load_student(), tuple(torch.from_numpy(feeds[n]) for n in names))[0]  # FlopCounterMode MACs
     calib = [{k: v[i:i + 1] for k, v in p.dataset.train.inputs.items()}
              for i in range(min(recipe.data.calibration_samples, len(p.dataset.train)))]
     work = work_dir(root, name)
@@ -150,17 +151,6 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
                    vs_own_fp32=None if (t is None or own is None) else own["p50_ms"] / t["p50_ms"])
         out.append(row)
     return out
-
-
-def _macs(model, example) -> int:
-    """Multiply-accumulates of one forward pass, by PyTorch's own FLOP counter (it sees F.conv2d calls that
-    Torch-Pruning's module-hook counter misses: 0.031 instead of 0.600 GMAC on EfficientNet-Lite1)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(*example)
-    return int(counter.get_total_flops() // 2)
 
 
 def work_dir(root: Path, name: str) -> Path:

@@ -109,3 +109,34 @@ def test_an_encoder_whose_output_is_its_hidden_state_keeps_that_width():
     assert all("intermediate" in k or "attention.self" in k for k in changed)
     assert rep.layers["model.encoder.layer.0.intermediate.dense"] == [128, 96]
     assert rep.params_after < rep.params_before
+
+
+def test_distilbert_heads_and_mlp_are_pruned_and_mpnet_heads_are_refused_in_one_line():
+    """DistilBERT's attention (q_lin/k_lin/v_lin, n_heads) loses whole heads consistently; MPNet shares one
+    relative-position bias over every layer's heads, so head pruning is refused with one line."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from edgebundle.core.errors import RecipeError
+    from edgebundle.core.hf import FeatureExtractor
+
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(vocab_size=40, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                        max_position_embeddings=32)
+    model = FeatureExtractor(transformers.DistilBertModel(cfg).eval(), normalize=True).eval()
+    ex = (torch.randint(3, 40, (1, 16)), torch.ones(1, 16, dtype=torch.int64))
+    rep = prune(model, PruneStage(ratio=0.25, head_ratio=0.5), ex, train=None, names=["input_ids", "attention_mask"])
+    assert all(v == [4, 2] for v in rep.heads.values()) and len(rep.heads) == 2
+    attn = model.model.transformer.layer[0].attention
+    assert attn.n_heads == 2 and attn.q_lin.out_features == attn.out_lin.in_features == 32
+    assert rep.layers["model.transformer.layer.0.ffn.lin1"] == [128, 96]
+    with torch.no_grad():  # other batch sizes and lengths, with padding: the reshapes follow the new widths
+        mask = torch.ones(3, 10, dtype=torch.int64)
+        mask[1, 6:] = 0
+        out = model(torch.randint(3, 40, (3, 10)), mask)
+    assert out.shape == (3, 64) and torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-4)
+
+    mp = transformers.MPNetConfig(vocab_size=40, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128)
+    mpnet = FeatureExtractor(transformers.MPNetModel(mp, add_pooling_layer=False).eval()).eval()
+    with pytest.raises(RecipeError) as e:
+        prune(mpnet, PruneStage(ratio=0.25, head_ratio=0.5), ex, train=None, names=["input_ids", "attention_mask"])
+    assert "\n" not in str(e.value) and "MPNet" in str(e.value)

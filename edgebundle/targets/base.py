@@ -6,7 +6,7 @@ fp32 ONNX model (plus calibration data) into its runtime's artifact and knows ho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
 
@@ -39,6 +39,14 @@ class BuildContext:
 
         metric = "top1" if self.validation.labels is not None else "cosine"
         return Contract(metric, MetricSpec(name=metric), self.spec.max_accuracy_drop)
+
+    def val_head(self, n: int) -> BuildContext:
+        """The same context with only the first `n` validation inputs: candidates are compared on it cheaply."""
+        return replace(self, validation=self.validation.head(n))
+
+    def judge(self, reference: np.ndarray, out: np.ndarray):
+        """The contract's verdict on `out` against `reference`, both over this context's validation inputs."""
+        return self.val_contract().judge(reference, out, self.validation.labels)
 
 
 @dataclass(frozen=True)

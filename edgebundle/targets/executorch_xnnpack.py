@@ -72,17 +72,13 @@ def _lower(exported, out: Path) -> dict[str, Any]:
 
 def _judge_on_val(ctx: BuildContext, pte: Path, names: list[str]):
     """The .pte's verdict on (up to 64 of) the validation inputs against the fp32 ONNX model."""
-    import dataclasses
-
     from edgebundle.core.data import run_outputs
     from edgebundle.targets.ort_cpu import val_outputs
 
-    part = ctx.validation.head(64)
-    pctx = dataclasses.replace(ctx, validation=part)
-    contract = ctx.val_contract()
+    part = ctx.val_head(64)
     with ExecutorchSession(pte, names) as sess:
-        out = run_outputs(sess, part, ctx.recipe.inputs)[contract.output_index]
-    return contract.judge(val_outputs(ctx.fp32_onnx, pctx), out, part.labels)
+        out = run_outputs(sess, part.validation, ctx.recipe.inputs)[ctx.val_contract().output_index]
+    return part.judge(val_outputs(ctx.fp32_onnx, part), out)
 
 
 def _xnnpack_quantizer():

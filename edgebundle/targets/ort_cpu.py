@@ -14,7 +14,6 @@ falls back to static QDQ with accuracy control.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -218,15 +217,14 @@ class OrtCpuTarget:
         info = budget_record(v)
         if v.within or not opt.accuracy_control:
             return {"accuracy_budget": info, **smoothing}
-        part = val.head(32)
-        part_ctx = dataclasses.replace(ctx, validation=part)
-        part_ref = val_outputs(pre, part_ctx)
+        part = ctx.val_head(32)
+        part_ref = val_outputs(pre, part)
         one = ctx.workdir / "one.onnx"
         damage = []
         try:
             for node in weighted_matmuls(pre):
                 quantize(one, nodes_to_quantize=[node])
-                damage.append((contract.judge(part_ref, val_outputs(one, part_ctx), part.labels).loss, node))
+                damage.append((part.judge(part_ref, val_outputs(one, part)).loss, node))
         finally:
             one.unlink(missing_ok=True)
         damage.sort(reverse=True)
@@ -243,9 +241,8 @@ class OrtCpuTarget:
 
         if opt.smooth_quant == "off":
             return {}
-        contract, part = ctx.val_contract(), ctx.validation.head(64)
-        part_ctx = dataclasses.replace(ctx, validation=part)
-        ref = val_outputs(pre, part_ctx)
+        part = ctx.val_head(64)
+        ref = val_outputs(pre, part)
         trial, cand = ctx.workdir / "smooth_trial.onnx", ctx.workdir / "smoothed.onnx"
         alphas = (0.5, 0.65, 0.8, 0.9) if opt.smooth_quant == "auto" else (float(opt.smooth_quant),)
         tried, best, amax, matmuls = [], (float("inf"), None), None, 0
@@ -258,7 +255,7 @@ class OrtCpuTarget:
                     if not matmuls:
                         break
                 quantize(trial, src=src)
-                loss = contract.judge(ref, val_outputs(trial, part_ctx), part.labels).loss
+                loss = part.judge(ref, val_outputs(trial, part)).loss
                 tried.append({"alpha": alpha, "val_loss": round(float(loss), 6)})
                 if loss < best[0]:
                     best = (loss, alpha)
@@ -270,7 +267,7 @@ class OrtCpuTarget:
             for f in (trial, cand, ctx.workdir / "smoothed_best.onnx"):
                 f.unlink(missing_ok=True)
         return {"smooth_quant": {"alpha": best[1], "matmuls": matmuls if best[1] is not None else 0,
-                                 "tried_on_val_inputs": len(part), "tried": tried,
+                                 "tried_on_val_inputs": len(part.validation), "tried": tried,
                                  "calibration_samples": len(ctx.calibration)}}
 
     def _accuracy_control(self, pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal,
