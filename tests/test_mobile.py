@@ -43,6 +43,7 @@ def test_pte_loads_and_int8_is_within_a_point_of_fp32(prepared, et_bundle):
 def test_delegation_coverage_is_recorded(et_bundle):
     d = et_bundle.manifest["target"]["runtime"]["delegation"]
     assert d["delegated_nodes"] > 10 and d["delegated_fraction"] >= 0.9
+    assert d["macs"] > 0 and d["non_delegated_macs"] == 0 and d["delegated_compute"] == 1.0
     assert d["delegated_subgraphs"] >= 1 and isinstance(d["non_delegated_ops"], list)
     assert any("not on a phone" in n for n in et_bundle.manifest["notes"])
 
@@ -67,6 +68,30 @@ def test_low_delegation_coverage_fails_loudly(prepared, tmp_path):
                        prepared.onnx.path("model.fp32.onnx"), prepared.dataset.calibration(r.data).head(8),
                        prepared.dataset.val, tmp_path, threads=2, load_model=lambda: _WithCumsum().eval())
     with pytest.raises(StageError, match=r"XNNPACK took only \d+% .*cumsum"):
+        ExecutorchTarget().build(ctx)
+
+
+class _WithDoubleLinear(nn.Module):
+    """Most of its multiply-accumulates in a float64 Linear, which XNNPACK does not take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = nn.Linear(512, 512).double()
+        self.head = nn.Linear(512, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).flatten(1)
+        return self.head(self.fc(y.double()).float())
+
+
+def test_undelegated_compute_fails_loudly_whatever_the_node_count(prepared, tmp_path):
+    r = prepared.recipe
+    ctx = BuildContext(r, TargetSpec(name="executorch"),
+                       ExecutorchOptions(precision="fp32", min_delegated_fraction=0.0, also_fp32=False),
+                       prepared.onnx.path("model.fp32.onnx"), prepared.dataset.calibration(r.data).head(8),
+                       prepared.dataset.val, tmp_path, threads=2, load_model=lambda: _WithDoubleLinear().eval())
+    with pytest.raises(StageError, match=r"XNNPACK took only \d+% of the program's multiply-accumulates"):
         ExecutorchTarget().build(ctx)
 
 
