@@ -203,11 +203,18 @@ def _classes(labels: list[Any], path: Path) -> tuple[np.ndarray, list[str]]:
     return np.asarray([index[str(x)] for x in labels], np.int64), classes
 
 
-def tokenizer_for(folder: Path) -> Any:
+def _need(module: str, what: str, extra: str):
+    """The optional package `module`, or one line saying which extra installs it."""
+    import importlib
+
     try:
-        from transformers import AutoTokenizer
+        return importlib.import_module(module)
     except ImportError as e:
-        raise RecipeError("data.kind text needs the transformers package: pip install edgebundle[hf]") from e
+        raise RecipeError(f"{what} needs the {module} package: pip install edgebundle[{extra}]") from e
+
+
+def tokenizer_for(folder: Path) -> Any:
+    AutoTokenizer = _need("transformers", "data.kind text", "hf").AutoTokenizer
     if not folder.is_dir():
         raise DataError(f"tokenizer folder not found: {folder}")
     try:
@@ -261,10 +268,7 @@ def read_datasets(path: Path, spec: DatasetsSpec, inputs: list[InputSpec], *, im
                   ) -> tuple[dict[str, Any], np.ndarray | None, list[str]]:
     """A Hugging Face `datasets` folder (save_to_disk): one split's text column tokenized, image column
     decoded lazily (Arrow is memory-mapped: rows are read when taken) or named columns as arrays."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise RecipeError("data.kind datasets needs the datasets package: pip install edgebundle[datasets]") from e
+    datasets = _need("datasets", "data.kind datasets", "datasets")
     if not path.is_dir():
         raise DataError(f"datasets folder not found: {path}")
     try:
