@@ -154,7 +154,8 @@ def test_cnn_gets_no_transformer_fusions(default_run):
 
 def test_openvino_encoder_tries_int8_weights_with_dynamic_activations_first(encoder_run):
     """activations auto: a transformer gets int8 weights (nncf.compress_weights) and the CPU plugin's
-    dynamic int8 activations, judged on val per group size; the bundle runs with the group it was judged by."""
+    dynamic int8 activations, judged on val per group size; static int8 is tried next and, when both hold
+    the budget, the faster one (timed interleaved) ships. The bundle runs with the group it was judged by."""
     import openvino as ov
 
     b = next(b for b in encoder_run.bundles if b.target == "openvino")
@@ -163,10 +164,17 @@ def test_openvino_encoder_tries_int8_weights_with_dynamic_activations_first(enco
         assert q["dynamic_over_budget"]["accuracy_budget"]["within_budget"] is False
         assert q["tool"].startswith("nncf.quantize")
         return
+    if "dynamic_tried" in q:  # both within budget and static ran faster
+        assert q["tool"].startswith("nncf.quantize") and "dynamic_quantization_group_size" not in runtime
+        assert q["dynamic_tried"]["p50_ms"] > 0 and any("ran faster" in n for n in b.manifest["notes"])
+        return
     tried = q["accuracy_budget"]["attempts"]
     assert q["activations"] == "dynamic" and tried[-1]["within_budget"]
     assert [t["group_size"] for t in tried] == [128, 64, 32][:len(tried)]
     assert runtime["dynamic_quantization_group_size"] == q["dynamic_group_size"] == tried[-1]["group_size"]
+    static = q["static_tried"]
+    if static["attempts"][-1]["within_budget"]:
+        assert 0 < q["p50_ms"] <= static["p50_ms"]
     model = ov.Core().read_model(b.path / "model.xml")
     types = {op.get_type_name() for op in model.get_ordered_ops()}
     assert "FakeQuantize" not in types
