@@ -122,17 +122,25 @@ def _race(ov, candidates: list, ctx: BuildContext, opt: OpenVinoOptions, rounds:
     feeds = next(iter_feeds(ctx.validation.head(1), ctx.recipe.inputs, 1))
     base = {"INFERENCE_PRECISION_HINT": opt.inference_precision, "INFERENCE_NUM_THREADS": ctx.threads,
             "PERFORMANCE_HINT": "LATENCY"}
-    requests = [ov.Core().compile_model(m, "CPU", {**base, **cfg}).create_infer_request() for m, cfg in candidates]
+    core = ov.Core()
+    # the compiled models stay referenced while their requests run, and the requests go first (as OvSession
+    # closes): a request outliving its compiled model is a use-after-free in the native runtime
+    compiled = [core.compile_model(m, "CPU", {**base, **cfg}) for m, cfg in candidates]
+    requests = [c.create_infer_request() for c in compiled]
     times: list[list[float]] = [[] for _ in requests]
-    for r in requests:
-        for _ in range(3):
-            r.infer(feeds)
-    for _ in range(rounds):
-        for r, t in zip(requests, times):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
+    try:
+        for r in requests:
+            for _ in range(3):
                 r.infer(feeds)
-                t.append((time.perf_counter() - t0) * 1e3)
+        for _ in range(rounds):
+            for r, t in zip(requests, times):
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    r.infer(feeds)
+                    t.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        requests.clear()
+        compiled.clear()
     return [float(np.median(t)) for t in times]
 
 
