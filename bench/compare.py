@@ -110,13 +110,16 @@ def main(only: list[str]) -> None:
                     step_s["ORT int8 by hand"] = time.perf_counter() - t0
                     s = OrtSession(hand, threads=THREADS)
                     fns["ORT int8 by hand"], macs["ORT int8 by hand"], size["ORT int8 by hand"] = (lambda s=s: s.run(feeds)), m_macs, hand.stat().st_size
-                    c = core.compile_model(ov.convert_model(str(fp32)), "CPU", cfg).create_infer_request()
-                    fns["OpenVINO fp32"], macs["OpenVINO fp32"] = (lambda c=c: c.infer(feeds)), m_macs
+                    # each lambda holds its request and then its compiled model: the request never outlives it
+                    cm = core.compile_model(ov.convert_model(str(fp32)), "CPU", cfg)
+                    c = cm.create_infer_request()
+                    fns["OpenVINO fp32"], macs["OpenVINO fp32"] = (lambda c=c, cm=cm: c.infer(feeds)), m_macs
                     t0 = time.perf_counter()
                     q = nncf.quantize(ov.convert_model(str(fp32)), nncf.Dataset([{iname: x[None]} for x in calib]))
                     step_s["OpenVINO int8 by hand (nncf defaults)"] = time.perf_counter() - t0
-                    c = core.compile_model(q, "CPU", cfg).create_infer_request()
-                    fns["OpenVINO int8 by hand (nncf defaults)"] = lambda c=c: c.infer(feeds)
+                    cm = core.compile_model(q, "CPU", cfg)
+                    c = cm.create_infer_request()
+                    fns["OpenVINO int8 by hand (nncf defaults)"] = lambda c=c, cm=cm: c.infer(feeds)
                     macs["OpenVINO int8 by hand (nncf defaults)"] = m_macs
                 for tname, entry in (("ort-cpu", ort_t), ("openvino", ov_t)):
                     wd = td / f"{slug}-{ratio}-{tname}"
