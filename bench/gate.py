@@ -25,7 +25,8 @@ from torch import nn
 
 from bench.common import write
 from edgebundle.exporters.onnx import export
-from edgebundle.pipeline.check import interleaved_ratio, is_latency_regression
+from edgebundle.core.measure import interleaved_ratio
+from edgebundle.pipeline.check import is_latency_regression
 from edgebundle.core.measure import measure
 from edgebundle.core.recipe import ExportStage, InputSpec, MeasureSpec
 from edgebundle.targets.ort_cpu import OrtSession

@@ -18,6 +18,8 @@ from edgebundle.core.recipe import MeasureSpec
 WARMUP_WINDOW = 10
 STABLE_WITHIN = 0.05
 BOOTSTRAP_RESAMPLES = 2000
+RATIO_BOOTSTRAP = 4000  # resamples for the CI of an interleaved ratio
+MIN_BLOCK_MS = 20.0
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,31 @@ def measure(fn: Callable[[], Any], spec: MeasureSpec, *, threads: int) -> Latenc
         if spec.time_budget_s is not None and time.perf_counter() - start > spec.time_budget_s and len(samples) >= 10:
             break
     return summarize(np.array(samples), batch=spec.batch, threads=threads, warmup=warm, stable=stable)
+
+
+def _block(fn, n: int) -> float:
+    return float(np.median(time_block(fn, n)))
+
+
+def interleaved_ratio(cand_fn, base_fn, *, rounds: int, per_round: int) -> tuple[float, tuple[float, float], float, float]:
+    """(median round ratio, its 95 % CI, candidate p50, baseline p50) from ABBA-ordered rounds."""
+    spec = MeasureSpec(warmup_min=20, warmup_max=500)
+    warm_up(cand_fn, spec)
+    warm_up(base_fn, spec)
+    # Each block holds at least MIN_BLOCK_MS of work: for sub-millisecond models a block of a few
+    # inferences is dominated by timer and scheduler noise, and the round ratios scatter.
+    fastest = min(_block(cand_fn, 10), _block(base_fn, 10))
+    per_round = max(per_round, int(np.ceil(MIN_BLOCK_MS / max(fastest, 1e-6))))
+    ratios, a_meds, b_meds = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a = _block(cand_fn, per_round)
+            b = _block(base_fn, per_round)
+        else:
+            b = _block(base_fn, per_round)
+            a = _block(cand_fn, per_round)
+        ratios.append(a / b)
+        a_meds.append(a)
+        b_meds.append(b)
+    x = np.array(ratios)
+    return float(np.median(x)), bootstrap_median_ci(x, resamples=RATIO_BOOTSTRAP), float(np.median(a_meds)), float(np.median(b_meds))

@@ -348,7 +348,7 @@ class _Job:
 
     def _interleaved_ratio(self, tmp: Path, built: Built) -> tuple[float, tuple[float, float]]:
         """int8 p50 / fp32 p50 on the same runtime, timed in alternating rounds in this process."""
-        from edgebundle.pipeline.check import interleaved_ratio
+        from edgebundle.core.measure import interleaved_ratio
         from edgebundle.pipeline.evaluate import measure_feeds
 
         feeds = measure_feeds(self.prepared.dataset.test, self.prepared.recipe, self.spec.measure.batch)

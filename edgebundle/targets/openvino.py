@@ -114,10 +114,17 @@ def _val_outputs(ov, model, split, specs, index: int = 0, precision: str = "f32"
     return np.concatenate([compiled(f)[index] for f in iter_feeds(split, specs, 64)])
 
 
-def _race(ov, candidates: list, ctx: BuildContext, opt: OpenVinoOptions, rounds: int = 7, per_round: int = 10
-          ) -> list[float]:
-    """Batch-1 median latency (ms) of each (model, extra config), timed interleaved round by round."""
-    import time
+def _budget_record(ctx: BuildContext, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's accuracy-budget record: the contract, and every attempt on the validation split."""
+    contract = ctx.val_contract()
+    return {"metric": contract.metric, "split": "val", "budget": contract.budget,
+            "max_drop": ctx.spec.max_accuracy_drop, "within_budget": attempts[-1]["within_budget"],
+            "attempts": attempts}
+
+
+def _race(ov, candidates: list, ctx: BuildContext, opt: OpenVinoOptions) -> tuple[float, float]:
+    """Batch-1 p50 (ms) of two (model, extra config) candidates, timed interleaved (core.measure)."""
+    from edgebundle.core.measure import interleaved_ratio
 
     feeds = next(iter_feeds(ctx.validation.head(1), ctx.recipe.inputs, 1))
     base = {"INFERENCE_PRECISION_HINT": opt.inference_precision, "INFERENCE_NUM_THREADS": ctx.threads,
@@ -127,21 +134,13 @@ def _race(ov, candidates: list, ctx: BuildContext, opt: OpenVinoOptions, rounds:
     # closes): a request outliving its compiled model is a use-after-free in the native runtime
     compiled = [core.compile_model(m, "CPU", {**base, **cfg}) for m, cfg in candidates]
     requests = [c.create_infer_request() for c in compiled]
-    times: list[list[float]] = [[] for _ in requests]
     try:
-        for r in requests:
-            for _ in range(3):
-                r.infer(feeds)
-        for _ in range(rounds):
-            for r, t in zip(requests, times):
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    r.infer(feeds)
-                    t.append((time.perf_counter() - t0) * 1e3)
+        _, _, a, b = interleaved_ratio(lambda: requests[0].infer(feeds), lambda: requests[1].infer(feeds),
+                                       rounds=7, per_round=10)
     finally:
         requests.clear()
         compiled.clear()
-    return [float(np.median(t)) for t in times]
+    return a, b
 
 
 def attention_ops(model) -> int:
@@ -253,7 +252,8 @@ class OpenVinoTarget:
             if opt.activations == "dynamic" or (opt.activations == "auto" and transformer):
                 dyn_model, group, dyn = self._dynamic(nncf, model, ctx, opt, fp32_out)
                 if opt.activations == "dynamic":
-                    return self._save_dynamic(ov, dyn_model, group, dyn, quant, runtime, notes, ctx, opt)
+                    return self._save(ov, dyn_model, ctx, opt, {**quant, **dyn},
+                                      {**runtime, DYNAMIC_GROUP.lower(): group}, notes)
                 if dyn["accuracy_budget"]["within_budget"]:
                     dynamic = (dyn_model, group, dyn)
                 else:
@@ -299,16 +299,15 @@ class OpenVinoTarget:
                     static_tried["p50_ms"], dynamic[2]["p50_ms"] = round(t_static, 4), round(t_dyn, 4)
                 if not attempts[-1]["within_budget"] or t_dyn <= t_static:
                     dynamic[2]["static_tried"] = static_tried
-                    return self._save_dynamic(ov, dynamic[0], dynamic[1], dynamic[2], quant, runtime, notes, ctx, opt)
+                    return self._save(ov, dynamic[0], ctx, opt, {**quant, **dynamic[2]},
+                                      {**runtime, DYNAMIC_GROUP.lower(): dynamic[1]}, notes)
                 quant["dynamic_tried"] = dynamic[2]
                 notes.append(f"static int8 ({t_static:.3g} ms) ran faster than int8 weights with dynamic activations "
                              f"({t_dyn:.3g} ms), both within budget on val: static kept")
             final = attempts[-1]["step"]
             use_ac = final == "accuracy_control"
             kwargs["fast_bias_correction"] = kwargs["fast_bias_correction"] and final == "defaults"
-            quant["accuracy_budget"] = {"metric": contract.metric, "split": "val", "budget": contract.budget,
-                                        "max_drop": budget, "within_budget": attempts[-1]["within_budget"],
-                                        "attempts": attempts}
+            quant["accuracy_budget"] = _budget_record(ctx, attempts)
             if len(attempts) > 1:
                 notes.append(f"int8 with the first settings dropped {attempts[0]['val_drop']} points on the validation "
                              f"split (budget {budget}); kept the '{final}' build")
@@ -322,14 +321,10 @@ class OpenVinoTarget:
                 "layers_in_higher_precision": fp_layers(model),
                 "calibration": {"method": ctx.spec.calibration.method, "nncf": cal_desc, "samples": len(cal_items)},
             })
-        ov.save_model(model, str(ctx.workdir / "model.xml"), compress_to_fp16=False)
-        return Built("model.xml", ("model.xml", "model.bin"), opt.precision, quant, runtime, tuple(notes))
+        return self._save(ov, model, ctx, opt, quant, runtime, notes)
 
     @staticmethod
-    def _save_dynamic(ov, model, group: int, record: dict, quant: dict, runtime: dict, notes: list,
-                      ctx: BuildContext, opt: OpenVinoOptions) -> Built:
-        runtime[DYNAMIC_GROUP.lower()] = group
-        quant.update(record)
+    def _save(ov, model, ctx: BuildContext, opt: OpenVinoOptions, quant: dict, runtime: dict, notes: list) -> Built:
         ov.save_model(model, str(ctx.workdir / "model.xml"), compress_to_fp16=False)
         return Built("model.xml", ("model.xml", "model.bin"), opt.precision, quant, runtime, tuple(notes))
 
@@ -337,7 +332,7 @@ class OpenVinoTarget:
     def _dynamic(nncf, model, ctx: BuildContext, opt: OpenVinoOptions, ref: np.ndarray):
         """int8 weights (per output channel, NNCF's INT8_ASYM) + the CPU plugin's dynamic int8 activations,
         judged on the validation split per group size. Returns (model, group size kept, manifest record)."""
-        ov, val, contract = _ov(), ctx.validation, ctx.val_contract()
+        ov, contract = _ov(), ctx.val_contract()
         try:
             compressed = nncf.compress_weights(model.clone(), mode=nncf.CompressWeightsMode.INT8_ASYM)
         except (nncf.ValidationError, nncf.InternalError, RuntimeError, ValueError) as e:
@@ -345,9 +340,9 @@ class OpenVinoTarget:
         groups = (128, 64, 32) if opt.dynamic_group_size == "auto" else (int(opt.dynamic_group_size),)
         attempts = []
         for group in groups:
-            out = _val_outputs(ov, compressed, val, ctx.recipe.inputs, contract.output_index, opt.inference_precision,
-                               {DYNAMIC_GROUP: group})
-            v = contract.judge(ref, out, val.labels)
+            out = _val_outputs(ov, compressed, ctx.validation, ctx.recipe.inputs, contract.output_index,
+                               opt.inference_precision, {DYNAMIC_GROUP: group})
+            v = ctx.judge(ref, out)
             attempts.append({"step": f"dynamic activations, group {group}", "group_size": group,
                              "val_drop": round(v.loss, 6), "value": round(v.value, 6), "within_budget": v.within})
             if v.within:
@@ -358,9 +353,7 @@ class OpenVinoTarget:
                       "input channels (MatMul / fully-connected layers; the rest runs in "
                       f"{opt.inference_precision})",
             "activations": "dynamic", "dynamic_group_size": group,
-            "accuracy_budget": {"metric": contract.metric, "split": "val", "budget": contract.budget,
-                                "max_drop": ctx.spec.max_accuracy_drop, "within_budget": attempts[-1]["within_budget"],
-                                "attempts": attempts}}
+            "accuracy_budget": _budget_record(ctx, attempts)}
 
     @staticmethod
     def _smooth_quant(nncf, model, calibration, kwargs: dict, opt: OpenVinoOptions, ctx: BuildContext,
