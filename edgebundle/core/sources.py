@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgebundle.core.artifact import sha256_file
 from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core.recipe import DatasetsSpec, ImageSpec, InputSpec, TextSpec
 from edgebundle.core.rows import LazyRows
@@ -129,8 +130,7 @@ def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path |
         try:
             with Image.open(f) as im:
                 im.size  # noqa: B018  (the header parses)
-            digest.update(f.relative_to(folder).as_posix().encode())
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
+            digest.update(f"{f.relative_to(folder).as_posix()}:{sha256_file(f)}".encode())
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise unreadable(f, e) from e
 
@@ -252,14 +252,12 @@ def tokenize(texts: list[str], inputs: list[InputSpec], tokenizer_folder: Path) 
 
 
 def _folder_digest(folder: Path) -> str:
+    """Every file's relative name and sha256, hashed together: the folder's content."""
     import hashlib
 
     h = hashlib.sha256()
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(f.relative_to(folder).as_posix().encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(f"{f.relative_to(folder).as_posix()}:{sha256_file(f)}".encode())
     return h.hexdigest()
 
 

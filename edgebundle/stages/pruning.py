@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
@@ -18,6 +17,8 @@ from torch import nn
 
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.data import Split
+from edgebundle.core.modelio import macs
+from edgebundle.stages.training import batches as training_batches, in_order
 from edgebundle.core.recipe import PruneStage
 
 
@@ -38,19 +39,14 @@ class PruneReport:
 
 
 def count(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
-    """(MACs, params) at the example inputs' shape. MACs by PyTorch's own FLOP counter, which sees every
-    matmul and convolution the forward runs (F.conv2d calls and attention's matmuls included; Torch-Pruning's
-    module-hook counter saw 0.031 of EfficientNet-Lite1's 0.600 GMAC)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """(MACs, params) at the example inputs' shape (MACs: core.modelio.macs), counted in eval mode (a
+    training-mode forward would move BatchNorm statistics); the model's mode is restored."""
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(*example)
+        return macs(model, example), int(sum(p.numel() for p in model.parameters()))
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops() // 2), int(sum(p.numel() for p in model.parameters()))
 
 
 def failing_layer(model: nn.Module, example: tuple[torch.Tensor, ...]) -> str | None:
@@ -264,10 +260,8 @@ def _taylor_gradients(model: nn.Module, train: Split, names: list[str], batches:
     model.zero_grad(set_to_none=True)
     model.train()
     y = torch.from_numpy(train.labels)
-    for b in range(batches):
-        sl = slice(b * batch_size, (b + 1) * batch_size)
-        if len(y[sl]) < 2:
-            break
-        xs = [torch.from_numpy(np.ascontiguousarray(train.inputs[n][sl])) for n in names]  # rows of this batch only
-        F.cross_entropy(model(*xs), y[sl]).backward()
+    # the first `batches` batches in order, through training's DataLoader: rows of one batch at a time
+    order = [idx for idx in in_order(len(train), batch_size)[:batches] if len(idx) >= 2]
+    for idx, xs in zip(order, training_batches(train, names, order)):
+        F.cross_entropy(model(*xs), y[idx]).backward()
     model.eval()

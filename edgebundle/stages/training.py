@@ -56,7 +56,8 @@ def batches(split: Split, names: list[str], order: list[np.ndarray]):
     return torch.utils.data.DataLoader(_Batches(split, names), sampler=order, batch_size=None)
 
 
-def _in_order(n: int, batch_size: int) -> list[np.ndarray]:
+def in_order(n: int, batch_size: int) -> list[np.ndarray]:
+    """Row numbers 0..n-1 in batches of `batch_size`, in order."""
     return [np.arange(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
@@ -66,7 +67,7 @@ def predict(model: nn.Module, split: Split, names: list[str], batch_size: int = 
     model.eval()
     outs = []
     with torch.no_grad():
-        for xs in batches(split, names, _in_order(len(split), batch_size)):
+        for xs in batches(split, names, in_order(len(split), batch_size)):
             y = model(*[x.to(device) for x in xs])
             outs.append((y[0] if isinstance(y, (tuple, list)) else y).float().cpu())
     return torch.cat(outs).numpy()

@@ -20,6 +20,7 @@ Optional extra: `pip install edgebundle[mobile]` (the `executorch` package), imp
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,25 +67,11 @@ def _node_macs(node) -> int:
     if val is None or not hasattr(val, "numel"):
         return 0
     if "convolution" in name and len(shapes) > 1 and shapes[1] is not None:
-        w = shapes[1]
-        k = 1
-        for d in w[1:]:
-            k *= int(d)
-        return int(val.numel()) * k
+        return int(val.numel()) * math.prod(int(d) for d in shapes[1][1:])
     if any(op in name for op in ("linear", "aten.mm", "addmm", "bmm", "matmul")):
         a = shapes[1] if "addmm" in name else shapes[0]
         return int(val.numel()) * int(a[-1]) if a is not None and len(a) else 0
     return 0
-
-
-def _program_macs(exported) -> int:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    args = exported.example_inputs[0] if exported.example_inputs else ()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        exported.module()(*args)
-    return int(counter.get_total_flops() // 2)
 
 
 def _lower(exported, out: Path) -> dict[str, Any]:
@@ -92,7 +79,9 @@ def _lower(exported, out: Path) -> dict[str, Any]:
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import to_edge_transform_and_lower
 
-    total_macs = _program_macs(exported)
+    from edgebundle.core.modelio import macs
+
+    total_macs = macs(exported.module(), exported.example_inputs[0] if exported.example_inputs else ())
     edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph_module
     info = get_delegation_info(graph)
