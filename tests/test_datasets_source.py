@@ -105,7 +105,8 @@ def test_a_datasets_folder_feeds_a_whole_run_and_bad_ones_are_one_line(tmp_path)
              ({"path": "plain"}, "is not a folder written by datasets' save_to_disk"),
              ({"datasets": {"columns": {d["inputs"][0]["name"]: "pixel"}}}, "no column 'pixel' (columns: pixels, label)"),
              ({"datasets": {"columns": {d["inputs"][0]["name"]: "pixels"}, "split": "validation"}},
-              "has splits train, test: no split 'validation'")]
+              "has splits train, test: no split 'validation'"),
+             ({"datasets": {"image_column": "label"}}, "column 'label' holds ClassLabel, not images")]
     for change, want in cases:
         dd = json.loads(json.dumps(d))
         dd["data"].update(change)
