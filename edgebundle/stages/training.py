@@ -24,6 +24,7 @@ from torch import nn
 from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core import distributed
 from edgebundle.core.data import Split
+from edgebundle.core.distillation import loss_for_metric, row_cosine, soft_loss
 from edgebundle.core.recipe import DistillStage, TrainStage
 
 
@@ -171,13 +172,7 @@ def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str
 def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
     """The distillation loss: as asked, or (auto) following the recipe's metric: class metrics (top1,
     agreement) -> KL on softened logits; cosine -> cosine of the outputs; anything else -> relative MSE."""
-    if cfg.loss != "auto":
-        return cfg.loss
-    return {"top1": "kl", "agreement": "kl", "cosine": "cosine"}.get(metric or "top1", "mse")
-
-
-def _per_sample_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=1, eps=1e-12)
+    return cfg.loss if cfg.loss != "auto" else loss_for_metric(metric)
 
 
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
@@ -199,14 +194,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     hidden = HiddenMatch(student, teacher, cfg.hidden_layers, train, names, device) if cfg.hidden_weight else None
 
     def loss_fn(out, batch, y, idx):
-        if kind == "kl":
-            kl = F.kl_div(F.log_softmax(out / t, dim=1), F.log_softmax(soft[idx] / t, dim=1),
-                          reduction="batchmean", log_target=True) * (t * t)
-            loss = kl if alpha >= 1.0 or y is None else alpha * kl + (1 - alpha) * F.cross_entropy(out, y)
-        elif kind == "cosine":
-            loss = (1.0 - _per_sample_cosine(out, soft[idx])).mean()
-        else:
-            loss = F.mse_loss(out.float(), soft[idx].float()) / (soft[idx].float().pow(2).mean() + 1e-8)
+        loss = soft_loss(kind, out, soft[idx], t)
+        if kind == "kl" and alpha < 1.0 and y is not None:
+            loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, y)
         if hidden is not None:
             loss = loss + cfg.hidden_weight * hidden.loss(batch)
         return loss
@@ -214,7 +204,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     def val_score(m: nn.Module) -> float:
         out = torch.from_numpy(predict(m, val, names))
         if kind == "cosine":
-            return float(_per_sample_cosine(out, val_ref).mean())
+            return float(row_cosine(out, val_ref).mean())
         if kind == "mse":
             return -float(F.mse_loss(out, val_ref) / (val_ref.pow(2).mean() + 1e-8))
         if val.labels is not None:
