@@ -304,7 +304,8 @@ class _Job:
         p, recipe = self.prepared, self.prepared.recipe
         return BuildContext(recipe, self.spec, options, p.onnx.path("model.fp32.onnx"),
                             p.dataset.calibration(recipe.data, self.spec.calibration.samples), p.dataset.val,
-                            workdir, self.threads, load_model=p.load_student, contract=self.contract)
+                            workdir, self.threads, load_model=p.load_student, contract=self.contract,
+                            train=p.dataset.train)
 
     def build_and_evaluate(self, tmp: Path, options=None, same_runtime: bool = True) -> tuple[Evaluation, dict | None]:
         built = target_build(self.target, self.context(options or self.options, tmp), self.stage, self.prepared)

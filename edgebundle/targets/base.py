@@ -30,6 +30,7 @@ class BuildContext:
     threads: int
     load_model: Callable[[], Any] | None = None  # the PyTorch student, for targets that start from PyTorch
     contract: Contract | None = None  # the recipe's metric and this target's budget (accuracy control uses it)
+    train: Split | None = None  # the training split (quantization-aware training fine-tunes on it)
 
     def val_contract(self) -> Contract:
         """The contract accuracy control judges the validation split by (a plain default when none was given)."""

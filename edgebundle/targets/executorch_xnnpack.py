@@ -37,6 +37,23 @@ HOST_NOTE = ("latency measured with executorch.runtime (XNNPACK) on this x86 hos
              "same .pte on the device with ExecuTorch's executor_runner or its Android/iOS benchmark app")
 
 
+class QatOptions(BaseModel):
+    """Quantization-aware distillation (edgebundle.calibration.qat): the static int8 program's weights
+    fine-tuned under its own fake quantization to reproduce the fp32 student's outputs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: Literal["auto", "on", "off"] = Field("auto", description=(
+        "auto: when post-training int8 misses the budget on validation inputs; on: instead of post-training "
+        "int8; off: never"))
+    epochs: int = Field(3, ge=1, le=1000)
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (small: the weights only adapt to the grid)")
+    batch_size: int = Field(16, ge=2, le=4096)
+    temperature: float = Field(2.0, gt=0, description="softens logits for the KL loss of class outputs")
+    samples: int = Field(512, ge=2, le=10_000_000, description="at most this many training inputs")
+    val_samples: int = Field(128, ge=1, le=10_000_000, description="validation inputs that pick the best epoch")
+
+
 class ExecutorchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,6 +67,7 @@ class ExecutorchOptions(BaseModel):
         "int8 activations: static (calibrated scales) or dynamic (per inference, Linear layers only); auto: "
         "static, and for models fed token ids dynamic when static misses the budget on validation inputs "
         "(static int8 of a real BERT collapses)"))
+    qat: QatOptions = QatOptions()
 
 
 def _missing() -> str | None:
@@ -153,6 +171,33 @@ def _xnnpack_quantizer():
     return Quantizer()
 
 
+def _qat(ctx: BuildContext, model, q: QatOptions, example, names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Static int8 by quantization-aware distillation from the fp32 student; lowered to model.pte."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    from edgebundle.calibration.qat import fake_quant_config, qat_pt2e
+    from edgebundle.core.distillation import loss_for_metric
+    from edgebundle.targets.ort_cpu import val_outputs
+
+    contract = ctx.val_contract()
+    part = ctx.val_head(q.val_samples)
+    ref = val_outputs(ctx.fp32_onnx, part)
+    train = ctx.train.head(q.samples)
+    quantizer = _xnnpack_quantizer().set_global(fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
+    loss = loss_for_metric(contract.metric)
+    r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs,
+                 score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
+                 epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed)
+    info = _lower(torch.export.export(r.model, example), ctx.workdir / "model.pte")
+    record = {"tool": "PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e), XNNPACK quantizer's PTQ observers as "
+                      "frozen fake quantizers", "loss": loss, "teacher": "the fp32 student",
+              "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs, "lr": q.lr,
+              "batch_size": q.batch_size, "best_epoch": r.best_epoch,
+              "val_loss_by_epoch": [round(-h, 6) for h in r.history], "seconds": round(r.seconds, 1)}
+    return info, record
+
+
 @register_target("executorch", capabilities=Capabilities(precisions=("int8", "fp32"), extra="mobile",
                                                           runtime="executorch"),
                  options=ExecutorchOptions)
@@ -203,16 +248,29 @@ class ExecutorchTarget:
             tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
             order = ([opt.activations] if opt.activations != "auto" else
                      ["static", "dynamic"] if tokens else ["static"])
+            qat = opt.qat.enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
+            if qat == "on" or opt.activations == "dynamic":
+                order = [] if qat == "on" else order
+                qat = qat if qat == "on" else "off"  # QAT fine-tunes the static program
             tried: list[dict[str, Any]] = []
+            mode, within = "static", False
             for mode in order:
                 info = int8(mode == "dynamic")
-                if len(order) == 1:
+                if len(order) == 1 and qat == "off":
                     break
                 v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
+                within = v.within
                 tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within,
                               "delegated_fraction": round(info["delegated_fraction"], 4)})
                 if v.within:
                     break
+            qat_record = None
+            if qat == "on" or (qat == "auto" and not within):
+                mode = "static"
+                info, qat_record = _qat(ctx, model, opt.qat, example, names)
+                v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
+                tried.append({"activations": "static", "qat": True, "val_value": round(float(v.value), 6),
+                              "within_budget": v.within, "delegated_fraction": round(info["delegated_fraction"], 4)})
             dynamic = mode == "dynamic"
             files.insert(0, "model.pte")
             quant = {"tool": "PT2E (torchao prepare_pt2e/convert_pt2e) + XNNPACKQuantizer (ReLU6 observed after "
@@ -220,7 +278,8 @@ class ExecutorchTarget:
                      "scheme": "int8 symmetric, per-channel weights, " + (
                          "dynamic activations (Linear layers)" if dynamic else "static activations"),
                      "calibration": {"method": "histogram (observers)", "samples": len(ctx.calibration)},
-                     **({"activations_tried_on_val": tried} if tried else {})}
+                     **({"activations_tried_on_val": tried} if tried else {}),
+                     **({"qat": qat_record} if qat_record else {})}
         runtime["delegation"] = info
         if fp32_info is not None and opt.precision == "int8":
             runtime["delegation_fp32"] = fp32_info
