@@ -57,3 +57,16 @@ def test_qat_starts_on_the_post_training_grid_and_keeps_the_best_epoch(prepared)
     assert len(trained.history) == 3 and trained.history[trained.best_epoch + 1] == max(trained.history)
     with torch.no_grad():
         assert agreement(trained.model(x).numpy()) == max(trained.history)
+
+
+def test_the_qat_switch_reads_yaml_on_and_off_and_refuses_anything_else():
+    import pydantic
+    import yaml
+
+    from edgebundle.targets.executorch_xnnpack import ExecutorchOptions
+
+    read = lambda text: ExecutorchOptions.model_validate(yaml.safe_load(text)).qat  # noqa: E731
+    assert read("qat: {enabled: on}").enabled == "on" and read("qat: {enabled: off}").enabled == "off"
+    assert read("{}").enabled == "auto" and read("qat: {epochs: 5}").epochs == 5
+    with pytest.raises(pydantic.ValidationError, match="'auto', 'on' or 'off'"):
+        read("qat: {enabled: sometimes}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
@@ -48,6 +48,12 @@ class QatOptions(BaseModel):
         "int8; off: never"))
     epochs: int = Field(3, ge=1, le=1000)
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate (small: the weights only adapt to the grid)")
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v: Any) -> Any:
+        """YAML reads a bare on/off as true/false."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
     batch_size: int = Field(16, ge=2, le=4096)
     temperature: float = Field(2.0, gt=0, description="softens logits for the KL loss of class outputs")
     samples: int = Field(512, ge=2, le=10_000_000, description="at most this many training inputs")
