@@ -23,7 +23,8 @@ def _xnnpack(qat: bool):
 
 def test_qat_starts_on_the_post_training_grid_and_keeps_the_best_epoch(prepared):
     """With no training, the QAT program is the post-training program (same observers, same calibration,
-    frozen): outputs equal up to float rounding. Trained, the kept epoch scores at least the start."""
+    frozen): outputs equal up to float rounding. Trained, the kept epoch scores best on validation inputs,
+    ties broken by the distillation loss there."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from edgebundle.calibration.qat import capture, qat_pt2e
@@ -57,6 +58,9 @@ def test_qat_starts_on_the_post_training_grid_and_keeps_the_best_epoch(prepared)
     assert len(trained.history) == 3 and trained.history[trained.best_epoch + 1] == max(trained.history)
     with torch.no_grad():
         assert agreement(trained.model(x).numpy()) == max(trained.history)
+    # a contract already met ties at every epoch: the distillation loss on the validation inputs decides
+    tied = qat_pt2e(model, _xnnpack(True), ds.train, cal, val, specs, epochs=2, **dict(kw, score=lambda out: 0.0))
+    assert tied.history == [0.0] * 3 and tied.best_epoch + 1 == int(np.argmin(tied.distill_loss))
 
 
 def test_the_qat_switch_reads_yaml_on_and_off_and_refuses_anything_else():
@@ -70,3 +74,18 @@ def test_the_qat_switch_reads_yaml_on_and_off_and_refuses_anything_else():
     assert read("{}").enabled == "auto" and read("qat: {epochs: 5}").epochs == 5
     with pytest.raises(pydantic.ValidationError, match="'auto', 'on' or 'off'"):
         read("qat: {enabled: sometimes}")
+
+
+def test_qat_on_without_training_inputs_says_so(prepared, tmp_path):
+    from edgebundle.core.errors import StageError
+    from edgebundle.core.recipe import TargetSpec
+    from edgebundle.targets import BuildContext
+    from edgebundle.targets.executorch_xnnpack import ExecutorchOptions, ExecutorchTarget
+
+    r = prepared.recipe
+    ctx = BuildContext(r, TargetSpec(name="executorch"),
+                       ExecutorchOptions(precision="int8", also_fp32=False, qat={"enabled": "on"}),
+                       prepared.onnx.path("model.fp32.onnx"), prepared.dataset.calibration(r.data).head(8),
+                       prepared.dataset.val, tmp_path, threads=2, load_model=prepared.load_student, train=None)
+    with pytest.raises(StageError, match="qat enabled 'on' needs training inputs"):
+        ExecutorchTarget().build(ctx)

@@ -250,7 +250,7 @@ def test_qat_lifts_executorch_int8_of_efficientnet_on_all_crops(tmp_path):
     ptq, qat = q["activations_tried_on_val"]
     assert not ptq["within_budget"] and "qat" not in ptq and qat["qat"] is True
     assert qat["val_value"] > ptq["val_value"]
-    assert q["qat"]["train_samples"] == len(res.prepared.dataset.train) and len(q["qat"]["val_loss_by_epoch"]) == 3
+    assert q["qat"]["train_samples"] == len(res.prepared.dataset.train) and len(q["qat"]["val_loss_by_epoch"]) == 3 == len(q["qat"]["val_distill_loss_by_epoch"])
     off = dict(et, options=dict(et["options"], qat={"enabled": "off"}))
     plain = build_target(res.prepared, recipe.targets[0].model_validate(off), tmp_path / "plain", keep_rejected=True)
     assert "qat" not in plain.manifest["quantization"]
@@ -258,3 +258,5 @@ def test_qat_lifts_executorch_int8_of_efficientnet_on_all_crops(tmp_path):
     print(f"agreement on {b.manifest['accuracy']['judged_samples']} unseen crops: PTQ {before:.1f} %, QAT {got:.1f} %")
     assert got > before
     assert b.manifest["accuracy"]["within_budget"] is (b.status == "complete")
+    if b.status == "rejected":  # the one line says what was tried
+        assert "static int8 (val" in b.reason and "QAT static int8, 2 epochs (val" in b.reason

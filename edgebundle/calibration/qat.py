@@ -18,7 +18,10 @@ agreement on all crops where histogram PTQ has 90 %; its conv-BatchNorm rewrite 
 its pattern's eps (1e-5) in the place of the layer's (1e-3 in these TF-ported BatchNorms) both while training
 and when folding at convert, so the trained graph and the converted program computed different functions.
 The graph stays in eval mode while it trains. The epoch whose fake-quantized model scores best on the
-validation inputs (the target's accuracy contract; the untrained start counts as epoch -1) is converted.
+validation inputs is converted (the untrained start counts as epoch -1): by the target's accuracy contract
+first, then by the distillation loss against the fp32 outputs there. The contract alone ties whenever it
+is already met (EfficientNet-Lite's confident crops agree 100 % from the start), and the start then stayed:
+89.7 % agreement on all crops where the trained epochs reach 95 %.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class QatResult:
     model: Any  # the converted (int8 reference) GraphModule, dynamic batch
     best_epoch: int
     history: list[float] = field(default_factory=list)  # validation scores: the start, then each epoch
+    distill_loss: list[float] = field(default_factory=list)  # validation distillation loss, likewise
     seconds: float = 0.0
 
 
@@ -118,11 +122,15 @@ def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Spl
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = np.random.default_rng(seed)
 
-    def rate() -> float:
-        return float(score(_outputs(prepared, validation, names, batch_size, output).numpy()))
+    val_reference = _outputs(model, validation, names, batch_size, output)
 
-    history = [rate()]
-    best: tuple[float, int, dict] = (history[0], -1, copy.deepcopy(prepared.state_dict()))
+    def rate() -> tuple[float, float]:
+        out = _outputs(prepared, validation, names, batch_size, output)
+        return float(score(out.numpy())), float(soft_loss(loss, out, val_reference, temperature))
+
+    s, lo = rate()
+    history, losses = [s], [lo]
+    best: tuple[tuple[float, float], int, dict] = ((s, -lo), -1, copy.deepcopy(prepared.state_dict()))
     for epoch in range(epochs):
         order = gen.permutation(len(train))
         for i in range(0, len(order), batch_size):
@@ -133,9 +141,10 @@ def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Spl
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
-        s = rate()
+        s, lo = rate()
         history.append(s)
-        if s > best[0]:
-            best = (s, epoch, copy.deepcopy(prepared.state_dict()))
+        losses.append(lo)
+        if (s, -lo) > best[0]:
+            best = ((s, -lo), epoch, copy.deepcopy(prepared.state_dict()))
     prepared.load_state_dict(best[2])
-    return QatResult(convert_pt2e(prepared), best[1], history, time.perf_counter() - t0)
+    return QatResult(convert_pt2e(prepared), best[1], history, losses, time.perf_counter() - t0)

@@ -158,6 +158,9 @@ def tried(quant: dict[str, Any]) -> str:
             parts.append(f"{a['step']} (val loss {a.get('val_drop')})")
     if quant.get("dynamic_over_budget"):
         parts.insert(0, "dynamic int8")
+    for a in quant.get("activations_tried_on_val") or []:  # executorch: post-training int8, then QAT
+        what = f"QAT static int8, {quant['qat']['epochs']} epochs" if a.get("qat") else f"{a['activations']} int8"
+        parts.append(f"{what} (val {a['val_value']:.4g})")
     return "; ".join(parts) if parts else "int8 with the target's settings"
 
 

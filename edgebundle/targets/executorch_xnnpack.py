@@ -200,7 +200,8 @@ def _qat(ctx: BuildContext, model, q: QatOptions, example, names: list[str]) -> 
                       "frozen fake quantizers", "loss": loss, "teacher": "the fp32 student",
               "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs, "lr": q.lr,
               "batch_size": q.batch_size, "best_epoch": r.best_epoch,
-              "val_loss_by_epoch": [round(-h, 6) for h in r.history], "seconds": round(r.seconds, 1)}
+              "val_loss_by_epoch": [round(-h, 6) for h in r.history],
+              "val_distill_loss_by_epoch": [round(x, 6) for x in r.distill_loss], "seconds": round(r.seconds, 1)}
     return info, record
 
 
@@ -255,6 +256,9 @@ class ExecutorchTarget:
             order = ([opt.activations] if opt.activations != "auto" else
                      ["static", "dynamic"] if tokens else ["static"])
             qat = opt.qat.enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
+            if opt.qat.enabled == "on" and qat == "off":
+                raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
+                                 "work folder trains on its calibration inputs: set data.calibration_split train)")
             if qat == "on" or opt.activations == "dynamic":
                 order = [] if qat == "on" else order
                 qat = qat if qat == "on" else "off"  # QAT fine-tunes the static program
