@@ -2,7 +2,8 @@
 
 The pruned, distilled PyTorch student is captured with `torch.export`, quantized with PT2E and the
 XNNPACK quantizer (symmetric int8, per-channel weights; ReLU6 observed after its clamp) calibrated on the
-recipe's calibration split (dynamic activations for token-id models where static misses the budget),
+recipe's calibration split (dynamic activations for token-id models where static misses the budget;
+quantization-aware distillation, `options.qat`, where post-training int8 misses it: edgebundle.calibration.qat),
 lowered with `to_edge_transform_and_lower` and the XNNPACK partitioner, and serialized to `model.pte`
 (plus `model.fp32.pte`, lowered the same way without quantization, for comparison).
 
@@ -48,16 +49,16 @@ class QatOptions(BaseModel):
         "int8; off: never"))
     epochs: int = Field(3, ge=1, le=1000)
     lr: float = Field(1e-5, gt=0, description="AdamW learning rate (small: the weights only adapt to the grid)")
+    batch_size: int = Field(16, ge=2, le=4096)
+    temperature: float = Field(2.0, gt=0, description="softens logits for the KL loss of class outputs")
+    samples: int = Field(512, ge=2, le=10_000_000, description="at most this many training inputs")
+    val_samples: int = Field(128, ge=1, le=10_000_000, description="validation inputs that pick the best epoch")
 
     @field_validator("enabled", mode="before")
     @classmethod
     def _yaml_bool(cls, v: Any) -> Any:
         """YAML reads a bare on/off as true/false."""
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
-    batch_size: int = Field(16, ge=2, le=4096)
-    temperature: float = Field(2.0, gt=0, description="softens logits for the KL loss of class outputs")
-    samples: int = Field(512, ge=2, le=10_000_000, description="at most this many training inputs")
-    val_samples: int = Field(128, ge=1, le=10_000_000, description="validation inputs that pick the best epoch")
 
 
 class ExecutorchOptions(BaseModel):
@@ -259,9 +260,10 @@ class ExecutorchTarget:
             if opt.qat.enabled == "on" and qat == "off":
                 raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
                                  "work folder trains on its calibration inputs: set data.calibration_split train)")
-            if qat == "on" or opt.activations == "dynamic":
-                order = [] if qat == "on" else order
-                qat = qat if qat == "on" else "off"  # QAT fine-tunes the static program
+            if qat == "on":
+                order = []  # QAT instead of post-training int8
+            elif opt.activations == "dynamic":
+                qat = "off"  # QAT fine-tunes the static program
             tried: list[dict[str, Any]] = []
             mode, within = "static", False
             for mode in order:
