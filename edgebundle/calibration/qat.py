@@ -12,11 +12,12 @@ as `prepare_pt2e` folds it), and each observer of the target's PTQ scheme (histo
 per-channel min/max for weights) is wrapped in a fake quantizer (`fake_quant_config`), calibrated in float on
 the calibration inputs, then frozen: the weights learn the very grid the converted program uses, and with no
 training the converted program is the post-training one. PT2E's own QAT path was measured on
-EfficientNet-Lite's photo crops and not taken: its moving-average min/max observers started at 75 % top-1
-agreement on all crops where histogram PTQ has 90 %; its conv-BatchNorm rewrite needs a train-mode capture
-(which bakes the network's random drop connect into the graph, 77 %), matches ReLU but not ReLU6, and puts
-its pattern's eps (1e-5) in the place of the layer's (1e-3 in these TF-ported BatchNorms) both while training
-and when folding at convert, so the trained graph and the converted program computed different functions.
+EfficientNet-Lite's photo crops and not taken: with its moving-average min/max observers the network had
+75 % top-1 agreement on all crops after a training epoch, where histogram PTQ has 90 %; its conv-BatchNorm
+rewrite needs a train-mode capture (which bakes the network's random drop connect into the graph: 77 % on
+validation crops untrained), matches ReLU but not ReLU6, and puts its pattern's eps (1e-5) in the place of
+the layer's (1e-3 in these TF-ported BatchNorms) both while training and when folding at convert, so the
+trained graph and the converted program computed different functions (79 % untrained).
 The graph stays in eval mode while it trains. The epoch whose fake-quantized model scores best on the
 validation inputs is converted (the untrained start counts as epoch -1): by the target's accuracy contract
 first, then by the distillation loss against the fp32 outputs there. The contract alone ties whenever it
