@@ -46,7 +46,7 @@ def test_qat_starts_on_the_post_training_grid_and_keeps_the_best_epoch(prepared)
         return float((out.argmax(1) == ref[:len(out)].argmax(1)).mean() * 100)
 
     val = Split({"image": np.asarray(ds.test.inputs["image"])}, None)
-    kw = dict(score=agreement, loss="kl", lr=1e-4, batch_size=16, temperature=2.0, seed=0)
+    kw = dict(val_reference=ref, score=agreement, loss="kl", lr=1e-4, batch_size=16, temperature=2.0, seed=0)
     start = qat_pt2e(model, _xnnpack(True), ds.train, cal, val, specs, epochs=0, **kw)
     with torch.no_grad():
         start_out = start.model(x).numpy()

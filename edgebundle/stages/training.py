@@ -24,7 +24,7 @@ from torch import nn
 from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core import distributed
 from edgebundle.core.data import Split
-from edgebundle.core.distillation import loss_for_metric, row_cosine, soft_loss
+from edgebundle.core.distillation import loss_for_metric, soft_loss
 from edgebundle.core.recipe import DistillStage, TrainStage
 
 
@@ -203,10 +203,10 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
 
     def val_score(m: nn.Module) -> float:
         out = torch.from_numpy(predict(m, val, names))
-        if kind == "cosine":
-            return float(row_cosine(out, val_ref).mean())
-        if kind == "mse":
-            return -float(F.mse_loss(out, val_ref) / (val_ref.pow(2).mean() + 1e-8))
+        if kind == "cosine":  # mean cosine
+            return 1.0 - float(soft_loss(kind, out, val_ref, t))
+        if kind == "mse":  # negative relative MSE
+            return -float(soft_loss(kind, out, val_ref, t))
         if val.labels is not None:
             return accuracy(out.numpy(), val.labels)
         return float((out.argmax(1) == val_ref.argmax(1)).float().mean() * 100.0)

@@ -193,7 +193,7 @@ def _qat(ctx: BuildContext, model, q: QatOptions, example, names: list[str]) -> 
     train = ctx.train.head(q.samples)
     quantizer = _xnnpack_quantizer().set_global(fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
     loss = loss_for_metric(contract.metric)
-    r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs,
+    r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
                  score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
                  epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed)
     info = _lower(torch.export.export(r.model, example), ctx.workdir / "model.pte")
