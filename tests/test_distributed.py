@@ -78,3 +78,14 @@ def test_every_training_stage_under_torchrun_finishes(tmp_path):
     assert {"teacher", "prune", "distill", "cluster", "export", "data"} <= set(stages)
     assert stages["cluster"]["metrics"]["finetune_best_val_accuracy"] > 50.0
     assert stages["teacher"]["metrics"]["trained"] is True
+
+
+def test_more_processes_than_gpus_on_a_node_is_one_line():
+    """NCCL takes one GPU per process: local rank 1 on a one-GPU node is refused in one line before CUDA
+    fails with 'invalid device ordinal' (seen under torchrun --nproc-per-node 2 on a one-GPU machine)."""
+    from edgebundle.core.distributed import check_local_rank
+    from edgebundle.core.errors import RecipeError
+
+    check_local_rank(0, 1)
+    with pytest.raises(RecipeError, match="local rank 1 on a node with 1 GPU.*--nproc-per-node 1"):
+        check_local_rank(1, 1)

@@ -60,9 +60,22 @@ def init_from_env() -> bool:
         return active()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        check_local_rank(local, torch.cuda.device_count())
+        torch.cuda.set_device(local)
     dist.init_process_group(backend=backend)
     return True
+
+
+def check_local_rank(local_rank: int, gpus: int) -> None:
+    """NCCL takes one GPU per process: a local rank beyond the node's GPUs is a launch error, said in one
+    line (CUDA's own is an 'invalid device ordinal' traceback from rank 1 while rank 0 is killed)."""
+    from edgebundle.core.errors import RecipeError
+
+    if local_rank >= gpus:
+        raise RecipeError(f"torchrun started local rank {local_rank} on a node with {gpus} GPU(s): NCCL needs one "
+                          f"GPU per process; use --nproc-per-node {gpus} or fewer (or CUDA_VISIBLE_DEVICES= to "
+                          "train on the CPUs with gloo)")
 
 
 def shutdown() -> None:
