@@ -308,7 +308,8 @@ def explain(
     q = m.quantization
     rows = q.get("layer_errors")
     if not rows:
-        why = "; dynamic int8 has no Q/DQ pairs to compare" if q.get("mode") == "dynamic" else ""
+        why = ("; dynamic int8 has no Q/DQ pairs to compare" if q.get("mode") == "dynamic" else
+               "; the QAT program was exported from PyTorch, not quantized layer by layer" if q.get("qat") else "")
         err_console.print(f"[bold red]error:[/] {esc(str(bundle))} has no per-layer error table (target "
                           f"{m.target.name}, precision {m.target.precision}{why})", highlight=False, soft_wrap=True)
         raise typer.Exit(2)

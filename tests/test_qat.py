@@ -15,7 +15,7 @@ def _xnnpack(qat: bool):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
     from edgebundle.calibration.qat import fake_quant_config
-    from edgebundle.targets.executorch_xnnpack import _xnnpack_quantizer
+    from edgebundle.calibration.pt2e import xnnpack_quantizer as _xnnpack_quantizer
 
     config = get_symmetric_quantization_config(is_per_channel=True)
     return _xnnpack_quantizer().set_global(fake_quant_config(config) if qat else config)
@@ -89,3 +89,110 @@ def test_qat_on_without_training_inputs_says_so(prepared, tmp_path):
                        prepared.dataset.val, tmp_path, threads=2, load_model=prepared.load_student, train=None)
     with pytest.raises(StageError, match="qat enabled 'on' needs training inputs"):
         ExecutorchTarget().build(ctx)
+
+
+class _SamePadNet(torch.nn.Module):
+    """TensorFlow-style "same" padding (an asymmetric zero pad before each strided conv), ReLU6, a residual
+    add: the shapes in EfficientNet-Lite that ONNX Runtime's int8 fusions are picky about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.b = torch.nn.Conv2d(8, 8, 3, groups=8)
+        self.c = torch.nn.Conv2d(8, 8, 1)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu6(self.a(torch.nn.functional.pad(x, (0, 1, 0, 1))))
+        y = torch.nn.functional.relu6(self.b(torch.nn.functional.pad(x, (1, 1, 1, 1))))
+        x = x + self.c(y)
+        return self.head(x.mean((2, 3)))
+
+
+def _ort_ops(path, tmp_path):
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_a_pt2e_program_exports_to_qdq_onnx_that_onnxruntime_runs_in_integer_kernels(tmp_path):
+    """exporters.qdq: the converted PT2E program as Q/DQ ONNX computes what the program computes (ORT vs
+    PyTorch within two output quantization steps), and with the pads on their input's scale (F.relu6's
+    output here) every conv and the add run as ONNX Runtime integer kernels (QLinearConv, QLinearAdd) with
+    no float conv left; only the pad of the float input image stays."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from edgebundle.calibration.pt2e import xnnpack_quantizer
+    from edgebundle.calibration.qat import capture
+    from edgebundle.core.recipe import InputSpec
+    from edgebundle.core.session import OrtSession
+    from edgebundle.exporters.qdq import export_qdq
+
+    torch.manual_seed(0)
+    model = _SamePadNet().eval()
+    specs = [InputSpec(name="image", shape=[1, 3, 16, 16], dtype="float32", dynamic_axes={0: "batch"})]
+    x = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
+    split = Split({"image": x}, None)
+    program = prepare_pt2e(capture(model, split, specs).module(), xnnpack_quantizer(pads_share_input=True)
+                           .set_global(get_symmetric_quantization_config(is_per_channel=True)))
+    with torch.no_grad():
+        program(torch.from_numpy(x[:48]))
+    program = convert_pt2e(program)
+    done = export_qdq(program, specs, ["logits"], tmp_path / "q.onnx")
+    assert done["pads_folded"] == 1  # the first pad's input is the float image: nothing to share
+    with torch.no_grad():
+        want = program(torch.from_numpy(x[48:])).numpy()
+    with OrtSession(tmp_path / "q.onnx", threads=1) as s:
+        got = s.run({"image": x[48:]})[0]
+    step = np.abs(want).max() / 127  # about one quantization step of the output
+    assert np.abs(got - want).max() <= 2 * step and (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+    ops = _ort_ops(tmp_path / "q.onnx", tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["QLinearAdd"] == 1 and not ops["Conv"] and ops["Pad"] == 1, ops
+
+
+def test_ort_cpu_ships_the_qat_program_as_qdq_onnx_in_integer_kernels(prepared, tmp_path):
+    """ort-cpu with `qat: on`: the bundle's model.onnx is the QAT program exported as Q/DQ ONNX (not ORT's
+    own post-training model), judged on the test split like any bundle, every conv in an integer kernel,
+    and the manifest says how it was made."""
+    import onnx
+
+    from edgebundle.core.recipe import TargetSpec
+    from edgebundle.pipeline.runner import build_target
+
+    spec = TargetSpec.model_validate({"name": "ort-cpu", "measure": {"iterations": 10},
+                                      "options": {"precision": "int8", "qat": {"enabled": "on", "epochs": 1}}})
+    b = build_target(prepared, spec, tmp_path / "out", keep_rejected=True)
+    q = b.manifest["quantization"]
+    assert q["tool"].startswith("torchao PT2E QAT") and q["qat"]["epochs"] == 1 and "post_training" not in q
+    assert [a.get("qat") for a in q["activations_tried_on_val"]] == [True]
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(prepared.onnx.path("model.fp32.onnx"))).graph.node)
+    ops = _ort_ops(b.path / "model.onnx", tmp_path)
+    assert convs and ops["QLinearConv"] == convs and not ops["Conv"], ops
+    assert b.status == "complete" and b.manifest["accuracy"]["within_budget"], b.manifest["accuracy"]
+
+
+def test_ort_cpu_qat_auto_tries_qat_when_int8_misses_and_keeps_post_training_when_qat_misses_too(prepared, tmp_path):
+    """`qat: auto` (the default) with a budget no int8 model can hold (cosine to fp32 of exactly 1): full
+    post-training int8 misses it on validation inputs, QAT runs and misses it too, so ORT's own model stays
+    (accuracy control off) and the rejection line lists what was tried, QAT included."""
+    from edgebundle.core.metrics import Contract, MetricSpec
+    from edgebundle.core.recipe import TargetSpec
+    from edgebundle.pipeline.runner import build_target
+
+    spec = TargetSpec.model_validate({"name": "ort-cpu", "max_accuracy_drop": 0.0, "measure": {"iterations": 10},
+                                      "options": {"precision": "int8", "accuracy_control": False,
+                                                  "layer_errors": False, "qat": {"epochs": 1}}})
+    b = build_target(prepared, spec, tmp_path / "out", contract=Contract("cosine", MetricSpec(name="cosine", min_cosine=1.0, min_mean_cosine=1.0), 0.0),
+                     keep_rejected=True)
+    q = b.manifest["quantization"]
+    assert q["tool"] == "onnxruntime.quantization.quantize_static" and not q["accuracy_budget"]["within_budget"]
+    (tried,) = q["activations_tried_on_val"]
+    assert tried["qat"] is True and tried["within_budget"] is False and q["qat"]["epochs"] == 1
+    assert b.status == "rejected" and "QAT static int8, 1 epochs" in b.reason, b.reason

@@ -31,13 +31,37 @@ import copy
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from edgebundle.core.data import Split, iter_feeds
 from edgebundle.core.distillation import soft_loss
 from edgebundle.core.recipe import InputSpec
+
+
+class QatOptions(BaseModel):
+    """Quantization-aware distillation (edgebundle.calibration.qat): the static int8 program's weights
+    fine-tuned under its own fake quantization to reproduce the fp32 student's outputs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: Literal["auto", "on", "off"] = Field("auto", description=(
+        "auto: when post-training int8 misses the budget on validation inputs; on: instead of post-training "
+        "int8; off: never"))
+    epochs: int = Field(3, ge=1, le=1000)
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (small: the weights only adapt to the grid)")
+    batch_size: int = Field(16, ge=2, le=4096)
+    temperature: float = Field(2.0, gt=0, description="softens logits for the KL loss of class outputs")
+    samples: int = Field(512, ge=2, le=10_000_000, description="at most this many training inputs")
+    val_samples: int = Field(128, ge=1, le=10_000_000, description="validation inputs that pick the best epoch")
+
+    @field_validator("enabled", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v: Any) -> Any:
+        """YAML reads a bare on/off as true/false."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 @dataclass

@@ -117,7 +117,7 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
     """Export to `out`; returns the exporter used (dynamo or torchscript)."""
     from edgebundle.core.modelio import example_inputs
 
-    model = model.eval()
+    model.eval()  # not `model = model.eval()`: an exported program's eval (torchao's) returns None
     args = example_inputs(specs)
     which = resolve_exporter(model, cfg)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)

@@ -26,39 +26,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
 from edgebundle.core.registry import Capabilities, register_target
+from edgebundle.calibration.pt2e import xnnpack_quantizer
+from edgebundle.calibration.qat import QatOptions
 
 BOOKKEEPING = ("getitem",)
 HOST_NOTE = ("latency measured with executorch.runtime (XNNPACK) on this x86 host, not on a phone; measure the "
              "same .pte on the device with ExecuTorch's executor_runner or its Android/iOS benchmark app")
-
-
-class QatOptions(BaseModel):
-    """Quantization-aware distillation (edgebundle.calibration.qat): the static int8 program's weights
-    fine-tuned under its own fake quantization to reproduce the fp32 student's outputs."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: Literal["auto", "on", "off"] = Field("auto", description=(
-        "auto: when post-training int8 misses the budget on validation inputs; on: instead of post-training "
-        "int8; off: never"))
-    epochs: int = Field(3, ge=1, le=1000)
-    lr: float = Field(1e-5, gt=0, description="AdamW learning rate (small: the weights only adapt to the grid)")
-    batch_size: int = Field(16, ge=2, le=4096)
-    temperature: float = Field(2.0, gt=0, description="softens logits for the KL loss of class outputs")
-    samples: int = Field(512, ge=2, le=10_000_000, description="at most this many training inputs")
-    val_samples: int = Field(128, ge=1, le=10_000_000, description="validation inputs that pick the best epoch")
-
-    @field_validator("enabled", mode="before")
-    @classmethod
-    def _yaml_bool(cls, v: Any) -> Any:
-        """YAML reads a bare on/off as true/false."""
-        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class ExecutorchOptions(BaseModel):
@@ -136,74 +115,18 @@ def _judge_on_val(ctx: BuildContext, pte: Path, names: list[str]):
     return part.judge(val_outputs(ctx.fp32_onnx, part), out)
 
 
-def _xnnpack_quantizer():
-    """XNNPACKQuantizer with two corrections (executorch 1.x / torchao PT2E):
-
-    1. ReLU6 (aten.hardtanh 0..6) after a conv is annotated like ReLU (the conv_relu pattern), so the
-       activation observer sits after the clamp. Stock, hardtanh shares the observer of the raw conv output
-       (-70..+80 on EfficientNet-Lite), leaving 0..6 about 10 of 256 codes: 76 % top-1 agreement with fp32
-       on all photo crops, 90 % with the observer after the clamp (and XNNPACK fuses the clamp into the conv).
-    2. Integer add/mul with a Python scalar become add.Scalar/mul.Scalar before the quantizer's
-       scalar-to-tensor pass, which would make them float32 and break integer index math (Hugging Face's
-       attention-mask code indexes with `arange + 0`: IndexError during calibration).
-
-    The ReLU test is swapped for the duration of `annotate` only and restored after."""
-    import torch
-    import executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils as xqu
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
-
-    hardtanh = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
-    scalar_ops = {torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar,
-                  torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar}
-
-    class Quantizer(XNNPACKQuantizer):
-        def transform_for_annotation(self, model):
-            for n in model.graph.nodes:
-                if (n.op == "call_function" and n.target in scalar_ops and len(n.args) == 2
-                        and isinstance(n.args[0], torch.fx.Node) and not isinstance(n.args[1], torch.fx.Node)):
-                    val = n.args[0].meta.get("val")
-                    if val is not None and not val.is_floating_point():
-                        n.target = scalar_ops[n.target]
-            model.recompile()
-            return super().transform_for_annotation(model)
-
-        def annotate(self, model):
-            orig = xqu.is_relu_node  # read by the conv/linear + relu annotators at call time
-            xqu.is_relu_node = lambda n: orig(n) or (n.op == "call_function" and n.target in hardtanh)
-            try:
-                return super().annotate(model)
-            finally:
-                xqu.is_relu_node = orig
-
-    return Quantizer()
-
-
-def _qat(ctx: BuildContext, model, q: QatOptions, example, names: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _qat(ctx: BuildContext, model, q: QatOptions, example) -> tuple[dict[str, Any], dict[str, Any]]:
     """Static int8 by quantization-aware distillation from the fp32 student; lowered to model.pte."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
-    from edgebundle.calibration.qat import fake_quant_config, qat_pt2e
-    from edgebundle.core.distillation import loss_for_metric
-    from edgebundle.targets.ort_cpu import val_outputs
+    from edgebundle.calibration.qat import fake_quant_config
+    from edgebundle.targets.ort_cpu import qat_program
 
-    contract = ctx.val_contract()
-    part = ctx.val_head(q.val_samples)
-    ref = val_outputs(ctx.fp32_onnx, part)
-    train = ctx.train.head(q.samples)
-    quantizer = _xnnpack_quantizer().set_global(fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
-    loss = loss_for_metric(contract.metric)
-    r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
-                 score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
-                 epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed)
-    info = _lower(torch.export.export(r.model, example), ctx.workdir / "model.pte")
-    record = {"tool": "PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e), XNNPACK quantizer's PTQ observers as "
-                      "frozen fake quantizers", "loss": loss, "teacher": "the fp32 student",
-              "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs, "lr": q.lr,
-              "batch_size": q.batch_size, "best_epoch": r.best_epoch,
-              "val_loss_by_epoch": [round(-h, 6) for h in r.history],
-              "val_distill_loss_by_epoch": [round(x, 6) for x in r.distill_loss], "seconds": round(r.seconds, 1)}
-    return info, record
+    quantizer = xnnpack_quantizer().set_global(fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
+    r, record = qat_program(ctx, model, q, quantizer, "PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e), XNNPACK "
+                            "quantizer's PTQ observers as frozen fake quantizers")
+    return _lower(torch.export.export(r.model, example), ctx.workdir / "model.pte"), record
 
 
 @register_target("executorch", capabilities=Capabilities(precisions=("int8", "fp32"), extra="mobile",
@@ -244,7 +167,7 @@ class ExecutorchTarget:
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
             def int8(dynamic: bool) -> dict[str, Any]:
-                quantizer = _xnnpack_quantizer().set_global(
+                quantizer = xnnpack_quantizer().set_global(
                     get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
                 prepared = prepare_pt2e(fp32_ep.module(), quantizer)
                 with torch.no_grad():
@@ -279,7 +202,7 @@ class ExecutorchTarget:
             qat_record = None
             if qat == "on" or (qat == "auto" and not within):
                 mode = "static"
-                info, qat_record = _qat(ctx, model, opt.qat, example, names)
+                info, qat_record = _qat(ctx, model, opt.qat, example)
                 v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
                 tried.append({"activations": "static", "qat": True, "val_value": round(float(v.value), 6),
                               "within_budget": v.within, "delegated_fraction": round(info["delegated_fraction"], 4)})

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgebundle.calibration.qat import QatOptions
 from edgebundle.calibration.readers import SplitReader, iter_feeds, run_split
 from edgebundle.core.errors import StageError
 from edgebundle.core.session import OrtSession
@@ -47,6 +48,11 @@ class OrtCpuOptions(BaseModel):
         "dynamic int8: SmoothQuant (calibration/smooth.py) moves activation outliers into the weights. auto "
         "tries alpha 0.5, 0.65, 0.8 and 0.9 and none on 64 validation inputs and keeps the least damaging; "
         "a number fixes alpha (0 < alpha < 1); off skips it"))
+    qat: QatOptions = Field(QatOptions(), description=(
+        "static int8 by quantization-aware distillation (PT2E, XNNPACK's int8 scheme, exported as Q/DQ ONNX; "
+        "needs the PyTorch student, training inputs and the mobile extra): auto when full static int8 misses "
+        "the budget on validation inputs, shipped when it holds it (all layers int8), else accuracy control's "
+        "model ships"))
 
     @field_validator("smooth_quant")
     @classmethod
@@ -144,15 +150,36 @@ class OrtCpuTarget:
                     mode, fell_back = "static", {**control["accuracy_budget"],
                                                  **({"smooth_quant": control["smooth_quant"]}
                                                     if "smooth_quant" in control else {})}
-            if mode == "static":
+            qat = _qat_switch(opt, ctx, bool(fusion), reduce_range) if mode == "static" else ("off", None)
+            if mode == "static" and qat[0] != "on":
                 self._quantize(pre, out, reader, opt, cal, reduce_range, [])
                 control = {**self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx),
                            **({"dynamic_over_budget": fell_back} if control else {})}
+            b = control.get("accuracy_budget") or {}
+            missed = bool(b.get("attempts")) or not b.get("within_budget", True)  # full int8 over budget on val
+            if qat[0] == "on" or (qat[0] == "auto" and missed):
+                try:
+                    shipped, tried = _qat_candidate(ctx, opt.qat, pre, out, ptq=b if qat[0] == "auto" else None)
+                except StageError:
+                    raise
+                except Exception as e:  # torch.export / PT2E / the exporter raise many types
+                    why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                    if qat[0] == "on":
+                        raise StageError(f"quantization-aware distillation failed: {why}") from e
+                    shipped, tried = None, {"qat_failed": why}  # auto: post-training int8 stands
+                if shipped is not None:
+                    if control:
+                        shipped["post_training"] = control
+                    return Built("model.onnx", ("model.onnx",), "int8", shipped, runtime)
+                control.update(tried)
+            elif qat[1] and missed:
+                control["qat_skipped"] = qat[1]
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise StageError(f"onnxruntime.quantization failed: {type(e).__name__}: {e}") from e
         finally:
             pre.unlink(missing_ok=True)
             fused.unlink(missing_ok=True)
+            (ctx.workdir / "qat.onnx").unlink(missing_ok=True)
         if mode == "dynamic":
             quant = {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "format": "QOperator",
                      "activations": "uint8 (per inference)", "weights": "int8", "per_channel": opt.per_channel,
@@ -285,6 +312,86 @@ class OrtCpuTarget:
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "OrtSession":
         return OrtSession(model_path, threads=threads, level=runtime.get("graph_optimization", "all"))
+
+
+def _qat_switch(opt: OrtCpuOptions, ctx: BuildContext, fused: bool, reduce_range: bool) -> tuple[str, str | None]:
+    """(on | auto | off, why QAT cannot run here or None). `on` that cannot run is a StageError."""
+    import importlib.util
+
+    if opt.qat.enabled == "off":
+        return "off", None
+    why = None
+    if ctx.load_model is None:
+        why = "QAT starts from the PyTorch student and this build has none"
+    elif ctx.train is None or len(ctx.train) < 2:
+        why = ("QAT needs training inputs and this build has none (a build from a work folder trains on its "
+               "calibration inputs: set data.calibration_split train)")
+    elif any(importlib.util.find_spec(m) is None for m in ("torchao", "executorch")):
+        why = "QAT needs PT2E's XNNPACK quantizer: pip install edgebundle[mobile] (executorch, torchao)"
+    elif fused:
+        why = "QAT's program exports without ONNX Runtime's transformer fusions (the fused graph is this build's)"
+    elif reduce_range:
+        why = "this CPU needs 7-bit weights (reduce_range) and the QAT program's weights are 8-bit"
+    elif opt.quant_format != "qdq" or opt.per_channel is False or opt.weights != "int8":
+        why = "QAT's program is Q/DQ with per-channel int8 weights; the options ask for another scheme"
+    if why and opt.qat.enabled == "on":
+        raise StageError(f"qat enabled 'on': {why}")
+    return ("off", why) if why else (opt.qat.enabled, None)
+
+
+def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str) -> tuple[Any, dict[str, Any]]:
+    """Quantization-aware distillation (calibration.qat) of the PyTorch student `model` under `quantizer`,
+    epochs picked on `q.val_samples` validation inputs by the target's contract: (QatResult, manifest record)."""
+    from edgebundle.calibration.qat import qat_pt2e
+    from edgebundle.core.distillation import loss_for_metric
+
+    contract = ctx.val_contract()
+    part = ctx.val_head(q.val_samples)
+    ref = val_outputs(ctx.fp32_onnx, part)
+    train = ctx.train.head(q.samples)
+    loss = loss_for_metric(contract.metric)
+    r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
+                 score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
+                 epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed)
+    record = {"tool": tool, "loss": loss, "teacher": "the fp32 student",
+              "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs, "lr": q.lr,
+              "batch_size": q.batch_size, "best_epoch": r.best_epoch,
+              "val_loss_by_epoch": [round(-h, 6) for h in r.history],
+              "val_distill_loss_by_epoch": [round(x, 6) for x in r.distill_loss], "seconds": round(r.seconds, 1)}
+    return r, record
+
+
+def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, ptq: dict[str, Any] | None
+                   ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """QAT static int8, exported as Q/DQ ONNX (exporters.qdq), judged on the validation split against `pre`.
+    With `ptq` (the post-training budget record: qat auto) it replaces `out` only within the budget; without
+    (qat on) always. Returns (the manifest's quantization record if it replaced `out`, else None; what was
+    tried, for the post-training record)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+
+    from edgebundle.calibration.pt2e import xnnpack_quantizer
+    from edgebundle.calibration.qat import fake_quant_config
+    from edgebundle.exporters.qdq import export_qdq
+
+    quantizer = xnnpack_quantizer(pads_share_input=True).set_global(
+        fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
+    r, record = qat_program(ctx, ctx.load_model().cpu().eval(), q, quantizer,
+                            "PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e), XNNPACK quantizer's PTQ observers "
+                            "as frozen fake quantizers, zero pads on their input's scale")
+    cand = ctx.workdir / "qat.onnx"
+    rewrites = export_qdq(r.model, ctx.recipe.inputs, ctx.recipe.outputs, cand, opset=ctx.recipe.stages.export.opset)
+    v = ctx.judge(val_outputs(pre, ctx), val_outputs(cand, ctx))
+    tried = [{"activations": "static", "val_value": ptq["value_full_int8"], "within_budget": False}] if ptq else []
+    tried.append({"activations": "static", "qat": True, "val_value": round(float(v.value), 6),
+                  "within_budget": v.within})
+    if ptq is not None and not v.within:
+        return None, {"activations_tried_on_val": tried[1:], "qat": record}
+    os.replace(cand, out)
+    return {"tool": "torchao PT2E QAT -> torch.onnx.export(dynamo=True) Q/DQ (edgebundle.exporters.qdq)",
+            "mode": "static", "format": "QDQ", "activations": "uint8 (XNNPACK's int8 grid, zero point + 128)",
+            "weights": "int8 symmetric", "per_channel": True, "reduce_range": False,
+            "calibration": {"method": "histogram (observers)", "samples": len(ctx.calibration)},
+            "onnx_rewrites": rewrites, "activations_tried_on_val": tried, "qat": record}, {}
 
 
 def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
