@@ -327,6 +327,14 @@ class _Job:
         # the two p50s were taken one after the other: on a busy host that decides nothing, so the choice
         # rests on int8 and fp32 timed interleaved (alternating rounds, the check command's protocol)
         ratio, ci = self._interleaved_ratio(tmp, ev.built)
+        if ratio >= 1.0:
+            # noise only ever slows a run down, and one noisy run shipped fp32 for an int8 model twice as fast
+            # (EfficientNet-Lite's ORT QAT bundle: 0.54x in another build): a second run, the better one counts
+            first = round(ratio, 4)
+            again, ci2 = self._interleaved_ratio(tmp, ev.built)
+            choice["int8_vs_fp32_first_run"] = first
+            if again < ratio:
+                ratio, ci = again, ci2
         choice.update(int8_vs_fp32_interleaved=round(ratio, 4), ci95=[round(ci[0], 4), round(ci[1], 4)])
         if ratio < 1.0:
             return ev, choice
