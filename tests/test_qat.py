@@ -196,3 +196,21 @@ def test_ort_cpu_qat_auto_tries_qat_when_int8_misses_and_keeps_post_training_whe
     (tried,) = q["activations_tried_on_val"]
     assert tried["qat"] is True and tried["within_budget"] is False and q["qat"]["epochs"] == 1
     assert b.status == "rejected" and "QAT static int8, 1 epochs" in b.reason, b.reason
+
+
+def test_ort_cpu_qat_on_with_dynamic_int8_says_so(prepared, tmp_path):
+    """`qat: on` fine-tunes a static program: asked beside dynamic int8 it is one StageError line, not a
+    silently ignored switch."""
+    from edgebundle.core.errors import StageError
+    from edgebundle.core.recipe import TargetSpec
+    from edgebundle.targets import BuildContext
+    from edgebundle.targets.ort_cpu import OrtCpuOptions, OrtCpuTarget
+
+    r = prepared.recipe
+    ctx = BuildContext(r, TargetSpec(name="ort-cpu"),
+                       OrtCpuOptions(precision="int8", mode="dynamic", qat={"enabled": "on"}),
+                       prepared.onnx.path("model.fp32.onnx"), prepared.dataset.calibration(r.data).head(8),
+                       prepared.dataset.val, tmp_path, threads=2, load_model=prepared.load_student,
+                       train=prepared.dataset.train)
+    with pytest.raises(StageError, match="qat enabled 'on' fine-tunes a static int8 program"):
+        OrtCpuTarget().build(ctx)

@@ -141,6 +141,10 @@ class OrtCpuTarget:
         reader = SplitReader(ctx.calibration, ctx.recipe.inputs)
         mode = opt.mode if opt.mode != "auto" else (
             "dynamic" if fusion.get("Attention") or attention_matmuls(src) else "static")
+        if opt.qat.enabled == "on" and mode != "static":
+            fused.unlink(missing_ok=True)
+            raise StageError("qat enabled 'on' fine-tunes a static int8 program; this build quantizes "
+                             "dynamically (options.mode: static, or qat: auto)")
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             control: dict[str, Any] = {}
