@@ -41,10 +41,11 @@ def xnnpack_quantizer(*, pads_share_input: bool = False):
     def zero_pad(n) -> bool:
         if n.op != "call_function" or n.target not in pads:
             return False
-        mode = n.args[2] if len(n.args) > 2 and n.target == torch.ops.aten.pad.default else n.kwargs.get("mode", "constant")
-        value = n.args[3] if len(n.args) > 3 else n.kwargs.get("value", None)
-        if n.target == torch.ops.aten.constant_pad_nd.default:
-            mode, value = "constant", n.args[2] if len(n.args) > 2 else n.kwargs.get("value", 0.0)
+        arg = lambda i, name, default: n.args[i] if len(n.args) > i else n.kwargs.get(name, default)  # noqa: E731
+        if n.target == torch.ops.aten.constant_pad_nd.default:  # (input, pad, value=0)
+            mode, value = "constant", arg(2, "value", 0.0)
+        else:  # aten.pad: (input, pad, mode="constant", value=None)
+            mode, value = arg(2, "mode", "constant"), arg(3, "value", None)
         return mode == "constant" and (value is None or value == 0)
 
     class Quantizer(XNNPACKQuantizer):

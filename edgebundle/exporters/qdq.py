@@ -75,10 +75,7 @@ def for_ort(model: onnx.ModelProto) -> dict[str, int]:
         convs = _foldable(pad, producer, users, const, same_grid, outputs)
         if convs is None:
             continue
-        dq, q, dqs, conv_nodes = convs
-        pads = const(pad.input[1])
-        r = len(pads) // 2
-        spatial = np.concatenate([pads[2:r], pads[r + 2:]]).astype(np.int64)
+        dq, q, dqs, conv_nodes, spatial = convs
         for c in conv_nodes:
             a = next((a for a in c.attribute if a.name == "pads"), None)
             new = [int(x) for x in (np.add(list(a.ints), spatial) if a is not None else spatial)]
@@ -119,7 +116,8 @@ def for_ort(model: onnx.ModelProto) -> dict[str, int]:
 
 def _foldable(pad, producer, users, const, same_grid, graph_outputs):
     """For DequantizeLinear -> Pad (constant zero, spatial axes only) -> QuantizeLinear (the same grid) ->
-    DequantizeLinear(s) -> Conv (input 0) only: (dq, q, dqs, convs); else None."""
+    DequantizeLinear(s) -> Conv (input 0) only: (dq, q, dqs, convs, the pads of the spatial axes in ONNX
+    `pads` order); else None."""
     mode = next((helper.get_attribute_value(a) for a in pad.attribute if a.name == "mode"), b"constant")
     if mode != b"constant" or len(pad.input) < 2 or (len(pad.input) > 3 and pad.input[3]):
         return None
@@ -147,4 +145,4 @@ def _foldable(pad, producer, users, const, same_grid, graph_outputs):
                         or any(a.name == "auto_pad" and helper.get_attribute_value(a) not in (b"NOTSET", b"")
                                for a in c.attribute) for c in convs):
         return None
-    return dq, q, dqs, convs
+    return dq, q, dqs, convs, np.concatenate([pads[2:r], pads[r + 2:]]).astype(np.int64)

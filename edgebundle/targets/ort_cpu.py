@@ -336,22 +336,24 @@ def _qat_switch(opt: OrtCpuOptions, ctx: BuildContext, fused: bool, reduce_range
         why = "QAT's program exports without ONNX Runtime's transformer fusions (the fused graph is this build's)"
     elif reduce_range:
         why = "this CPU needs 7-bit weights (reduce_range) and the QAT program's weights are 8-bit"
-    elif opt.quant_format != "qdq" or opt.per_channel is False or opt.weights != "int8":
+    elif opt.quant_format != "qdq" or not opt.per_channel or opt.weights != "int8":
         why = "QAT's program is Q/DQ with per-channel int8 weights; the options ask for another scheme"
     if why and opt.qat.enabled == "on":
         raise StageError(f"qat enabled 'on': {why}")
     return ("off", why) if why else (opt.qat.enabled, None)
 
 
-def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str) -> tuple[Any, dict[str, Any]]:
+def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str,
+                val_reference: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
     """Quantization-aware distillation (calibration.qat) of the PyTorch student `model` under `quantizer`,
-    epochs picked on `q.val_samples` validation inputs by the target's contract: (QatResult, manifest record)."""
+    epochs picked on `q.val_samples` validation inputs by the target's contract: (QatResult, manifest record).
+    `val_reference`: the fp32 outputs on the validation split, when the caller has them (else computed)."""
     from edgebundle.calibration.qat import qat_pt2e
     from edgebundle.core.distillation import loss_for_metric
 
     contract = ctx.val_contract()
     part = ctx.val_head(q.val_samples)
-    ref = val_outputs(ctx.fp32_onnx, part)
+    ref = val_outputs(ctx.fp32_onnx, part) if val_reference is None else val_reference[:len(part.validation)]
     train = ctx.train.head(q.samples)
     loss = loss_for_metric(contract.metric)
     r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
@@ -379,18 +381,19 @@ def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, pt
 
     quantizer = xnnpack_quantizer(pads_share_input=True).set_global(
         fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
+    ref = val_outputs(pre, ctx)
     r, record = qat_program(ctx, ctx.load_model().cpu().eval(), q, quantizer,
                             "PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e), XNNPACK quantizer's PTQ observers "
-                            "as frozen fake quantizers, zero pads on their input's scale")
+                            "as frozen fake quantizers, zero pads on their input's scale", val_reference=ref)
     cand = ctx.workdir / "qat.onnx"
     rewrites = export_qdq(r.model, ctx.recipe.inputs, ctx.recipe.outputs, cand, opset=ctx.recipe.stages.export.opset)
-    v = ctx.judge(val_outputs(pre, ctx), val_outputs(cand, ctx))
-    tried = [{"activations": "static", "val_value": ptq["value_full_int8"], "within_budget": False}] if ptq else []
-    tried.append({"activations": "static", "qat": True, "val_value": round(float(v.value), 6),
-                  "within_budget": v.within})
+    v = ctx.judge(ref, val_outputs(cand, ctx))
+    qat = {"activations": "static", "qat": True, "val_value": round(float(v.value), 6), "within_budget": v.within}
     if ptq is not None and not v.within:
-        return None, {"activations_tried_on_val": tried[1:], "qat": record}
+        return None, {"activations_tried_on_val": [qat], "qat": record}
     os.replace(cand, out)
+    tried = [{"activations": "static", "val_value": ptq["value_full_int8"], "within_budget": False}] if ptq else []
+    tried.append(qat)
     return {"tool": "torchao PT2E QAT -> torch.onnx.export(dynamo=True) Q/DQ (edgebundle.exporters.qdq)",
             "mode": "static", "format": "QDQ", "activations": "uint8 (XNNPACK's int8 grid, zero point + 128)",
             "weights": "int8 symmetric", "per_channel": True, "reduce_range": False,
