@@ -75,7 +75,7 @@ class _StageProgress:
 
 def _summary_table(bundles) -> Table:
     t = Table(title="edgebundle bundles", show_lines=False)
-    for col in ("target", "precision", "size", "accuracy (fp32 → bundle)", "p50 [95% CI]", "speedup vs PyTorch fp32"):
+    for col in ("target", "precision", "size", "accuracy (reference → bundle)", "p50 [95% CI]", "speedup vs PyTorch fp32"):
         t.add_column(col, justify="right" if col not in ("target", "precision") else "left")
     for b in bundles:
         m = b.manifest
@@ -101,8 +101,10 @@ def _summary_table(bundles) -> Table:
 def _accuracy_text(acc: dict) -> str:
     from edgebundle.core.metrics import accuracy_text
 
+    from edgebundle.pipeline.bundle import Accuracy
+
     return accuracy_text(acc["metric"], acc.get("fp32_onnx"), acc.get("target"), acc.get("judged_samples"),
-                         acc.get("details"))
+                         acc.get("details"), vs=Accuracy.model_validate(acc).against)
 
 
 @app.command()
@@ -391,7 +393,7 @@ def check(
                   f"{res.ratio:.3f} [{res.ratio_ci95[0]:.3f}, {res.ratio_ci95[1]:.3f}]", f"{1 + res.tolerance:.3f}",
                   "[red]REGRESSION[/]" if res.latency_regression else "[green]ok[/]")
         ca, ba = res.candidate_accuracy, res.baseline_accuracy
-        t.add_row("accuracy", "n/a" if ca is None else f"{ca:.2f} %", "n/a" if ba is None else f"{ba:.2f} %",
+        t.add_row(f"accuracy vs {res.accuracy_reference}", "n/a" if ca is None else f"{ca:.2f} %", "n/a" if ba is None else f"{ba:.2f} %",
                   "n/a" if ca is None or ba is None else f"{ba - ca:+.2f} pts", f"{res.accuracy_tolerance} pts",
                   "[red]REGRESSION[/]" if res.accuracy_regression else "[green]ok[/]")
         console.print(t)

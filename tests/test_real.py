@@ -310,3 +310,22 @@ def test_qat_lifts_int8_of_efficientnet_on_all_crops_for_executorch_and_onnxrunt
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(res.prepared.onnx.path("model.fp32.onnx"))).graph.node)
     ops = _ort_ops(o.path / "model.onnx", tmp_path)
     assert ops["QLinearConv"] == convs and not ops["Conv"], ops
+
+
+def test_a_pruned_minilm_is_judged_against_the_original_and_the_step_is_named(tmp_path):
+    """all-MiniLM-L6-v2 pruned (half its heads) and distilled briefly on a small slice: its bundle is judged
+    against the unpruned model's embeddings, end to end; the cosine budget is missed there, and the line
+    names pruning + distillation as the step that spent it (the bundle step, fp32 here, adds next to nothing)."""
+    from edgebundle.pipeline.runner import run
+
+    recipe = _slice("minilm", tmp_path, 80, [{"name": "ort-cpu", "measure": {"iterations": 10},
+                                              "options": {"precision": "fp32"}}])
+    st = recipe.stages.model_copy(update={
+        "prune": recipe.stages.prune.model_copy(update={"enabled": True, "ratio": 0.25, "head_ratio": 0.5}),
+        "distill": recipe.stages.distill.model_copy(update={"enabled": True, "epochs": 1, "lr": 1e-4,
+                                                            "batch_size": 16})})
+    res = run(recipe.model_copy(update={"stages": st}), output=tmp_path / "out")
+    (b,) = res.bundles
+    assert b.status == "rejected" and b.path is None
+    assert "against the original model missed the budget" in b.reason
+    assert "pruning + distillation: cosine mean" in b.reason and "fp32: cosine mean" in b.reason

@@ -1,7 +1,9 @@
 """The accuracy contract: one metric per recipe, judged the same way for every target.
 
-A bundle is judged against the fp32 ONNX model's outputs on the same inputs (the test split for the
-bundle, the validation split inside a target's accuracy control):
+A bundle is judged against a reference's outputs on the same inputs: on the test split, the original
+model's fp32 outputs (`metric.reference: original`, the default; where no prune, distill or cluster stage
+ran the fp32 ONNX export is the original), or the fp32 student's (`reference: student`); inside a
+target's accuracy control, the fp32 ONNX student's on the validation split. "fp32" below is that reference:
 
 - `top1`: top-1 accuracy on labels; budget: at most `max_accuracy_drop` points below fp32.
 - `agreement`: share of inputs whose top-1 class is the fp32 model's, judged only on the inputs where the
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -50,6 +52,9 @@ class MetricSpec(BaseModel):
     min_snr_db: float = Field(20.0, description="snr: the floor in dB")
     max_mse: float | None = Field(None, gt=0, description="mse: the ceiling (required for mse)")
     higher_is_better: bool = Field(True, description="a user function's direction")
+    reference: Literal["original", "student"] = Field("original", description=(
+        "what a bundle is judged against when prune, distill or cluster ran: the original model's (the "
+        "teacher's) fp32 outputs, end to end, or the pruned, distilled fp32 student's"))
 
     @field_validator("name")
     @classmethod
@@ -271,10 +276,13 @@ def _call(fn: Callable[..., Any], name: str, outputs, reference, labels, timeout
 
 
 def accuracy_text(metric: str, reference: float | None, value: float | None, judged: int | None = None,
-                  details: dict[str, Any] | None = None) -> str:
-    """A bundle's accuracy in its metric's own units, fp32 -> bundle: 'agreement 100.00 -> 98.75 % (n=80)'."""
+                  details: dict[str, Any] | None = None, vs: str | None = None) -> str:
+    """A bundle's accuracy in its metric's own units, reference -> bundle: 'agreement 100.00 -> 98.75 % (n=80)';
+    `vs` names the reference where it is not the fp32 export itself ('... vs original')."""
     if value is None:
         return "n/a"
+    if vs:
+        return accuracy_text(metric, reference, value, judged, details) + f" vs {vs}"
     if metric in DROP_METRICS:
         head = f"{metric} {reference:.2f} → {value:.2f} %" if reference is not None else f"{metric} {value:.2f} %"
         return head + (f" (n={judged})" if judged is not None else "")

@@ -61,6 +61,18 @@ class Accuracy(_M):
     details: dict[str, Any] = Field(default_factory=dict)
     output_cosine_vs_fp32: float | None  # None when an output is not finite (e.g. -inf log-probabilities)
     student_vs_teacher: dict[str, float] | None = None  # a pruned, distilled student against its teacher (test)
+    # what the verdict (fp32_onnx, target, drop_vs_fp32, within_budget) is against: "original" (the model the
+    # user brought, end to end) or "student" (the fp32 student); None in manifests written before it existed
+    reference: str | None = None
+    chain: list[dict[str, Any]] | None = None  # original -> student fp32 -> bundle, the metric at each step
+
+    @property
+    def against(self) -> str | None:
+        """What the verdict names as its reference where a compression stage ran: 'original' or 'fp32 student'
+        (None: no compression, or a manifest from before references were recorded)."""
+        if not self.chain or not any(s.get("step") == "student fp32" for s in self.chain):
+            return None
+        return "original" if self.reference == "original" else "fp32 student"
 
 
 class TargetInfo(_M):

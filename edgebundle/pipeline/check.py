@@ -53,6 +53,7 @@ class CheckResult:
     target: str
     different_host: bool
     notes: list[str] = field(default_factory=list)
+    accuracy_reference: str = "fp32 export"  # what both sides' accuracy is judged against (original, fp32 student)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -173,13 +174,18 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         notes.append(f"accuracy not compared: the candidate is judged by {cm.accuracy.metric}, the baseline by "
                      f"{bm.accuracy.metric}")
         ca = ba = None
+    ref_c, ref_b = cm.accuracy.against or "fp32 export", bm.accuracy.against or "fp32 export"
+    if ref_c != ref_b and ca is not None:
+        notes.append(f"accuracy not compared: the candidate is judged against the {ref_c}, the baseline against "
+                     f"the {ref_b} (metric.reference)")
+        ca = ba = None
     acc_reg = ca is not None and ba is not None and accuracy_worse_by(cm.accuracy.metric, ca, ba, cm.accuracy.details
                                                                       ) > accuracy_tolerance
     return CheckResult(
         regression=latency_reg or acc_reg, latency_regression=latency_reg, accuracy_regression=acc_reg,
         mode=mode, ratio=ratio, ratio_ci95=ci, tolerance=tolerance, candidate_p50_ms=a50, baseline_p50_ms=b50,
         rounds=n, candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance,
-        target=cm.target.name, different_host=different, notes=notes,
+        target=cm.target.name, different_host=different, notes=notes, accuracy_reference=ref_c,
     )
 
 
@@ -209,7 +215,8 @@ def junit_xml(res: CheckResult) -> str:
     else:
         ET.SubElement(lat, "system-out").text = msg
     acc = ET.SubElement(suite, "testcase", classname=f"edgebundle.{res.target}", name="accuracy")
-    amsg = f"candidate {res.candidate_accuracy} vs baseline {res.baseline_accuracy}, tolerance {res.accuracy_tolerance}"
+    amsg = (f"candidate {res.candidate_accuracy} vs baseline {res.baseline_accuracy} (each against the "
+            f"{res.accuracy_reference}), tolerance {res.accuracy_tolerance}")
     if res.accuracy_regression:
         ET.SubElement(acc, "failure", message="accuracy regression").text = amsg
     else:

@@ -73,6 +73,110 @@ def fp32_reference(prepared: Prepared, threads: int | None = None) -> list[np.nd
         return run_outputs(sess, prepared.dataset.test, prepared.recipe.inputs)
 
 
+COMPRESSION_STAGES = {"prune": "pruning", "distill": "distillation", "cluster": "clustering"}
+
+
+def compressed_by(prepared: Prepared) -> list[str]:
+    """The stages that changed the model the user brought (prune, distill, cluster), in the order they ran."""
+    return [a.stage for a in prepared.lineage if a.stage in COMPRESSION_STAGES]
+
+
+def original_reference(prepared: Prepared) -> np.ndarray | None:
+    """The original model's (the teacher's) judged output on the test split, in PyTorch fp32: what every
+    bundle is judged against end to end. None when no compression stage ran: the student is the original
+    and its fp32 export the reference."""
+    if not compressed_by(prepared):
+        return None
+    recipe = prepared.recipe
+    idx = recipe.judged_output[0]
+    model = prepared.load_teacher().cpu().eval()
+    outs = []
+    with torch.inference_mode():
+        for feeds in iter_feeds(prepared.dataset.test, recipe.inputs, 64):
+            y = model(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in recipe.inputs])
+            y = y[idx] if isinstance(y, (tuple, list)) else y
+            outs.append(y.float().numpy())
+    return np.concatenate(outs)
+
+
+def verdict_summary(v: Verdict) -> str:
+    """A verdict's value in a few words: 'cosine mean 0.8500 / min 0.6310', 'top1 97.20 %'."""
+    if v.metric == "cosine":
+        return f"cosine mean {v.details.get('cosine_mean', float('nan')):.4f} / min {v.value:.4f}"
+    if v.metric in ("top1", "agreement"):
+        return f"{v.metric} {v.value:.2f} %" + (f" (original {v.reference:.2f} %)" if v.metric == "top1" else "")
+    if v.metric == "snr":
+        return f"SNR {v.value:.1f} dB"
+    return f"{v.metric} {v.value:.6g}"
+
+
+def _more(student: Verdict, bundle: Verdict) -> str:
+    """What the last step (int8, fp16...) spent on top of the student, in the metric's units."""
+    if student.metric == "cosine":
+        dm = student.details.get("cosine_mean", 0.0) - bundle.details.get("cosine_mean", 0.0)
+        return f"cosine mean {dm:.4f} / min {student.value - bundle.value:.4f} more"
+    if student.drop is not None and bundle.drop is not None:
+        unit = "points" if student.metric in ("top1", "agreement") else "more in the function's units"
+        return f"{bundle.drop - student.drop:.2f} {unit}" + (" more" if unit == "points" else "")
+    if student.metric == "snr":
+        return f"{student.value - bundle.value:.1f} dB more"
+    return f"{bundle.value - student.value:.3g} more"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """original -> student fp32 -> bundle, each step judged by the recipe's contract."""
+
+    reference: str  # "original" or "student": which the decisive verdict is against
+    steps: list[str]  # the compression stages that ran ([] : the student is the original)
+    student_vs_original: Verdict | None
+    bundle_vs_original: Verdict | None
+    bundle_vs_student: Verdict
+
+    @property
+    def decisive(self) -> Verdict:
+        return self.bundle_vs_original if self.reference == "original" and self.bundle_vs_original else \
+            self.bundle_vs_student
+
+    def spent(self, precision: str) -> str:
+        """Which step spent the budget: 'pruning + distillation: cosine mean 0.8500 / min 0.6310 vs original
+        (over budget alone); int8: cosine mean 0.0040 / min 0.0100 more'."""
+        s, b = self.student_vs_original, self.bundle_vs_original
+        if s is None or b is None:
+            return ""
+        over = " (over budget alone)" if not s.within else ""
+        return (f"{' + '.join(COMPRESSION_STAGES[x] for x in self.steps)}: {verdict_summary(s)} vs original{over}; "
+                f"{precision}: {_more(s, b)}")
+
+    def record(self) -> list[dict[str, Any]]:
+        """The manifest's chain: each step with its metric against the original (and the bundle's against the
+        fp32 student)."""
+        def row(v: Verdict | None) -> dict[str, Any] | None:
+            if v is None:
+                return None
+            return {"value": v.value, "reference_value": v.reference, "drop": v.drop, "within_budget": v.within,
+                    "samples": v.samples, **{k: v.details[k] for k in ("cosine_mean", "agreement_all")
+                                             if k in v.details}}
+        out: list[dict[str, Any]] = [{"step": "original", "model": "teacher, PyTorch fp32"}]
+        if self.steps:
+            out.append({"step": "student fp32", "by": self.steps, "model": "student, fp32 ONNX",
+                        "vs_original": row(self.student_vs_original)})
+        out.append({"step": "bundle", "vs_original": row(self.bundle_vs_original) if self.steps
+                    else row(self.bundle_vs_student), "vs_student_fp32": row(self.bundle_vs_student)})
+        return out
+
+
+def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | None, student: np.ndarray,
+              bundle: np.ndarray, bundle_vs_student: Verdict) -> Chain:
+    """The bundle judged end to end: against the original model where a compression stage ran."""
+    labels = prepared.dataset.test.labels
+    reference = prepared.recipe.metric.reference
+    if original is None:
+        return Chain("original", [], None, None, bundle_vs_student)
+    return Chain(reference, compressed_by(prepared), contract.judge(original, student, labels),
+                 contract.judge(original, bundle, labels), bundle_vs_student)
+
+
 def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:
     """The recipe's metric bound to this target's budget; `judged` is the fp32 judged output (for `auto`)."""
     idx, name = recipe.judged_output
@@ -106,6 +210,7 @@ class Evaluation:
     latency: measure_mod.LatencyStats | None
     same_runtime: dict[str, Any] | None  # the same runtime's fp32 latency, where it can run it
     runtime_seen: dict[str, Any]
+    chain: Chain | None = None  # original -> student fp32 -> bundle (the verdict is its decisive step)
 
 
 def target_build(target, ctx: BuildContext, stage: str, prepared: Prepared) -> Built:

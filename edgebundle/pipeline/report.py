@@ -101,6 +101,23 @@ def _fmt(x: float | None, spec: str, unit: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{unit}"
 
 
+def _chain_html(acc) -> str:
+    """original -> student fp32 -> bundle, under the accuracy cell, where a compression stage ran."""
+    if not acc.against:
+        return ""
+    steps = {s["step"]: s for s in acc.chain}
+    st, bu = steps["student fp32"], steps["bundle"]
+
+    def val(row) -> str:
+        if not row:
+            return "n/a"
+        if acc.metric == "cosine":
+            return f"cosine mean {row.get('cosine_mean', float('nan')):.4f} / min {row['value']:.4f}"
+        return accuracy_text(acc.metric, row.get("reference_value"), row["value"])
+    return (f"<br><span class=small>vs original: student fp32 ({html.escape(' + '.join(st['by']))}) "
+            f"{html.escape(val(st['vs_original']))}; bundle {html.escape(val(bu['vs_original']))}</span>")
+
+
 def render(bundles: list[tuple[Path, Manifest]]) -> str:
     e = html.escape
     rows, figures, points, notes = [], [], [], []
@@ -125,12 +142,15 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
             status += f"<br><b>changed since written</b>: {e(', '.join(changed))}"
             notes.append(f"{path.name}: files changed since the bundle was written ({', '.join(changed)}): "
                          "its figures are not to be trusted")
+        acc_text = accuracy_text(acc.metric, acc.fp32_onnx, acc.target, acc.judged_samples, acc.details,
+                                 vs=acc.against)
         rows.append(
             f"<tr{' class=rejected' if rejected else ''}><td class=l>{e(path.name)}</td>"
             f"<td class=l>{e(m.target.precision)}</td>"
             f"<td class=l>{status}</td><td>{size / 1024:.1f} KiB</td>"
-            f"<td>{e(accuracy_text(acc.metric, acc.fp32_onnx, acc.target, acc.judged_samples, acc.details))}"
-            f"{'' if acc.budget is None else '<br><span class=small>budget: ' + e(acc.budget) + '</span>'}</td>"
+            f"<td>{e(acc_text)}"
+            f"{'' if acc.budget is None else '<br><span class=small>budget: ' + e(acc.budget) + '</span>'}"
+            f"{_chain_html(acc)}</td>"
             f"<td>{_fmt(acc.output_cosine_vs_fp32, '.5f')}</td><td>{p50}</td>"
             f"<td>{_fmt(sp.get('vs_pytorch_fp32_teacher'), '.2f', 'x')}</td>"
             f"<td>{_fmt(sp.get('vs_same_runtime_fp32'), '.2f', 'x')}</td></tr>")
@@ -153,7 +173,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
         "Latency is p50 per inference at the recipe's batch, with its 95 % bootstrap CI, measured on the host "
         "above; speedups compare p50s measured with the same protocol and threads.</p>",
         "<table><thead><tr><th class=l>target</th><th class=l>precision</th><th class=l>status</th><th>size</th>"
-        "<th>accuracy fp32 &rarr; bundle</th><th>output cosine</th><th>p50 [95% CI]</th>"
+        "<th>accuracy reference &rarr; bundle</th><th>output cosine</th><th>p50 [95% CI]</th>"
         "<th>vs PyTorch fp32</th><th>vs fp32, same runtime</th></tr></thead><tbody>",
         *rows, "</tbody></table>",
     ]

@@ -34,8 +34,9 @@ from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft,
                                         check_output_folder,
                                         pack as pack_bundle, write_bundle)
 from edgebundle.pipeline.cache import StageCache
-from edgebundle.pipeline.evaluate import (Evaluation, check_resolvable, contract_for, evaluate, fp32_reference,
-                                          reference_latency, target_build, tried)
+from edgebundle.pipeline.evaluate import (Evaluation, chain_for, check_resolvable, contract_for, evaluate,
+                                          fp32_reference, original_reference, reference_latency, target_build, tried,
+                                          verdict_summary)
 from edgebundle.pipeline.lock import target_lock, work_lock
 from edgebundle.pipeline.records import BundleResult, Prepared, RunResult, recipe_digest
 from edgebundle.stages import STAGES, StageContext
@@ -243,7 +244,8 @@ def _preflight(spec: TargetSpec):
 
 def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event: Event = _noop,
                  reference: dict[str, Any] | None = None, fp32_test: list[np.ndarray] | None = None,
-                 contract: Contract | None = None, keep_rejected: bool = False) -> BundleResult:
+                 contract: Contract | None = None, keep_rejected: bool = False,
+                 original: np.ndarray | None | bool = True) -> BundleResult:
     """Build one target's bundle from prepared artifacts: calibrate, judge, measure, write atomically.
 
     A bundle that misses the recipe's accuracy budget on the test split is not written where a good one
@@ -260,9 +262,11 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     if fp32_test is None:
         fp32_test = fp32_reference(prepared, threads)
     ref_out = fp32_test[recipe.judged_output[0]]
+    if original is True:
+        original = original_reference(prepared)
     if contract is None:
-        contract = _contract(prepared, spec, ref_out)
-    job = _Job(prepared, spec, entry, target, options, contract, ref_out, threads, stage)
+        contract = _contract(prepared, spec, ref_out if original is None else original)
+    job = _Job(prepared, spec, entry, target, options, contract, ref_out, threads, stage, original=original)
     verdicts: list[Evaluation] = []
 
     def fill(tmp: Path) -> ManifestDraft:
@@ -293,6 +297,7 @@ class _Job:
     ref_out: np.ndarray
     threads: int
     stage: str
+    original: np.ndarray | None = None  # the original model's judged output on the test split (compressed)
     asked: str | None = None
 
     def __post_init__(self) -> None:
@@ -311,6 +316,8 @@ class _Job:
         built = target_build(self.target, self.context(options or self.options, tmp), self.stage, self.prepared)
         ev = evaluate(self.target, self.entry, built, tmp, self.prepared, self.spec, self.contract, self.ref_out,
                       self.threads, same_runtime=same_runtime)
+        chain = chain_for(self.contract, self.prepared, self.original, self.ref_out, ev.outputs, ev.verdict)
+        ev = dataclasses.replace(ev, verdict=chain.decisive, chain=chain)
         if options is not None or self.asked != "auto":
             return ev, None
         return self._precision_auto(tmp, ev)
@@ -370,7 +377,12 @@ class _Job:
 
 
 def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
-    return f"{spec.name}: {ev.verdict.line()} missed the budget; tried: {tried(ev.built.quantization)}"
+    c = ev.chain
+    if c is not None and c.reference == "original" and c.steps:
+        return (f"{spec.name}: {ev.verdict.line()} against the original model missed the budget; "
+                f"{c.spent(ev.built.precision)}; tried: {tried(ev.built.quantization)}")
+    vs = " against the fp32 student (metric.reference: student)" if c is not None and c.steps else ""
+    return f"{spec.name}: {ev.verdict.line()}{vs} missed the budget; tried: {tried(ev.built.quantization)}"
 
 
 def _io(fp32_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -393,14 +405,14 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
         notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime "
                      f"({same_rt['p50_ms']:.4f} ms) on this host; options.precision: fp32 (or auto) ships fp32")
     if not v.within:
-        notes.append(f"rejected: {v.line()}; tried: {tried(ev.built.quantization)}")
+        notes.append(f"rejected: {_rejection(job.spec, ev).split(': ', 1)[1]}")
     recipe = job.prepared.recipe
-    svt = next((a.metrics.get("student_vs_teacher") for a in job.prepared.lineage if a.stage == "distill"), None)
-    if svt and v.metric == "cosine" and svt["cosine_min"] < (recipe.metric.min_cosine or 0.0):
-        notes.append(f"the pruned, distilled student is at cosine min {svt['cosine_min']:.4f} / mean "
-                     f"{svt['cosine_mean']:.4f} against the teacher on the test split: the budget above judges "
-                     "int8 against this student; pruning cost the rest (more distillation data or epochs, or "
-                     "prune less)")
+    c = ev.chain
+    if c is not None and c.steps and c.reference == "student" and c.student_vs_original is not None:
+        s = c.student_vs_original
+        notes.append(f"metric.reference: student: the budget judges this bundle against the fp32 student, which is "
+                     f"at {verdict_summary(s)} against the original model on the test split"
+                     f"{'' if s.within else ', outside the budget against the original'}")
     asked = job.spec.calibration.samples or recipe.data.calibration_samples
     got = len(job.prepared.dataset.calibration(recipe.data, asked))
     if ev.built.precision == "int8" and got < asked:
@@ -440,6 +452,8 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           fp32_onnx=v.reference, target=v.value, drop_vs_fp32=v.drop, max_drop=v.max_drop,
                           within_budget=v.within, details=v.details,
                           output_cosine_vs_fp32=cosine(ev.outputs, job.ref_out),
+                          reference=ev.chain.reference if ev.chain else "student",
+                          chain=ev.chain.record() if ev.chain else None,
                           student_vs_teacher=next((a.metrics.get("student_vs_teacher") for a in prepared.lineage
                                                    if a.stage == "distill"), None)),
         latency=None if lat is None else lat.to_dict(),
@@ -467,7 +481,8 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
     results = []
     refs: dict[tuple, dict] = {}
     fp32_test = fp32_reference(prepared)
-    judged = fp32_test[prepared.recipe.judged_output[0]]
+    original = original_reference(prepared)
+    judged = fp32_test[prepared.recipe.judged_output[0]] if original is None else original
     # bad input before any target builds: the metric, its function, enough judged inputs
     contracts = {spec.name: _contract(prepared, spec, judged) for spec in specs}
     for spec in specs:
@@ -479,7 +494,7 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
                 refs[k] = reference_latency(prepared, spec.measure, threads)
                 on_event("done", "reference", cached=False)
             res = build_target(prepared, spec, output, on_event=on_event, reference=refs[k], fp32_test=fp32_test,
-                               contract=contracts[spec.name], keep_rejected=keep_rejected)
+                               contract=contracts[spec.name], keep_rejected=keep_rejected, original=original)
         except (RecipeError, DataError, BundleError):
             raise
         except EdgeBundleError as e:
