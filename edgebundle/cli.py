@@ -265,7 +265,10 @@ def verify(
     except EdgeBundleError as e:
         _fail(e, debug)
     if bad:
-        err_console.print(f"[bold red]changed:[/] {esc(str(bundle))}: {esc(', '.join(bad))}", highlight=False, soft_wrap=True)
+        what = "outside the bundle" if any(b.endswith("(outside the bundle)") for b in bad) else (
+            "unsafe" if any(b.endswith(")") for b in bad) else "changed")
+        err_console.print(f"[bold red]{what}:[/] {esc(str(bundle))}: {esc(', '.join(bad))}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(1)
     if rejection:
         err_console.print(f"[bold red]rejected:[/] {esc(str(bundle))}: intact, but rejected: {esc(rejection)}",

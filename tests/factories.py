@@ -92,3 +92,26 @@ class TwoOutputs(DigitsCNN):
 
 def two_outputs() -> nn.Module:
     return TwoOutputs(width=32)
+
+
+class Saturating(nn.Module):
+    """A digits MLP whose first layer has large positive weights on non-negative pixels: int8 u8 x s8 pairs
+    overflow 16 bits on CPUs without VNNI (AVX2's pairwise multiply-add saturates), not on VNNI CPUs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc1 = nn.Linear(64, 32)
+        self.fc2 = nn.Linear(32, 10)
+        with torch.no_grad():
+            sign = torch.where(torch.rand(32, 64, generator=g) < 0.5, -1.0, 1.0)
+            self.fc1.weight.copy_(sign * (0.5 + 0.5 * torch.rand(32, 64, generator=g)))
+            self.fc1.bias.zero_()
+            self.fc2.weight.copy_(torch.randn(10, 32, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def saturating() -> nn.Module:
+    return Saturating()

@@ -1,5 +1,7 @@
 """A Hugging Face BERT from a local folder (never a download): heads pruned, distilled, int8 on CPU targets."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -22,7 +24,9 @@ def hf_run(tmp_path_factory):
                                   intermediate_size=128, max_position_embeddings=128, num_labels=2)
     transformers.BertForSequenceClassification(cfg).save_pretrained(root / "tiny-bert")
     recipe = yaml.safe_load(open("examples/encoder.yaml"))
-    recipe.update(model={"hf": "tiny-bert"}, output="out")
+    # the int8 step is under test here: judged against the fp32 student (6 distillation epochs leave this
+    # random tiny BERT's student over a 1-point budget against its teacher; tests/test_reference.py covers that)
+    recipe.update(model={"hf": "tiny-bert"}, output="out", metric={"name": "auto", "reference": "student"})
     recipe["stages"].update(train={"enabled": True, "epochs": 8, "lr": 0.002}, distill={"epochs": 6, "hidden_weight": 10.0})
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return run(load_recipe(root / "recipe.yaml"))
@@ -161,3 +165,55 @@ def test_bert_style_attention_exports_with_torchscript_so_ort_fuses_it(hf_run):
     assert b.manifest["target"]["runtime"]["transformer_fusions"].get("SkipLayerNormalization") == 4
     assert resolve_exporter(zoo.digits_cnn(), ExportStage()) == "dynamo"
     assert export_art.metrics["opset"] == 17
+
+
+def _tiny_text_recipe(tmp_path, folder: str) -> Path:
+    recipe = {
+        "version": 1, "name": "t", "model": {"hf": folder},
+        "inputs": [{"name": "input_ids", "shape": [1, 12], "dtype": "int64", "dynamic_axes": {0: "batch"}},
+                   {"name": "attention_mask", "shape": [1, 12], "dtype": "int64", "dynamic_axes": {0: "batch"}}],
+        "outputs": ["logits"],
+        "data": {"kind": "text", "path": "reviews.txt", "calibration_samples": 16},
+        "stages": {"train": {"enabled": True, "epochs": 1}, "prune": {"enabled": False},
+                   "distill": {"enabled": False}},
+        "targets": [{"name": "ort-cpu", "measure": {"iterations": 10}}],
+        "output": "out",
+    }
+    lines = [f"{'good' if i % 2 else 'bad'} film number {i}\t{'pos' if i % 2 else 'neg'}" for i in range(120)]
+    (tmp_path / "reviews.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "r.yaml"
+
+
+def test_a_hf_folder_without_tokenizer_files_is_one_line_not_a_bundle_of_unknown_tokens(tmp_path):
+    """config and weights but no tokenizer files: transformers would build an empty tokenizer that maps every
+    word to [UNK], and the model would be trained and judged on near-constant inputs. One line, exit 2."""
+    from typer.testing import CliRunner
+
+    from edgebundle.cli import app
+
+    cfg = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    res = CliRunner().invoke(app, ["run", str(_tiny_text_recipe(tmp_path, "bert"))])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert "no tokenizer in" in line and "vocabulary files" in line and "Traceback" not in res.output
+    assert not (tmp_path / "out" / "ort-cpu").exists()
+
+
+def test_a_tokenizer_that_maps_most_words_to_unknown_is_refused(tmp_path):
+    """A real vocabulary file, but foreign to the data: most of its words become [UNK]. Refused, exit 2."""
+    from typer.testing import CliRunner
+
+    from edgebundle.cli import app
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "gut", "schlecht", "und"]
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path / "bert")
+    res = CliRunner().invoke(app, ["run", str(_tiny_text_recipe(tmp_path, "bert"))])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert "maps 100% of the data's tokens to its unknown token '[UNK]'" in line, line

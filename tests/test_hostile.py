@@ -249,3 +249,38 @@ def test_wrong_kinds_of_file_say_what_they_are(tmp_path):
     res = cli.invoke(app, ["report", str(empty)])
     assert res.exit_code == 2 and "no bundles in" in res.output
     assert not (empty / "report.html").exists()
+
+
+def _repoint(bundle, model_file: str) -> None:
+    """Rewrite a bundle's manifest to name another model_file, with SHA256SUMS recomputed to match."""
+    import hashlib
+    import json
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["model_file"] = model_file
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    digest = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    lines = [ln for ln in (bundle / "SHA256SUMS").read_text().splitlines() if not ln.endswith("  manifest.json")]
+    (bundle / "SHA256SUMS").write_text("\n".join(lines + [f"{digest}  manifest.json"]) + "\n")
+
+
+def test_a_manifest_naming_a_file_outside_its_bundle_fails_verify_and_check_refuses_it(default_run, tmp_path):
+    """model_file: ../outside.txt (or /dev/zero), SHA256SUMS recomputed: verify names it as outside the
+    bundle (exit 1), and check refuses it in one line without opening it, for the folder and for a bare
+    manifest.json alike."""
+    src = default_run.output / "ort-cpu"
+    for name in ("../outside.txt", "/dev/zero"):
+        case = tmp_path / name.strip("./").replace("/", "_")
+        bundle = case / "ort-cpu"
+        shutil.copytree(src, bundle)
+        (case / "outside.txt").write_text("not a model")
+        _repoint(bundle, name)
+        res = cli.invoke(app, ["verify", str(bundle)])
+        assert res.exit_code == 1, res.output
+        line = " ".join(res.output.split())
+        assert "outside the bundle:" in line and f"model_file '{name}' (outside the bundle)" in line
+        for target in (bundle, bundle / "manifest.json"):
+            res = cli.invoke(app, ["check", str(target), "--baseline", str(src)])
+            assert res.exit_code == 2, res.output
+            line = " ".join(res.output.split())
+            assert "names files outside itself" in line and "refused" in line and "Traceback" not in res.output

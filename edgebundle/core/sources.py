@@ -213,10 +213,21 @@ def _need(module: str, what: str, extra: str):
         raise RecipeError(f"{what} needs the {module} package: pip install edgebundle[{extra}]") from e
 
 
+# the files a saved tokenizer's vocabulary lives in (fast tokenizers, WordPiece, BPE, SentencePiece, tiktoken)
+VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model",
+               "tokenizer.model", "source.spm", "bpe.codes", "tiktoken.model")
+MAX_UNKNOWN_SHARE = 0.5  # more of the data's tokens than this mapped to the unknown token: the wrong tokenizer
+
+
 def tokenizer_for(folder: Path) -> Any:
     AutoTokenizer = _need("transformers", "data.kind text", "hf").AutoTokenizer
     if not folder.is_dir():
         raise DataError(f"tokenizer folder not found: {folder}")
+    if not any((folder / f).is_file() for f in VOCAB_FILES):
+        # transformers would build an empty tokenizer from config.json alone, mapping every word to [UNK]
+        raise DataError(f"no tokenizer in {folder}: none of its vocabulary files ({', '.join(VOCAB_FILES[:4])}, "
+                        "...) is there; save the tokenizer with save_pretrained next to the model, or name one "
+                        "with data.text.tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
@@ -242,6 +253,7 @@ def tokenize(texts: list[str], inputs: list[InputSpec], tokenizer_folder: Path) 
     tok = tokenizer_for(tokenizer_folder)
     length = inputs[0].shape[1] if len(inputs[0].shape) > 1 else None
     enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
+    _check_known(tok, enc, tokenizer_folder)
     out = {}
     for s in inputs:
         if s.name not in enc:
@@ -249,6 +261,26 @@ def tokenize(texts: list[str], inputs: list[InputSpec], tokenizer_folder: Path) 
                             f"'{s.name}' is not one of them")
         out[s.name] = enc[s.name].astype(np.dtype(s.dtype))
     return out
+
+
+def _check_known(tok: Any, enc: Any, folder: Path) -> None:
+    """Refuse a tokenizer that maps most of the data's tokens to its unknown token: the model would be
+    trained and judged on near-constant inputs (an empty or foreign vocabulary)."""
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None or "input_ids" not in enc:
+        return  # byte-level vocabularies have no unknown token
+    ids = np.asarray(enc["input_ids"])
+    real = np.asarray(enc["attention_mask"]).astype(bool) if "attention_mask" in enc else np.ones(ids.shape, bool)
+    special = [i for i in (getattr(tok, "all_special_ids", None) or []) if i != unk]
+    real &= ~np.isin(ids, special)
+    n = int(real.sum())
+    if n == 0:
+        raise DataError(f"the tokenizer of {folder} gives no tokens for the data's texts")
+    share = float((ids[real] == unk).sum()) / n
+    if share > MAX_UNKNOWN_SHARE:
+        raise DataError(f"the tokenizer of {folder} maps {share:.0%} of the data's tokens to its unknown token "
+                        f"{tok.unk_token!r} (vocabulary of {len(tok)}): it does not fit this text; check its "
+                        "vocabulary files or name the model's own tokenizer with data.text.tokenizer")
 
 
 def _folder_digest(folder: Path) -> str:

@@ -65,6 +65,9 @@ class Accuracy(_M):
     # user brought, end to end) or "student" (the fp32 student); None in manifests written before it existed
     reference: str | None = None
     chain: list[dict[str, Any]] | None = None  # original -> student fp32 -> bundle, the metric at each step
+    # x86 CPU targets: the ISA the bundle is built for, the build host's, and how the verdict was reached on it
+    # (judged_on: native | emulated (qemu-x86_64) | host (the deployment ISA could not be reproduced here))
+    isa: dict[str, Any] | None = None
 
     @property
     def against(self) -> str | None:
@@ -265,11 +268,40 @@ def _read_sums(folder: Path) -> dict[str, str]:
     return sums
 
 
-def verify_files(folder: Path) -> list[str]:
-    """Names of files that no longer match what was written: changed, missing or added.
+def entry_problem(folder: Path, name: str) -> str | None:
+    """Why a file a manifest names is not safely part of the bundle (None when it is): a plain file name in
+    the bundle folder itself, no path, no link, no device or folder."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or Path(name).is_absolute() or Path(name).name != name):
+        return "outside the bundle"
+    p = Path(folder) / name
+    if p.is_symlink():
+        return "a link, not a regular file"
+    if p.exists() and not p.is_file():
+        return "not a regular file"
+    return None
 
-    Checked: every file's sha256 (and size) against the manifest, the manifest's own sha256 against
-    SHA256SUMS, and that the folder holds nothing else. The manifest must also pass its schema.
+
+def unsafe_entries(folder: Path, m: Manifest) -> list[str]:
+    """Every path the manifest names that a runtime or a check would open outside the bundle's own regular,
+    listed files: 'model_file '../x' (outside the bundle)'."""
+    out = []
+    for where, name in [("model_file", m.model_file), *(("files", n) for n in m.files)]:
+        why = entry_problem(folder, name)
+        if why:
+            out.append(f"{where} {name!r} ({why})")
+    if not out and m.model_file not in m.files:
+        out.append(f"model_file {m.model_file!r} (not among the bundle's listed files)")
+    return out
+
+
+def verify_files(folder: Path) -> list[str]:
+    """Names of files that no longer match what was written: changed, missing or added; and, described,
+    every path the manifest names outside the bundle ('model_file '../x' (outside the bundle)').
+
+    Checked: every path the manifest names is a regular file in the bundle folder and listed; every
+    file's sha256 (and size) against the manifest, the manifest's own sha256 against SHA256SUMS, and that
+    the folder holds nothing else. The manifest must also pass its schema.
     """
     folder = Path(folder)
     sums = _read_sums(folder)
@@ -282,6 +314,9 @@ def verify_files(folder: Path) -> list[str]:
             return bad
     else:
         m = read_manifest(folder)
+    unsafe = unsafe_entries(folder, m)
+    if unsafe:  # nothing outside the bundle is read, hashed or opened
+        return bad + unsafe
     for name, entry in m.files.items():
         p = folder / name
         if (not p.is_file() or p.stat().st_size != entry.bytes or sha256_file(p) != entry.sha256

@@ -20,7 +20,7 @@ from xml.etree import ElementTree as ET
 import numpy as np
 
 from edgebundle.core.errors import BundleError, IntegrityError
-from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, verify_files
+from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, unsafe_entries, verify_files
 from edgebundle.core.host import fingerprint
 from edgebundle.core.measure import interleaved_ratio, measure
 from edgebundle.core.recipe import MeasureSpec
@@ -68,6 +68,9 @@ def _side(p: Path) -> Side:
         raise BundleError(f"not found: {p}")
     m = read_manifest(p)
     folder = p if p.is_dir() else p.parent
+    unsafe = unsafe_entries(folder, m)
+    if unsafe:  # before anything is hashed or opened; a manifest alone is checked for this too
+        raise IntegrityError(f"bundle {p} names files outside itself: {', '.join(unsafe)}; refused", unsafe)
     if p.is_dir():  # a whole bundle: it must be exactly what was written before it is timed
         bad = verify_files(p)
         if bad:

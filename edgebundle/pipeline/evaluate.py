@@ -211,6 +211,7 @@ class Evaluation:
     same_runtime: dict[str, Any] | None  # the same runtime's fp32 latency, where it can run it
     runtime_seen: dict[str, Any]
     chain: Chain | None = None  # original -> student fp32 -> bundle (the verdict is its decisive step)
+    isa: dict[str, Any] | None = None  # x86 CPU targets: the deployment ISA and how the verdict was reached on it
 
 
 def target_build(target, ctx: BuildContext, stage: str, prepared: Prepared) -> Built:

@@ -277,6 +277,8 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     path = write_bundle(output, spec.name, fill, rejected_name=f"{spec.name}.rejected" if keep_rejected else None)
     manifest = json.loads((path / "manifest.json").read_text()) if path is not None else None
     ev = verdicts[-1]
+    if ev.isa and ev.isa["judged_on"] == "host" and ev.isa["deployment"] != ev.isa["build_host"]:
+        on_event("note", stage, text=f"{spec.name}: int8 {ev.isa['how']}")
     if not ev.verdict.within:
         on_event("done", stage, cached=False, status="rejected")
         return BundleResult(spec.name, path, manifest, status="rejected", reason=_rejection(spec, ev))
@@ -317,10 +319,41 @@ class _Job:
         ev = evaluate(self.target, self.entry, built, tmp, self.prepared, self.spec, self.contract, self.ref_out,
                       self.threads, same_runtime=same_runtime)
         chain = chain_for(self.contract, self.prepared, self.original, self.ref_out, ev.outputs, ev.verdict)
-        ev = dataclasses.replace(ev, verdict=chain.decisive, chain=chain)
+        ev = self._on_deployment_isa(tmp, dataclasses.replace(ev, verdict=chain.decisive, chain=chain))
         if options is not None or self.asked != "auto":
             return ev, None
         return self._precision_auto(tmp, ev)
+
+    def _on_deployment_isa(self, tmp: Path, ev: Evaluation) -> Evaluation:
+        """x86 CPU targets (options.isa): int8 judged on the deployment ISA's arithmetic, natively, under
+        qemu-x86_64 where the host has more, or on the host's ISA where it cannot be reproduced (said so)."""
+        from edgebundle.core.isa import deployment, host_isa, how_to_judge
+
+        isa = getattr(self.options, "isa", None)
+        if isa is None or ev.built.status == "pending":
+            return ev
+        host, dep = host_isa(), deployment(isa)
+        mode, cpu_model, how = how_to_judge(isa)
+        record: dict[str, Any] = {"deployment": dep, "asked": isa, "build_host": host, "judged_on": mode, "how": how}
+        if ev.built.precision != "int8" and mode != "native":
+            record.update(judged_on="native", how=f"{ev.built.precision}: no int8 arithmetic to reproduce; judged "
+                                                  f"on this host's {host}")
+        elif mode == "emulated":
+            from edgebundle.pipeline.emulated import emulated_outputs
+
+            recipe = self.prepared.recipe
+            outs = emulated_outputs(self.spec.name, tmp / ev.built.model_file, ev.built.runtime, self.threads,
+                                    self.prepared.dataset.test, recipe.inputs, cpu_model)
+            out = outs[self.contract.output_index]
+            labels = self.prepared.dataset.test.labels
+            chain = chain_for(self.contract, self.prepared, self.original, self.ref_out, out,
+                              self.contract.judge(self.ref_out, out, labels))
+            record["emulator"] = f"qemu-x86_64 -cpu {cpu_model}"
+            record["on_build_host"] = {"value": ev.verdict.value, "within_budget": ev.verdict.within,
+                                       **({"cosine_mean": ev.verdict.details["cosine_mean"]}
+                                          if "cosine_mean" in ev.verdict.details else {})}
+            ev = dataclasses.replace(ev, outputs=out, verdict=chain.decisive, chain=chain)
+        return dataclasses.replace(ev, isa=record)
 
     def _precision_auto(self, tmp: Path, ev: Evaluation) -> tuple[Evaluation, dict | None]:
         """precision auto: int8 within budget that is not faster than fp32 on the same runtime ships fp32."""
@@ -376,13 +409,23 @@ class _Job:
         return ratio, ci
 
 
+def _on_isa(ev: Evaluation) -> str:
+    """' on avx2 (qemu-x86_64 -cpu Haswell; on this host's avx512-vnni: within budget)' for an emulated verdict."""
+    i = ev.isa
+    if not i or i["judged_on"] != "emulated":
+        return ""
+    host = "within budget" if i["on_build_host"]["within_budget"] else "also over budget"
+    return f" on {i['deployment']} ({i['emulator']}; on this host's {i['build_host']}: {host})"
+
+
 def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
     c = ev.chain
+    isa = _on_isa(ev)
     if c is not None and c.reference == "original" and c.steps:
-        return (f"{spec.name}: {ev.verdict.line()} against the original model missed the budget; "
+        return (f"{spec.name}: {ev.verdict.line()}{isa} against the original model missed the budget; "
                 f"{c.spent(ev.built.precision)}; tried: {tried(ev.built.quantization)}")
     vs = " against the fp32 student (metric.reference: student)" if c is not None and c.steps else ""
-    return f"{spec.name}: {ev.verdict.line()}{vs} missed the budget; tried: {tried(ev.built.quantization)}"
+    return f"{spec.name}: {ev.verdict.line()}{isa}{vs} missed the budget; tried: {tried(ev.built.quantization)}"
 
 
 def _io(fp32_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -413,6 +456,9 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
         notes.append(f"metric.reference: student: the budget judges this bundle against the fp32 student, which is "
                      f"at {verdict_summary(s)} against the original model on the test split"
                      f"{'' if s.within else ', outside the budget against the original'}")
+    if ev.isa and ev.isa["judged_on"] == "host" and ev.isa["deployment"] != ev.isa["build_host"]:
+        notes.append(f"int8 {ev.isa['how']}: the verdict holds for {ev.isa['build_host']} CPUs, not shown for "
+                     f"{ev.isa['deployment']}")
     asked = job.spec.calibration.samples or recipe.data.calibration_samples
     got = len(job.prepared.dataset.calibration(recipe.data, asked))
     if ev.built.precision == "int8" and got < asked:
@@ -453,7 +499,7 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           within_budget=v.within, details=v.details,
                           output_cosine_vs_fp32=cosine(ev.outputs, job.ref_out),
                           reference=ev.chain.reference if ev.chain else "student",
-                          chain=ev.chain.record() if ev.chain else None,
+                          chain=ev.chain.record() if ev.chain else None, isa=ev.isa,
                           student_vs_teacher=next((a.metrics.get("student_vs_teacher") for a in prepared.lineage
                                                    if a.stage == "distill"), None)),
         latency=None if lat is None else lat.to_dict(),

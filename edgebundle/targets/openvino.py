@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgebundle.core.data import iter_feeds
+from edgebundle.core.isa import ISA, deployment, has_vnni
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
@@ -74,6 +75,10 @@ class OpenVinoOptions(BaseModel):
         "dynamic activations: input channels per quantization group (the CPU plugin's "
         "DYNAMIC_QUANTIZATION_GROUP_SIZE); auto tries 128, 64, 32 on the validation split, keeps the first "
         "within budget"))
+    isa: ISA = Field("host", description=(
+        "the x86 instruction set the bundle will run on (host | avx2 | avx512 | avx512-vnni): without VNNI, "
+        "NNCF's overflow_fix is enabled for every layer (7-bit weights against 16-bit saturation) and the "
+        "bundle is judged on that ISA, natively or under qemu-x86_64 where the host has more"))
     accuracy_control: bool = False
     accuracy_control_iterations: int = Field(12, ge=1, le=1000, description=(
         "NNCF accuracy control reverts layers to float one ranking at a time; its own default never stops "
@@ -231,6 +236,14 @@ class OpenVinoTarget:
             calibration = nncf.Dataset(cal_items)
             transformer = opt.model_type == "transformer" or (opt.model_type == "auto" and attention_ops(model) > 0)
             estimator, cal_desc = range_estimator(ctx.spec.calibration)
+            if not has_vnni(deployment(opt.isa)):
+                # without VNNI, u8 x s8 pairs saturate in 16 bits: NNCF's overflow fix (7-bit weights) on every
+                # layer, not only the first (its default)
+                from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+                estimator = estimator or AdvancedQuantizationParameters()
+                estimator.overflow_fix = OverflowFix.ENABLE
+                quant["overflow_fix"] = f"enable (deployment ISA {deployment(opt.isa)} has no VNNI)"
             kwargs = dict(
                 advanced_parameters=estimator,
                 preset=nncf.QuantizationPreset(opt.preset), subset_size=min(opt.subset_size, len(cal_items)),

@@ -27,6 +27,7 @@ from edgebundle.calibration.readers import SplitReader, iter_feeds, run_split
 from edgebundle.core.errors import StageError
 from edgebundle.core.session import OrtSession
 from edgebundle.core.host import cpu_flags
+from edgebundle.core.isa import ISA, VNNI_FLAGS, has_vnni
 from edgebundle.targets.base import BuildContext, Built
 from edgebundle.core.registry import Capabilities, register_target
 
@@ -38,7 +39,11 @@ class OrtCpuOptions(BaseModel):
     activations: Literal["uint8", "int8"] = "uint8"
     weights: Literal["int8", "uint8"] = "int8"
     per_channel: bool = True
-    reduce_range: bool | Literal["auto"] = "auto"
+    reduce_range: bool | Literal["auto"] = "auto"  # auto: 7-bit weights where the deployment ISA lacks VNNI
+    isa: ISA = Field("host", description=(
+        "the x86 instruction set the bundle will run on (host | avx2 | avx512 | avx512-vnni): int8 numerics "
+        "depend on it (no VNNI: 16-bit saturation); the bundle is judged on it, natively or under "
+        "qemu-x86_64 where the host has more, and reduce_range auto follows it"))
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     accuracy_control: bool = True  # over max_accuracy_drop: keep the most sensitive layers in float
     transformer_fusions: Literal["auto", "on", "off"] = "auto"  # onnxruntime.transformers.optimizer (BERT)
@@ -102,9 +107,11 @@ def calibration_extra_options(cal, feeds: int) -> dict[str, Any]:
 def _needs_reduce_range(opt: OrtCpuOptions) -> bool:
     if opt.reduce_range != "auto":
         return bool(opt.reduce_range)
+    if opt.isa != "host":  # the deployment CPU's arithmetic, not the build host's
+        return not has_vnni(opt.isa) and opt.activations == "uint8" and opt.weights == "int8"
     flags = cpu_flags()
     x86 = bool(flags & {"avx2", "sse4_1"})
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    vnni = bool(flags & VNNI_FLAGS)
     return x86 and not vnni and opt.activations == "uint8" and opt.weights == "int8"
 
 

@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import field_validator
+
 
 from edgebundle.core.errors import StageError
 from edgebundle.targets.base import BuildContext, Built
@@ -36,6 +38,14 @@ HOST_NOTE = ("latency measured with onnxruntime on this x86 host, not on a phone
 class OrtMobileOptions(OrtCpuOptions):
     target_platform: Literal["arm", "amd64"] = "arm"
     max_abs_diff: float | None = None  # a hard limit on .ort vs .onnx outputs (validation split); None: recorded
+
+    @field_validator("isa")
+    @classmethod
+    def _x86_only(cls, v: str) -> str:
+        if v != "host":
+            raise ValueError("options.isa applies to the x86 CPU targets (ort-cpu, openvino); ort-mobile deploys "
+                             "to phones")
+        return v
 
 
 @register_target("ort-mobile", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="onnxruntime",

@@ -1,0 +1,75 @@
+"""int8 judged on the CPU that will run it: `options.isa` of the x86 CPU targets. On a host with more than
+the deployment ISA the bundle is judged under qemu-x86_64 (AVX2: `-cpu Haswell`, its int8 numerics exactly);
+a bundle within budget on the host but not on the deployment ISA is not shipped complete."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from edgebundle.core.isa import how_to_judge, host_isa, isa_of, qemu
+from edgebundle.core.recipe import load_recipe
+from edgebundle.pipeline.runner import run
+
+EMULATES_AVX2 = host_isa() in ("avx512", "avx512-vnni", "avx-vnni") and qemu() is not None
+
+
+def test_isa_classes_and_how_each_is_judged_here():
+    assert isa_of({"avx2", "avx512f", "avx512_vnni"}) == "avx512-vnni"
+    assert isa_of({"avx2", "avx512f"}) == "avx512"
+    assert isa_of({"avx2", "avx_vnni"}) == "avx-vnni"
+    assert isa_of({"avx2"}) == "avx2" and isa_of({"asimd"}) == "other"
+    assert how_to_judge("host")[0] == "native"
+    mode, model, why = how_to_judge("avx2")
+    if host_isa() == "avx2":
+        assert mode == "native"
+    elif EMULATES_AVX2:
+        assert (mode, model) == ("emulated", "Haswell") and "qemu-x86_64 -cpu Haswell" in why
+    if host_isa() != "avx512-vnni":  # AVX-512 cannot be emulated: judged on the host's ISA, said so
+        mode, _, why = how_to_judge("avx512-vnni")
+        assert mode == "host" and "judged on" in why
+
+
+def _recipe(tmp_path, options: dict) -> object:
+    d = {"version": 1, "name": "saturating", "model": {"factory": "factories:saturating"},
+         "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32", "dynamic_axes": {0: "batch"}}],
+         "outputs": ["logits"], "data": {"kind": "digits", "calibration_samples": 64},
+         "metric": {"name": "snr", "min_snr_db": 30},
+         "stages": {"train": {"enabled": False}, "prune": {"enabled": False}, "distill": {"enabled": False}},
+         "targets": [{"name": "ort-cpu", "measure": {"iterations": 10},
+                      "options": {"precision": "int8", "accuracy_control": False, "isa": "avx2", **options}}],
+         "output": str(tmp_path / "out")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    return load_recipe(tmp_path / "r.yaml")
+
+
+@pytest.mark.skipif(host_isa() not in ("avx2", "avx512", "avx512-vnni", "avx-vnni"),
+                    reason=f"an x86 host with AVX2 is needed (this one: {host_isa()})")
+def test_int8_that_holds_on_the_host_but_saturates_on_avx2_is_refused(tmp_path):
+    """u8 x s8 with 8-bit weights: AVX2's pairwise multiply-add saturates on bright pixels under large weights
+    (measured on an AVX-512 VNNI host: 39.4 dB natively, 15.0 dB under AVX2; with 7-bit weights 37.9 dB on both).
+    Built for avx2, it is judged on AVX2 arithmetic (natively on an AVX2 host, under QEMU on a larger one) and
+    refused; on a VNNI host the same model was within budget. reduce_range auto (7-bit weights, what the
+    deployment ISA needs) holds on AVX2."""
+    res = run(_recipe(tmp_path, {"reduce_range": False}))
+    (b,) = res.bundles
+    assert b.status == "rejected" and not (tmp_path / "out" / "ort-cpu").exists()
+    assert "snr" in b.reason and "(budget: SNR >= 30 dB)" in b.reason
+    if EMULATES_AVX2:
+        assert "on avx2 (qemu-x86_64 -cpu Haswell; on this host's" in b.reason
+        if has_vnni_host():
+            assert "on this host's avx512-vnni: within budget" in b.reason or "avx-vnni: within budget" in b.reason
+
+    res = run(_recipe(tmp_path, {}))
+    (b,) = res.bundles
+    assert b.status == "complete", b.reason
+    isa = b.manifest["accuracy"]["isa"]
+    assert isa["deployment"] == "avx2" and isa["build_host"] == host_isa()
+    assert b.manifest["quantization"]["reduce_range"] is True
+    assert isa["judged_on"] == ("emulated" if EMULATES_AVX2 else "native")
+    if EMULATES_AVX2:
+        assert isa["emulator"] == "qemu-x86_64 -cpu Haswell"
+
+
+def has_vnni_host() -> bool:
+    return host_isa() in ("avx512-vnni", "avx-vnni")
