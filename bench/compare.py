@@ -39,7 +39,7 @@ from edgebundle.exporters.onnx import cosine, export
 from edgebundle.core.data import Split
 from edgebundle.stages.pruning import count, prune
 from edgebundle.core.recipe import ExportStage, PruneStage, TargetSpec, recipe_from_dict
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession
 

@@ -22,7 +22,7 @@ from edgebundle import zoo
 from edgebundle.exporters.onnx import cosine, export
 from edgebundle.core.data import Split
 from edgebundle.core.recipe import ExportStage, TargetSpec, recipe_from_dict
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession, fuse_transformer
 

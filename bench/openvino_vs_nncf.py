@@ -29,7 +29,7 @@ from edgebundle.core.data import Split
 from edgebundle.core.modelio import example_inputs
 from edgebundle.stages.pruning import count, prune
 from edgebundle.core.recipe import ExportStage, PruneStage, TargetSpec, recipe_from_dict
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.targets import BuildContext
 
 THREADS = 2

@@ -34,7 +34,7 @@ MODELS = ("efficientnet_lite", "minilm", "minilm_pruned")
 
 
 def _open_bundle(path: Path, m: dict, threads: int):
-    from edgebundle.core import registry
+    from edgebundle.targets import registry
 
     return registry.lookup(m["target"]["name"]).factory().open(path / m["model_file"], threads=threads,
                                                                 runtime=m["target"]["runtime"])
@@ -42,7 +42,7 @@ def _open_bundle(path: Path, m: dict, threads: int):
 
 def _own_fp32(path: Path, m: dict, fp32: Path, threads: int):
     """The bundle's runtime on the fp32 model (the same settings), where it can run one; else None."""
-    from edgebundle.core import registry
+    from edgebundle.targets import registry
 
     entry = registry.lookup(m["target"]["name"])
     own = path / "model.fp32.pte"

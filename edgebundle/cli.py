@@ -416,7 +416,7 @@ def recipe() -> None:
 @app.command()
 def targets() -> None:
     """List the targets, what each needs and whether it is available here."""
-    from edgebundle.core import registry
+    from edgebundle.targets import registry
 
     t = Table(title="targets")
     for col in ("name", "precisions", "runtime", "needs GPU", "extra", "available here"):

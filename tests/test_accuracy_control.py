@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from edgebundle.cli import app
 from edgebundle.core.recipe import CalibrationSpec
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.targets import BuildContext
 
 runner = CliRunner()

@@ -16,7 +16,7 @@ from edgebundle.core.recipe import PruneStage, TargetSpec, load_recipe
 from edgebundle.pipeline.runner import build_target, prepare, run
 from edgebundle.stages.training import HiddenMatch
 from edgebundle.zoo import tiny_encoder
-from edgebundle.core import registry
+from edgebundle.targets import registry
 
 
 HAVE_EXECUTORCH = importlib.util.find_spec("executorch") is not None

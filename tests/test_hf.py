@@ -9,7 +9,7 @@ import yaml
 from edgebundle.core.errors import RecipeError
 from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import run
-from edgebundle.core import registry
+from edgebundle.targets import registry
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed (pip install edgebundle[hf])")
 

@@ -27,8 +27,47 @@ def _modules() -> dict[str, set[str]]:
                 deps.update(f"{n.module}.{a.name}" for a in n.names)  # `from pkg import module`
             elif isinstance(n, ast.Import):
                 deps.update(a.name for a in n.names if a.name.split(".")[0] == "edgebundle")
+            else:
+                target = _string_import(n)
+                if target is not None and target.split(".")[0] == "edgebundle":
+                    deps.add(target)  # import_module("edgebundle.x") is an import like any other
         graph[name] = deps
     return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def _string_import(n: ast.AST) -> str | None:
+    """The module named by a constant string in import_module("...") or __import__("..."), else None."""
+    if not isinstance(n, ast.Call) or not n.args or not isinstance(n.args[0], ast.Constant):
+        return None
+    f = n.func
+    called = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+    if called in ("import_module", "__import__") and isinstance(n.args[0].value, str):
+        return n.args[0].value
+    return None
+
+
+def test_no_module_of_the_package_is_imported_by_a_string():
+    """import_module/__import__ with a constant string hides an arrow from the layer check: none are left."""
+    found = []
+    for p in ROOT.rglob("*.py"):
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            t = _string_import(n)
+            if t is not None and t.split(".")[0] == "edgebundle":
+                found.append(f"{p.relative_to(ROOT.parent)}: {t}")
+    assert not found, "string imports of the package:\n" + "\n".join(found)
+
+
+def test_validating_a_recipe_imports_no_upper_layer_and_not_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom edgebundle.core.recipe import load_recipe\nload_recipe(None)\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[:2] in (['edgebundle', 'targets'], "
+            "['edgebundle', 'stages'], ['edgebundle', 'calibration'], ['edgebundle', 'exporters'], "
+            "['edgebundle', 'pipeline']) or m == 'torch')\nprint(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT.parent).stdout.strip()
+    assert out == "", f"validating a recipe imported: {out}"
 
 
 def _package(module: str) -> str:

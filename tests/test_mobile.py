@@ -11,7 +11,7 @@ from edgebundle.pipeline.bundle import verify_files
 from edgebundle.core.recipe import TargetSpec
 from edgebundle.pipeline.runner import build_target, run_split
 from edgebundle.stages.training import accuracy
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.targets import BuildContext
 from edgebundle.targets.executorch_xnnpack import ExecutorchOptions, ExecutorchSession, ExecutorchTarget
 

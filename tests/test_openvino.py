@@ -8,7 +8,7 @@ from edgebundle.exporters.onnx import cosine
 from edgebundle.core.recipe import TargetSpec
 from edgebundle.pipeline.runner import build_target, run_split
 from edgebundle.stages.training import accuracy
-from edgebundle.core import registry
+from edgebundle.targets import registry
 
 pytestmark = pytest.mark.openvino
 

@@ -6,7 +6,7 @@ from edgebundle.exporters.onnx import cosine
 from edgebundle.core.data import Split
 from edgebundle.pipeline.runner import run_split
 from edgebundle.stages.training import accuracy
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.targets import BuildContext
 from edgebundle.targets.ort_cpu import OrtSession
 

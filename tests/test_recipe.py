@@ -1,5 +1,7 @@
 import pytest
 
+from edgebundle.targets.registry import check_targets
+
 from edgebundle.core.errors import RecipeError
 from edgebundle.core.recipe import load_recipe, recipe_from_dict
 from conftest import default_dict
@@ -34,18 +36,18 @@ def test_wrong_type_is_named(tmp_path):
 def test_unknown_target_lists_available(tmp_path):
     d = default_dict()
     d["targets"] = [{"name": "trt"}]
-    with pytest.raises(RecipeError, match=r"unknown target 'trt'; available: .*ort-cpu"):
-        recipe_from_dict(d, base_dir=tmp_path)
+    with pytest.raises(RecipeError, match=r"targets.0.name: unknown target 'trt'; available: .*ort-cpu"):
+        check_targets(recipe_from_dict(d, base_dir=tmp_path))
 
 
 def test_target_options_validated_by_target(tmp_path):
     d = default_dict()
     d["targets"] = [{"name": "ort-cpu", "options": {"quant_format": "qoperator", "activations": "int8"}}]
     with pytest.raises(RecipeError, match="qoperator"):
-        recipe_from_dict(d, base_dir=tmp_path)
+        check_targets(recipe_from_dict(d, base_dir=tmp_path))
     d["targets"] = [{"name": "ort-cpu", "options": {"bogus": 1}}]
-    with pytest.raises(RecipeError, match="bogus"):
-        recipe_from_dict(d, base_dir=tmp_path)
+    with pytest.raises(RecipeError, match="unknown key 'targets.0.options.bogus'"):
+        check_targets(recipe_from_dict(d, base_dir=tmp_path))
 
 
 @pytest.mark.parametrize("shape,msg", [([1, 0, 8, 8], "must be > 0"), ([1, 1, 100000, 100000], "above the limit")])

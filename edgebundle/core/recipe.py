@@ -306,15 +306,8 @@ class TargetSpec(Strict):
     measure: MeasureSpec = MeasureSpec()
     max_accuracy_drop: float = Field(1.0, ge=0, allow_inf_nan=False, description=(
         "the budget of drop metrics (top1, agreement: points below fp32; a metric function: its own units)"))
-    options: dict[str, Any] = Field(default_factory=dict, description="target-specific, validated by it")
-
-    @model_validator(mode="after")
-    def _known_target(self) -> TargetSpec:
-        from edgebundle.core import registry
-
-        entry = registry.lookup(self.name)  # raises ValueError listing what exists
-        entry.options_model.model_validate(self.options)
-        return self
+    options: dict[str, Any] = Field(default_factory=dict, description=(
+        "target-specific: validated by the target (edgebundle.targets.registry.check_targets) before any work"))
 
 
 class LimitsSpec(Strict):
@@ -362,27 +355,24 @@ class Recipe(Strict):
         return p if p.is_absolute() else (self.base_dir / p)
 
     def target(self, name: str) -> TargetSpec:
-        """The recipe's settings for a target; a registered target the recipe does not list gets defaults."""
+        """The recipe's settings for a target; a target the recipe does not list gets defaults (whether it
+        exists is the target registry's to say: the pipeline's preflight)."""
         for t in self.targets:
             if t.name == name:
                 return t
-        try:
-            return TargetSpec(name=name)
-        except ValidationError as e:
-            raise RecipeError(f"{e.errors()[0]['msg'].removeprefix('Value error, ')} "
-                              f"(the recipe lists: {', '.join(t.name for t in self.targets)})") from e
+        return TargetSpec(name=name)
 
 
-def _format_validation_error(e: ValidationError, source: str) -> str:
+def format_validation_error(e: ValidationError, source: str, prefix: str = "") -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in (prefix, *err["loc"]) if x != "") or "(top level)"
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
         else:
             msg = err["msg"].removeprefix("Value error, ")
             parts.append(f"{loc}: {msg}")
-    return f"invalid recipe {source}: " + "; ".join(parts)
+    return f"invalid recipe{' ' + source if source else ''}: " + "; ".join(parts)
 
 
 def recipe_from_dict(data: Any, *, base_dir: Path = Path("."), source: str = "<dict>") -> Recipe:
@@ -393,7 +383,7 @@ def recipe_from_dict(data: Any, *, base_dir: Path = Path("."), source: str = "<d
     try:
         return Recipe.model_validate({**data, "base_dir": base_dir})
     except ValidationError as e:
-        raise RecipeError(_format_validation_error(e, source)) from e
+        raise RecipeError(format_validation_error(e, source)) from e
 
 
 def load_recipe(path: str | Path | None = None) -> Recipe:

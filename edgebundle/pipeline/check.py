@@ -92,7 +92,7 @@ def _feeds(m: Manifest, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _open(side: Side):
-    from edgebundle.core import registry
+    from edgebundle.targets import registry
 
     m = side.manifest
     entry = registry.lookup(m.target.name)

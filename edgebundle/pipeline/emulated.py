@@ -58,7 +58,7 @@ def emulated_outputs(target: str, model_path: Path, runtime: dict[str, Any], thr
 
 
 def _child(folder: Path) -> None:
-    from edgebundle.core import registry
+    from edgebundle.targets import registry
 
     spec = json.loads((folder / SPEC).read_text())
     target = registry.lookup(spec["target"]).factory()

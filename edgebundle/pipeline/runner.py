@@ -29,7 +29,7 @@ from edgebundle.core.host import fingerprint, usable_cores
 from edgebundle.core.metrics import Contract, cosine
 from edgebundle.core.modelio import build_model, check_accepts, example_inputs, import_object, source_fingerprint
 from edgebundle.core.recipe import Recipe, TargetSpec
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft, TargetInfo, check_bundle_places,
                                         check_output_folder,
                                         pack as pack_bundle, write_bundle)
@@ -103,6 +103,7 @@ def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
     A second process preparing the same work folder waits, then finds the stages cached.
     """
     work = Path(work)
+    registry.check_targets(recipe)  # bad target names or options: one line before any work
     # under torchrun only rank 0 locks and cleans; the others must not block on rank 0's lock
     with work_lock(work) if distributed.is_main() else contextlib.nullcontext():
         # holding the lock, temporary stage folders are leftovers of a killed preparer: remove them
@@ -232,8 +233,12 @@ def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
 
 # ---- build ---------------------------------------------------------------------------------------------
 
-def _preflight(spec: TargetSpec):
-    entry = registry.lookup(spec.name)
+def _preflight(spec: TargetSpec, recipe: Recipe | None = None):
+    try:
+        entry = registry.lookup(spec.name)
+    except ValueError as e:
+        listed = f" (the recipe lists: {', '.join(t.name for t in recipe.targets)})" if recipe is not None else ""
+        raise RecipeError(f"{e}{listed}") from e
     target = entry.factory()
     options = entry.options_model.model_validate(spec.options)
     why = target.unavailable_reason(options)
@@ -560,10 +565,11 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
 
 
 def _select(recipe: Recipe, targets: list[str] | None, output: Path) -> list[TargetSpec]:
+    registry.check_targets(recipe)
     check_output_folder(output)
     selected = [recipe.target(t) for t in targets] if targets else list(recipe.targets)
     for spec in selected:
-        _preflight(spec)
+        _preflight(spec, recipe)
     check_bundle_places(output, [s.name for s in selected])
     return selected
 

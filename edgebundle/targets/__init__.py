@@ -4,7 +4,7 @@ Importing this package registers every target; heavy or optional runtimes are im
 each target's methods, so the package imports on machines without them.
 """
 
-from edgebundle.core import registry
+from edgebundle.targets import registry
 from edgebundle.targets.base import BuildContext, Built, Session, Target
 from edgebundle.targets import executorch_xnnpack, openvino, ort_cpu, ort_mobile, tensorrt  # noqa: F401  (each registers itself)
 

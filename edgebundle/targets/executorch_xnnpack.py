@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.core.registry import Capabilities, register_target
+from edgebundle.targets.registry import Capabilities, register_target
 from edgebundle.calibration.pt2e import xnnpack_quantizer
 from edgebundle.calibration.qat import QatOptions
 

@@ -39,7 +39,7 @@ from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
 from edgebundle.targets.ort_cpu import int8_if_auto
-from edgebundle.core.registry import Capabilities, register_target
+from edgebundle.targets.registry import Capabilities, register_target
 
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
 

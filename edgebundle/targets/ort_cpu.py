@@ -29,7 +29,7 @@ from edgebundle.core.session import OrtSession
 from edgebundle.core.host import cpu_flags
 from edgebundle.core.isa import ISA, VNNI_FLAGS, has_vnni
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.core.registry import Capabilities, register_target
+from edgebundle.targets.registry import Capabilities, register_target
 
 class OrtCpuOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -28,7 +28,7 @@ from edgebundle.targets.base import BuildContext, Built
 from edgebundle.core.metrics import compare
 from edgebundle.core.session import OrtSession
 from edgebundle.targets.ort_cpu import OrtCpuOptions, OrtCpuTarget
-from edgebundle.core.registry import Capabilities, register_target
+from edgebundle.targets.registry import Capabilities, register_target
 
 CONFIG = "required_operators.config"
 HOST_NOTE = ("latency measured with onnxruntime on this x86 host, not on a phone; measure the same .ort on the "

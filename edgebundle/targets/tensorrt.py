@@ -33,7 +33,7 @@ from edgebundle.calibration.readers import SplitReader
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.core.registry import Capabilities, register_target
+from edgebundle.targets.registry import Capabilities, register_target
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # per-channel weight axis TensorRT accepts: output channels (Conv K, ConvTranspose is [C, K/g, ...]),
