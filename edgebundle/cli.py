@@ -22,13 +22,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 err_console = Console(stderr=True)
 
-STAGE_LABELS = {
-    "teacher": "teacher (load / train)",
-    "prune": "prune (Torch-Pruning)",
-    "distill": "distill (KL + CE)",
-    "export": "export (ONNX + parity)",
-    "reference": "reference latency (fp32)",
-}
+def _label(stage: str) -> str:
+    """A progress line's label: what the stage declares, else its name."""
+    if stage == "reference":
+        return "reference latency (fp32)"
+    from edgebundle.stages import registry as stage_registry
+
+    s = stage_registry.get(stage)
+    return (s.label if s is not None and s.label else stage)
 
 
 def _fail(e: BaseException, debug: bool) -> None:
@@ -61,7 +62,7 @@ class _StageProgress:
         self.progress, self.tasks, self.t0 = progress, {}, {}
 
     def __call__(self, kind: str, stage: str, **info) -> None:
-        label = STAGE_LABELS.get(stage, stage)
+        label = _label(stage)
         if kind == "start":
             self.t0[stage] = time.perf_counter()
             self.tasks[stage] = self.progress.add_task(label, total=1)

@@ -53,3 +53,27 @@ def test_a_target_in_one_file_runs_end_to_end_through_an_entry_point(tmp_path):
     # without the plugin installed, the same recipe is one line naming what exists
     res = _run(tmp_path, recipe, {**os.environ})
     assert res.returncode == 2 and "unknown target 'echo'" in res.stdout + res.stderr
+
+
+def test_a_stage_in_one_file_runs_end_to_end_with_its_own_recipe_config(tmp_path):
+    env = _installed(tmp_path, "edgebundle.stages", "scale", "scale_stage")
+    recipe = _small(targets=[{"name": "ort-cpu", "measure": {"iterations": 10}, "options": {"precision": "fp32"}}])
+    recipe["stages"]["scale"] = {"enabled": True, "factor": 2.0}
+    res = _run(tmp_path, recipe, env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "scale (logits)" in res.stdout  # its declared label on the progress line
+    m = json.loads((tmp_path / "out" / "ort-cpu" / "manifest.json").read_text())
+    stages = [e["stage"] for e in m["lineage"]]
+    assert stages.index("teacher") < stages.index("scale") < stages.index("export"), stages
+    assert next(e for e in m["lineage"] if e["stage"] == "scale")["metrics"]["factor"] == 2.0
+    # it changed the model the user brought: judged end to end, against the original
+    acc = m["accuracy"]
+    assert acc["reference"] == "original" and acc["chain"][1]["by"] == ["scale"]
+    # its config is validated by its own class, before any work
+    recipe["stages"]["scale"] = {"enabled": True, "factor": -1}
+    res = _run(tmp_path, recipe, env)
+    assert res.returncode == 2 and "stages.scale.factor" in res.stdout + res.stderr
+    # without the plugin, its key is unknown
+    recipe["stages"]["scale"] = {"enabled": True}
+    res = _run(tmp_path, recipe, {**os.environ})
+    assert res.returncode == 2 and "unknown key 'stages.scale'" in res.stdout + res.stderr

@@ -278,6 +278,10 @@ class ExportStage(Strict):
 
 
 class Stages(Strict):
+    # the built-in stages' configs; any other key is a registered stage's own config, validated through the
+    # stage registry (edgebundle.stages.registry.check_stages) before any work
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
     train: TrainStage = TrainStage()
     prune: PruneStage = PruneStage()
     distill: DistillStage = DistillStage()

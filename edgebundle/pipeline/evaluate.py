@@ -73,12 +73,24 @@ def fp32_reference(prepared: Prepared, threads: int | None = None) -> list[np.nd
         return run_outputs(sess, prepared.dataset.test, prepared.recipe.inputs)
 
 
-COMPRESSION_STAGES = {"prune": "pruning", "distill": "distillation", "cluster": "clustering"}
+def _changes_model(stage: str) -> bool:
+    """Whether a stage makes a new model from the one the user brought (every model stage but the original's)."""
+    from edgebundle.stages import registry as stage_registry
+
+    s = stage_registry.get(stage)
+    return s is not None and s.makes_model and s.role != "original"
+
+
+def _step_name(stage: str) -> str:
+    """What the stage did, as its declaration says ('pruning'), else its name."""
+    from edgebundle.stages import registry as stage_registry
+
+    return getattr(stage_registry.get(stage), "compresses", None) or stage
 
 
 def compressed_by(prepared: Prepared) -> list[str]:
-    """The stages that changed the model the user brought (prune, distill, cluster), in the order they ran."""
-    return [a.stage for a in prepared.lineage if a.stage in COMPRESSION_STAGES]
+    """The stages that changed the model the user brought (prune, distill, cluster, ...), in the order they ran."""
+    return [a.stage for a in prepared.lineage if _changes_model(a.stage)]
 
 
 def original_reference(prepared: Prepared) -> np.ndarray | None:
@@ -145,7 +157,7 @@ class Chain:
         if s is None or b is None:
             return ""
         over = " (over budget alone)" if not s.within else ""
-        return (f"{' + '.join(COMPRESSION_STAGES[x] for x in self.steps)}: {verdict_summary(s)} vs original{over}; "
+        return (f"{' + '.join(_step_name(x) for x in self.steps)}: {verdict_summary(s)} vs original{over}; "
                 f"{precision}: {_more(s, b)}")
 
     def record(self) -> list[dict[str, Any]]:

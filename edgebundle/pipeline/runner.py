@@ -39,9 +39,8 @@ from edgebundle.pipeline.evaluate import (Evaluation, chain_for, check_resolvabl
                                           verdict_summary)
 from edgebundle.pipeline.lock import target_lock, work_lock
 from edgebundle.pipeline.records import BundleResult, Prepared, RunResult, recipe_digest
-from edgebundle.stages import STAGES, StageContext
+from edgebundle.stages import StageContext, registry as stage_registry
 from edgebundle.stages.data import load_split
-from edgebundle.stages.teacher import trains
 from edgebundle.targets import BuildContext
 from edgebundle.targets.base import Built
 
@@ -124,8 +123,7 @@ def _check_inputs(recipe: Recipe) -> Dataset:
     outs = check_accepts(probe, recipe.inputs, len(recipe.outputs))
     out = outs[recipe.judged_output[0]]
     if len(outs) > 1:
-        training = [("train" if s.name == "teacher" else s.name) for s in STAGES if s.name in TRAINING_STAGES
-                    and s.enabled(recipe) and (s.name != "teacher" or trains(recipe))]
+        training = [(s.key or s.name) for s in stage_registry.ordered() if s.enabled(recipe) and s.one_output(recipe)]
         if training:
             raise RecipeError(f"the model has {len(outs)} outputs; stages {', '.join(training)} train on one output "
                               "(logits): set their enabled: false (and give model.weights) to bundle it as it is")
@@ -137,18 +135,18 @@ def _check_inputs(recipe: Recipe) -> Dataset:
     return dataset
 
 
-TRAINING_STAGES = ("teacher", "prune", "distill", "cluster")  # they train or rank on one output (logits)
-
 
 def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
-    """Walk the registered stages (edgebundle.stages.STAGES) the recipe enables, through the cache."""
+    """Walk the registered stages the recipe enables, in their declared order, through the cache."""
     torch.manual_seed(recipe.seed)
+    stage_registry.check_stages(recipe)
     dataset = _check_inputs(recipe)
     ctx = StageContext(recipe, dataset, example_inputs(recipe.inputs), _device(),
                        source_fingerprint(recipe.model, recipe.base_dir))
     runner = _Stages(StageCache(work), on_event)
     lineage: list[Artifact] = []
-    for stage in STAGES:
+    roles: dict[str, Artifact] = {}
+    for stage in stage_registry.ordered():
         if not stage.enabled(recipe):
             continue
         art = runner.run(stage.name, stage.config(ctx), stage.inputs(ctx), lambda folder, s=stage: s.run(ctx, folder),
@@ -156,11 +154,17 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
         ctx.artifacts[stage.name] = art
         if stage.makes_model:
             ctx.student = art
-        if stage.name != "data":
+        if stage.in_lineage:
             lineage.append(art)
-    prepared = Prepared(recipe, dataset, ctx.artifacts["teacher"], ctx.student, ctx.artifacts["export"], lineage)
+        if stage.role:
+            roles[stage.role] = art
+    missing = {"original", "onnx", "data"} - set(roles)
+    if missing:
+        raise StageError(f"no stage gave {', '.join(sorted(missing))} (the registered stages: "
+                         f"{', '.join(s.name for s in stage_registry.ordered())})")
+    prepared = Prepared(recipe, dataset, roles["original"], ctx.student, roles["onnx"], lineage)
     if distributed.is_main():
-        _write_prepared(work, prepared, ctx.artifacts["data"])
+        _write_prepared(work, prepared, roles["data"])
     return prepared
 
 
@@ -566,6 +570,7 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
 
 def _select(recipe: Recipe, targets: list[str] | None, output: Path) -> list[TargetSpec]:
     registry.check_targets(recipe)
+    stage_registry.check_stages(recipe)
     check_output_folder(output)
     selected = [recipe.target(t) for t in targets] if targets else list(recipe.targets)
     for spec in selected:

@@ -1,14 +1,10 @@
-"""Stages: one module per prepare step behind the `Stage` protocol (edgebundle.stages.base), and the one
-registry, in the order the runner walks them. Adding a stage: one module, one line here."""
+"""Stages: one module per prepare step behind the `Stage` protocol (edgebundle.stages.base). Each declares
+itself (its config, label, predecessors, role) and registers with `@register_stage`; importing this package
+registers the built-ins, and `registry.ordered()` is the order the runner walks. Adding a stage: one module
+(here, or in another package through the `edgebundle.stages` entry-point group)."""
 
-from edgebundle.stages.base import Stage, StageContext
-from edgebundle.stages.cluster import Cluster
-from edgebundle.stages.data import Data
-from edgebundle.stages.distill import Distill
-from edgebundle.stages.export import Export
-from edgebundle.stages.prune import Prune
-from edgebundle.stages.teacher import Teacher
+from edgebundle.stages import cluster, data, distill, export, prune, teacher  # noqa: F401  (each registers itself)
+from edgebundle.stages import registry
+from edgebundle.stages.base import Stage, StageBase, StageContext
 
-STAGES: tuple[Stage, ...] = (Teacher(), Prune(), Distill(), Cluster(), Export(), Data())
-
-__all__ = ["STAGES", "Stage", "StageContext"]
+__all__ = ["Stage", "StageBase", "StageContext", "registry"]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from edgebundle.core.artifact import Artifact
@@ -62,8 +63,19 @@ def model_key(spec) -> dict[str, Any]:
 
 class Stage(Protocol):
     name: ClassVar[str]
+    label: ClassVar[str]  # its progress line ("prune (Torch-Pruning)")
+    key: ClassVar[str | None]  # its config's key under the recipe's `stages:` (None: the name)
+    Config: ClassVar[type[BaseModel] | None]  # its config class (built-ins: a field of the recipe schema)
+    after: ClassVar[tuple[str, ...]]  # stages that run before it when registered (its predecessors)
+    before: ClassVar[tuple[str, ...]]  # stages it must run before
     collective: ClassVar[bool]  # runs on every torchrun rank (it trains with DDP); else rank 0 only
     makes_model: ClassVar[bool]  # its artifact is a model: the new student, and a lineage entry
+    role: ClassVar[str | None]  # what build needs from prepare: "original" (the teacher), "onnx", "data"
+    in_lineage: ClassVar[bool]  # its artifact enters every bundle's lineage
+    compresses: ClassVar[str | None]  # it changes the model the user brought ("pruning"): judged end to end
+
+    def one_output(self, recipe: Recipe) -> bool:
+        """Whether, as the recipe configures it, it trains or ranks on one output (logits)."""
 
     def enabled(self, recipe: Recipe) -> bool: ...
 
@@ -78,3 +90,27 @@ class Stage(Protocol):
 
     def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
         """Write the artifact's files into `folder`; return its metrics."""
+
+
+class StageBase:
+    """The declarations' defaults, for a stage to inherit and override what differs."""
+
+    label: ClassVar[str] = ""
+    key: ClassVar[str | None] = None
+    Config: ClassVar[type[BaseModel] | None] = None
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+    collective: ClassVar[bool] = False
+    makes_model: ClassVar[bool] = False
+    role: ClassVar[str | None] = None
+    in_lineage: ClassVar[bool] = True
+    compresses: ClassVar[str | None] = None
+
+    def one_output(self, recipe: Recipe) -> bool:
+        return False
+
+    def inputs(self, ctx: StageContext) -> list[Artifact]:
+        return [ctx.student] if ctx.student is not None else []
+
+    def extra(self, ctx: StageContext) -> str:
+        return ctx.dataset.fingerprint

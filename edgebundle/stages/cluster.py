@@ -13,17 +13,25 @@ from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import save_structured
 from edgebundle.core.recipe import DistillStage, Recipe
 import edgebundle.stages.clustering as cl
-from edgebundle.stages.base import StageContext, dump
+from edgebundle.stages.registry import register_stage
+from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.training import accuracy, distill, predict
 
 
-class Cluster:
+@register_stage
+class Cluster(StageBase):
     name = "cluster"
+    label = "cluster (weights)"
+    after = ("distill",)
+    compresses = "clustering"
     collective = False
     makes_model = True
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.stages.cluster.enabled
+
+    def one_output(self, recipe: Recipe) -> bool:
+        return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         return {"cluster": dump(ctx.recipe.stages.cluster), "seed": ctx.recipe.seed}

@@ -12,7 +12,8 @@ import numpy as np
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.data import Split, data_config_json
 from edgebundle.core.recipe import Recipe
-from edgebundle.stages.base import StageContext
+from edgebundle.stages.registry import register_stage
+from edgebundle.stages.base import StageBase, StageContext
 
 
 def save_split(split: Split, path: Path) -> None:
@@ -34,8 +35,14 @@ def pool_size(recipe: Recipe) -> int:
     return max([recipe.data.calibration_samples] + [t.calibration.samples or 0 for t in recipe.targets])
 
 
-class Data:
+@register_stage
+class Data(StageBase):
     name = "data"
+    label = "data (splits)"
+    key = None
+    after = ("export",)
+    role = "data"
+    in_lineage = False
     collective = False
     makes_model = False
 

@@ -12,19 +12,27 @@ import numpy as np
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import save_structured
 from edgebundle.core.recipe import Recipe
-from edgebundle.stages.base import StageContext, dump
+from edgebundle.stages.registry import register_stage
+from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.pruning import count
 from edgebundle.core.metrics import per_sample_cosine, resolve_name
 from edgebundle.stages.training import accuracy, distill, distill_loss_for, predict
 
 
-class Distill:
+@register_stage
+class Distill(StageBase):
     name = "distill"
+    label = "distill (KL + CE)"
+    after = ("prune",)
+    compresses = "distillation"
     collective = True  # trains with DDP under torchrun
     makes_model = True
 
     def enabled(self, recipe: Recipe) -> bool:
         return recipe.stages.distill.enabled
+
+    def one_output(self, recipe: Recipe) -> bool:
+        return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         d = dump(ctx.recipe.stages.distill)

@@ -8,14 +8,19 @@ from typing import Any
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.recipe import Recipe
 from edgebundle.exporters.onnx import EXPORTER, check_parity, export, resolve_exporter, torchscript_opset
-from edgebundle.stages.base import StageContext, dump
+from edgebundle.stages.registry import register_stage
+from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.training import accuracy, predict
 
 FILE = "model.fp32.onnx"
 
 
-class Export:
+@register_stage
+class Export(StageBase):
     name = "export"
+    label = "export (ONNX + parity)"
+    after = ("teacher", "prune", "distill", "cluster")
+    role = "onnx"
     collective = False
     makes_model = False  # its artifact is in the lineage, but the student stays the PyTorch model
 

@@ -9,19 +9,27 @@ from edgebundle.core.artifact import Artifact
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.modelio import check_accepts, save_structured
 from edgebundle.core.recipe import Recipe
-from edgebundle.stages.base import StageContext, dump
+from edgebundle.stages.registry import register_stage
+from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.pruning import prune
 from edgebundle.stages.training import accuracy, predict
 
 
-class Prune:
+@register_stage
+class Prune(StageBase):
     name = "prune"
+    label = "prune (Torch-Pruning)"
+    after = ("teacher",)
+    compresses = "pruning"
     collective = False
     makes_model = True
 
     def enabled(self, recipe: Recipe) -> bool:
         p = recipe.stages.prune
         return p.enabled and (p.ratio > 0 or p.head_ratio > 0)
+
+    def one_output(self, recipe: Recipe) -> bool:
+        return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         return {"prune": dump(ctx.recipe.stages.prune)}

@@ -9,7 +9,8 @@ from typing import Any
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import build_model, save_structured
 from edgebundle.core.recipe import EnsembleSpec, Recipe
-from edgebundle.stages.base import StageContext, dump, model_key
+from edgebundle.stages.registry import register_stage
+from edgebundle.stages.base import StageBase, StageContext, dump, model_key
 from edgebundle.stages.pruning import count
 from edgebundle.stages.training import accuracy, predict, train_supervised
 
@@ -21,13 +22,20 @@ def trains(recipe: Recipe) -> bool:
     return t.enabled is True or (t.enabled == "auto" and not pretrained)
 
 
-class Teacher:
+@register_stage
+class Teacher(StageBase):
     name = "teacher"
+    label = "teacher (load / train)"
+    key = "train"
+    role = "original"
     collective = True  # trains with DDP under torchrun
     makes_model = True
 
     def enabled(self, recipe: Recipe) -> bool:
         return True
+
+    def one_output(self, recipe: Recipe) -> bool:
+        return trains(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
