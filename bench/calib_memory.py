@@ -26,7 +26,7 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from edgebundle.calibration.readers import SplitReader
 from edgebundle.core.data import Split
 from edgebundle.core.recipe import CalibrationSpec, InputSpec
-from edgebundle.targets.ort_cpu import calibration_extra_options
+from edgebundle.targets.common import calibration_extra_options
 src, dst, n, method, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
 x = np.random.default_rng(0).standard_normal((n, 3, 96, 96)).astype(np.float32)
 reader = SplitReader(Split({"image": x}, None), [InputSpec(name="image", shape=[1, 3, 96, 96])])
@@ -46,7 +46,7 @@ def main() -> None:
     from edgebundle import zoo
     from edgebundle.exporters.onnx import export
     from edgebundle.core.recipe import ExportStage, InputSpec
-    from edgebundle.targets.ort_cpu import CALIB_CHUNK
+    from edgebundle.targets.common import CALIB_CHUNK
 
     configs = {f"minmax, edgebundle (strides of <= {CALIB_CHUNK})": ("minmax", "edgebundle"),
                "minmax, ORT default": ("minmax", "default"),

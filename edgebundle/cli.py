@@ -170,7 +170,7 @@ def prepare(
     """
     from edgebundle.core import distributed
     from edgebundle.core.recipe import load_recipe
-    from edgebundle.pipeline.runner import prepare as prepare_stages
+    from edgebundle.pipeline.prepare import prepare as prepare_stages
 
     try:
         r = load_recipe(recipe)
@@ -204,7 +204,7 @@ def build(
 
     Exit codes as for `run`: 1 when a target missed its budget or failed, 2 for bad input."""
     from edgebundle.core.recipe import load_recipe
-    from edgebundle.pipeline.runner import build as build_targets
+    from edgebundle.pipeline.build import build as build_targets
 
     try:
         r = load_recipe(recipe) if recipe is not None else None

@@ -75,7 +75,7 @@ def test_strided_calibration_gives_the_same_scales_as_holding_everything(prepare
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from edgebundle.calibration.readers import SplitReader
-    from edgebundle.targets.ort_cpu import calib_stride
+    from edgebundle.targets.common import calib_stride
 
     assert calib_stride(128) == 16 and calib_stride(30) == 15 and calib_stride(17) == 1
     (tmp_path / "a").mkdir()

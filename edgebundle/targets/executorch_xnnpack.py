@@ -107,7 +107,7 @@ def _lower(exported, out: Path) -> dict[str, Any]:
 def _judge_on_val(ctx: BuildContext, pte: Path, names: list[str]):
     """The .pte's verdict on (up to 64 of) the validation inputs against the fp32 ONNX model."""
     from edgebundle.core.data import run_outputs
-    from edgebundle.targets.ort_cpu import val_outputs
+    from edgebundle.targets.common import val_outputs
 
     part = ctx.val_head(64)
     with ExecutorchSession(pte, names) as sess:
@@ -121,7 +121,7 @@ def _qat(ctx: BuildContext, model, q: QatOptions, example) -> tuple[dict[str, An
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
     from edgebundle.calibration.qat import fake_quant_config
-    from edgebundle.targets.ort_cpu import qat_program
+    from edgebundle.targets.common import qat_program
 
     quantizer = xnnpack_quantizer().set_global(fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
     r, record = qat_program(ctx, model, q, quantizer, "PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e), XNNPACK "
@@ -142,7 +142,7 @@ class ExecutorchTarget:
     def build(self, ctx: BuildContext) -> Built:
         import torch
 
-        from edgebundle.targets.ort_cpu import int8_if_auto
+        from edgebundle.targets.common import int8_if_auto
 
         opt: ExecutorchOptions = int8_if_auto(ctx.options)
         if ctx.load_model is None:

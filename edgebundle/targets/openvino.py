@@ -38,7 +38,7 @@ from edgebundle.core.isa import ISA, deployment, has_vnni
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.targets.base import BuildContext, Built
-from edgebundle.targets.ort_cpu import int8_if_auto
+from edgebundle.targets.common import int8_if_auto
 from edgebundle.targets.registry import Capabilities, register_target
 
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")

@@ -18,17 +18,19 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgebundle.calibration.qat import QatOptions
-from edgebundle.calibration.readers import SplitReader, iter_feeds, run_split
+from edgebundle.calibration.readers import SplitReader
 from edgebundle.core.errors import StageError
 from edgebundle.core.session import OrtSession
 from edgebundle.core.host import cpu_flags
 from edgebundle.core.isa import ISA, VNNI_FLAGS, has_vnni
+from edgebundle.exporters.graph import attention_matmuls, attention_shape, weighted_matmuls
 from edgebundle.targets.base import BuildContext, Built
+from edgebundle.targets.common import (calibrate_method, calibration_extra_options, int8_if_auto, p50_ms,
+                                       qat_program, val_outputs)
 from edgebundle.targets.registry import Capabilities, register_target
 
 class OrtCpuOptions(BaseModel):
@@ -72,36 +74,6 @@ class OrtCpuOptions(BaseModel):
             raise ValueError("quant_format 'qoperator' with int8 activations falls off ORT's fast int8 kernels "
                              "(10-40x slower on x86); use 'qdq' or uint8 activations")
         return self
-
-
-def int8_if_auto(opt):
-    """precision 'auto' builds int8; the runner measures it against fp32 and may ship fp32 instead."""
-    return opt.model_copy(update={"precision": "int8"}) if opt.precision == "auto" else opt
-
-
-def calibrate_method(name: str):
-    from onnxruntime.quantization import CalibrationMethod
-
-    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[name]
-
-
-CALIB_CHUNK = 16  # calibration folds its statistics every <= 16 feeds instead of holding every activation
-
-
-def calib_stride(feeds: int) -> int:
-    """The largest divisor of `feeds` up to CALIB_CHUNK (ORT requires the stride to divide the count)."""
-    return max(d for d in range(1, min(CALIB_CHUNK, feeds) + 1) if feeds % d == 0)
-
-
-def calibration_extra_options(cal, feeds: int) -> dict[str, Any]:
-    """quantize_static extra_options: calibration in strides (`CalibStridedMinMax`: ORT merges min/max ranges
-    or histograms after each stride, so memory stays bounded as samples grow; bench/calib_memory.py).
-    Not `CalibMaxIntermediateOutputs`: in this onnxruntime it drops each full chunk without using it."""
-    opts: dict[str, Any] = {"CalibStridedMinMax": calib_stride(feeds)} if feeds > 0 else {}
-    if cal.method == "percentile":
-        opts["CalibPercentile"] = cal.percentile
-    return opts
 
 
 def _needs_reduce_range(opt: OrtCpuOptions) -> bool:
@@ -318,7 +290,7 @@ class OrtCpuTarget:
         return control_accuracy(
             pre, out, lambda exclude: self._quantize(pre, out, reader, opt, cal, reduce_range, exclude),
             split=ctx.validation, specs=ctx.recipe.inputs, contract=ctx.val_contract(),
-            outputs=lambda model: val_outputs(model, ctx), p50_ms=lambda model: _p50_ms(model, ctx),
+            outputs=lambda model: val_outputs(model, ctx), p50_ms=lambda model: p50_ms(model, ctx),
             layer_errors=opt.layer_errors, control=opt.accuracy_control)
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "OrtSession":
@@ -348,30 +320,6 @@ def _qat_switch(opt: OrtCpuOptions, ctx: BuildContext, fused: bool, reduce_range
     if why and opt.qat.enabled == "on":
         raise StageError(f"qat enabled 'on': {why}")
     return ("off", why) if why else (opt.qat.enabled, None)
-
-
-def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str,
-                val_reference: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
-    """Quantization-aware distillation (calibration.qat) of the PyTorch student `model` under `quantizer`,
-    epochs picked on `q.val_samples` validation inputs by the target's contract: (QatResult, manifest record).
-    `val_reference`: the fp32 outputs on the validation split, when the caller has them (else computed)."""
-    from edgebundle.calibration.qat import qat_pt2e
-    from edgebundle.core.distillation import loss_for_metric
-
-    contract = ctx.val_contract()
-    part = ctx.val_head(q.val_samples)
-    ref = val_outputs(ctx.fp32_onnx, part) if val_reference is None else val_reference[:len(part.validation)]
-    train = ctx.train.head(q.samples)
-    loss = loss_for_metric(contract.metric)
-    r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
-                 score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
-                 epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed)
-    record = {"tool": tool, "loss": loss, "teacher": "the fp32 student",
-              "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs, "lr": q.lr,
-              "batch_size": q.batch_size, "best_epoch": r.best_epoch,
-              "val_loss_by_epoch": [round(-h, 6) for h in r.history],
-              "val_distill_loss_by_epoch": [round(x, 6) for x in r.distill_loss], "seconds": round(r.seconds, 1)}
-    return r, record
 
 
 def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, ptq: dict[str, Any] | None
@@ -408,103 +356,8 @@ def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, pt
             "onnx_rewrites": rewrites, "activations_tried_on_val": tried, "qat": record}, {}
 
 
-def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
-    """The model's judged output on the validation split."""
-    with OrtSession(model, threads=ctx.threads) as sess:
-        return run_split(sess, ctx.validation, ctx.recipe.inputs, output=ctx.val_contract().output_index)
-
-
-def _p50_ms(model: Path, ctx: BuildContext) -> float:
-    """Batch-1 median latency, the price of the layers accuracy control keeps in float."""
-    from edgebundle.core.measure import measure
-    from edgebundle.core.recipe import MeasureSpec
-
-    feeds = next(iter_feeds(ctx.validation.head(1), ctx.recipe.inputs, 1))
-    with OrtSession(model, threads=ctx.threads) as sess:
-        return measure(lambda: sess.run(feeds), MeasureSpec(iterations=50, warmup_max=200), threads=ctx.threads).p50_ms
-
-
-def _constants(graph) -> set[str]:
-    names = {i.name for i in graph.initializer}
-    names |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    return names
-
-
-def weighted_matmuls(model: Path) -> list[str]:
-    """MatMul/Gemm nodes with a constant weight (what dynamic int8 quantizes), in graph order."""
-    import onnx
-
-    g = onnx.load(str(model), load_external_data=False).graph
-    const = _constants(g)
-    return [n.name for n in g.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in const]
-
-
-def attention_matmuls(model: Path) -> int:
-    """MatMuls of two activations (Q.K^T, softmax.V): attention, unfused. CNNs and MLPs have none."""
-    import onnx
-
-    g = onnx.load(str(model), load_external_data=False).graph
-    const = _constants(g)
-    return sum(1 for n in g.node if n.op_type == "MatMul" and not (set(n.input) & const))
-
-
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization",
              "BiasGelu", "FastGelu", "Gelu", "LayerNormalization")
-
-
-def attention_shape(model_path: Path) -> tuple[int, int]:
-    """(heads, heads x head size) from the graph's split into heads: the most common 4-element Reshape
-    target (batch, sequence, heads, head size) whose last two multiply to a constant MatMul's output width.
-    (0, 0) when none is found: the optimizer then guesses, and it guesses wrong on real exports (on
-    all-MiniLM-L6-v2 it fuses no attention at all)."""
-    import collections
-
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    g = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if len(i.dims) <= 2}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].t.dims:
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    widths = {int(consts[n.input[1]].shape[-1]) for n in g.node
-              if n.op_type == "MatMul" and n.input[1] in consts and consts[n.input[1]].ndim == 2}
-    concats = {n.output[0]: n for n in g.node if n.op_type == "Concat"}
-
-    def target(name: str) -> list[int] | None:  # a constant shape, or a Concat of pieces (-1: not constant)
-        if name in consts:
-            return [int(v) for v in consts[name].reshape(-1)]
-        if name in concats:
-            parts = [consts[i].reshape(-1).tolist() if i in consts and consts[i].size == 1 else [-1]
-                     for i in concats[name].input]
-            return [int(v) for p in parts for v in p]
-        return None
-
-    producer = {o: n for n in g.node for o in n.output}
-
-    def feeding_width(name: str) -> int | None:  # the constant MatMul a few Adds upstream of a tensor
-        for _ in range(3):
-            n = producer.get(name)
-            if n is None:
-                return None
-            if n.op_type == "MatMul" and n.input[1] in consts and consts[n.input[1]].ndim == 2:
-                return int(consts[n.input[1]].shape[-1])
-            if n.op_type not in ("Add", "Mul"):
-                return None
-            name = next((i for i in n.input if i not in consts), n.input[0])
-        return None
-
-    seen: collections.Counter = collections.Counter()
-    for n in g.node:
-        if n.op_type == "Reshape" and len(n.input) > 1:
-            shape, width = target(n.input[1]), feeding_width(n.input[0])
-            if shape is None or len(shape) != 4 or shape[3] <= 0 or width is None or width not in widths:
-                continue
-            heads = shape[2] if shape[2] > 0 else width // shape[3]
-            if heads * shape[3] == width:
-                seen[(heads, width)] += 1
-    return seen.most_common(1)[0][0] if seen else (0, 0)
 
 
 def fuse_transformer(src: Path, dst: Path, when: str) -> dict[str, int]:

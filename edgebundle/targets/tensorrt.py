@@ -90,7 +90,7 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from edgebundle.calibration.accuracy import control_accuracy
-    from edgebundle.targets.ort_cpu import calibrate_method, calibration_extra_options, val_outputs
+    from edgebundle.targets.common import calibrate_method, calibration_extra_options, val_outputs
 
     opt: TensorRtOptions = ctx.options
     cal = ctx.spec.calibration

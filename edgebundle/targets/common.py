@@ -1,0 +1,85 @@
+"""What the targets share: precision auto's int8 build, ONNX Runtime calibration options, the fp32/int8
+judged outputs and batch-1 latency of an ONNX model on the validation split, and the quantization-aware
+distillation call. A target depends on its protocol (targets.base) and this module, never on another target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgebundle.calibration.qat import QatOptions
+from edgebundle.calibration.readers import iter_feeds, run_split
+from edgebundle.core.session import OrtSession
+from edgebundle.targets.base import BuildContext
+
+
+def int8_if_auto(opt):
+    """precision 'auto' builds int8; the runner measures it against fp32 and may ship fp32 instead."""
+    return opt.model_copy(update={"precision": "int8"}) if opt.precision == "auto" else opt
+
+
+def calibrate_method(name: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
+
+
+CALIB_CHUNK = 16  # calibration folds its statistics every <= 16 feeds instead of holding every activation
+
+
+def calib_stride(feeds: int) -> int:
+    """The largest divisor of `feeds` up to CALIB_CHUNK (ORT requires the stride to divide the count)."""
+    return max(d for d in range(1, min(CALIB_CHUNK, feeds) + 1) if feeds % d == 0)
+
+
+def calibration_extra_options(cal, feeds: int) -> dict[str, Any]:
+    """quantize_static extra_options: calibration in strides (`CalibStridedMinMax`: ORT merges min/max ranges
+    or histograms after each stride, so memory stays bounded as samples grow; bench/calib_memory.py).
+    Not `CalibMaxIntermediateOutputs`: in this onnxruntime it drops each full chunk without using it."""
+    opts: dict[str, Any] = {"CalibStridedMinMax": calib_stride(feeds)} if feeds > 0 else {}
+    if cal.method == "percentile":
+        opts["CalibPercentile"] = cal.percentile
+    return opts
+
+
+def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str,
+                val_reference: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
+    """Quantization-aware distillation (calibration.qat) of the PyTorch student `model` under `quantizer`,
+    epochs picked on `q.val_samples` validation inputs by the target's contract: (QatResult, manifest record).
+    `val_reference`: the fp32 outputs on the validation split, when the caller has them (else computed)."""
+    from edgebundle.calibration.qat import qat_pt2e
+    from edgebundle.core.distillation import loss_for_metric
+
+    contract = ctx.val_contract()
+    part = ctx.val_head(q.val_samples)
+    ref = val_outputs(ctx.fp32_onnx, part) if val_reference is None else val_reference[:len(part.validation)]
+    train = ctx.train.head(q.samples)
+    loss = loss_for_metric(contract.metric)
+    r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
+                 score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
+                 epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed)
+    record = {"tool": tool, "loss": loss, "teacher": "the fp32 student",
+              "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs, "lr": q.lr,
+              "batch_size": q.batch_size, "best_epoch": r.best_epoch,
+              "val_loss_by_epoch": [round(-h, 6) for h in r.history],
+              "val_distill_loss_by_epoch": [round(x, 6) for x in r.distill_loss], "seconds": round(r.seconds, 1)}
+    return r, record
+
+
+def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
+    """The model's judged output on the validation split."""
+    with OrtSession(model, threads=ctx.threads) as sess:
+        return run_split(sess, ctx.validation, ctx.recipe.inputs, output=ctx.val_contract().output_index)
+
+
+def p50_ms(model: Path, ctx: BuildContext) -> float:
+    """Batch-1 median latency, the price of the layers accuracy control keeps in float."""
+    from edgebundle.core.measure import measure
+    from edgebundle.core.recipe import MeasureSpec
+
+    feeds = next(iter_feeds(ctx.validation.head(1), ctx.recipe.inputs, 1))
+    with OrtSession(model, threads=ctx.threads) as sess:
+        return measure(lambda: sess.run(feeds), MeasureSpec(iterations=50, warmup_max=200), threads=ctx.threads).p50_ms
