@@ -105,7 +105,7 @@ def _accuracy_text(acc: dict) -> str:
     from edgebundle.pipeline.bundle import Accuracy
 
     return accuracy_text(acc["metric"], acc.get("fp32_onnx"), acc.get("target"), acc.get("judged_samples"),
-                         acc.get("details"), vs=Accuracy.model_validate(acc).against)
+                         acc.get("details"), vs=Accuracy.model_validate(acc).against, interval=acc.get("interval"))
 
 
 @app.command()
@@ -397,7 +397,10 @@ def check(
                   f"{res.ratio:.3f} [{res.ratio_ci95[0]:.3f}, {res.ratio_ci95[1]:.3f}]", f"{1 + res.tolerance:.3f}",
                   "[red]REGRESSION[/]" if res.latency_regression else "[green]ok[/]")
         ca, ba = res.candidate_accuracy, res.baseline_accuracy
-        t.add_row(f"accuracy vs {res.accuracy_reference}", "n/a" if ca is None else f"{ca:.2f} %", "n/a" if ba is None else f"{ba:.2f} %",
+        def ci(iv) -> str:
+            return "" if not iv else f" [{iv[0]:.4g}–{iv[1]:.4g}]"
+        t.add_row(f"accuracy vs {res.accuracy_reference}", "n/a" if ca is None else f"{ca:.4g}{ci(res.candidate_interval)}",
+                  "n/a" if ba is None else f"{ba:.4g}{ci(res.baseline_interval)}",
                   "n/a" if ca is None or ba is None else f"{ba - ca:+.2f} pts", f"{res.accuracy_tolerance} pts",
                   "[red]REGRESSION[/]" if res.accuracy_regression else "[green]ok[/]")
         console.print(t)

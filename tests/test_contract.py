@@ -214,3 +214,47 @@ def test_a_metric_function_that_raises_is_bad_input_wherever_it_is_judged(defaul
     with pytest.raises(RecipeError):  # also inside a target's accuracy control: the recipe's error, not the target's
         c.judge(np.zeros((2, 3)), np.zeros((2, 3)), None)
     assert issubclass(MetricFunctionError, RecipeError)
+
+
+def test_a_verdict_carries_its_interval_and_confidence_makes_the_worst_end_decide():
+    """Agreement 99.2 % on 250 confident inputs (2 flips): within a 1-point budget by the point estimate,
+    but its 95 % Wilson interval reaches 97.1 %: the interval is shown, says how many inputs would resolve
+    it, and with metric.confidence: 0.95 it decides (rejected)."""
+    import numpy as np
+
+    from edgebundle.core.metrics import Contract, MetricSpec, wilson
+
+    ref = np.zeros((250, 5), np.float32)
+    ref[:, 0] = 10.0  # confident class 0 everywhere
+    out = ref.copy()
+    out[:2, 0], out[:2, 1] = 0.0, 10.0  # two flips
+    point = Contract("agreement", MetricSpec(name="agreement"), 1.0).judge(ref, out, None, interval=True)
+    assert point.within and point.value == 99.2
+    lo, hi = wilson(248, 250, 0.95)
+    assert point.interval == (lo * 100, hi * 100) and point.interval[0] < 99.0 and point.worst_within is False
+    assert point.resolve_with is not None and point.resolve_with > 250
+    assert "95% CI" in point.line()
+    strict = Contract("agreement", MetricSpec(name="agreement", confidence=0.95), 1.0).judge(ref, out, None,
+                                                                                         interval=True)
+    assert not strict.within and strict.value == 99.2
+    # with many more judged inputs (20000) the same flip rate is resolved
+    big_ref, big_out = np.tile(ref, (80, 1)), np.tile(out, (80, 1))
+    resolved = Contract("agreement", MetricSpec(name="agreement", confidence=0.95), 1.0).judge(
+        big_ref, big_out, None, interval=True)
+    assert resolved.within and resolved.worst_within
+
+
+def test_intervals_of_top1_cosine_and_snr_bracket_their_point_estimates():
+    import numpy as np
+
+    from edgebundle.core.metrics import Contract, MetricSpec
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((300, 10)).astype(np.float32)
+    out = ref + 0.05 * rng.standard_normal(ref.shape).astype(np.float32)
+    labels = ref.argmax(1)
+    for metric in ("top1", "cosine", "snr"):
+        v = Contract(metric, MetricSpec(name=metric, min_cosine=0.5, min_mean_cosine=0.9), 1.0).judge(
+            ref, out, labels, interval=True)
+        point = v.details["cosine_mean"] if metric == "cosine" else v.value
+        assert v.interval[0] <= point <= v.interval[1], (metric, v.interval, point)

@@ -32,6 +32,9 @@ def test_default_bundle_is_judged_against_the_original_teacher(default_run):
     # top-1 of the reference is the teacher's own test accuracy, not the student's
     assert abs(acc["fp32_onnx"] - acc["teacher_pytorch"]) < 1e-6
     assert acc["chain"][2]["vs_original"]["value"] == acc["target"]
+    # every verdict carries its interval (here a paired bootstrap of top-1's drop) and says what decided
+    lo, hi = acc["interval"]
+    assert lo <= acc["target"] <= hi and acc["confidence"] == 0.95 and acc["decided_by"] == "point estimate"
     # the original's outputs are the teacher's, which differ from the pruned student's
     orig = original_reference(default_run.prepared)
     assert orig.shape == (len(default_run.prepared.dataset.test), 10)

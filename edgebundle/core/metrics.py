@@ -52,6 +52,9 @@ class MetricSpec(BaseModel):
     min_snr_db: float = Field(20.0, description="snr: the floor in dB")
     max_mse: float | None = Field(None, gt=0, description="mse: the ceiling (required for mse)")
     higher_is_better: bool = Field(True, description="a user function's direction")
+    confidence: float | None = Field(None, gt=0.5, lt=1, description=(
+        "with it (e.g. 0.95) a bundle is within budget only when its interval's worst end is; without it the "
+        "point estimate decides. The interval is always computed and shown"))
     reference: Literal["original", "student"] = Field("original", description=(
         "what a bundle is judged against when prune, distill or cluster ran: the original model's (the "
         "teacher's) fp32 outputs, end to end, or the pruned, distilled fp32 student's"))
@@ -100,10 +103,22 @@ class Verdict:
     loss: float  # one number, larger = worse, to rank attempts (drop, 1 - min cosine, -dB, mse)
     details: dict[str, Any] = field(default_factory=dict)
     max_drop: float | None = None  # the budget of drop metrics, in the metric's units
+    interval: tuple[float, float] | None = None  # the value's confidence interval (cosine: of the mean)
+    confidence: float | None = None  # the interval's level
+    worst_within: bool | None = None  # whether the interval's worst end is within budget
+    resolve_with: int | None = None  # judged inputs that would make the interval narrower than the margin
 
     def line(self) -> str:
-        """The verdict in a few words: 'agreement 97.50 % on 80 confident inputs (budget: drop <= 1 points)'."""
-        return f"{self.metric} {_fmt(self.metric, self.value)} on {self.samples} inputs (budget: {self.budget})"
+        """The verdict in a few words: 'agreement 97.50 % [95.1, 98.8] on 80 confident inputs (budget: ...)'."""
+        return (f"{self.metric} {_fmt(self.metric, self.value)}{self.interval_text()} on {self.samples} inputs "
+                f"(budget: {self.budget})")
+
+    def interval_text(self) -> str:
+        if self.interval is None:
+            return ""
+        what = "mean " if self.metric == "cosine" else ""
+        digits = 4 if self.metric == "cosine" else 2 if self.metric in DROP_METRICS else 3
+        return f" [{what}{self.confidence:.0%} CI {self.interval[0]:.{digits}f}, {self.interval[1]:.{digits}f}]"
 
 
 def _fmt(metric: str, v: float) -> str:
@@ -196,7 +211,16 @@ class Contract:
             return max(1, math.ceil(100.0 / self.max_drop - 1e-9)) if self.max_drop > 0 else 1
         return 1
 
-    def judge(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
+    def judge(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None, *,
+              interval: bool = False) -> Verdict:
+        """The verdict on `outputs` against `reference`; with `interval`, its confidence interval too (at the
+        recipe's `confidence`, 0.95 where it names none), and under `confidence` the interval decides."""
+        v = self._judge(reference, outputs, labels)
+        if not interval:
+            return v
+        return with_interval(v, self, reference, outputs, labels)
+
+    def _judge(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
         m, s = self.metric, self.spec
         n = len(outputs)
         if m == "top1":
@@ -251,6 +275,123 @@ class Contract:
                        max_drop=self.max_drop)
 
 
+BOOTSTRAP = 2000
+FUNCTION_BOOTSTRAP = 100  # a user function is called twice per resample
+
+
+def wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n."""
+    from statistics import NormalDist
+
+    if n == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def _bootstrap(stat: Callable[[np.ndarray], float], n: int, confidence: float, resamples: int = BOOTSTRAP
+               ) -> tuple[float, float]:
+    """Percentile bootstrap interval of stat(indices) over `resamples` resamples of n inputs (seed 0)."""
+    rng = np.random.default_rng(0)
+    vals = np.array([stat(rng.integers(0, n, size=n)) for _ in range(resamples)], dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
+    if len(vals) == 0:
+        return float("nan"), float("nan")
+    a = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(vals, [a, 100 - a])
+    return float(lo), float(hi)
+
+
+def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.ndarray,
+                  labels: np.ndarray | None) -> Verdict:
+    """The verdict with its interval: Wilson for agreement, a paired bootstrap over inputs for top-1's drop,
+    cosine's mean, SNR, MSE and a user function's drop. Under `metric.confidence` the worst end decides."""
+    import dataclasses
+
+    conf = c.spec.confidence or 0.95
+    n = len(outputs)
+    worst_drop = None  # drop metrics: the interval's worst drop
+    if v.metric == "agreement":
+        p = softmax_if_logits(reference)
+        confident = p.max(axis=1) >= c.spec.min_confidence
+        same = (_top1(outputs) == _top1(reference))[confident]
+        lo, hi = wilson(int(same.sum()), len(same), conf)
+        iv = (lo * 100.0, hi * 100.0)
+        worst_drop = 100.0 - iv[0]
+    elif v.metric == "top1":
+        d = ((_top1(reference) == labels).astype(np.float64) - (_top1(outputs) == labels)) * 100.0
+        lo, hi = _bootstrap(lambda i: d[i].mean(), n, conf)  # the drop's interval
+        iv = (v.reference - hi, v.reference - lo)
+        worst_drop = hi
+    elif v.metric == "cosine":
+        cs = per_sample_cosine(outputs, reference)
+        iv = _bootstrap(lambda i: cs[i].mean(), n, conf) if np.isfinite(cs).all() else (float("nan"),) * 2
+    elif v.metric == "snr":
+        r, o = reference.astype(np.float64).reshape(n, -1), outputs.astype(np.float64).reshape(n, -1)
+        sig, noise = (r ** 2).sum(axis=1), ((o - r) ** 2).sum(axis=1)
+        iv = _bootstrap(lambda i: 10.0 * math.log10(sig[i].sum() / noise[i].sum()) if noise[i].sum() > 0
+                        else float("inf"), n, conf)
+    elif v.metric == "mse":
+        e = ((outputs.astype(np.float64) - reference.astype(np.float64)) ** 2).reshape(n, -1).mean(axis=1)
+        iv = _bootstrap(lambda i: e[i].mean(), n, conf)
+    else:
+        sign = 1.0 if c.spec.higher_is_better else -1.0
+        lo, hi = _bootstrap(lambda i: sign * (_call(c.fn, v.metric, reference[i], reference[i], _take(labels, i),
+                                                     c.timeout_s)
+                                              - _call(c.fn, v.metric, outputs[i], reference[i], _take(labels, i),
+                                                      c.timeout_s)), n, conf, FUNCTION_BOOTSTRAP)
+        iv = (v.reference - sign * hi, v.reference - sign * lo) if c.spec.higher_is_better else \
+            (v.reference + hi, v.reference + lo)
+        worst_drop = hi
+    iv = (float(min(iv)), float(max(iv)))
+    worst = _worst_within(v, c, iv, worst_drop)
+    resolve = _resolve_with(v, c, iv, worst_drop) if not worst and v.within else None
+    within = worst if c.spec.confidence is not None else v.within
+    return dataclasses.replace(v, interval=iv, confidence=conf, worst_within=worst, resolve_with=resolve,
+                               within=within)
+
+
+def _take(labels: np.ndarray | None, i: np.ndarray) -> np.ndarray | None:
+    return None if labels is None else labels[i]
+
+
+def _worst_within(v: Verdict, c: Contract, iv: tuple[float, float], worst_drop: float | None) -> bool:
+    s = c.spec
+    if worst_drop is not None:
+        return bool(worst_drop <= c.max_drop + 1e-9)
+    if v.metric == "cosine":  # the minimum is already the worst judged input; the mean has an interval
+        return bool(v.within and iv[0] >= s.min_mean_cosine)
+    if v.metric == "snr":
+        return bool(iv[0] >= s.min_snr_db)
+    if v.metric == "mse":
+        return bool(iv[1] <= s.max_mse)
+    return v.within
+
+
+def _resolve_with(v: Verdict, c: Contract, iv: tuple[float, float], worst_drop: float | None) -> int | None:
+    """Judged inputs that would bring the interval's half-width within the point estimate's margin to the
+    budget (half-widths shrink as 1/sqrt(n)); None when the point itself sits on the budget."""
+    s = c.spec
+    half = (iv[1] - iv[0]) / 2
+    if worst_drop is not None and v.drop is not None:
+        margin = c.max_drop - v.drop
+    elif v.metric == "cosine":
+        margin = v.details.get("cosine_mean", 0.0) - s.min_mean_cosine
+    elif v.metric == "snr":
+        margin = v.value - s.min_snr_db
+    elif v.metric == "mse":
+        margin = s.max_mse - v.value
+    else:
+        return None
+    if margin <= 0 or half <= 0:
+        return None
+    return int(math.ceil(v.samples * (half / margin) ** 2))
+
+
 class MetricFunctionError(RecipeError):
     """A user metric function raised, did not return in time, or returned something that is not a finite
     number: the recipe's error (exit 2) wherever it is judged, in a target's accuracy control too."""
@@ -276,13 +417,19 @@ def _call(fn: Callable[..., Any], name: str, outputs, reference, labels, timeout
 
 
 def accuracy_text(metric: str, reference: float | None, value: float | None, judged: int | None = None,
-                  details: dict[str, Any] | None = None, vs: str | None = None) -> str:
+                  details: dict[str, Any] | None = None, vs: str | None = None,
+                  interval: list[float] | tuple[float, float] | None = None) -> str:
     """A bundle's accuracy in its metric's own units, reference -> bundle: 'agreement 100.00 -> 98.75 % (n=80)';
     `vs` names the reference where it is not the fp32 export itself ('... vs original')."""
     if value is None:
         return "n/a"
     if vs:
-        return accuracy_text(metric, reference, value, judged, details) + f" vs {vs}"
+        return accuracy_text(metric, reference, value, judged, details, interval=interval) + f" vs {vs}"
+    if interval:
+        digits = 4 if metric == "cosine" else 2 if metric in DROP_METRICS else 3
+        what = "mean " if metric == "cosine" else ""
+        return (accuracy_text(metric, reference, value, judged, details)
+                + f" [{what}CI {interval[0]:.{digits}f}–{interval[1]:.{digits}f}]")
     if metric in DROP_METRICS:
         head = f"{metric} {reference:.2f} → {value:.2f} %" if reference is not None else f"{metric} {value:.2f} %"
         return head + (f" (n={judged})" if judged is not None else "")

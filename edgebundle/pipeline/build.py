@@ -156,7 +156,7 @@ class _Job:
             out = outs[self.contract.output_index]
             labels = self.prepared.dataset.test.labels
             chain = chain_for(self.contract, self.prepared, self.original, self.ref_out, out,
-                              self.contract.judge(self.ref_out, out, labels))
+                              self.contract.judge(self.ref_out, out, labels, interval=True))
             record["emulator"] = f"qemu-x86_64 -cpu {cpu_model}"
             record["on_build_host"] = {"value": ev.verdict.value, "within_budget": ev.verdict.within,
                                        **({"cosine_mean": ev.verdict.details["cosine_mean"]}
@@ -230,6 +230,10 @@ def _on_isa(ev: Evaluation) -> str:
 def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
     c = ev.chain
     isa = _on_isa(ev)
+    v = ev.verdict
+    if v.worst_within is False and v.confidence is not None:  # the interval decided
+        isa += (f" (its {v.confidence:.0%} interval's worst end" + (
+            f"; about {v.resolve_with} judged inputs would resolve it)" if v.resolve_with else ")"))
     if c is not None and c.reference == "original" and c.steps:
         return (f"{spec.name}: {ev.verdict.line()}{isa} against the original model missed the budget; "
                 f"{c.spent(ev.built.precision)}; tried: {tried(ev.built.quantization)}")
@@ -265,6 +269,11 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
         notes.append(f"metric.reference: student: the budget judges this bundle against the fp32 student, which is "
                      f"at {verdict_summary(s)} against the original model on the test split"
                      f"{'' if s.within else ', outside the budget against the original'}")
+    if v.interval is not None and v.worst_within is False and v.within:
+        more = f": about {v.resolve_with} judged inputs would resolve it" if v.resolve_with else ""
+        notes.append(f"the {v.confidence:.0%} interval of the verdict ({v.interval[0]:.4g} to {v.interval[1]:.4g}) "
+                     f"reaches past the budget, so the point estimate alone decided{more} "
+                     "(metric.confidence makes the interval decide)")
     if ev.isa and ev.isa["judged_on"] == "host" and ev.isa["deployment"] != ev.isa["build_host"]:
         notes.append(f"int8 {ev.isa['how']}: the verdict holds for {ev.isa['build_host']} CPUs, not shown for "
                      f"{ev.isa['deployment']}")
@@ -309,6 +318,9 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           output_cosine_vs_fp32=cosine(ev.outputs, job.ref_out),
                           reference=ev.chain.reference if ev.chain else "student",
                           chain=ev.chain.record() if ev.chain else None, isa=ev.isa,
+                          interval=list(v.interval) if v.interval else None, confidence=v.confidence,
+                          interval_within_budget=v.worst_within, resolve_with=v.resolve_with,
+                          decided_by="interval" if recipe.metric.confidence else "point estimate",
                           student_vs_teacher=next((a.metrics.get("student_vs_teacher") for a in prepared.lineage
                                                    if a.stage == "distill"), None)),
         latency=None if lat is None else lat.to_dict(),

@@ -68,6 +68,11 @@ class Accuracy(_M):
     # x86 CPU targets: the ISA the bundle is built for, the build host's, and how the verdict was reached on it
     # (judged_on: native | emulated (qemu-x86_64) | host (the deployment ISA could not be reproduced here))
     isa: dict[str, Any] | None = None
+    interval: list[float] | None = None  # the verdict value's confidence interval (cosine: of the mean)
+    confidence: float | None = None  # its level
+    interval_within_budget: bool | None = None  # whether its worst end is within the budget
+    resolve_with: int | None = None  # judged inputs that would resolve an interval reaching past the budget
+    decided_by: str | None = None  # "point estimate" or "interval" (metric.confidence)
 
     @property
     def against(self) -> str | None:

@@ -54,6 +54,8 @@ class CheckResult:
     different_host: bool
     notes: list[str] = field(default_factory=list)
     accuracy_reference: str = "fp32 export"  # what both sides' accuracy is judged against (original, fp32 student)
+    candidate_interval: list[float] | None = None  # each side's recorded verdict interval (manifest)
+    baseline_interval: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -189,6 +191,7 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         mode=mode, ratio=ratio, ratio_ci95=ci, tolerance=tolerance, candidate_p50_ms=a50, baseline_p50_ms=b50,
         rounds=n, candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance,
         target=cm.target.name, different_host=different, notes=notes, accuracy_reference=ref_c,
+        candidate_interval=cm.accuracy.interval, baseline_interval=bm.accuracy.interval,
     )
 
 

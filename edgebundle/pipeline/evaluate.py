@@ -185,8 +185,8 @@ def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | Non
     reference = prepared.recipe.metric.reference
     if original is None:
         return Chain("original", [], None, None, bundle_vs_student)
-    return Chain(reference, compressed_by(prepared), contract.judge(original, student, labels),
-                 contract.judge(original, bundle, labels), bundle_vs_student)
+    return Chain(reference, compressed_by(prepared), contract.judge(original, student, labels, interval=True),
+                 contract.judge(original, bundle, labels, interval=True), bundle_vs_student)
 
 
 def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:
@@ -259,7 +259,7 @@ def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: T
         raise StageError(f"build:{spec.name}: the artifact has {len(outs)} output(s); the metric judges output "
                          f"'{contract.output_name}' (number {contract.output_index + 1})")
     out = outs[contract.output_index]
-    verdict = contract.judge(reference_out, out, ds.test.labels)
+    verdict = contract.judge(reference_out, out, ds.test.labels, interval=True)
     return Evaluation(built, out, verdict, lat, same_rt, runtime_seen)
 
 

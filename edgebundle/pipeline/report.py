@@ -143,7 +143,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
             notes.append(f"{path.name}: files changed since the bundle was written ({', '.join(changed)}): "
                          "its figures are not to be trusted")
         acc_text = accuracy_text(acc.metric, acc.fp32_onnx, acc.target, acc.judged_samples, acc.details,
-                                 vs=acc.against)
+                                 vs=acc.against, interval=acc.interval)
         rows.append(
             f"<tr{' class=rejected' if rejected else ''}><td class=l>{e(path.name)}</td>"
             f"<td class=l>{e(m.target.precision)}</td>"
