@@ -217,3 +217,33 @@ def test_a_tokenizer_that_maps_most_words_to_unknown_is_refused(tmp_path):
     assert res.exit_code == 2, res.output
     line = " ".join(res.output.split())
     assert "maps 100% of the data's tokens to its unknown token '[UNK]'" in line, line
+
+
+def test_pickled_weights_in_a_hf_folder_are_one_line_exit_2_and_run_nothing(tmp_path):
+    """pytorch_model.bin holding a __reduce__ payload: torch refuses to unpickle it (weights_only), nothing
+    runs, and the run says so in the line model.weights gives, exit 2."""
+    import os
+
+    import torch
+    from typer.testing import CliRunner
+
+    from edgebundle.cli import app
+
+    cfg = transformers.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "bert")
+    (tmp_path / "bert" / "model.safetensors").unlink()
+    marker = tmp_path / "pwned.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Payload()}, tmp_path / "bert" / "pytorch_model.bin")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film", "number"]
+    transformers.BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path / "bert")
+    res = CliRunner().invoke(app, ["run", str(_tiny_text_recipe(tmp_path, "bert"))])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert "cannot be loaded safely: it holds pickled Python objects" in line and "weights_only=False" not in line
+    assert not marker.exists()

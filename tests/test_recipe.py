@@ -79,3 +79,10 @@ def test_example_recipes_load():
     assert examples
     for p in examples:
         assert load_recipe(p).name
+
+
+def test_non_finite_target_options_are_refused_with_their_path(tmp_path):
+    d = default_dict()
+    d["targets"] = [{"name": "ort-cpu", "options": {"qat": {"lr": float("inf")}}}]
+    with pytest.raises(RecipeError, match=r"targets\.0\.options\.qat\.lr"):
+        check_targets(recipe_from_dict(d, base_dir=tmp_path))

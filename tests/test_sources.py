@@ -128,7 +128,18 @@ def test_bad_images_and_text_are_one_line_exit_2(tmp_path):
     _save(china[:50, :50], tmp_path / "imgs" / "cat" / "ok.jpg")
     (tmp_path / "imgs" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     (tmp_path / "empty").mkdir()
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    (tmp_path / "bomb").mkdir()  # 564 bytes declaring 50000 x 50000 pixels
+    (tmp_path / "bomb" / "big.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 50000, 50000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     cases = [
+        ({"kind": "images", "path": "bomb"}, "declares more pixels than Pillow decodes safely", "big.png"),
         ({"kind": "images", "path": "imgs"}, "cannot read image", "broken.jpg"),
         ({"kind": "images", "path": "empty"}, "has no images", "empty"),
         ({"kind": "images", "path": "nowhere"}, "image folder not found", "nowhere"),
@@ -172,3 +183,36 @@ def test_image_and_text_options_are_checked_by_the_recipe():
         DataSpec(kind="digits", image={"resize": 8})
     with pytest.raises(ValidationError, match="std must be > 0"):
         DataSpec(kind="images", path="x", image={"std": [0.0]})
+
+
+def test_hostile_text_and_image_files_are_one_line_or_read_right(tmp_path):
+    """A JSONL line that is not an object, a PNG declaring 50000x50000 pixels: one line naming the file. A CSV
+    field over 128 KiB is read (and cut before tokenizing); a 16-bit PNG is scaled, not clipped; EXIF
+    orientation is applied."""
+    import numpy as np
+    from PIL import Image
+
+    from edgebundle.core.errors import DataError
+    from edgebundle.core.recipe import InputSpec, TextSpec
+    from edgebundle.core.sources import _rows, _upright_8bit
+
+    (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n42\n')
+    with pytest.raises(DataError, match=r"a.jsonl, line 2: a JSON int, not an object"):
+        _rows(tmp_path / "a.jsonl", TextSpec(text_column="text"))
+    (tmp_path / "b.csv").write_text("text\n" + "x" * 300_000 + "\nshort\n")
+    texts, _ = _rows(tmp_path / "b.csv", TextSpec(text_column="text"))
+    assert len(texts[0]) == 300_000 and texts[1] == "short"
+
+    # 16-bit grey: the full range maps to 0..255, mid-grey stays mid-grey
+    a = np.array([[0, 32768, 65535]], np.uint16)
+    Image.fromarray(a).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        got = np.asarray(_upright_8bit(im))
+    assert got.tolist() == [[0, 128, 255]]
+    # EXIF orientation 6 (rotate 90 clockwise to view): a 2x1 image is shown 1x2
+    im = Image.new("L", (2, 1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "r.jpg", exif=exif.tobytes())
+    with Image.open(tmp_path / "r.jpg") as im:
+        assert _upright_8bit(im).size == (1, 2)

@@ -45,7 +45,7 @@ class QatOptions(BaseModel):
     """Quantization-aware distillation (edgebundle.calibration.qat): the static int8 program's weights
     fine-tuned under its own fake quantization to reproduce the fp32 student's outputs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN/inf (recipe rule)
 
     enabled: Literal["auto", "on", "off"] = Field("auto", description=(
         "auto: when post-training int8 misses the budget on validation inputs; on: instead of post-training "

@@ -31,3 +31,14 @@ class IntegrityError(BundleError):
     def __init__(self, message: str, files: list[str]) -> None:
         super().__init__(message)
         self.files = files
+
+
+def weights_problem(e: Exception) -> str:
+    """What is wrong with a weights file, in words (torch's own messages are long or say only errno)."""
+    text = " ".join(str(e).split())
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("it holds pickled Python objects, which torch.load(weights_only=True) refuses to run; save a "
+                "state_dict (torch.save(model.state_dict(), ...)) or use .safetensors")
+    if isinstance(e, (OSError, EOFError)) or "PytorchStreamReader" in text or "zip" in text.lower():
+        return f"it is truncated or not a PyTorch checkpoint ({type(e).__name__}: {text[:120]})"
+    return f"{type(e).__name__}: {text[:200]}"

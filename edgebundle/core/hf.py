@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgebundle.core.errors import RecipeError
+from edgebundle.core.errors import RecipeError, weights_problem
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
@@ -104,7 +104,12 @@ def load(path: Path | str, task: str = "sequence-classification", *, pooling: st
     extra = {} if task == "image-classification" else {"attn_implementation": "eager"}
     try:
         model = auto.from_pretrained(str(path), local_files_only=True, **extra, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # pickled weights refused by weights_only (UnpicklingError), a corrupt file, ...
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise RecipeError(f"model.hf: the weights in {path} cannot be loaded safely: {weights_problem(e)}") from e
+        if not isinstance(e, (OSError, ValueError, KeyError)):
+            raise RecipeError(f"model.hf: could not load {path} for {task}: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:200]}") from e
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if isinstance(e, ValueError) and "Unrecognized configuration class" in why:
             why = f"this model's class has no {task} head in transformers"

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edgebundle.core.errors import RecipeError
+from edgebundle.core.errors import RecipeError, weights_problem
 from edgebundle.core.limits import DEFAULT_USER_CODE_S, time_limit
 from edgebundle.core.artifact import sha256_file
 from edgebundle.core.recipe import EnsembleSpec, InputSpec, ModelSpec
@@ -132,17 +132,6 @@ def build_model(spec: ModelSpec | EnsembleSpec, base_dir: Path, timeout_s: float
     return model.eval()
 
 
-def _weights_problem(e: Exception) -> str:
-    """What is wrong with a weights file, in words (torch's own messages are long or say only errno)."""
-    text = " ".join(str(e).split())
-    if "Weights only load failed" in text or "weights_only" in text:
-        return ("it holds pickled Python objects, which torch.load(weights_only=True) refuses to run; save a "
-                "state_dict (torch.save(model.state_dict(), ...)) or use .safetensors")
-    if isinstance(e, (OSError, EOFError)) or "PytorchStreamReader" in text or "zip" in text.lower():
-        return f"it is truncated or not a PyTorch checkpoint ({type(e).__name__}: {text[:120]})"
-    return f"{type(e).__name__}: {text[:200]}"
-
-
 def load_weights(model: nn.Module, path: Path) -> None:
     if path.is_dir():
         raise RecipeError(f"model.weights {path} is a folder; give the weights file (.safetensors, .pt or .pth)")
@@ -158,7 +147,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle refused by weights_only, ...
-        raise RecipeError(f"model.weights {path} cannot be loaded safely: {_weights_problem(e)}") from e
+        raise RecipeError(f"model.weights {path} cannot be loaded safely: {weights_problem(e)}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     try:

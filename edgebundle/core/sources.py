@@ -88,6 +88,7 @@ def _image_transform(spec: ImageSpec, inp: InputSpec, hf_folder: Path | None):
     resize = d["resize"] or min(h, w)
 
     def transform(im) -> np.ndarray:
+        im = _upright_8bit(im)
         im = im.convert("RGB" if c == 3 else "L")
         s = resize / min(im.size)
         im = im.resize((max(w, round(im.size[0] * s)), max(h, round(im.size[1] * s))), Image.Resampling.BILINEAR)
@@ -98,6 +99,18 @@ def _image_transform(spec: ImageSpec, inp: InputSpec, hf_folder: Path | None):
 
     settings = json.dumps([resize, mean.tolist(), std.tolist(), nhwc, c, h, w])
     return ((h, w, c) if nhwc else (c, h, w)), transform, settings
+
+
+def _upright_8bit(im):
+    """EXIF orientation applied (what a viewer shows), and 16/32-bit grey scaled to 8 bits (not clipped)."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im) or im
+    if im.mode.startswith("I") or im.mode == "F":  # Pillow opens 16-bit PNGs as I or I;16
+        a = np.asarray(im, np.float64)
+        full = 65535.0 if im.mode != "F" and a.max() <= 65535 else max(float(a.max()), 1.0)
+        im = Image.fromarray(np.clip(a / full * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im
 
 
 def _lazy_images(n: int, open_row, sample, transform, fingerprint: str) -> LazyRows:
@@ -123,6 +136,9 @@ def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path |
     files, labels, classes = _image_files(folder)
 
     def unreadable(f: Path, e: BaseException) -> DataError:
+        if isinstance(e, Image.DecompressionBombError):
+            return DataError(f"image {f} declares more pixels than Pillow decodes safely "
+                             f"({str(e).split('exceeds')[0].removeprefix('Image size (').rstrip(' )')}): refused")
         return DataError(f"cannot read image {f}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     digest = hashlib.sha256(settings.encode())
@@ -131,7 +147,7 @@ def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path |
             with Image.open(f) as im:
                 im.size  # noqa: B018  (the header parses)
             digest.update(f"{f.relative_to(folder).as_posix()}:{sha256_file(f)}".encode())
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise unreadable(f, e) from e
 
     def open_row(r: int):
@@ -139,11 +155,15 @@ def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path |
             with Image.open(files[r]) as im:
                 im.load()
                 return im.copy()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise unreadable(files[r], e) from e
 
     rows = _lazy_images(len(files), open_row, sample, transform, digest.hexdigest())
     return rows, None if labels is None else np.asarray(labels, np.int64), classes
+
+
+CSV_FIELD_LIMIT = 1 << 30  # a field up to 1 GiB is read (Python's csv stops at 128 KiB by default)
+CHARS_PER_TOKEN = 64  # a text is cut to this many characters per token of the input before tokenizing
 
 
 def _rows(path: Path, spec: TextSpec) -> tuple[list[str], list[Any] | None]:
@@ -163,16 +183,24 @@ def _rows(path: Path, spec: TextSpec) -> tuple[list[str], list[Any] | None]:
             return texts, labels if any(have) else None
         if suffix in (".csv", ".jsonl"):
             if suffix == ".csv":
+                csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # long documents are texts too
                 with path.open(newline="", encoding="utf-8") as fh:
-                    records = list(csv.DictReader(fh))
+                    try:
+                        records = list(csv.DictReader(fh))
+                    except csv.Error as e:
+                        raise DataError(f"{path}: not a readable CSV file: {e}") from e
             else:
                 records = []
                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                     if line.strip():
                         try:
-                            records.append(json.loads(line))
+                            record = json.loads(line)
                         except json.JSONDecodeError as e:
                             raise DataError(f"{path}, line {n}: not JSON: {e.msg}") from e
+                        if not isinstance(record, dict):
+                            raise DataError(f"{path}, line {n}: a JSON {type(record).__name__}, not an object; each "
+                                            "line is one object with the text column")
+                        records.append(record)
             if not records:
                 raise DataError(f"text file {path} has no rows")
             cols = list(records[0])
@@ -252,6 +280,8 @@ def tokenize(texts: list[str], inputs: list[InputSpec], tokenizer_folder: Path) 
     truncated to the first input's sequence length."""
     tok = tokenizer_for(tokenizer_folder)
     length = inputs[0].shape[1] if len(inputs[0].shape) > 1 else None
+    if length:  # a 10 MB line is not tokenized whole to keep its first `length` tokens
+        texts = [t[:length * CHARS_PER_TOKEN] for t in texts]
     enc = tok(texts, padding="max_length", truncation=True, max_length=length, return_tensors="np")
     _check_known(tok, enc, tokenizer_folder)
     out = {}

@@ -41,7 +41,7 @@ HOST_NOTE = ("latency measured with executorch.runtime (XNNPACK) on this x86 hos
 
 
 class ExecutorchOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN/inf (recipe rule)
 
     precision: Literal["auto", "int8", "fp32"] = "auto"  # auto: int8 unless fp32 is faster here (the runner measures both)
     min_delegated_fraction: float = Field(0.75, ge=0, le=1, description="fail below this share of graph nodes "

@@ -45,7 +45,7 @@ QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackprop
 
 
 class IgnoredScopeSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN/inf (recipe rule)
 
     names: list[str] = Field(default_factory=list)
     types: list[str] = Field(default_factory=list)
@@ -53,7 +53,7 @@ class IgnoredScopeSpec(BaseModel):
 
 
 class OpenVinoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN/inf (recipe rule)
 
     precision: Literal["auto", "int8", "fp32"] = "auto"  # auto: int8 unless fp32 is faster here (the runner measures both)
     device: str = "CPU"

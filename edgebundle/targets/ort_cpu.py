@@ -34,7 +34,7 @@ from edgebundle.targets.common import (calibrate_method, calibration_extra_optio
 from edgebundle.targets.registry import Capabilities, register_target
 
 class OrtCpuOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN/inf (recipe rule)
 
     precision: Literal["auto", "int8", "fp32"] = "auto"  # auto: int8 unless fp32 is faster here (the runner measures both)
     quant_format: Literal["qdq", "qoperator"] = "qdq"

@@ -43,7 +43,7 @@ PENDING = "pending (needs an NVIDIA GPU with the tensorrt package: pip install e
 
 
 class TensorRtOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # no NaN/inf (recipe rule)
 
     precision: Literal["int8", "fp16"] = "int8"
     fp16_fallback: bool = Field(True, description="int8 engine may run non-quantized layers in fp16")
