@@ -93,8 +93,9 @@ def _summary_table(bundles) -> Table:
                       f"not measured ({m['target']['status']})", "n/a")
             continue
         ci = lat["p50_ci95_ms"]
+        busy = " [yellow](contended)[/]" if (lat.get("host_state") or {}).get("contended") else ""
         t.add_row(b.target, m["target"]["precision"], f"{size / 1024:.1f} KiB", acc_s,
-                  f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]",
+                  f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]{busy}",
                   f"{m['speedup']['vs_pytorch_fp32_teacher']:.1f}x")
     return t
 

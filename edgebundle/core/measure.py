@@ -38,6 +38,7 @@ class LatencyStats:
     warmup_iterations: int
     warmup_stable: bool
     samples_ms: tuple[float, ...]
+    host_state: dict[str, Any] | None = None  # load, steal, frequency while timed; `contended` labels it
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,40 +98,100 @@ def summarize(samples_ms: np.ndarray, *, batch: int, threads: int, warmup: int =
 
 
 def measure(fn: Callable[[], Any], spec: MeasureSpec, *, threads: int) -> LatencyStats:
-    """Time `fn` (one inference at spec.batch) with warm-up; `threads` is recorded, set by the caller."""
-    warm, stable = warm_up(fn, spec)
-    samples = []
-    start = time.perf_counter()
-    for _ in range(spec.iterations):
-        samples.append(_time_once(fn))
-        if spec.time_budget_s is not None and time.perf_counter() - start > spec.time_budget_s and len(samples) >= 10:
-            break
-    return summarize(np.array(samples), batch=spec.batch, threads=threads, warmup=warm, stable=stable)
+    """Time `fn` (one inference at spec.batch) with warm-up; `threads` is recorded, set by the caller. The
+    host's state while it ran is recorded with it (a contended figure says so)."""
+    import dataclasses
+
+    from edgebundle.core.host import HostWatch
+
+    with HostWatch() as watch:
+        warm, stable = warm_up(fn, spec)
+        samples = []
+        start = time.perf_counter()
+        for _ in range(spec.iterations):
+            samples.append(_time_once(fn))
+            if (spec.time_budget_s is not None and time.perf_counter() - start > spec.time_budget_s
+                    and len(samples) >= 10):
+                break
+    stats = summarize(np.array(samples), batch=spec.batch, threads=threads, warmup=warm, stable=stable)
+    return dataclasses.replace(stats, host_state=watch.state)
 
 
 def _block(fn, n: int) -> float:
     return float(np.median(time_block(fn, n)))
 
 
-def interleaved_ratio(cand_fn, base_fn, *, rounds: int, per_round: int) -> tuple[float, tuple[float, float], float, float]:
-    """(median round ratio, its 95 % CI, candidate p50, baseline p50) from ABBA-ordered rounds."""
+def _prepare_rounds(cand_fn, base_fn, per_round: int) -> int:
+    """Warm both up; the inferences per block: at least MIN_BLOCK_MS of work (for sub-millisecond models a
+    block of a few inferences is dominated by timer and scheduler noise, and the round ratios scatter)."""
     spec = MeasureSpec(warmup_min=20, warmup_max=500)
     warm_up(cand_fn, spec)
     warm_up(base_fn, spec)
-    # Each block holds at least MIN_BLOCK_MS of work: for sub-millisecond models a block of a few
-    # inferences is dominated by timer and scheduler noise, and the round ratios scatter.
     fastest = min(_block(cand_fn, 10), _block(base_fn, 10))
-    per_round = max(per_round, int(np.ceil(MIN_BLOCK_MS / max(fastest, 1e-6))))
-    ratios, a_meds, b_meds = [], [], []
-    for r in range(rounds):
+    return max(per_round, int(np.ceil(MIN_BLOCK_MS / max(fastest, 1e-6))))
+
+
+def _rounds(cand_fn, base_fn, rounds: int, per_round: int, first: int = 0) -> list[tuple[float, float]]:
+    """(candidate, baseline) block medians of ABBA-ordered rounds (the order alternates every round)."""
+    out = []
+    for r in range(first, first + rounds):
         if r % 2 == 0:
             a = _block(cand_fn, per_round)
             b = _block(base_fn, per_round)
         else:
             b = _block(base_fn, per_round)
             a = _block(cand_fn, per_round)
-        ratios.append(a / b)
-        a_meds.append(a)
-        b_meds.append(b)
-    x = np.array(ratios)
-    return float(np.median(x)), bootstrap_median_ci(x, resamples=RATIO_BOOTSTRAP), float(np.median(a_meds)), float(np.median(b_meds))
+        out.append((a, b))
+    return out
+
+
+def _summary(pairs: list[tuple[float, float]]) -> tuple[float, tuple[float, float], float, float]:
+    x = np.array([a / b for a, b in pairs])
+    return (float(np.median(x)), bootstrap_median_ci(x, resamples=RATIO_BOOTSTRAP),
+            float(np.median([a for a, _ in pairs])), float(np.median([b for _, b in pairs])))
+
+
+def interleaved_ratio(cand_fn, base_fn, *, rounds: int, per_round: int) -> tuple[float, tuple[float, float], float, float]:
+    """(median round ratio, its 95 % CI, candidate p50, baseline p50) from ABBA-ordered rounds."""
+    per_round = _prepare_rounds(cand_fn, base_fn, per_round)
+    return _summary(_rounds(cand_fn, base_fn, rounds, per_round))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A sequential interleaved comparison: candidate/baseline ratio, its CI, and what it decided."""
+
+    ratio: float
+    ci95: tuple[float, float]
+    rounds: int
+    seconds: float
+    outcome: str  # "faster" | "slower" | "within band" | "undecided"
+    host_state: dict[str, Any]
+
+
+def sequential_ratio(cand_fn, base_fn, *, band: float = 0.05, step: int = 12, per_round: int = 5,
+                     max_seconds: float = 60.0, max_rounds: int = 600) -> Decision:
+    """Keep timing interleaved rounds, `step` at a time, until the ratio's 95 % CI excludes 1 +- band
+    (candidate faster or slower) or lies inside it (within the band), or the time budget ends (undecided).
+    Noise widens the interval, so load makes the test measure longer rather than decide differently."""
+    from edgebundle.core.host import HostWatch
+
+    start = time.perf_counter()
+    with HostWatch() as watch:
+        per_round = _prepare_rounds(cand_fn, base_fn, per_round)
+        pairs: list[tuple[float, float]] = []
+        while True:
+            pairs += _rounds(cand_fn, base_fn, step, per_round, first=len(pairs))
+            ratio, ci, _, _ = _summary(pairs)
+            if ci[1] < 1 - band:
+                outcome = "faster"
+            elif ci[0] > 1 + band:
+                outcome = "slower"
+            elif ci[0] >= 1 - band and ci[1] <= 1 + band:
+                outcome = "within band"
+            elif time.perf_counter() - start > max_seconds or len(pairs) >= max_rounds:
+                outcome = "undecided"
+            else:
+                continue
+            break
+    return Decision(ratio, ci, len(pairs), time.perf_counter() - start, outcome, watch.state)

@@ -17,7 +17,7 @@ import numpy as np
 
 import edgebundle
 from edgebundle.core.errors import BundleError, DataError, EdgeBundleError, RecipeError, TargetUnavailable
-from edgebundle.core.host import fingerprint, usable_cores
+from edgebundle.core.host import contention_text, fingerprint, usable_cores
 from edgebundle.core.metrics import Contract, cosine
 from edgebundle.core.recipe import Recipe, TargetSpec
 from edgebundle.targets import registry
@@ -173,19 +173,15 @@ class _Job:
                   "int8_within_budget": ev.verdict.within}
         if not ev.verdict.within:
             return ev, choice
-        # the two p50s were taken one after the other: on a busy host that decides nothing, so the choice
-        # rests on int8 and fp32 timed interleaved (alternating rounds, the check command's protocol)
-        ratio, ci = self._interleaved_ratio(tmp, ev.built)
-        if ratio >= 1.0:
-            # noise only ever slows a run down, and one noisy run shipped fp32 for an int8 model twice as fast
-            # (EfficientNet-Lite's ORT QAT bundle: 0.54x in another build): a second run, the better one counts
-            first = round(ratio, 4)
-            again, ci2 = self._interleaved_ratio(tmp, ev.built)
-            choice["int8_vs_fp32_first_run"] = first
-            if again < ratio:
-                ratio, ci = again, ci2
-        choice.update(int8_vs_fp32_interleaved=round(ratio, 4), ci95=[round(ci[0], 4), round(ci[1], 4)])
-        if ratio < 1.0:
+        # the two p50s were taken one after the other: on a busy host that decides nothing. The choice rests on
+        # int8 and fp32 timed interleaved (alternating rounds), measured until the ratio's interval excludes
+        # 1 +- 5 % or a time budget ends: load widens the interval and so lengthens the test, it does not flip it
+        d = self._interleaved_decision(tmp, ev.built)
+        choice.update(int8_vs_fp32_interleaved=round(d.ratio, 4), ci95=[round(d.ci95[0], 4), round(d.ci95[1], 4)],
+                      rounds=d.rounds, seconds=round(d.seconds, 1), decided=d.outcome, host_state=d.host_state)
+        if d.outcome == "undecided":  # ship the smaller artifact, and say why
+            choice["undecided_under_load"] = True
+        if d.outcome != "slower":
             return ev, choice
         alt = tmp / ".fp32"
         alt.mkdir()
@@ -204,9 +200,9 @@ class _Job:
         return ev, choice
 
 
-    def _interleaved_ratio(self, tmp: Path, built: Built) -> tuple[float, tuple[float, float]]:
-        """int8 p50 / fp32 p50 on the same runtime, timed in alternating rounds in this process."""
-        from edgebundle.core.measure import interleaved_ratio
+    def _interleaved_decision(self, tmp: Path, built: Built):
+        """int8 against fp32 on the same runtime, timed in alternating rounds in this process until decided."""
+        from edgebundle.core.measure import sequential_ratio
         from edgebundle.pipeline.evaluate import measure_feeds
 
         feeds = measure_feeds(self.prepared.dataset.test, self.prepared.recipe, self.spec.measure.batch)
@@ -214,8 +210,7 @@ class _Job:
         open_ = self.target.open
         with open_(tmp / built.model_file, threads=self.threads, runtime=built.runtime) as q, \
                 open_(fp32, threads=self.threads, runtime=built.runtime) as f:
-            ratio, ci, _, _ = interleaved_ratio(lambda: q.run(feeds), lambda: f.run(feeds), rounds=12, per_round=5)
-        return ratio, ci
+            return sequential_ratio(lambda: q.run(feeds), lambda: f.run(feeds))
 
 
 def _on_isa(ev: Evaluation) -> str:
@@ -256,7 +251,12 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
     lat, same_rt, v = ev.latency, ev.same_runtime, ev.verdict
     if choice and choice["shipped"] == "fp32":
         notes.append(f"precision auto: int8 within budget took {choice['int8_vs_fp32_interleaved']:.2f}x the time of "
-                     "fp32 on the same runtime, timed interleaved; shipped fp32, the faster")
+                     f"fp32 on the same runtime (95 % CI {choice['ci95'][0]:.2f}-{choice['ci95'][1]:.2f}, "
+                     f"{choice['rounds']} interleaved rounds); shipped fp32, the faster")
+    elif choice and choice.get("undecided_under_load"):
+        notes.append(f"precision auto: undecided under load: int8/fp32 {choice['int8_vs_fp32_interleaved']:.2f}x "
+                     f"(95 % CI {choice['ci95'][0]:.2f}-{choice['ci95'][1]:.2f}) after {choice['seconds']:.0f} s "
+                     f"({contention_text(choice['host_state']) or 'a noisy host'}); shipped int8, the smaller")
     elif lat is not None and same_rt and ev.built.precision == "int8" and lat.p50_ms > same_rt["p50_ms"]:
         notes.append(f"int8 p50 {lat.p50_ms:.4f} ms is slower than fp32 on the same runtime "
                      f"({same_rt['p50_ms']:.4f} ms) on this host; options.precision: fp32 (or auto) ships fp32")
@@ -269,6 +269,9 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
         notes.append(f"metric.reference: student: the budget judges this bundle against the fp32 student, which is "
                      f"at {verdict_summary(s)} against the original model on the test split"
                      f"{'' if s.within else ', outside the budget against the original'}")
+    if lat is not None and lat.host_state and lat.host_state.get("contended"):
+        notes.append(f"latency measured under contention ({contention_text(lat.host_state)}): the figure includes "
+                     "the other processes' share of the CPU, not the model's alone")
     if v.interval is not None and v.worst_within is False and v.within:
         more = f": about {v.resolve_with} judged inputs would resolve it" if v.resolve_with else ""
         notes.append(f"the {v.confidence:.0%} interval of the verdict ({v.interval[0]:.4g} to {v.interval[1]:.4g}) "

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgebundle.core.errors import BundleError, IntegrityError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, unsafe_entries, verify_files
-from edgebundle.core.host import fingerprint
+from edgebundle.core.host import HostWatch, contention_text, fingerprint
 from edgebundle.core.measure import interleaved_ratio, measure
 from edgebundle.core.recipe import MeasureSpec
 
@@ -149,9 +149,12 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         mode = "interleaved"
         batch = int((cm.latency or {}).get("batch", 1))
         fa, fb = _feeds(cm, batch), _feeds(bm, batch)
-        with _open(cand) as sa, _open(base) as sb:
+        with _open(cand) as sa, _open(base) as sb, HostWatch() as watch:
             ratio, ci, a50, b50 = interleaved_ratio(lambda: sa.run(fa), lambda: sb.run(fb),
                                                     rounds=rounds, per_round=per_round)
+        if watch.state.get("contended"):
+            notes.append(f"both sides were timed here under contention ({contention_text(watch.state)}): "
+                         "interleaving keeps the ratio fair, but its interval is wider")
         n = rounds
     else:
         mode = "recorded"
@@ -173,6 +176,10 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         notes.append("baseline has no model here: compared with its recorded samples, taken at another time "
                      "without interleaving; a weaker comparison than an interleaved run")
 
+    for side, m, remeasured in (("candidate", cm, cand.has_model), ("baseline", bm, base.has_model and cand.has_model)):
+        state = (m.latency or {}).get("host_state")
+        if not remeasured and state and state.get("contended"):
+            notes.append(f"the {side}'s recorded latency was measured under contention ({contention_text(state)})")
     latency_reg = is_latency_regression(ratio, ci, tolerance)
     ca, ba = cm.accuracy.target, bm.accuracy.target
     if cm.accuracy.metric != bm.accuracy.metric:

@@ -14,6 +14,7 @@ import io
 import os
 from pathlib import Path
 
+from edgebundle.core.host import contention_text
 from edgebundle.core.metrics import accuracy_text
 from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, verify_files
@@ -127,6 +128,8 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
         if lat:
             ci = lat["p50_ci95_ms"]
             p50 = f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]"
+            if (lat.get("host_state") or {}).get("contended"):
+                p50 += f"<br><b>contended</b>: {html.escape(contention_text(lat['host_state']))}"
             figures.append((m.target.name, _histogram(m.target.name, lat["samples_ms"], lat["p50_ms"])))
             if acc.target is not None and acc.metric == bundles[0][1].accuracy.metric:
                 points.append((f"{m.target.name} {m.target.precision}", lat["p50_ms"], acc.target))
