@@ -437,8 +437,25 @@ def targets() -> None:
     console.print(t)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is: every `with` and `finally` on the way out runs, as for Ctrl-C
+    (temporary folders removed, locks released), and nothing half-written is left."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
-    app()
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except Terminated:
+        err_console.print("[bold red]stopped:[/] SIGTERM; nothing half-written was left (run again to resume from "
+                          "the stages already cached)", highlight=False, soft_wrap=True)
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ def test_rewrite_replaces_whole_bundle(tmp_path, default_run):
     assert sorted(x.name for x in tmp_path.iterdir()) == [".locks", "ort-cpu"]
     (p / "model.onnx").write_bytes(b"twX")
     assert verify_files(p) == ["model.onnx"]
+    # the file as its manifest says, but its SHA256SUMS line changed: SHA256SUMS is named, not the model
+    (p / "model.onnx").write_bytes(b"two")
+    sums = (p / "SHA256SUMS").read_text().splitlines()
+    (p / "SHA256SUMS").write_text("\n".join(("0" * 64 + "  model.onnx") if ln.endswith("  model.onnx") else ln
+                                            for ln in sums) + "\n")
+    assert verify_files(p) == ["SHA256SUMS (its line for model.onnx)"]
 
 
 def test_output_that_is_a_file(tmp_path):

@@ -283,3 +283,25 @@ def test_sigkill_at_several_points_then_rerun_finishes_from_the_cache(tmp_path):
     _consistent(out)
     assert verify_files(out / "ort-cpu") == []
     assert not list(out.glob(".ort-cpu.tmp-*")), "the next writer removed the killed writer's leftovers"
+
+
+def test_sigterm_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_path):
+    """SIGTERM (what a CI runner or `timeout` sends) mid teacher training: one line, exit 143, and the same
+    clean-up as Ctrl-C: no temporary folder left, and a re-run finishes from the cache."""
+    recipe = _small_recipe(tmp_path)
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "edgebundle.cli", "run", str(recipe)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    ready = _any(".teacher-*.tmp-*")
+    while p.poll() is None and time.monotonic() < deadline and not ready(out):
+        time.sleep(0.005)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "stopped: SIGTERM" in lines[0], err
+    assert not list((out / ".work").glob(".*.tmp-*")) and not list(out.glob(".*.tmp-*"))
+    r = subprocess.run([sys.executable, "-m", "edgebundle.cli", "run", str(recipe)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr

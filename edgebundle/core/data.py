@@ -15,7 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
-from edgebundle.core.errors import DataError, RecipeError
+from edgebundle.core.errors import DataError, RecipeError, not_a_folder
 from edgebundle.core.limits import time_limit
 from edgebundle.core.recipe import DataSpec, InputSpec, Recipe
 from edgebundle.core.rows import LazyRows
@@ -152,7 +152,7 @@ def _digits(specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     if not path.is_dir():
-        raise DataError(f"data folder not found: {path}")
+        raise DataError(not_a_folder(path, "data folder"))
     files = sorted([*path.glob("*.npz"), *path.glob("*.npy")])
     if not files:
         raise DataError(f"data folder {path} has no .npz or .npy files")

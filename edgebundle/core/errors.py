@@ -36,9 +36,23 @@ class IntegrityError(BundleError):
 def weights_problem(e: Exception) -> str:
     """What is wrong with a weights file, in words (torch's own messages are long or say only errno)."""
     text = " ".join(str(e).split())
+    if ("Weights only load failed" in text or "weights_only" in text) and (
+            "Unsupported operand" in text or "invalid load key" in text):
+        why = text.split("error: ")[-1].split(" Check the documentation")[0][:60]
+        return f"it is not a PyTorch checkpoint (its bytes are not a pickle: {why})"
     if "Weights only load failed" in text or "weights_only" in text:
         return ("it holds pickled Python objects, which torch.load(weights_only=True) refuses to run; save a "
                 "state_dict (torch.save(model.state_dict(), ...)) or use .safetensors")
     if isinstance(e, (OSError, EOFError)) or "PytorchStreamReader" in text or "zip" in text.lower():
         return f"it is truncated or not a PyTorch checkpoint ({type(e).__name__}: {text[:120]})"
     return f"{type(e).__name__}: {text[:200]}"
+
+
+def not_a_folder(path, what: str) -> str:
+    """'data folder not found: X', or 'data.path X is a file, not a folder' where it exists as something else."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists():
+        return f"{what} {p} is a file, not a folder (give the folder that holds the files)"
+    return f"{what} not found: {p}"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgebundle.core.artifact import sha256_file
-from edgebundle.core.errors import DataError, RecipeError
+from edgebundle.core.errors import DataError, RecipeError, not_a_folder
 from edgebundle.core.recipe import DatasetsSpec, ImageSpec, InputSpec, TextSpec
 from edgebundle.core.rows import LazyRows
 
@@ -30,7 +30,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def _image_files(folder: Path) -> tuple[list[Path], list[int] | None, list[str]]:
     if not folder.is_dir():
-        raise DataError(f"image folder not found: {folder}")
+        raise DataError(not_a_folder(folder, "image folder"))
     subdirs = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if subdirs:
         files, labels, classes = [], [], []
@@ -250,7 +250,7 @@ MAX_UNKNOWN_SHARE = 0.5  # more of the data's tokens than this mapped to the unk
 def tokenizer_for(folder: Path) -> Any:
     AutoTokenizer = _need("transformers", "data.kind text", "hf").AutoTokenizer
     if not folder.is_dir():
-        raise DataError(f"tokenizer folder not found: {folder}")
+        raise DataError(not_a_folder(folder, "tokenizer folder"))
     if not any((folder / f).is_file() for f in VOCAB_FILES):
         # transformers would build an empty tokenizer from config.json alone, mapping every word to [UNK]
         raise DataError(f"no tokenizer in {folder}: none of its vocabulary files ({', '.join(VOCAB_FILES[:4])}, "
@@ -330,7 +330,7 @@ def read_datasets(path: Path, spec: DatasetsSpec, inputs: list[InputSpec], *, im
     decoded lazily (Arrow is memory-mapped: rows are read when taken) or named columns as arrays."""
     datasets = _need("datasets", "data.kind datasets", "datasets")
     if not path.is_dir():
-        raise DataError(f"datasets folder not found: {path}")
+        raise DataError(not_a_folder(path, "datasets folder"))
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError, KeyError, TypeError) as e:
