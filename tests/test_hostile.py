@@ -304,3 +304,29 @@ def test_messages_say_what_the_thing_is(tmp_path):
     res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
     line = " ".join(res.output.split())
     assert res.exit_code == 2 and "is not a PyTorch checkpoint" in line and "pickled" not in line, line
+
+
+def test_user_code_that_swallows_the_time_limit_still_ends_with_one_line(tmp_path):
+    """A metric function that catches BaseException in a loop: the stop is raised again until it lands
+    outside the handler, or the process ends after a grace period; either way one line and exit 2."""
+    import subprocess
+    import sys
+
+    (tmp_path / "m.py").write_text(
+        "import time\n"
+        "def score(out, ref, labels):\n"
+        "    while True:\n"
+        "        try:\n"
+        "            time.sleep(10)\n"
+        "        except BaseException:\n"
+        "            pass\n")
+    d = default_dict()
+    d["stages"].update(train={"epochs": 1}, prune={"enabled": False}, distill={"enabled": False})
+    d.update(metric={"name": "m.py:score"}, limits={"user_code_s": 1},
+             targets=[{"name": "ort-cpu", "measure": {"iterations": 10}}])
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    r = subprocess.run([sys.executable, "-m", "edgebundle.cli", "run", str(tmp_path / "r.yaml"), "-o",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "error" in ln.lower() or "Traceback" in ln]
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(lines) == 1 and "metric function m.py:score did not return within 1 s" in lines[0], r.stdout + r.stderr
