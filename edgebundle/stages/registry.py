@@ -10,6 +10,8 @@ stage's config is its own `Config` class, read from the recipe's `stages.<key>` 
 
 from __future__ import annotations
 
+from edgebundle.core.plugins import load_entry_points
+
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -19,7 +21,6 @@ from edgebundle.core.recipe import Recipe, format_validation_error
 
 ENTRY_POINTS = "edgebundle.stages"
 _STAGES: dict[str, Any] = {}
-_loaded_plugins = False
 
 
 def register_stage(cls):
@@ -31,14 +32,7 @@ def register_stage(cls):
 
 
 def _discover() -> None:
-    global _loaded_plugins
-    if _loaded_plugins:
-        return
-    _loaded_plugins = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINTS):
-        ep.load()
+    load_entry_points(ENTRY_POINTS)
 
 
 def ordered() -> list[Any]:

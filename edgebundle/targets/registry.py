@@ -9,6 +9,8 @@ name that is not registered: a third-party target is a package, with no edit her
 
 from __future__ import annotations
 
+from edgebundle.core.plugins import load_entry_points
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,19 +36,10 @@ class Entry:
 
 _TARGETS: dict[str, Entry] = {}
 ENTRY_POINTS = "edgebundle.targets"
-_loaded_plugins = False
 
 
 def _discover() -> None:
-    """Load the targets other packages declare (entry-point group `edgebundle.targets`), once."""
-    global _loaded_plugins
-    if _loaded_plugins:
-        return
-    _loaded_plugins = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINTS):
-        ep.load()
+    load_entry_points(ENTRY_POINTS)
 
 
 def register_target(name: str, *, capabilities: Capabilities, options: type[BaseModel]):
