@@ -74,3 +74,15 @@ def test_report_and_check_name_the_reference(default_run, tmp_path):
 
     res = check(path, path, rounds=3, per_round=2)
     assert res.accuracy_reference == "original" and res.candidate_accuracy == res.baseline_accuracy
+
+
+def test_accuracy_control_chooses_on_validation_and_the_verdict_is_on_the_test_split(default_run):
+    """What a target chooses on (accuracy control, QAT epochs) is the validation split; the verdict that ships
+    or rejects a bundle rests on the test split only, which no choice saw."""
+    m = next(b.manifest for b in default_run.bundles if b.target == "ort-cpu")
+    assert m["quantization"]["accuracy_budget"]["split"] == "val"
+    ds = default_run.prepared.dataset
+    assert m["accuracy"]["split"] == "test" and m["accuracy"]["samples"] == len(ds.test)
+    assert m["accuracy"]["judged_samples"] == len(ds.test) != len(ds.val)
+    val_ids = {x.tobytes() for x in ds.val.inputs["image"]}
+    assert not any(x.tobytes() in val_ids for x in ds.test.inputs["image"])
