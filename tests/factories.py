@@ -115,3 +115,19 @@ class Saturating(nn.Module):
 
 def saturating() -> nn.Module:
     return Saturating()
+
+
+class WideMlp(nn.Module):
+    """A digits MLP wide enough that its int8 MatMuls clearly beat fp32 (about 2x on x86 with ONNX Runtime)."""
+
+    def __init__(self, width: int = 1024) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                                 nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def wide_mlp() -> nn.Module:
+    return WideMlp()
