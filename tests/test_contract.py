@@ -297,8 +297,9 @@ def test_precision_auto_makes_the_same_choice_on_a_loaded_host(tmp_path):
         for h in hogs:
             h.terminate()
     cq, cl = quiet["quantization"]["precision_choice"], loaded["quantization"]["precision_choice"]
-    assert cq["shipped"] == cl["shipped"] == "int8", (cq, cl)
-    assert cq["decided"] == cl["decided"] == "faster", (cq, cl)
+    # measured here (AVX-512 VNNI): int8 about 2x faster, "faster" at load 0 and under the hogs
+    assert cq["decided"] == cl["decided"] != "undecided", (cq, cl)
+    assert cq["shipped"] == cl["shipped"] == ("fp32" if cq["decided"] == "slower" else "int8"), (cq, cl)
     assert loaded["latency"]["host_state"]["contended"] or cl["host_state"]["contended"]
     assert any("under contention" in n for n in loaded["notes"])
 
