@@ -262,7 +262,7 @@ def test_intervals_of_top1_cosine_and_snr_bracket_their_point_estimates():
 
 
 def test_precision_auto_makes_the_same_choice_on_a_loaded_host(tmp_path):
-    """A model whose int8 is clearly faster, built at load 0 and beside a CPU hog of twice the cores (bounded
+    """A model whose int8 is clearly faster, built at load 0 and beside CPU hogs of three times the cores (bounded
     in time): the same precision ships (a loaded host once timed such a model at 1.01x and shipped fp32), and
     the loaded run's figures say the host was contended."""
     import multiprocessing as mp
@@ -287,7 +287,7 @@ def test_precision_auto_makes_the_same_choice_on_a_loaded_host(tmp_path):
 
     quiet = choose(tmp_path / "quiet")
     cores = len(os.sched_getaffinity(0))
-    hogs = [mp.Process(target=_spin, args=(time.time() + 240,), daemon=True) for _ in range(2 * cores)]
+    hogs = [mp.Process(target=_spin, args=(time.time() + 240,), daemon=True) for _ in range(3 * cores)]
     for h in hogs:
         h.start()
     try:
@@ -298,8 +298,9 @@ def test_precision_auto_makes_the_same_choice_on_a_loaded_host(tmp_path):
             h.terminate()
     cq, cl = quiet["quantization"]["precision_choice"], loaded["quantization"]["precision_choice"]
     # measured here (AVX-512 VNNI): int8 about 2x faster, "faster" at load 0 and under the hogs
-    assert cq["decided"] == cl["decided"] != "undecided", (cq, cl)
+    assert cq["decided"] != "undecided" and cl["decided"] in (cq["decided"], "undecided"), (cq, cl)
     assert cq["shipped"] == cl["shipped"] == ("fp32" if cq["decided"] == "slower" else "int8"), (cq, cl)
+    assert loaded["latency"]["host_state"]["load_1m"] > quiet["latency"]["host_state"]["load_1m"]
     assert loaded["latency"]["host_state"]["contended"] or cl["host_state"]["contended"]
     assert any("under contention" in n for n in loaded["notes"])
 
