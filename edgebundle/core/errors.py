@@ -36,11 +36,11 @@ class IntegrityError(BundleError):
 def weights_problem(e: Exception) -> str:
     """What is wrong with a weights file, in words (torch's own messages are long or say only errno)."""
     text = " ".join(str(e).split())
-    if ("Weights only load failed" in text or "weights_only" in text) and (
-            "Unsupported operand" in text or "invalid load key" in text):
+    refused = "Weights only load failed" in text or "weights_only" in text
+    if refused and "GLOBAL" not in text:  # the unpickler met no object reference: the bytes are not a pickle
         why = text.split("error: ")[-1].split(" Check the documentation")[0][:60]
         return f"it is not a PyTorch checkpoint (its bytes are not a pickle: {why})"
-    if "Weights only load failed" in text or "weights_only" in text:
+    if refused:
         return ("it holds pickled Python objects, which torch.load(weights_only=True) refuses to run; save a "
                 "state_dict (torch.save(model.state_dict(), ...)) or use .safetensors")
     if isinstance(e, (OSError, EOFError)) or "PytorchStreamReader" in text or "zip" in text.lower():
