@@ -31,10 +31,8 @@ from edgebundle.pipeline.lock import target_lock
 from edgebundle.pipeline.records import BundleResult, Prepared, recipe_digest
 from edgebundle.stages import registry as stage_registry
 from edgebundle.targets import BuildContext
-from edgebundle.targets.base import Built
-
-
 from edgebundle.pipeline.prepare import Event, _noop, load_prepared
+from edgebundle.targets.base import Built
 
 
 def _preflight(spec: TargetSpec, recipe: Recipe | None = None):
@@ -111,10 +109,15 @@ class _Job:
     original: np.ndarray | None = None  # the original model's judged output on the test split (compressed)
     asked: str | None = None
 
+    student_vs_original: Any = None  # the fp32 student's verdict against the original: one per job
+
     def __post_init__(self) -> None:
         self.asked = getattr(self.options, "precision", None)
         if self.asked == "auto":
             self.options = self.options.model_copy(update={"precision": "int8"})
+        if self.original is not None:
+            self.student_vs_original = self.contract.judge(self.original, self.ref_out,
+                                                           self.prepared.dataset.test.labels, interval=True)
 
     def context(self, options, workdir: Path) -> BuildContext:
         p, recipe = self.prepared, self.prepared.recipe
@@ -127,7 +130,8 @@ class _Job:
         built = target_build(self.target, self.context(options or self.options, tmp), self.stage, self.prepared)
         ev = evaluate(self.target, self.entry, built, tmp, self.prepared, self.spec, self.contract, self.ref_out,
                       self.threads, same_runtime=same_runtime)
-        chain = chain_for(self.contract, self.prepared, self.original, self.ref_out, ev.outputs, ev.verdict)
+        chain = chain_for(self.contract, self.prepared, self.original, self.student_vs_original, ev.outputs,
+                          ev.verdict)
         ev = self._on_deployment_isa(tmp, dataclasses.replace(ev, verdict=chain.decisive, chain=chain))
         if options is not None or self.asked != "auto":
             return ev, None
@@ -155,7 +159,7 @@ class _Job:
                                     self.prepared.dataset.test, recipe.inputs, cpu_model)
             out = outs[self.contract.output_index]
             labels = self.prepared.dataset.test.labels
-            chain = chain_for(self.contract, self.prepared, self.original, self.ref_out, out,
+            chain = chain_for(self.contract, self.prepared, self.original, self.student_vs_original, out,
                               self.contract.judge(self.ref_out, out, labels, interval=True))
             record["emulator"] = f"qemu-x86_64 -cpu {cpu_model}"
             record["on_build_host"] = {"value": ev.verdict.value, "within_budget": ev.verdict.within,

@@ -178,14 +178,15 @@ class Chain:
         return out
 
 
-def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | None, student: np.ndarray,
+def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | None, student_vs_original: Verdict | None,
               bundle: np.ndarray, bundle_vs_student: Verdict) -> Chain:
-    """The bundle judged end to end: against the original model where a compression stage ran."""
-    labels = prepared.dataset.test.labels
-    reference = prepared.recipe.metric.reference
+    """The bundle judged end to end: against the original model where a compression stage ran.
+    `student_vs_original` is the fp32 student's verdict against the original (the same for every build of a
+    job: computed once by the caller)."""
     if original is None:
         return Chain("original", [], None, None, bundle_vs_student)
-    return Chain(reference, compressed_by(prepared), contract.judge(original, student, labels, interval=True),
+    labels = prepared.dataset.test.labels
+    return Chain(prepared.recipe.metric.reference, compressed_by(prepared), student_vs_original,
                  contract.judge(original, bundle, labels, interval=True), bundle_vs_student)
 
 
