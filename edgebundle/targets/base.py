@@ -63,6 +63,49 @@ class Built:
     fp32_file: str | None = None  # the same runtime's fp32 artifact, for "vs fp32 on the same runtime"
 
 
+def int8_if_auto(opt):
+    """precision 'auto' builds int8; the runner measures it against fp32 and may ship fp32 instead."""
+    return opt.model_copy(update={"precision": "int8"}) if opt.precision == "auto" else opt
+
+
+@dataclass
+class Work:
+    """What one build carries between its steps: the options (precision resolved), the session settings that
+    go into `Built.runtime`, and the target's own intermediate state (a converted model, temporary files)."""
+
+    opt: Any
+    runtime: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class TargetBase:
+    """The template `build` every runtime shares: resolve precision auto to int8 (the runner races it against
+    fp32), `start` (convert or load), then `fp32` or `int8`, and `finish` always (temporary files go). A target
+    fills these named steps; `build` itself is not overridden."""
+
+    temporary: ClassVar[tuple[str, ...]] = ()  # workdir files `finish` removes, built or not
+
+    def build(self, ctx: BuildContext) -> Built:
+        work = self.start(ctx, int8_if_auto(ctx.options))
+        try:
+            return self.fp32(ctx, work) if work.opt.precision == "fp32" else self.int8(ctx, work)
+        finally:
+            self.finish(ctx, work)
+
+    def start(self, ctx: BuildContext, opt) -> Work:
+        return Work(opt, {"threads": ctx.threads})
+
+    def fp32(self, ctx: BuildContext, work: Work) -> Built:
+        raise NotImplementedError
+
+    def int8(self, ctx: BuildContext, work: Work) -> Built:
+        raise NotImplementedError
+
+    def finish(self, ctx: BuildContext, work: Work) -> None:
+        for name in self.temporary:
+            (ctx.workdir / name).unlink(missing_ok=True)
+
+
 class Session(Protocol):
     """An opened artifact (`with target.open(...) as s:`); optional features are declared in `features`
     (see edgebundle.core.session), never probed."""

@@ -1,4 +1,4 @@
-"""What the targets share: precision auto's int8 build, ONNX Runtime calibration options, the fp32/int8
+"""What the targets share: ONNX Runtime calibration options, the fp32/int8
 judged outputs and batch-1 latency of an ONNX model on the validation split, and the quantization-aware
 distillation call. A target depends on its protocol (targets.base) and this module, never on another target."""
 
@@ -13,11 +13,6 @@ from edgebundle.calibration.qat import QatOptions
 from edgebundle.calibration.readers import iter_feeds, run_split
 from edgebundle.core.session import OrtSession
 from edgebundle.targets.base import BuildContext
-
-
-def int8_if_auto(opt):
-    """precision 'auto' builds int8; the runner measures it against fp32 and may ship fp32 instead."""
-    return opt.model_copy(update={"precision": "int8"}) if opt.precision == "auto" else opt
 
 
 def calibrate_method(name: str):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
-from edgebundle.targets.base import BuildContext, Built
+from edgebundle.targets.base import BuildContext, Built, TargetBase, Work
 from edgebundle.targets.registry import Capabilities, register_target
 from edgebundle.calibration.pt2e import xnnpack_quantizer
 from edgebundle.calibration.qat import QatOptions
@@ -104,6 +104,22 @@ def _lower(exported, out: Path) -> dict[str, Any]:
             "delegated_compute": 1.0 - min(left_macs, total_macs) / total_macs if total_macs else 1.0}
 
 
+def _ptq(ctx: BuildContext, fp32_ep, example, names: list[str], *, dynamic: bool) -> dict[str, Any]:
+    """Post-training int8 of the captured program (XNNPACK quantizer, calibrated sample by sample at batch 1),
+    lowered to model.pte; returns its delegation record."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = xnnpack_quantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
+    prepared = prepare_pt2e(fp32_ep.module(), quantizer)
+    with torch.no_grad():
+        for i in range(len(ctx.calibration)):
+            prepared(*(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[k][i:i + 1])) for k in names))
+    return _lower(torch.export.export(convert_pt2e(prepared), example), ctx.workdir / "model.pte")
+
+
 def _judge_on_val(ctx: BuildContext, pte: Path, names: list[str]):
     """The .pte's verdict on (up to 64 of) the validation inputs against the fp32 ONNX model."""
     from edgebundle.core.data import run_outputs
@@ -132,19 +148,18 @@ def _qat(ctx: BuildContext, model, q: QatOptions, example) -> tuple[dict[str, An
 @register_target("executorch", capabilities=Capabilities(precisions=("int8", "fp32"), extra="mobile",
                                                           runtime="executorch"),
                  options=ExecutorchOptions)
-class ExecutorchTarget:
+class ExecutorchTarget(TargetBase):
     def unavailable_reason(self, options: ExecutorchOptions | None = None) -> str | None:
         return _missing()
 
     def pending_reason(self, options: ExecutorchOptions | None = None) -> str | None:
         return None  # builds and times its own artifact on this machine
 
-    def build(self, ctx: BuildContext) -> Built:
+    def start(self, ctx: BuildContext, opt: ExecutorchOptions) -> Work:
+        """The PyTorch student captured with torch.export at batch 1; the fp32 program lowered when shipped or
+        asked for beside the int8 one."""
         import torch
 
-        from edgebundle.targets.common import int8_if_auto
-
-        opt: ExecutorchOptions = int8_if_auto(ctx.options)
         if ctx.load_model is None:
             raise StageError("the executorch target starts from the PyTorch student; none was given")
         names = [s.name for s in ctx.recipe.inputs]
@@ -154,70 +169,69 @@ class ExecutorchTarget:
             fp32_ep = torch.export.export(model, example)
         except Exception as e:  # torch.export raises many types (Unsupported, UserError, ...)
             raise StageError(f"torch.export cannot capture the student: {type(e).__name__}: {str(e)[:300]}") from e
-        files, runtime = [], {"backend": "XNNPACK", "batch": 1, "inputs": names, "threads_note": "XNNPACK threadpool"}
-        fp32_info = None
+        work = Work(opt, {"backend": "XNNPACK", "batch": 1, "inputs": names, "threads_note": "XNNPACK threadpool"},
+                    {"model": model, "names": names, "example": example, "fp32_ep": fp32_ep, "files": [],
+                     "fp32_info": None})
         if opt.precision == "fp32" or opt.also_fp32:
             name = "model.pte" if opt.precision == "fp32" else "model.fp32.pte"
-            fp32_info = _lower(fp32_ep, ctx.workdir / name)
-            files.append(name)
-        quant: dict[str, Any] = {}
-        info = fp32_info
-        if opt.precision == "int8":
-            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
-            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+            work.state["fp32_info"] = _lower(fp32_ep, ctx.workdir / name)
+            work.state["files"].append(name)
+        return work
 
-            def int8(dynamic: bool) -> dict[str, Any]:
-                quantizer = xnnpack_quantizer().set_global(
-                    get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
-                prepared = prepare_pt2e(fp32_ep.module(), quantizer)
-                with torch.no_grad():
-                    for i in range(len(ctx.calibration)):  # captured at batch 1: calibrate sample by sample
-                        prepared(*(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[k][i:i + 1]))
-                                   for k in names))
-                return _lower(torch.export.export(convert_pt2e(prepared), example), ctx.workdir / "model.pte")
+    def fp32(self, ctx: BuildContext, work: Work) -> Built:
+        return self._delegated(ctx, work, work.state["fp32_info"], {})
 
-            tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
-            order = ([opt.activations] if opt.activations != "auto" else
-                     ["static", "dynamic"] if tokens else ["static"])
-            qat = opt.qat.enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
-            if opt.qat.enabled == "on" and qat == "off":
-                raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
-                                 "work folder trains on its calibration inputs: set data.calibration_split train)")
-            if qat == "on":
-                order = []  # QAT instead of post-training int8
-            elif opt.activations == "dynamic":
-                qat = "off"  # QAT fine-tunes the static program
-            tried: list[dict[str, Any]] = []
-            mode, within = "static", False
-            for mode in order:
-                info = int8(mode == "dynamic")
-                if len(order) == 1 and qat == "off":
-                    break
-                v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
-                within = v.within
-                tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within,
-                              "delegated_fraction": round(info["delegated_fraction"], 4)})
-                if v.within:
-                    break
-            qat_record = None
-            if qat == "on" or (qat == "auto" and not within):
-                mode = "static"
-                info, qat_record = _qat(ctx, model, opt.qat, example)
-                v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
-                tried.append({"activations": "static", "qat": True, "val_value": round(float(v.value), 6),
-                              "within_budget": v.within, "delegated_fraction": round(info["delegated_fraction"], 4)})
-            dynamic = mode == "dynamic"
-            files.insert(0, "model.pte")
-            quant = {"tool": "PT2E (torchao prepare_pt2e/convert_pt2e) + XNNPACKQuantizer (ReLU6 observed after "
-                             "the clamp)",
-                     "scheme": "int8 symmetric, per-channel weights, " + (
-                         "dynamic activations (Linear layers)" if dynamic else "static activations"),
-                     "calibration": {"method": "histogram (observers)", "samples": len(ctx.calibration)},
-                     **({"activations_tried_on_val": tried} if tried else {}),
-                     **({"qat": qat_record} if qat_record else {})}
-        runtime["delegation"] = info
-        if fp32_info is not None and opt.precision == "int8":
-            runtime["delegation_fp32"] = fp32_info
+    def int8(self, ctx: BuildContext, work: Work) -> Built:
+        """PT2E int8: static (and dynamic for token-id models) judged on val in turn; QAT when asked or when
+        post-training int8 missed the budget."""
+        opt, names, example = work.opt, work.state["names"], work.state["example"]
+        tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
+        order = ([opt.activations] if opt.activations != "auto" else
+                 ["static", "dynamic"] if tokens else ["static"])
+        qat = opt.qat.enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
+        if opt.qat.enabled == "on" and qat == "off":
+            raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
+                             "work folder trains on its calibration inputs: set data.calibration_split train)")
+        if qat == "on":
+            order = []  # QAT instead of post-training int8
+        elif opt.activations == "dynamic":
+            qat = "off"  # QAT fine-tunes the static program
+        tried: list[dict[str, Any]] = []
+        mode, within, info = "static", False, work.state["fp32_info"]
+        for mode in order:
+            info = _ptq(ctx, work.state["fp32_ep"], example, names, dynamic=mode == "dynamic")
+            if len(order) == 1 and qat == "off":
+                break
+            v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
+            within = v.within
+            tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within,
+                          "delegated_fraction": round(info["delegated_fraction"], 4)})
+            if v.within:
+                break
+        qat_record = None
+        if qat == "on" or (qat == "auto" and not within):
+            mode = "static"
+            info, qat_record = _qat(ctx, work.state["model"], opt.qat, example)
+            v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
+            tried.append({"activations": "static", "qat": True, "val_value": round(float(v.value), 6),
+                          "within_budget": v.within, "delegated_fraction": round(info["delegated_fraction"], 4)})
+        work.state["files"].insert(0, "model.pte")
+        quant = {"tool": "PT2E (torchao prepare_pt2e/convert_pt2e) + XNNPACKQuantizer (ReLU6 observed after "
+                         "the clamp)",
+                 "scheme": "int8 symmetric, per-channel weights, " + (
+                     "dynamic activations (Linear layers)" if mode == "dynamic" else "static activations"),
+                 "calibration": {"method": "histogram (observers)", "samples": len(ctx.calibration)},
+                 **({"activations_tried_on_val": tried} if tried else {}),
+                 **({"qat": qat_record} if qat_record else {})}
+        if work.state["fp32_info"] is not None:
+            work.runtime["delegation_fp32"] = work.state["fp32_info"]
+        return self._delegated(ctx, work, info, quant)
+
+    @staticmethod
+    def _delegated(ctx: BuildContext, work: Work, info: dict[str, Any], quant: dict[str, Any]) -> Built:
+        """The Built record, once XNNPACK took enough of the program (else a StageError naming what it left)."""
+        opt, files = work.opt, work.state["files"]
+        work.runtime["delegation"] = info
         left = ", ".join(info["non_delegated_ops"]) or "n/a"
         if info["delegated_fraction"] < opt.min_delegated_fraction:
             raise StageError(f"XNNPACK took only {info['delegated_fraction']:.0%} of the graph's nodes "
@@ -232,7 +246,7 @@ class ExecutorchTarget:
         if opt.precision == "int8" and method != "minmax":
             notes.append(f"calibration.method '{method}' is not offered by the XNNPACK quantizer's observers; "
                          "its own (histogram) observers were used")
-        return Built("model.pte", tuple(files), opt.precision, quant, runtime,
+        return Built("model.pte", tuple(files), opt.precision, quant, work.runtime,
                      notes=tuple(notes), fp32_file="model.fp32.pte" if "model.fp32.pte" in files else None)
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "ExecutorchSession":

@@ -37,8 +37,7 @@ from edgebundle.core.data import iter_feeds
 from edgebundle.core.isa import ISA, deployment, has_vnni
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
-from edgebundle.targets.base import BuildContext, Built
-from edgebundle.targets.common import int8_if_auto
+from edgebundle.targets.base import BuildContext, Built, TargetBase, Work
 from edgebundle.targets.registry import Capabilities, register_target
 
 QUANTIZABLE = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData")
@@ -206,7 +205,7 @@ def fp_layers(model) -> list[str]:
 
 @register_target("openvino", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="openvino",
                                                         opens_onnx=True), options=OpenVinoOptions)
-class OpenVinoTarget:
+class OpenVinoTarget(TargetBase):
     def unavailable_reason(self, options: OpenVinoOptions | None = None) -> str | None:
         try:
             import nncf  # noqa: F401
@@ -218,123 +217,143 @@ class OpenVinoTarget:
     def pending_reason(self, options: OpenVinoOptions | None = None) -> str | None:
         return None  # builds and times its own artifact on this machine
 
-    def build(self, ctx: BuildContext) -> Built:
-        import nncf
-
-        ov = _ov()
-        opt: OpenVinoOptions = int8_if_auto(ctx.options)
-        runtime = {"device": opt.device, "performance_hint": opt.performance_hint, "threads": ctx.threads,
-                   "inference_precision_hint": opt.inference_precision}
+    def start(self, ctx: BuildContext, opt: OpenVinoOptions) -> Work:
+        work = Work(opt, {"device": opt.device, "performance_hint": opt.performance_hint, "threads": ctx.threads,
+                          "inference_precision_hint": opt.inference_precision})
         try:
-            model = ov.convert_model(str(ctx.fp32_onnx))
+            work.state["model"] = _ov().convert_model(str(ctx.fp32_onnx))
         except Exception as e:  # OpenVINO's frontends raise their own error types
             raise StageError(f"openvino.convert_model failed: {' '.join(str(e).split())[:300]}") from e
+        return work
+
+    def fp32(self, ctx: BuildContext, work: Work) -> Built:
+        return self._save(_ov(), work.state["model"], ctx, work.opt, {}, work.runtime, [])
+
+    def int8(self, ctx: BuildContext, work: Work) -> Built:
+        """Dynamic activations first where asked (transformers), then static int8 escalating on val; when both
+        hold the budget the faster ships."""
+        import nncf
+
+        ov, opt, model = _ov(), work.opt, work.state["model"]
         quant: dict[str, Any] = {}
         notes: list[str] = []
-        if opt.precision == "int8":
-            cal_items = list(iter_feeds(ctx.calibration, ctx.recipe.inputs, 1))
-            calibration = nncf.Dataset(cal_items)
-            transformer = opt.model_type == "transformer" or (opt.model_type == "auto" and attention_ops(model) > 0)
-            estimator, cal_desc = range_estimator(ctx.spec.calibration)
-            if not has_vnni(deployment(opt.isa)):
-                # without VNNI, u8 x s8 pairs saturate in 16 bits: NNCF's overflow fix (7-bit weights) on every
-                # layer, not only the first (its default)
-                from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+        kwargs, calibration, samples, cal_desc, transformer = self._settings(nncf, model, ctx, opt, quant)
+        contract = ctx.val_contract()
+        # the fp32 outputs on val (in f32), once: the dynamic and SmoothQuant choices and every verdict use them
+        fp32_out = _val_outputs(ov, model, ctx.validation, ctx.recipe.inputs, contract.output_index)
+        dynamic = None  # (model, group, record): dynamic int8 within budget, which static may still beat
+        if opt.activations == "dynamic" or (opt.activations == "auto" and transformer):
+            dyn_model, group, dyn = self._dynamic(nncf, model, ctx, opt, fp32_out)
+            if opt.activations == "dynamic":
+                return self._save(ov, dyn_model, ctx, opt, {**quant, **dyn},
+                                  {**work.runtime, DYNAMIC_GROUP.lower(): group}, notes)
+            if dyn["accuracy_budget"]["within_budget"]:
+                dynamic = (dyn_model, group, dyn)
+            else:
+                quant["dynamic_over_budget"] = dyn
+                notes.append(f"int8 weights with dynamic activations missed the budget on the validation "
+                             f"split (group {group}: {contract.metric} "
+                             f"{dyn['accuracy_budget']['attempts'][-1]['value']}); static int8 tried next")
+        try:
+            quantized, attempts = self._static(nncf, model, calibration, kwargs, transformer, dynamic is None,
+                                               ctx, opt, fp32_out, quant, notes)
+        except (nncf.ValidationError, nncf.InternalError, RuntimeError, ValueError) as e:
+            raise StageError(f"NNCF quantization failed: {type(e).__name__}: {e}") from e
+        if dynamic is not None and self._dynamic_faster(ov, dynamic, quantized, attempts, ctx, opt, quant, notes):
+            return self._save(ov, dynamic[0], ctx, opt, {**quant, **dynamic[2]},
+                              {**work.runtime, DYNAMIC_GROUP.lower(): dynamic[1]}, notes)
+        final = attempts[-1]["step"]
+        kwargs["fast_bias_correction"] = kwargs["fast_bias_correction"] and final == "defaults"
+        quant["accuracy_budget"] = _budget_record(ctx, attempts)
+        if len(attempts) > 1:
+            notes.append(f"int8 with the first settings dropped {attempts[0]['val_drop']} points on the validation "
+                         f"split (budget {ctx.spec.max_accuracy_drop}); kept the '{final}' build")
+        quant.update({
+            "tool": "nncf.quantize_with_accuracy_control" if final == "accuracy_control" else "nncf.quantize",
+            "preset": opt.preset, "subset_size": kwargs["subset_size"],
+            "fast_bias_correction": kwargs["fast_bias_correction"],
+            "model_type": "transformer" if transformer else None,
+            "ignored_scope": opt.ignored_scope.model_dump(),
+            "layers_in_higher_precision": fp_layers(quantized),
+            "calibration": {"method": ctx.spec.calibration.method, "nncf": cal_desc, "samples": samples},
+        })
+        return self._save(ov, quantized, ctx, opt, quant, work.runtime, notes)
 
-                estimator = estimator or AdvancedQuantizationParameters()
-                estimator.overflow_fix = OverflowFix.ENABLE
-                quant["overflow_fix"] = f"enable (deployment ISA {deployment(opt.isa)} has no VNNI)"
-            kwargs = dict(
-                advanced_parameters=estimator,
-                preset=nncf.QuantizationPreset(opt.preset), subset_size=min(opt.subset_size, len(cal_items)),
-                fast_bias_correction=opt.fast_bias_correction,
-                model_type=nncf.ModelType.TRANSFORMER if transformer else None,
-                ignored_scope=nncf.IgnoredScope(names=opt.ignored_scope.names, types=opt.ignored_scope.types,
-                                                patterns=opt.ignored_scope.patterns) if any(
-                    opt.ignored_scope.model_dump().values()) else None,
-            )
-            val = ctx.validation
-            contract = ctx.val_contract()
-            idx = contract.output_index
-            budget = ctx.spec.max_accuracy_drop
-            attempts: list[dict[str, Any]] = []
-            first = None  # a quantized model already made with the final kwargs (SmoothQuant choice)
-            # the fp32 outputs on val (in f32), once: the dynamic and SmoothQuant choices and every verdict use them
-            fp32_out = _val_outputs(ov, model, val, ctx.recipe.inputs, idx)
-            dynamic = None  # (model, group, record): dynamic int8 within budget, which static may still beat
-            if opt.activations == "dynamic" or (opt.activations == "auto" and transformer):
-                dyn_model, group, dyn = self._dynamic(nncf, model, ctx, opt, fp32_out)
-                if opt.activations == "dynamic":
-                    return self._save(ov, dyn_model, ctx, opt, {**quant, **dyn},
-                                      {**runtime, DYNAMIC_GROUP.lower(): group}, notes)
-                if dyn["accuracy_budget"]["within_budget"]:
-                    dynamic = (dyn_model, group, dyn)
-                else:
-                    quant["dynamic_over_budget"] = dyn
-                    notes.append(f"int8 weights with dynamic activations missed the budget on the validation "
-                                 f"split (group {group}: {contract.metric} "
-                                 f"{dyn['accuracy_budget']['attempts'][-1]['value']}); static int8 tried next")
-            try:
-                if transformer:
-                    first, quant["smooth_quant"] = self._smooth_quant(nncf, model, calibration, kwargs, opt, ctx,
-                                                                      fp32_out)
-                steps = ["accuracy_control"] if opt.accuracy_control and dynamic is None else ["defaults"]
-                if opt.fallback and not opt.accuracy_control and dynamic is None:
-                    steps += (["full_bias_correction"] if opt.fast_bias_correction else []) + ["accuracy_control"]
-                for step in steps:
-                    if step == "accuracy_control":
-                        if not _nncf_controllable(contract):
-                            notes.append(f"NNCF accuracy control cannot steer metric '{contract.metric}'; "
-                                         "not tried")
-                            break
-                        quantized = self._quantize_ac(nncf, model.clone(), calibration, val, ctx, kwargs, contract,
-                                                      fp32_out)
-                    elif step == "defaults" and first is not None:
-                        quantized = first
-                    else:
-                        fbc = kwargs["fast_bias_correction"] and step == "defaults"
-                        quantized = nncf.quantize(model.clone(), calibration, **{**kwargs, "fast_bias_correction": fbc})
-                    v = contract.judge(fp32_out, _val_outputs(ov, quantized, val, ctx.recipe.inputs, idx,
-                                                              opt.inference_precision), val.labels)
-                    attempts.append({"step": step, "val_drop": round(v.loss, 6), "value": round(v.value, 6),
-                                     "within_budget": v.within})
-                    if v.within:
-                        break
-            except (nncf.ValidationError, nncf.InternalError, RuntimeError, ValueError) as e:
-                raise StageError(f"NNCF quantization failed: {type(e).__name__}: {e}") from e
-            if dynamic is not None:
-                # both hold the budget on val: the faster one ships (static int8 is often faster on small
-                # encoders; dynamic alone held it on all-MiniLM-L6-v2)
-                static_tried = {"attempts": attempts, **({"smooth_quant": quant.pop("smooth_quant")}
-                                                         if "smooth_quant" in quant else {})}
-                if attempts[-1]["within_budget"]:
-                    t_dyn, t_static = _race(ov, [(dynamic[0], {DYNAMIC_GROUP: dynamic[1]}), (quantized, {})], ctx, opt)
-                    static_tried["p50_ms"], dynamic[2]["p50_ms"] = round(t_static, 4), round(t_dyn, 4)
-                if not attempts[-1]["within_budget"] or t_dyn <= t_static:
-                    dynamic[2]["static_tried"] = static_tried
-                    return self._save(ov, dynamic[0], ctx, opt, {**quant, **dynamic[2]},
-                                      {**runtime, DYNAMIC_GROUP.lower(): dynamic[1]}, notes)
-                quant["dynamic_tried"] = dynamic[2]
-                notes.append(f"static int8 ({t_static:.3g} ms) ran faster than int8 weights with dynamic activations "
-                             f"({t_dyn:.3g} ms), both within budget on val: static kept")
-            final = attempts[-1]["step"]
-            use_ac = final == "accuracy_control"
-            kwargs["fast_bias_correction"] = kwargs["fast_bias_correction"] and final == "defaults"
-            quant["accuracy_budget"] = _budget_record(ctx, attempts)
-            if len(attempts) > 1:
-                notes.append(f"int8 with the first settings dropped {attempts[0]['val_drop']} points on the validation "
-                             f"split (budget {budget}); kept the '{final}' build")
-            model = quantized
-            quant.update({
-                "tool": "nncf.quantize_with_accuracy_control" if use_ac else "nncf.quantize",
-                "preset": opt.preset, "subset_size": kwargs["subset_size"],
-                "fast_bias_correction": kwargs["fast_bias_correction"],
-                "model_type": "transformer" if transformer else None,
-                "ignored_scope": opt.ignored_scope.model_dump(),
-                "layers_in_higher_precision": fp_layers(model),
-                "calibration": {"method": ctx.spec.calibration.method, "nncf": cal_desc, "samples": len(cal_items)},
-            })
-        return self._save(ov, model, ctx, opt, quant, runtime, notes)
+    @staticmethod
+    def _settings(nncf, model, ctx: BuildContext, opt: OpenVinoOptions, quant: dict[str, Any]):
+        """nncf.quantize's keyword arguments from the options, the calibration dataset, and whether the model is
+        a transformer: (kwargs, dataset, samples, calibration description, transformer)."""
+        cal_items = list(iter_feeds(ctx.calibration, ctx.recipe.inputs, 1))
+        transformer = opt.model_type == "transformer" or (opt.model_type == "auto" and attention_ops(model) > 0)
+        estimator, cal_desc = range_estimator(ctx.spec.calibration)
+        if not has_vnni(deployment(opt.isa)):
+            # without VNNI, u8 x s8 pairs saturate in 16 bits: NNCF's overflow fix (7-bit weights) on every
+            # layer, not only the first (its default)
+            from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+            estimator = estimator or AdvancedQuantizationParameters()
+            estimator.overflow_fix = OverflowFix.ENABLE
+            quant["overflow_fix"] = f"enable (deployment ISA {deployment(opt.isa)} has no VNNI)"
+        scope = opt.ignored_scope
+        kwargs = dict(
+            advanced_parameters=estimator,
+            preset=nncf.QuantizationPreset(opt.preset), subset_size=min(opt.subset_size, len(cal_items)),
+            fast_bias_correction=opt.fast_bias_correction,
+            model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+            ignored_scope=nncf.IgnoredScope(names=scope.names, types=scope.types, patterns=scope.patterns)
+            if any(scope.model_dump().values()) else None,
+        )
+        return kwargs, nncf.Dataset(cal_items), len(cal_items), cal_desc, transformer
+
+    def _static(self, nncf, model, calibration, kwargs: dict, transformer: bool, escalate: bool,
+                ctx: BuildContext, opt: OpenVinoOptions, fp32_out: np.ndarray, quant: dict, notes: list):
+        """Static int8, one step at a time until the budget holds on val: the target's settings -> full bias
+        correction -> NNCF accuracy control (`accuracy_control: true` goes straight there). `escalate`: False
+        when dynamic int8 already holds the budget (one plain try then). Returns (last model, attempts)."""
+        contract, val = ctx.val_contract(), ctx.validation
+        first = None  # a quantized model already made with the final kwargs (SmoothQuant choice)
+        if transformer:
+            first, quant["smooth_quant"] = self._smooth_quant(nncf, model, calibration, kwargs, opt, ctx, fp32_out)
+        steps = ["accuracy_control"] if opt.accuracy_control and escalate else ["defaults"]
+        if opt.fallback and not opt.accuracy_control and escalate:
+            steps += (["full_bias_correction"] if opt.fast_bias_correction else []) + ["accuracy_control"]
+        if "accuracy_control" in steps and not _nncf_controllable(contract):
+            notes.append(f"NNCF accuracy control cannot steer metric '{contract.metric}'; not tried")
+            steps = [s for s in steps if s != "accuracy_control"] or ["defaults"]
+        attempts: list[dict[str, Any]] = []
+        for step in steps:
+            if step == "accuracy_control":
+                quantized = self._quantize_ac(nncf, model.clone(), calibration, val, ctx, kwargs, contract, fp32_out)
+            elif step == "defaults" and first is not None:
+                quantized = first
+            else:
+                fbc = kwargs["fast_bias_correction"] and step == "defaults"
+                quantized = nncf.quantize(model.clone(), calibration, **{**kwargs, "fast_bias_correction": fbc})
+            v = contract.judge(fp32_out, _val_outputs(_ov(), quantized, val, ctx.recipe.inputs, contract.output_index,
+                                                      opt.inference_precision), val.labels)
+            attempts.append({"step": step, "val_drop": round(v.loss, 6), "value": round(v.value, 6),
+                             "within_budget": v.within})
+            if v.within:
+                break
+        return quantized, attempts
+
+    @staticmethod
+    def _dynamic_faster(ov, dynamic, quantized, attempts: list, ctx: BuildContext, opt: OpenVinoOptions,
+                        quant: dict, notes: list) -> bool:
+        """Dynamic int8 holds the budget on val: it ships (True) unless static int8 holds it too and runs faster
+        (timed interleaved; static often wins on small encoders, dynamic alone held it on all-MiniLM-L6-v2)."""
+        static_tried = {"attempts": attempts, **({"smooth_quant": quant.pop("smooth_quant")}
+                                                 if "smooth_quant" in quant else {})}
+        if attempts[-1]["within_budget"]:
+            t_dyn, t_static = _race(ov, [(dynamic[0], {DYNAMIC_GROUP: dynamic[1]}), (quantized, {})], ctx, opt)
+            static_tried["p50_ms"], dynamic[2]["p50_ms"] = round(t_static, 4), round(t_dyn, 4)
+        if not attempts[-1]["within_budget"] or t_dyn <= t_static:
+            dynamic[2]["static_tried"] = static_tried
+            return True
+        quant["dynamic_tried"] = dynamic[2]
+        notes.append(f"static int8 ({t_static:.3g} ms) ran faster than int8 weights with dynamic activations "
+                     f"({t_dyn:.3g} ms), both within budget on val: static kept")
+        return False
 
     @staticmethod
     def _save(ov, model, ctx: BuildContext, opt: OpenVinoOptions, quant: dict, runtime: dict, notes: list) -> Built:

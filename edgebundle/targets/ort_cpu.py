@@ -28,9 +28,8 @@ from edgebundle.core.session import OrtSession
 from edgebundle.core.host import cpu_flags
 from edgebundle.core.isa import ISA, VNNI_FLAGS, has_vnni
 from edgebundle.exporters.graph import attention_matmuls, attention_shape, weighted_matmuls
-from edgebundle.targets.base import BuildContext, Built
-from edgebundle.targets.common import (calibrate_method, calibration_extra_options, int8_if_auto, p50_ms,
-                                       qat_program, val_outputs)
+from edgebundle.targets.base import BuildContext, Built, TargetBase, Work
+from edgebundle.targets.common import calibrate_method, calibration_extra_options, p50_ms, qat_program, val_outputs
 from edgebundle.targets.registry import Capabilities, register_target
 
 class OrtCpuOptions(BaseModel):
@@ -90,7 +89,7 @@ def _needs_reduce_range(opt: OrtCpuOptions) -> bool:
 @register_target("ort-cpu", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="onnxruntime",
                                                        opens_onnx=True),
                  options=OrtCpuOptions)
-class OrtCpuTarget:
+class OrtCpuTarget(TargetBase):
     def unavailable_reason(self, options: OrtCpuOptions | None = None) -> str | None:
         if "CPUExecutionProvider" not in ort.get_available_providers():
             return "onnxruntime has no CPUExecutionProvider"
@@ -99,88 +98,103 @@ class OrtCpuTarget:
     def pending_reason(self, options: OrtCpuOptions | None = None) -> str | None:
         return None  # builds and times its own artifact on this machine
 
-    def build(self, ctx: BuildContext) -> Built:
+    temporary = ("fused.onnx", "preprocessed.onnx", "qat.onnx")
+
+    def start(self, ctx: BuildContext, opt: OrtCpuOptions) -> Work:
+        """Transformer fusions first (kept when they fused anything): the fp32 and int8 builds start from it."""
+        work = Work(opt, {"graph_optimization": opt.graph_optimization, "threads": ctx.threads})
+        fused = ctx.workdir / "fused.onnx"
+        work.state["fusion"] = fusion = fuse_transformer(ctx.fp32_onnx, fused, opt.transformer_fusions)
+        if fusion:
+            work.runtime["transformer_fusions"] = fusion
+        work.state["src"] = fused if fusion else ctx.fp32_onnx
+        return work
+
+    def fp32(self, ctx: BuildContext, work: Work) -> Built:
+        (ctx.workdir / "model.onnx").write_bytes(work.state["src"].read_bytes())
+        return Built("model.onnx", ("model.onnx",), "fp32", {}, work.runtime)
+
+    def int8(self, ctx: BuildContext, work: Work) -> Built:
+        """Dynamic (attention fused or found) or static QDQ int8, each with accuracy control on val; a dynamic
+        model over budget falls back to static; full static int8 over budget may give way to QAT."""
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        opt: OrtCpuOptions = int8_if_auto(ctx.options)
-        runtime = {"graph_optimization": opt.graph_optimization, "threads": ctx.threads}
-        out = ctx.workdir / "model.onnx"
-        fused = ctx.workdir / "fused.onnx"
-        fusion = fuse_transformer(ctx.fp32_onnx, fused, opt.transformer_fusions)
-        if fusion:
-            runtime["transformer_fusions"] = fusion
-        src = fused if fusion else ctx.fp32_onnx
-        if opt.precision == "fp32":
-            out.write_bytes(src.read_bytes())
-            fused.unlink(missing_ok=True)
-            return Built("model.onnx", ("model.onnx",), "fp32", {}, runtime)
-        pre = ctx.workdir / "preprocessed.onnx"
-        cal = ctx.spec.calibration
-        reduce_range = _needs_reduce_range(opt)
+        opt, src = work.opt, work.state["src"]
+        pre, out = ctx.workdir / "preprocessed.onnx", ctx.workdir / "model.onnx"
+        work.state["reduce_range"] = reduce_range = _needs_reduce_range(opt)
         reader = SplitReader(ctx.calibration, ctx.recipe.inputs)
         mode = opt.mode if opt.mode != "auto" else (
-            "dynamic" if fusion.get("Attention") or attention_matmuls(src) else "static")
+            "dynamic" if work.state["fusion"].get("Attention") or attention_matmuls(src) else "static")
         if opt.qat.enabled == "on" and mode != "static":
-            fused.unlink(missing_ok=True)
             raise StageError("qat enabled 'on' fine-tunes a static int8 program; this build quantizes "
                              "dynamically (options.mode: static, or qat: auto)")
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            control: dict[str, Any] = {}
-            if mode == "dynamic":
-                control = self._dynamic(pre, out, opt, reduce_range, ctx)
-                if not control["accuracy_budget"]["within_budget"] and opt.accuracy_control:
-                    mode, fell_back = "static", {**control["accuracy_budget"],
-                                                 **({"smooth_quant": control["smooth_quant"]}
-                                                    if "smooth_quant" in control else {})}
-            qat = _qat_switch(opt, ctx, bool(fusion), reduce_range) if mode == "static" else ("off", None)
-            if mode == "static" and qat[0] != "on":
-                self._quantize(pre, out, reader, opt, cal, reduce_range, [])
-                control = {**self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx),
-                           **({"dynamic_over_budget": fell_back} if control else {})}
-            b = control.get("accuracy_budget") or {}
-            missed = bool(b.get("attempts")) or not b.get("within_budget", True)  # full int8 over budget on val
-            if qat[0] == "on" or (qat[0] == "auto" and missed):
-                try:
-                    shipped, tried = _qat_candidate(ctx, opt.qat, pre, out, ptq=b if qat[0] == "auto" else None)
-                except StageError:
-                    raise
-                except Exception as e:  # torch.export / PT2E / the exporter raise many types
-                    why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-                    if qat[0] == "on":
-                        raise StageError(f"quantization-aware distillation failed: {why}") from e
-                    shipped, tried = None, {"qat_failed": why}  # auto: post-training int8 stands
-                if shipped is not None:
-                    if control:
-                        shipped["post_training"] = control
-                    return Built("model.onnx", ("model.onnx",), "int8", shipped, runtime)
-                control.update(tried)
-            elif qat[1] and missed:
-                control["qat_skipped"] = qat[1]
+            mode, control, qat = self._post_training(pre, out, reader, mode, work, ctx)
+            shipped = self._qat_step(pre, out, qat, control, work, ctx)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise StageError(f"onnxruntime.quantization failed: {type(e).__name__}: {e}") from e
-        finally:
-            pre.unlink(missing_ok=True)
-            fused.unlink(missing_ok=True)
-            (ctx.workdir / "qat.onnx").unlink(missing_ok=True)
+        if shipped is not None:
+            return Built("model.onnx", ("model.onnx",), "int8", shipped, work.runtime)
+        common = {"per_channel": opt.per_channel, "reduce_range": reduce_range}
         if mode == "dynamic":
             quant = {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "format": "QOperator",
-                     "activations": "uint8 (per inference)", "weights": "int8", "per_channel": opt.per_channel,
-                     "reduce_range": reduce_range, **control}
-            return Built("model.onnx", ("model.onnx",), "int8", quant, runtime)
-        quant = {
-            "tool": "onnxruntime.quantization.quantize_static",
-            "mode": "static",
-            "format": opt.quant_format.upper(),
-            "activations": opt.activations,
-            "weights": opt.weights,
-            "per_channel": opt.per_channel,
-            "reduce_range": reduce_range,
-            "calibration": {"method": cal.method, "samples": reader.count,
-                            **({"percentile": cal.percentile} if cal.method == "percentile" else {})},
-            **control,
-        }
-        return Built("model.onnx", ("model.onnx",), "int8", quant, runtime)
+                     "activations": "uint8 (per inference)", "weights": "int8", **common, **control}
+            return Built("model.onnx", ("model.onnx",), "int8", quant, work.runtime)
+        cal = ctx.spec.calibration
+        quant = {"tool": "onnxruntime.quantization.quantize_static", "mode": "static",
+                 "format": opt.quant_format.upper(), "activations": opt.activations, "weights": opt.weights,
+                 **common, "calibration": {"method": cal.method, "samples": reader.count,
+                                           **({"percentile": cal.percentile} if cal.method == "percentile" else {})},
+                 **control}
+        return Built("model.onnx", ("model.onnx",), "int8", quant, work.runtime)
+
+    def _post_training(self, pre: Path, out: Path, reader: SplitReader, mode: str, work: Work,
+                       ctx: BuildContext) -> tuple[str, dict[str, Any], tuple[str, str | None]]:
+        """Post-training int8 into `out`: dynamic first where asked, static QDQ (with accuracy control) when
+        static or when dynamic missed the budget, unless QAT is 'on' (it replaces static post-training int8).
+        Returns (the mode that stands, its accuracy record, the QAT switch: on | auto | off, why not)."""
+        opt, reduce_range, cal = work.opt, work.state["reduce_range"], ctx.spec.calibration
+        control: dict[str, Any] = {}
+        if mode == "dynamic":
+            control = self._dynamic(pre, out, opt, reduce_range, ctx)
+            if not control["accuracy_budget"]["within_budget"] and opt.accuracy_control:
+                mode, fell_back = "static", {**control["accuracy_budget"],
+                                             **({"smooth_quant": control["smooth_quant"]}
+                                                if "smooth_quant" in control else {})}
+        qat = _qat_switch(opt, ctx, bool(work.state["fusion"]), reduce_range) if mode == "static" else ("off", None)
+        if mode == "static" and qat[0] != "on":
+            self._quantize(pre, out, reader, opt, cal, reduce_range, [])
+            control = {**self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx),
+                       **({"dynamic_over_budget": fell_back} if control else {})}
+        return mode, control, qat
+
+    @staticmethod
+    def _qat_step(pre: Path, out: Path, qat: tuple[str, str | None], control: dict[str, Any], work: Work,
+                  ctx: BuildContext) -> dict[str, Any] | None:
+        """QAT when asked (`on`) or when full static int8 missed the budget on val (`auto`): the manifest's
+        quantization record when its model replaced `out`, else None (`control` then records what was tried)."""
+        opt = work.opt
+        b = control.get("accuracy_budget") or {}
+        missed = bool(b.get("attempts")) or not b.get("within_budget", True)  # full int8 over budget on val
+        if qat[0] == "on" or (qat[0] == "auto" and missed):
+            try:
+                shipped, tried = _qat_candidate(ctx, opt.qat, pre, out, ptq=b if qat[0] == "auto" else None)
+            except StageError:
+                raise
+            except Exception as e:  # torch.export / PT2E / the exporter raise many types
+                why = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                if qat[0] == "on":
+                    raise StageError(f"quantization-aware distillation failed: {why}") from e
+                shipped, tried = None, {"qat_failed": why}  # auto: post-training int8 stands
+            if shipped is not None:
+                if control:
+                    shipped["post_training"] = control
+                return shipped
+            control.update(tried)
+        elif qat[1] and missed:
+            control["qat_skipped"] = qat[1]
+        return None
 
     @staticmethod
     def _quantize(pre: Path, out: Path, reader: SplitReader, opt: OrtCpuOptions, cal, reduce_range: bool,
