@@ -121,6 +121,34 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
           allow_different_host: bool = False, rounds: int = 60, per_round: int = 20) -> CheckResult:
     cand, base = _side(candidate), _side(baseline)
     cm, bm = cand.manifest, base.manifest
+    _comparable(cm, bm)
+    notes: list[str] = []
+    different = _different_hosts(cand, base, allow_different_host, notes)
+    if cand.has_model and base.has_model:
+        mode, n = "interleaved", rounds
+        ratio, ci, a50, b50 = _interleaved(cand, base, rounds, per_round, notes)
+    else:
+        mode = "recorded"
+        ratio, ci, a50, b50, n = _against_recorded(cand, base, notes)
+    for side, m, remeasured in (("candidate", cm, cand.has_model), ("baseline", bm, base.has_model and cand.has_model)):
+        state = (m.latency or {}).get("host_state")
+        if not remeasured and state and state.get("contended"):
+            notes.append(f"the {side}'s recorded latency was measured under contention ({contention_text(state)})")
+    latency_reg = is_latency_regression(ratio, ci, tolerance)
+    ca, ba, ref_c = _accuracies(cm, bm, notes)
+    acc_reg = ca is not None and ba is not None and accuracy_worse_by(cm.accuracy.metric, ca, ba, cm.accuracy.details
+                                                                      ) > accuracy_tolerance
+    return CheckResult(
+        regression=latency_reg or acc_reg, latency_regression=latency_reg, accuracy_regression=acc_reg,
+        mode=mode, ratio=ratio, ratio_ci95=ci, tolerance=tolerance, candidate_p50_ms=a50, baseline_p50_ms=b50,
+        rounds=n, candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance,
+        target=cm.target.name, different_host=different, notes=notes, accuracy_reference=ref_c,
+        candidate_interval=cm.accuracy.interval, baseline_interval=bm.accuracy.interval,
+    )
+
+
+def _comparable(cm: Manifest, bm: Manifest) -> None:
+    """Two bundles of one target, both complete with latency measured on their runtime (else a BundleError)."""
     if cm.target.name != bm.target.name:
         raise BundleError(f"candidate is a '{cm.target.name}' bundle, baseline a '{bm.target.name}' bundle: "
                           "compare bundles of the same target")
@@ -131,56 +159,65 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         if m.target.status != "complete" or not m.target.exercised:
             raise BundleError(f"{side} {m.target.name} bundle is {m.target.status}: it has no latency measured on "
                               "its runtime to compare (finish it with `edgebundle build` on its machine)")
-    notes: list[str] = []
+
+
+def _different_hosts(cand: Side, base: Side, allow: bool, notes: list[str]) -> bool:
+    """Whether the two latencies come from different hosts (a side with its model here is re-measured here)."""
+    hosts = {"candidate": cand.manifest.host.get("id"), "baseline": base.manifest.host.get("id")}
     here = fingerprint()["id"]
-    hosts = {"candidate": cm.host.get("id"), "baseline": bm.host.get("id")}
     if cand.has_model:
-        hosts["candidate"] = here  # re-measured here
+        hosts["candidate"] = here
     if base.has_model and cand.has_model:
         hosts["baseline"] = here
     different = len(set(hosts.values())) > 1
-    if different and not allow_different_host:
+    if different and not allow:
         raise BundleError(f"latency figures come from different hosts (candidate {hosts['candidate']}, baseline "
                           f"{hosts['baseline']}); pass --allow-different-host to compare anyway")
     if different:
         notes.append("compared across different hosts (--allow-different-host): the latency verdict is unreliable")
+    return different
 
-    if cand.has_model and base.has_model:
-        mode = "interleaved"
-        batch = int((cm.latency or {}).get("batch", 1))
-        fa, fb = _feeds(cm, batch), _feeds(bm, batch)
-        with _open(cand) as sa, _open(base) as sb, HostWatch() as watch:
-            ratio, ci, a50, b50 = interleaved_ratio(lambda: sa.run(fa), lambda: sb.run(fb),
-                                                    rounds=rounds, per_round=per_round)
-        if watch.state.get("contended"):
-            notes.append(f"both sides were timed here under contention ({contention_text(watch.state)}): "
-                         "interleaving keeps the ratio fair, but its interval is wider")
-        n = rounds
+
+def _interleaved(cand: Side, base: Side, rounds: int, per_round: int, notes: list[str]):
+    """Both models timed here, interleaved: (ratio, its 95 % interval, candidate p50, baseline p50)."""
+    cm, bm = cand.manifest, base.manifest
+    batch = int((cm.latency or {}).get("batch", 1))
+    fa, fb = _feeds(cm, batch), _feeds(bm, batch)
+    with _open(cand) as sa, _open(base) as sb, HostWatch() as watch:
+        ratio, ci, a50, b50 = interleaved_ratio(lambda: sa.run(fa), lambda: sb.run(fb),
+                                                rounds=rounds, per_round=per_round)
+    if watch.state.get("contended"):
+        notes.append(f"both sides were timed here under contention ({contention_text(watch.state)}): "
+                     "interleaving keeps the ratio fair, but its interval is wider")
+    return ratio, ci, a50, b50
+
+
+def _against_recorded(cand: Side, base: Side, notes: list[str]):
+    """The baseline's recorded samples against the candidate timed here (or its recorded samples): (ratio,
+    interval, candidate p50, baseline p50, samples)."""
+    cm, bm = cand.manifest, base.manifest
+    if not bm.latency or not bm.latency.get("samples_ms"):
+        raise BundleError(f"baseline {base.path} has no recorded latency samples")
+    base_s = np.array(bm.latency["samples_ms"])
+    if cand.has_model:
+        feeds = _feeds(cm, int(bm.latency.get("batch", 1)))
+        spec = MeasureSpec(warmup_min=20, warmup_max=500, iterations=len(base_s))
+        with _open(cand) as s:
+            cand_s = np.array(measure(lambda: s.run(feeds), spec, threads=cm.target.runtime.get("threads", 1))
+                              .samples_ms)
     else:
-        mode = "recorded"
-        if not bm.latency or not bm.latency.get("samples_ms"):
-            raise BundleError(f"baseline {base.path} has no recorded latency samples")
-        base_s = np.array(bm.latency["samples_ms"])
-        if cand.has_model:
-            feeds = _feeds(cm, int(bm.latency.get("batch", 1)))
-            spec = MeasureSpec(warmup_min=20, warmup_max=500, iterations=len(base_s))
-            with _open(cand) as s:
-                cand_s = np.array(measure(lambda: s.run(feeds), spec, threads=cm.target.runtime.get("threads", 1))
-                                  .samples_ms)
-        else:
-            if not cm.latency or not cm.latency.get("samples_ms"):
-                raise BundleError(f"candidate {cand.path} has neither a model nor recorded latency samples")
-            cand_s = np.array(cm.latency["samples_ms"])
-        ratio, ci = recorded_ratio(cand_s, base_s)
-        a50, b50, n = float(np.median(cand_s)), float(np.median(base_s)), len(base_s)
-        notes.append("baseline has no model here: compared with its recorded samples, taken at another time "
-                     "without interleaving; a weaker comparison than an interleaved run")
+        if not cm.latency or not cm.latency.get("samples_ms"):
+            raise BundleError(f"candidate {cand.path} has neither a model nor recorded latency samples")
+        cand_s = np.array(cm.latency["samples_ms"])
+    ratio, ci = recorded_ratio(cand_s, base_s)
+    notes.append("baseline has no model here: compared with its recorded samples, taken at another time "
+                 "without interleaving; a weaker comparison than an interleaved run")
+    return ratio, ci, float(np.median(cand_s)), float(np.median(base_s)), len(base_s)
 
-    for side, m, remeasured in (("candidate", cm, cand.has_model), ("baseline", bm, base.has_model and cand.has_model)):
-        state = (m.latency or {}).get("host_state")
-        if not remeasured and state and state.get("contended"):
-            notes.append(f"the {side}'s recorded latency was measured under contention ({contention_text(state)})")
-    latency_reg = is_latency_regression(ratio, ci, tolerance)
+
+def _accuracies(cm: Manifest, bm: Manifest, notes: list[str]):
+    """(candidate accuracy, baseline accuracy, the candidate's reference): both None when they are judged by
+    different metrics or against different references (a note says which)."""
     ca, ba = cm.accuracy.target, bm.accuracy.target
     if cm.accuracy.metric != bm.accuracy.metric:
         notes.append(f"accuracy not compared: the candidate is judged by {cm.accuracy.metric}, the baseline by "
@@ -191,15 +228,7 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         notes.append(f"accuracy not compared: the candidate is judged against the {ref_c}, the baseline against "
                      f"the {ref_b} (metric.reference)")
         ca = ba = None
-    acc_reg = ca is not None and ba is not None and accuracy_worse_by(cm.accuracy.metric, ca, ba, cm.accuracy.details
-                                                                      ) > accuracy_tolerance
-    return CheckResult(
-        regression=latency_reg or acc_reg, latency_regression=latency_reg, accuracy_regression=acc_reg,
-        mode=mode, ratio=ratio, ratio_ci95=ci, tolerance=tolerance, candidate_p50_ms=a50, baseline_p50_ms=b50,
-        rounds=n, candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance,
-        target=cm.target.name, different_host=different, notes=notes, accuracy_reference=ref_c,
-        candidate_interval=cm.accuracy.interval, baseline_interval=bm.accuracy.interval,
-    )
+    return ca, ba, ref_c
 
 
 def accuracy_worse_by(metric: str, candidate: float, baseline: float, details: dict | None = None) -> float:

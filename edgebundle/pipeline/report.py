@@ -123,41 +123,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
     e = html.escape
     rows, figures, points, notes = [], [], [], []
     for path, m in bundles:
-        size = sum(f.bytes for f in m.files.values())
-        lat, acc = m.latency, m.accuracy
-        if lat:
-            ci = lat["p50_ci95_ms"]
-            p50 = f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]"
-            if (lat.get("host_state") or {}).get("contended"):
-                p50 += f"<br><b>contended</b>: {html.escape(contention_text(lat['host_state']))}"
-            figures.append((m.target.name, _histogram(m.target.name, lat["samples_ms"], lat["p50_ms"])))
-            if acc.target is not None and acc.metric == bundles[0][1].accuracy.metric:
-                points.append((f"{m.target.name} {m.target.precision}", lat["p50_ms"], acc.target))
-        else:
-            p50 = "not measured"
-        sp = m.speedup
-        rejected = m.target.status == "rejected"
-        status = (f"<b>rejected</b>: {e(m.target.rejection or 'missed its accuracy budget')}" if rejected
-                  else e(m.target.status))
-        changed = _changed(path)
-        if changed:  # its figures are not to be trusted: say so where they are shown
-            rejected = True
-            status += f"<br><b>changed since written</b>: {e(', '.join(changed))}"
-            notes.append(f"{path.name}: files changed since the bundle was written ({', '.join(changed)}): "
-                         "its figures are not to be trusted")
-        acc_text = accuracy_text(acc.metric, acc.fp32_onnx, acc.target, acc.judged_samples, acc.details,
-                                 vs=acc.against, interval=acc.interval)
-        rows.append(
-            f"<tr{' class=rejected' if rejected else ''}><td class=l>{e(path.name)}</td>"
-            f"<td class=l>{e(m.target.precision)}</td>"
-            f"<td class=l>{status}</td><td>{size / 1024:.1f} KiB</td>"
-            f"<td>{e(acc_text)}"
-            f"{'' if acc.budget is None else '<br><span class=small>budget: ' + e(acc.budget) + '</span>'}"
-            f"{_chain_html(acc)}</td>"
-            f"<td>{_fmt(acc.output_cosine_vs_fp32, '.5f')}</td><td>{p50}</td>"
-            f"<td>{_fmt(sp.get('vs_pytorch_fp32_teacher'), '.2f', 'x')}</td>"
-            f"<td>{_fmt(sp.get('vs_same_runtime_fp32'), '.2f', 'x')}</td></tr>")
-        notes += [f"{m.target.name}: {n}" for n in m.notes]
+        rows.append(_row(path, m, bundles[0][1].accuracy.metric, figures, points, notes))
     if bundles:  # the PyTorch fp32 references every bundle of one run shares
         m = bundles[0][1]
         for key, label, a in (("pytorch_fp32_teacher", "PyTorch fp32 teacher", m.accuracy.teacher_pytorch),
@@ -191,6 +157,46 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
                   for n, png in figures]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _row(path: Path, m: Manifest, metric: str, figures: list, points: list, notes: list) -> str:
+    """One bundle's table row; its latency histogram, trade-off point (same metric as the first bundle's)
+    and notes are appended to the lists given."""
+    e = html.escape
+    size = sum(f.bytes for f in m.files.values())
+    lat, acc = m.latency, m.accuracy
+    if lat:
+        ci = lat["p50_ci95_ms"]
+        p50 = f"{lat['p50_ms']:.4f} ms [{ci[0]:.4f}, {ci[1]:.4f}]"
+        if (lat.get("host_state") or {}).get("contended"):
+            p50 += f"<br><b>contended</b>: {html.escape(contention_text(lat['host_state']))}"
+        figures.append((m.target.name, _histogram(m.target.name, lat["samples_ms"], lat["p50_ms"])))
+        if acc.target is not None and acc.metric == metric:
+            points.append((f"{m.target.name} {m.target.precision}", lat["p50_ms"], acc.target))
+    else:
+        p50 = "not measured"
+    sp = m.speedup
+    rejected = m.target.status == "rejected"
+    status = (f"<b>rejected</b>: {e(m.target.rejection or 'missed its accuracy budget')}" if rejected
+              else e(m.target.status))
+    changed = _changed(path)
+    if changed:  # its figures are not to be trusted: say so where they are shown
+        rejected = True
+        status += f"<br><b>changed since written</b>: {e(', '.join(changed))}"
+        notes.append(f"{path.name}: files changed since the bundle was written ({', '.join(changed)}): "
+                     "its figures are not to be trusted")
+    acc_text = accuracy_text(acc.metric, acc.fp32_onnx, acc.target, acc.judged_samples, acc.details,
+                             vs=acc.against, interval=acc.interval)
+    notes += [f"{m.target.name}: {n}" for n in m.notes]
+    return (f"<tr{' class=rejected' if rejected else ''}><td class=l>{e(path.name)}</td>"
+            f"<td class=l>{e(m.target.precision)}</td>"
+            f"<td class=l>{status}</td><td>{size / 1024:.1f} KiB</td>"
+            f"<td>{e(acc_text)}"
+            f"{'' if acc.budget is None else '<br><span class=small>budget: ' + e(acc.budget) + '</span>'}"
+            f"{_chain_html(acc)}</td>"
+            f"<td>{_fmt(acc.output_cosine_vs_fp32, '.5f')}</td><td>{p50}</td>"
+            f"<td>{_fmt(sp.get('vs_pytorch_fp32_teacher'), '.2f', 'x')}</td>"
+            f"<td>{_fmt(sp.get('vs_same_runtime_fp32'), '.2f', 'x')}</td></tr>")
 
 
 def write_report(output: Path) -> Path:
