@@ -130,6 +130,31 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
             "accuracy_measured_with": "ONNX Runtime CPU (the Q/DQ model)", **control}
 
 
+class _Graph:
+    """An ONNX graph's initializers, producers and constant values, for the placement rules."""
+
+    def __init__(self, model) -> None:
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+
+    def const(self, name: str):
+        from onnx import numpy_helper
+
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        n = self.producer.get(name)
+        if n is not None and n.op_type == "Constant":
+            return numpy_helper.to_array(n.attribute[0].t)
+        return None
+
+
+def _attr(node, key: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == key:
+            return a.i
+    return default
+
+
 def qdq_problems(model, float_nodes: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """Where a Q/DQ ONNX model breaks TensorRT's explicit-quantization rules (empty list: none).
 
@@ -138,29 +163,11 @@ def qdq_problems(model, float_nodes: frozenset[str] | set[str] = frozenset()) ->
     input of each Conv/ConvTranspose/Gemm/MatMul with constant weights come from a DequantizeLinear;
     biases are float. Layers named in `float_nodes` (kept in float by accuracy control) are exempt.
     """
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    g = _Graph(model)
     problems = []
-
-    def const(name: str):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        n = producer.get(name)
-        if n is not None and n.op_type == "Constant":
-            return numpy_helper.to_array(n.attribute[0].t)
-        return None
-
-    def attr(node, key, default):
-        for a in node.attribute:
-            if a.name == key:
-                return a.i
-        return default
-
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            zp = const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            zp = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
             if zp is None:
                 problems.append(f"{n.name}: no zero point (defaults to uint8; TensorRT needs int8)")
             elif zp.dtype != np.int8:
@@ -168,44 +175,42 @@ def qdq_problems(model, float_nodes: frozenset[str] | set[str] = frozenset()) ->
             elif np.any(zp != 0):
                 problems.append(f"{n.name}: non-zero zero point (TensorRT quantization is symmetric)")
     for out in model.graph.output:
-        n = producer.get(out.name)
+        n = g.producer.get(out.name)
         if n is not None and n.op_type == "DequantizeLinear":
             problems.append(f"graph output {out.name} is quantized: the model's output loses precision")
     for n in model.graph.node:
-        if n.op_type not in WEIGHTED_OPS or n.name in float_nodes:
-            continue
-        data, weight = producer.get(n.input[0]), producer.get(n.input[1])
-        w_dq_input = weight.input[0] if weight is not None and weight.op_type == "DequantizeLinear" else None
-        if w_dq_input is None:
-            if n.op_type == "MatMul" and const(n.input[1]) is None:
-                continue  # activation x activation MatMul: not a weighted layer
-            problems.append(f"{n.name}: weight input is not dequantized (int8 weights expected)")
-            continue
-        if data is None or data.op_type != "DequantizeLinear":
-            problems.append(f"{n.name}: data input is not dequantized (Q/DQ belongs on the layer's inputs)")
-        else:
-            s = const(data.input[1])
-            if s is not None and s.size != 1:
-                problems.append(f"{n.name}: activation scale is per channel; TensorRT needs per tensor")
-        w_scale = const(weight.input[1])
-        w = const(w_dq_input)
-        if w_scale is not None and w is not None and w_scale.size > 1:
-            if n.op_type == "Conv":
-                want = 0
-            elif n.op_type == "ConvTranspose":
-                want = 1
-            elif n.op_type == "Gemm":
-                want = 0 if attr(n, "transB", 0) else 1
-            else:
-                want = w.ndim - 1
-            axis = attr(weight, "axis", 1)
-            if axis % w.ndim != want or w_scale.size != w.shape[want]:
-                problems.append(f"{n.name}: weight scales on axis {axis}, TensorRT wants the output-channel "
-                                f"axis {want}")
-        if len(n.input) > 2 and n.input[2] and n.op_type in ("Conv", "ConvTranspose", "Gemm"):
-            b = producer.get(n.input[2])
-            if b is not None and b.op_type == "DequantizeLinear":
-                problems.append(f"{n.name}: bias is quantized; TensorRT expects a float bias to fuse")
+        if n.op_type in WEIGHTED_OPS and n.name not in float_nodes:
+            problems += _layer_problems(g, n)
+    return problems
+
+
+def _layer_problems(g: _Graph, n) -> list[str]:
+    """One weighted layer: both inputs dequantized, activation scale per tensor, weight scales on the output-
+    channel axis, bias float."""
+    problems = []
+    data, weight = g.producer.get(n.input[0]), g.producer.get(n.input[1])
+    w_dq_input = weight.input[0] if weight is not None and weight.op_type == "DequantizeLinear" else None
+    if w_dq_input is None:
+        if n.op_type == "MatMul" and g.const(n.input[1]) is None:
+            return []  # activation x activation MatMul: not a weighted layer
+        return [f"{n.name}: weight input is not dequantized (int8 weights expected)"]
+    if data is None or data.op_type != "DequantizeLinear":
+        problems.append(f"{n.name}: data input is not dequantized (Q/DQ belongs on the layer's inputs)")
+    else:
+        s = g.const(data.input[1])
+        if s is not None and s.size != 1:
+            problems.append(f"{n.name}: activation scale is per channel; TensorRT needs per tensor")
+    w_scale, w = g.const(weight.input[1]), g.const(w_dq_input)
+    if w_scale is not None and w is not None and w_scale.size > 1:
+        want = {"Conv": 0, "ConvTranspose": 1, "Gemm": 0 if _attr(n, "transB", 0) else 1}.get(n.op_type, w.ndim - 1)
+        axis = _attr(weight, "axis", 1)
+        if axis % w.ndim != want or w_scale.size != w.shape[want]:
+            problems.append(f"{n.name}: weight scales on axis {axis}, TensorRT wants the output-channel "
+                            f"axis {want}")
+    if len(n.input) > 2 and n.input[2] and n.op_type in ("Conv", "ConvTranspose", "Gemm"):
+        b = g.producer.get(n.input[2])
+        if b is not None and b.op_type == "DequantizeLinear":
+            problems.append(f"{n.name}: bias is quantized; TensorRT expects a float bias to fuse")
     return problems
 
 
