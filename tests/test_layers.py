@@ -112,3 +112,22 @@ def test_no_import_circles():
         if m not in state:
             visit(m)
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    long = []
+    for p in ROOT.rglob("*.py"):
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60:
+                long.append(f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)")
+    assert not long, long
+
+
+def test_the_cpu_targets_fill_the_template_build():
+    from edgebundle.targets.base import TargetBase
+    from edgebundle.targets.executorch_xnnpack import ExecutorchTarget
+    from edgebundle.targets.openvino import OpenVinoTarget
+    from edgebundle.targets.ort_cpu import OrtCpuTarget
+
+    for t in (OrtCpuTarget, OpenVinoTarget, ExecutorchTarget):
+        assert issubclass(t, TargetBase) and "build" not in vars(t), t

@@ -9,6 +9,51 @@ Needs the `executorch` package (`pip install edgebundle[mobile]`), imported when
 from __future__ import annotations
 
 
+def _integer_scalar_ops(model) -> None:
+    """add/mul of an integer tensor and a Python scalar become add.Scalar/mul.Scalar (in place)."""
+    import torch
+
+    scalar_ops = {torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar,
+                  torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar}
+    for n in model.graph.nodes:
+        if (n.op == "call_function" and n.target in scalar_ops and len(n.args) == 2
+                and isinstance(n.args[0], torch.fx.Node) and not isinstance(n.args[1], torch.fx.Node)):
+            val = n.args[0].meta.get("val")
+            if val is not None and not val.is_floating_point():
+                n.target = scalar_ops[n.target]
+    model.recompile()
+
+
+def _zero_pad(n) -> bool:
+    """Whether an FX node is a constant pad with zeros (aten.pad or aten.constant_pad_nd)."""
+    import torch
+
+    if n.op != "call_function" or n.target not in (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default):
+        return False
+    arg = lambda i, name, default: n.args[i] if len(n.args) > i else n.kwargs.get(name, default)  # noqa: E731
+    if n.target == torch.ops.aten.constant_pad_nd.default:  # (input, pad, value=0)
+        mode, value = "constant", arg(2, "value", 0.0)
+    else:  # aten.pad: (input, pad, mode="constant", value=None)
+        mode, value = arg(2, "mode", "constant"), arg(3, "value", None)
+    return mode == "constant" and (value is None or value == 0)
+
+
+def _share_pad_input(model) -> None:
+    """Each user of a zero pad takes the pad's input quantization (SharedQuantizationSpec), in place."""
+    import torch
+    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
+
+    for n in model.graph.nodes:
+        src = n.args[0] if _zero_pad(n) else None
+        a = src.meta.get("quantization_annotation") if isinstance(src, torch.fx.Node) else None
+        if a is None or a.output_qspec is None:  # e.g. the graph input: nothing to share
+            continue
+        for user in n.users:
+            ua = user.meta.get("quantization_annotation")
+            if ua is not None and n in ua.input_qspec_map:
+                ua.input_qspec_map[n] = SharedQuantizationSpec(src)
+
+
 def xnnpack_quantizer(*, pads_share_input: bool = False):
     """XNNPACKQuantizer with two corrections (executorch 1.x / torchao PT2E), and one option:
 
@@ -30,33 +75,13 @@ def xnnpack_quantizer(*, pads_share_input: bool = False):
     import torch
     import executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils as xqu
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
-    from torchao.quantization.pt2e.quantizer import SharedQuantizationSpec
 
     hardtanh = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default,  # nn.ReLU6
                 torch.ops.aten.relu6.default)  # F.relu6
-    pads = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
-    scalar_ops = {torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar,
-                  torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar}
-
-    def zero_pad(n) -> bool:
-        if n.op != "call_function" or n.target not in pads:
-            return False
-        arg = lambda i, name, default: n.args[i] if len(n.args) > i else n.kwargs.get(name, default)  # noqa: E731
-        if n.target == torch.ops.aten.constant_pad_nd.default:  # (input, pad, value=0)
-            mode, value = "constant", arg(2, "value", 0.0)
-        else:  # aten.pad: (input, pad, mode="constant", value=None)
-            mode, value = arg(2, "mode", "constant"), arg(3, "value", None)
-        return mode == "constant" and (value is None or value == 0)
 
     class Quantizer(XNNPACKQuantizer):
         def transform_for_annotation(self, model):
-            for n in model.graph.nodes:
-                if (n.op == "call_function" and n.target in scalar_ops and len(n.args) == 2
-                        and isinstance(n.args[0], torch.fx.Node) and not isinstance(n.args[1], torch.fx.Node)):
-                    val = n.args[0].meta.get("val")
-                    if val is not None and not val.is_floating_point():
-                        n.target = scalar_ops[n.target]
-            model.recompile()
+            _integer_scalar_ops(model)
             return super().transform_for_annotation(model)
 
         def annotate(self, model):
@@ -67,15 +92,7 @@ def xnnpack_quantizer(*, pads_share_input: bool = False):
             finally:
                 xqu.is_relu_node = orig
             if pads_share_input:
-                for n in model.graph.nodes:
-                    src = n.args[0] if zero_pad(n) else None
-                    a = src.meta.get("quantization_annotation") if isinstance(src, torch.fx.Node) else None
-                    if a is None or a.output_qspec is None:  # e.g. the graph input: nothing to share
-                        continue
-                    for user in n.users:
-                        ua = user.meta.get("quantization_annotation")
-                        if ua is not None and n in ua.input_qspec_map:
-                            ua.input_qspec_map[n] = SharedQuantizationSpec(src)
+                _share_pad_input(model)
             return model
 
     return Quantizer()

@@ -189,6 +189,12 @@ class Contract:
     fn: Callable[..., Any] | None = None
     timeout_s: float | None = None  # the time limit of each call of a user function
 
+    @classmethod
+    def plain(cls, metric: str) -> Contract:
+        """The metric with its defaults and no budget: the scores training and distillation choose checkpoints
+        and report by are computed by the same code that judges bundles."""
+        return cls(metric, MetricSpec(name=metric), 0.0)
+
     @property
     def budget(self) -> str:
         s = self.spec

@@ -50,10 +50,6 @@ def for_ort(model: onnx.ModelProto) -> dict[str, int]:
     g = model.graph
     init = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
 
     def const(name: str) -> np.ndarray | None:
         if name in init:
@@ -62,6 +58,18 @@ def for_ort(model: onnx.ModelProto) -> dict[str, int]:
         if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             return numpy_helper.to_array(n.attribute[0].t)
         return None
+
+    folded = _fold_pads(g, producer, const)
+    return {"pads_folded": folded, "activation_qdq_to_uint8": _activations_to_uint8(g, const)}
+
+
+def _fold_pads(g, producer: dict, const) -> int:
+    """DequantizeLinear -> zero Pad -> QuantizeLinear (same grid) -> DequantizeLinear -> Conv chains lose the pad
+    and its Q/DQ pair; each convolution takes the padding into its own `pads`. Returns how many pads folded."""
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
 
     def same_grid(a, b) -> bool:  # two Q/DQ nodes with equal (constant) scale and zero point
         pa, pb = [const(x) for x in a.input[1:3]], [const(x) for x in b.input[1:3]]
@@ -90,7 +98,11 @@ def for_ort(model: onnx.ModelProto) -> dict[str, int]:
         kept = [n for n in g.node if id(n) not in dropped]
         del g.node[:]
         g.node.extend(kept)
+    return folded
 
+
+def _activations_to_uint8(g, const) -> int:
+    """Activation Q/DQ with int8 zero points move to uint8 (zero point + 128: the same grid). Returns how many."""
     moved, renamed = 0, {}
     for n in g.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3:
@@ -111,7 +123,7 @@ def for_ort(model: onnx.ModelProto) -> dict[str, int]:
     kept_info = [v for v in g.value_info if v.name not in retyped]
     del g.value_info[:]
     g.value_info.extend(kept_info)
-    return {"pads_folded": folded, "activation_qdq_to_uint8": moved}
+    return moved
 
 
 def _foldable(pad, producer, users, const, same_grid, graph_outputs):

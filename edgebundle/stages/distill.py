@@ -16,7 +16,7 @@ from edgebundle.stages.registry import register_stage
 from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.pruning import count
 from edgebundle.core.metrics import per_sample_cosine, resolve_name
-from edgebundle.stages.training import accuracy, distill, distill_loss_for, predict
+from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, predict
 
 
 @register_stage
@@ -94,5 +94,5 @@ def vs_teacher(student: np.ndarray, teacher: np.ndarray, classes: bool = True) -
     cos = per_sample_cosine(student, teacher)
     out = {"cosine_min": round(float(cos.min()), 6), "cosine_mean": round(float(cos.mean()), 6)}
     if classes and student.ndim == 2 and student.shape[1] >= 2:
-        out["top1_agreement"] = round(float((student.argmax(1) == teacher.argmax(1)).mean() * 100.0), 4)
+        out["top1_agreement"] = round(agreement(student, teacher), 4)
     return out

@@ -192,52 +192,16 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     """Prune `model` in place (callers pass a copy). Taylor importance uses gradients on training data."""
     model.eval()
     modules = dict(model.named_modules())
-    unknown = [n for n in cfg.ignore if n not in modules]
-    if unknown:
-        sample = ", ".join(n for n in list(modules)[1:12] if n)
-        raise RecipeError(f"stages.prune.ignore: no module named {', '.join(unknown)} (modules include: {sample})")
     ignored_names = sorted(set(cfg.ignore) | set(output_layers(model, example)))
+    attention = attention_modules(model)
+    _check_prunable(cfg, modules, attention, train)
     macs0, params0 = count(model, example)
     widths0 = _widths(model)
-    if cfg.importance == "taylor" and (train is None or train.labels is None):
-        raise RecipeError("stages.prune.importance 'taylor' needs labelled training data")
-    attention = attention_modules(model)
-    if cfg.head_ratio > 0 and not attention:
-        raise RecipeError("stages.prune.head_ratio: the model has no attention module edgebundle recognises "
-                          "(a fused `qkv` Linear with `num_heads`, query/key/value Linears with "
-                          "`num_attention_heads`, or DistilBERT's q_lin/k_lin/v_lin; MPNet and T5 heads share "
-                          "one relative-position bias across layers and are not pruned)")
     heads0 = {a.name: a.heads for a in attention}
-    num_heads = {p: a.heads for a in attention for p in a.projections}
-    # Torch-Pruning removes heads only inside a scope that prunes something, so with no channel pruning the
-    # attention projections get a scope of their own with a token ratio (their widths are never cut:
-    # prune_head_dims is off, heads go whole).
-    ratio_dict = ({p: max(cfg.ratio, 1e-6) for p in num_heads} if cfg.head_ratio > 0 and cfg.ratio == 0
-                  else None)
     round_to = resolve_round_to(cfg, widths0, ignored_names)
     try:
-        pruner = tp.pruner.BasePruner(
-            model,
-            example[0] if len(example) == 1 else example,
-            importance=_importance(cfg.importance),
-            pruning_ratio=cfg.ratio,
-            iterative_steps=cfg.iterative_steps,
-            global_pruning=cfg.global_pruning,
-            ignored_layers=[modules[n] for n in ignored_names],
-            round_to=round_to,
-            num_heads=num_heads,
-            prune_num_heads=cfg.head_ratio > 0,
-            prune_head_dims=False,
-            head_pruning_ratio=cfg.head_ratio,
-            pruning_ratio_dict=ratio_dict,
-        )
-        for _ in range(cfg.iterative_steps):
-            if cfg.importance == "taylor":
-                _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
-            pruner.step()
-            model.zero_grad(set_to_none=True)
-        for a in attention:
-            a.set_heads(pruner.num_heads[a.projections[0]])
+        _run_pruner(model, cfg, example, [modules[n] for n in ignored_names], attention, round_to, train, names,
+                    batch_size)
     except (RuntimeError, ValueError, KeyError, IndexError) as e:
         raise StageError(f"Torch-Pruning could not prune this model: {type(e).__name__}: {e}") from e
     model.eval()
@@ -254,6 +218,54 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         heads={a.name: [heads0[a.name], a.heads] for a in attention},
         round_to=round_to,
     )
+
+
+def _check_prunable(cfg: PruneStage, modules: dict, attention: list, train: Split | None) -> None:
+    """The recipe's prune settings against the model (a RecipeError naming what does not fit)."""
+    unknown = [n for n in cfg.ignore if n not in modules]
+    if unknown:
+        sample = ", ".join(n for n in list(modules)[1:12] if n)
+        raise RecipeError(f"stages.prune.ignore: no module named {', '.join(unknown)} (modules include: {sample})")
+    if cfg.importance == "taylor" and (train is None or train.labels is None):
+        raise RecipeError("stages.prune.importance 'taylor' needs labelled training data")
+    if cfg.head_ratio > 0 and not attention:
+        raise RecipeError("stages.prune.head_ratio: the model has no attention module edgebundle recognises "
+                          "(a fused `qkv` Linear with `num_heads`, query/key/value Linears with "
+                          "`num_attention_heads`, or DistilBERT's q_lin/k_lin/v_lin; MPNet and T5 heads share "
+                          "one relative-position bias across layers and are not pruned)")
+
+
+def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], ignored: list[nn.Module],
+                attention: list, round_to: int | None, train: Split | None, names: list[str], batch_size: int) -> None:
+    """Torch-Pruning's BasePruner over `cfg.iterative_steps` steps; attention modules take their new head counts."""
+    num_heads = {p: a.heads for a in attention for p in a.projections}
+    # Torch-Pruning removes heads only inside a scope that prunes something, so with no channel pruning the
+    # attention projections get a scope of their own with a token ratio (their widths are never cut:
+    # prune_head_dims is off, heads go whole).
+    ratio_dict = ({p: max(cfg.ratio, 1e-6) for p in num_heads} if cfg.head_ratio > 0 and cfg.ratio == 0
+                  else None)
+    pruner = tp.pruner.BasePruner(
+        model,
+        example[0] if len(example) == 1 else example,
+        importance=_importance(cfg.importance),
+        pruning_ratio=cfg.ratio,
+        iterative_steps=cfg.iterative_steps,
+        global_pruning=cfg.global_pruning,
+        ignored_layers=ignored,
+        round_to=round_to,
+        num_heads=num_heads,
+        prune_num_heads=cfg.head_ratio > 0,
+        prune_head_dims=False,
+        head_pruning_ratio=cfg.head_ratio,
+        pruning_ratio_dict=ratio_dict,
+    )
+    for _ in range(cfg.iterative_steps):
+        if cfg.importance == "taylor":
+            _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
+        pruner.step()
+        model.zero_grad(set_to_none=True)
+    for a in attention:
+        a.set_heads(pruner.num_heads[a.projections[0]])
 
 
 def _taylor_gradients(model: nn.Module, train: Split, names: list[str], batches: int, batch_size: int) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core import distributed
 from edgebundle.core.data import Split
+from edgebundle.core.metrics import Contract
 from edgebundle.core.distillation import loss_for_metric, soft_loss
 from edgebundle.core.recipe import DistillStage, TrainStage
 
@@ -75,8 +76,13 @@ def predict(model: nn.Module, split: Split, names: list[str], batch_size: int = 
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy in percent."""
-    return float((logits.argmax(axis=1) == labels).mean() * 100.0)
+    """Top-1 accuracy in percent (the contract's top1)."""
+    return Contract.plain("top1").judge(logits, logits, labels).value
+
+
+def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
+    """Top-1 agreement with `reference` in percent, over every input (the contract's agreement_all)."""
+    return Contract.plain("agreement").judge(reference, outputs, None).details["agreement_all"]
 
 
 def _require_labels(split: Split, what: str) -> np.ndarray:
@@ -109,20 +115,7 @@ def _fit(
     if score is None:  # higher is better; picks the best checkpoint
         val_labels = _require_labels(val, "choosing the best checkpoint")
         score = ("val_accuracy", lambda m: accuracy(predict(m, val, names), val_labels))
-    world = distributed.world_size() if ddp else 1  # ddp=False: this process trains alone, even under torchrun
-    net: nn.Module = model
-    sampler = None
-    if world > 1:
-        # DistributedDataParallel over a DistributedSampler: each rank trains on its shard, gradients are
-        # averaged; the per-rank batch keeps the global batch at `batch_size`. Every rank validates the
-        # same (synchronised) weights on the whole val split, so all pick the same best checkpoint.
-        from torch.nn.parallel import DistributedDataParallel
-        from torch.utils.data import DistributedSampler
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        sampler = DistributedSampler(range(len(train)), num_replicas=world, rank=distributed.rank(),
-                                     shuffle=True, seed=seed)
-        batch_size = max(2, -(-batch_size // world))
+    net, sampler, batch_size = _parallel(model, len(train), batch_size, seed, device, ddp)
     per_epoch = len(sampler) if sampler is not None else len(train)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * max(1, (per_epoch + batch_size - 1) // batch_size)
@@ -140,8 +133,7 @@ def _fit(
         plan = [order[i:i + batch_size] for i in range(0, per_epoch, batch_size) if len(order[i:i + batch_size]) >= 2]
         for idx, xs in zip(plan, batches(train, names, [p.cpu().numpy() for p in plan])):
             batch = [x.to(device) for x in xs]
-            out = net(*batch)
-            loss = loss_fn(out, batch, None if ys is None else ys[idx], idx)
+            loss = loss_fn(net(*batch), batch, None if ys is None else ys[idx], idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,6 +147,22 @@ def _fit(
     model.load_state_dict(best[2])
     model.eval()
     return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=epochs, history=history, metric=score[0])
+
+
+def _parallel(model: nn.Module, n: int, batch_size: int, seed: int, device: torch.device, ddp: bool):
+    """(the module to train, its sampler or None, the per-rank batch). Under torchrun (ddp): DistributedDataParallel
+    over a DistributedSampler; each rank trains on its shard, gradients are averaged, and the per-rank batch keeps
+    the global batch at `batch_size`. Every rank validates the same (synchronised) weights on the whole val
+    split, so all pick the same best checkpoint. ddp=False: this process trains alone, even under torchrun."""
+    world = distributed.world_size() if ddp else 1
+    if world <= 1:
+        return model, None, batch_size
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DistributedSampler
+
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=distributed.rank(), shuffle=True, seed=seed)
+    return net, sampler, max(2, -(-batch_size // world))
 
 
 def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str], cfg: TrainStage | DistillStage,
@@ -209,7 +217,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
             return -float(soft_loss(kind, out, val_ref, t))
         if val.labels is not None:
             return accuracy(out.numpy(), val.labels)
-        return float((out.argmax(1) == val_ref.argmax(1)).float().mean() * 100.0)
+        return agreement(out.numpy(), val_ref.numpy())
 
     name = {"cosine": "val_cosine", "mse": "val_neg_rel_mse"}.get(
         kind, "val_accuracy" if val.labels is not None else "val_agreement")
