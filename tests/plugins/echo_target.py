@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from edgebundle.core.session import OrtSession
-from edgebundle.targets.base import BuildContext, Built
+from edgebundle.targets.base import BuildContext, Built, TargetBase, Work
 from edgebundle.targets.registry import Capabilities, register_target
 
 
@@ -23,16 +23,16 @@ class EchoOptions(BaseModel):
 
 @register_target("echo", capabilities=Capabilities(precisions=("fp32",), runtime="onnxruntime", opens_onnx=True),
                  options=EchoOptions)
-class EchoTarget:
+class EchoTarget(TargetBase):  # the template build: fills its fp32 step (it has no int8)
     def unavailable_reason(self, options: EchoOptions | None = None) -> str | None:
         return None
 
     def pending_reason(self, options: EchoOptions | None = None) -> str | None:
         return None
 
-    def build(self, ctx: BuildContext) -> Built:
+    def fp32(self, ctx: BuildContext, work: Work) -> Built:
         shutil.copyfile(ctx.fp32_onnx, ctx.workdir / "model.onnx")
-        return Built("model.onnx", ("model.onnx",), "fp32", {"tool": "copy"}, {}, (ctx.options.note,))
+        return Built("model.onnx", ("model.onnx",), "fp32", {"tool": "copy"}, work.runtime, (work.opt.note,))
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> OrtSession:
         return OrtSession(model_path, threads=threads)
