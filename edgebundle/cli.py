@@ -398,10 +398,11 @@ def check(
                   f"{res.ratio:.3f} [{res.ratio_ci95[0]:.3f}, {res.ratio_ci95[1]:.3f}]", f"{1 + res.tolerance:.3f}",
                   "[red]REGRESSION[/]" if res.latency_regression else "[green]ok[/]")
         ca, ba = res.candidate_accuracy, res.baseline_accuracy
-        def ci(iv) -> str:
-            return "" if not iv else f" [{iv[0]:.4g}–{iv[1]:.4g}]"
-        t.add_row(f"accuracy vs {res.accuracy_reference}", "n/a" if ca is None else f"{ca:.4g}{ci(res.candidate_interval)}",
-                  "n/a" if ba is None else f"{ba:.4g}{ci(res.baseline_interval)}",
+        def ci(iv, groups) -> str:
+            return ("" if not iv else f" [{iv[0]:.4g}–{iv[1]:.4g}]") + ("" if groups is None else f", {groups} groups")
+        t.add_row(f"accuracy vs {res.accuracy_reference}",
+                  "n/a" if ca is None else f"{ca:.4g}{ci(res.candidate_interval, res.candidate_groups)}",
+                  "n/a" if ba is None else f"{ba:.4g}{ci(res.baseline_interval, res.baseline_groups)}",
                   "n/a" if ca is None or ba is None else f"{ba - ca:+.2f} pts", f"{res.accuracy_tolerance} pts",
                   "[red]REGRESSION[/]" if res.accuracy_regression else "[green]ok[/]")
         console.print(t)

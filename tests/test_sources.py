@@ -200,7 +200,7 @@ def test_hostile_text_and_image_files_are_one_line_or_read_right(tmp_path):
     with pytest.raises(DataError, match=r"a.jsonl, line 2: a JSON int, not an object"):
         _rows(tmp_path / "a.jsonl", TextSpec(text_column="text"))
     (tmp_path / "b.csv").write_text("text\n" + "x" * 300_000 + "\nshort\n")
-    texts, _ = _rows(tmp_path / "b.csv", TextSpec(text_column="text"))
+    texts, _, _ = _rows(tmp_path / "b.csv", TextSpec(text_column="text"))
     assert len(texts[0]) == 300_000 and texts[1] == "short"
 
     # 16-bit grey: the full range maps to 0..255, mid-grey stays mid-grey

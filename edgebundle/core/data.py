@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -22,25 +22,32 @@ from edgebundle.core.rows import LazyRows
 from edgebundle.core.modelio import import_object
 
 LABEL_KEYS = ("y", "label", "labels")
+GROUP_KEYS = ("group", "groups")
 
 
 @dataclass(frozen=True)
 class Split:
     inputs: dict[str, np.ndarray | LazyRows]
     labels: np.ndarray | None
+    groups: np.ndarray | None = None  # one id per input: inputs of one source (photo, video, document); None: each its own
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
     def take(self, idx: np.ndarray) -> Split:
         return Split({k: v.view(idx) if isinstance(v, LazyRows) else v[idx] for k, v in self.inputs.items()},
-                     None if self.labels is None else self.labels[idx])
+                     None if self.labels is None else self.labels[idx],
+                     None if self.groups is None else self.groups[idx])
 
     def materialized(self) -> Split:
         """The same split with every lazy input made (in memory)."""
         if not any(isinstance(v, LazyRows) for v in self.inputs.values()):
             return self
-        return Split({k: np.asarray(v) for k, v in self.inputs.items()}, self.labels)
+        return Split({k: np.asarray(v) for k, v in self.inputs.items()}, self.labels, self.groups)
+
+    def group_count(self) -> int:
+        """Independent sources among the inputs (the inputs themselves where no groups were given)."""
+        return len(self) if self.groups is None else len(np.unique(self.groups))
 
     def head(self, n: int) -> Split:
         return self.take(np.arange(min(n, len(self))))
@@ -54,6 +61,8 @@ class Dataset:
     fingerprint: str
     num_classes: int | None
     classes: tuple[str, ...] = ()  # class names in label order, where the source names them
+    grouped: str | None = None  # where the groups came from (None: every input its own group)
+    splits: dict[str, Any] | None = None  # inputs and groups per split (splits_record), for the manifest
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -150,7 +159,7 @@ def _digits(specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {specs[0].name: x}, d.target.astype(np.int64)
 
 
-def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
     if not path.is_dir():
         raise DataError(not_a_folder(path, "data folder"))
     files = sorted([*path.glob("*.npz"), *path.glob("*.npy")])
@@ -159,6 +168,7 @@ def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], 
     names = [s.name for s in specs]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     labels: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
     for f in files:
         try:
             if f.suffix == ".npy":
@@ -176,27 +186,33 @@ def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], 
                 lab = next((k for k in LABEL_KEYS if k in keys), None)
                 if lab is not None:
                     labels.append(z[lab])
+                grp = next((k for k in GROUP_KEYS if k in keys), None)
+                if grp is not None:
+                    groups.append(z[grp])
         except (ValueError, OSError) as e:
             why = ("not a numpy .npz/.npy file, or it holds pickled objects (never loaded: they can run code)"
                    if "pickled" in str(e) else str(e))
             raise DataError(f"cannot read data file {f}: {why}") from e
     if labels and len(labels) != len(files):
         raise DataError(f"data folder {path}: some files have labels and some do not")
-    return _joined(parts, labels, f"data folder {path}", "file", [f.name for f in files])
+    source, names_ = f"data folder {path}", [f.name for f in files]
+    inputs, y = _joined(parts, labels, source, "file", names_)
+    return inputs, y, _joined_groups(groups, parts, source, "file", names_)
 
 
 def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | None = None,
-              timeout_s: float | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+              timeout_s: float | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
     fn = import_object(ref, base_dir=base_dir, what="data.function", timeout_s=timeout_s)
     with time_limit(timeout_s, f"data.function {ref}"):
         return _read_batches(fn, ref, specs, kwargs)
 
 
 def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
     names = [s.name for s in specs]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     labels: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
     try:
         batches = iter(fn(**(kwargs or {})))
     except TypeError as e:
@@ -218,6 +234,9 @@ def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
                     raise DataError(f"data.function batch has no '{n}' (keys: {', '.join(batch)})")
                 parts[n].append(np.asarray(batch[n]))
             lab = next((batch[k] for k in LABEL_KEYS if k in batch), None)
+            grp = next((batch[k] for k in GROUP_KEYS if k in batch), None)
+            if grp is not None:
+                groups.append(np.asarray(grp))
         elif isinstance(batch, tuple) and len(batch) == 2 and len(names) == 1:
             parts[names[0]].append(np.asarray(batch[0]))
             lab = batch[1]
@@ -230,7 +249,8 @@ def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
             labels.append(np.asarray(lab))
     if not parts[names[0]]:
         raise DataError(f"data.function {ref} yielded no batches")
-    return _joined(parts, labels, f"data.function {ref}", "batch")
+    inputs, y = _joined(parts, labels, f"data.function {ref}", "batch")
+    return inputs, y, _joined_groups(groups, parts, f"data.function {ref}", "batch")
 
 
 def _what(e: BaseException) -> str:
@@ -266,15 +286,39 @@ def _joined(parts: dict[str, list[np.ndarray]], labels: list[np.ndarray], source
     return inputs, np.concatenate(labels).astype(np.int64)
 
 
+def _joined_groups(groups: list[np.ndarray], parts: dict[str, list[np.ndarray]], source: str, unit: str,
+                   names: list[str] | None = None) -> np.ndarray | None:
+    """Per-batch (or per-file) group ids joined, one per input; None where none were given."""
+    if not groups:
+        return None
+    sizes = [len(a) for a in next(iter(parts.values()))]
+    if len(groups) != len(sizes):
+        raise DataError(f"{source}: some {unit}es give groups and some do not" if unit == "batch" else
+                        f"{source}: some {unit}s give groups and some do not")
+    for k, (g, n) in enumerate(zip(groups, sizes)):
+        where = names[k] if names else f"{unit} {k + 1}"
+        if g.ndim != 1 or len(g) != n:
+            raise DataError(f"{source}: groups in {where} have shape {list(g.shape)}; one group id per input "
+                            f"({n} inputs)")
+        if g.dtype.kind not in "iuUSO":
+            raise DataError(f"{source}: groups in {where} are {g.dtype}; group ids are integers or strings")
+    return np.concatenate([g.astype(str) for g in groups])
+
+
 def data_config_json(spec: DataSpec) -> str:
     """The data spec as it enters cache keys: fields added later are left out at their defaults, so work
     folders prepared before they existed stay valid."""
     unset = {"kwargs"} if not spec.kwargs else set()
     unset |= {f for f in ("image", "text", "datasets", "max_eval_samples") if getattr(spec, f) is None}
-    return spec.model_dump_json(exclude=unset)
+    exclude: dict[str, Any] = {f: True for f in unset}
+    if spec.group_by == "auto":
+        exclude["group_by"] = True
+    if spec.text is not None and spec.text.document_column == "document":
+        exclude["text"] = {"document_column"}
+    return spec.model_dump_json(exclude=exclude)
 
 
-def _source(recipe: Recipe) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[str]]:
+def _source(recipe: Recipe) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[str], np.ndarray | None]:
     from edgebundle.core import sources
     from edgebundle.core.recipe import ImageSpec, TextSpec
 
@@ -283,38 +327,48 @@ def _source(recipe: Recipe) -> tuple[dict[str, np.ndarray], np.ndarray | None, l
     if spec.kind == "images":
         if len(recipe.inputs) != 1:
             raise RecipeError("data.kind images feeds a model with one input")
-        x, labels, classes = sources.read_images(recipe.resolve(spec.path), spec.image or ImageSpec(),
-                                                 recipe.inputs[0], hf)
-        return {recipe.inputs[0].name: x}, labels, classes
+        folder = recipe.resolve(spec.path)
+        x, labels, classes = sources.read_images(folder, spec.image or ImageSpec(), recipe.inputs[0], hf, spec.group_by)
+        return {recipe.inputs[0].name: x}, labels, classes, sources.image_groups(folder, spec.group_by)
     text = spec.text or TextSpec()
     folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else hf
     if spec.kind == "datasets":
-        return sources.read_datasets(recipe.resolve(spec.path), spec.datasets, recipe.inputs,
-                                     image=spec.image or ImageSpec(), tokenizer_folder=folder, hf_folder=hf)
+        return (*sources.read_datasets(recipe.resolve(spec.path), spec.datasets, recipe.inputs,
+                                       image=spec.image or ImageSpec(), tokenizer_folder=folder, hf_folder=hf), None)
     if folder is None:
         raise RecipeError("data.kind text needs a tokenizer: data.text.tokenizer (a local folder) or model.hf")
-    return sources.read_text(recipe.resolve(spec.path), text, recipe.inputs, folder)
+    path = recipe.resolve(spec.path)
+    groups = sources.text_groups(path, text) if spec.group_by == "document" else None
+    return (*sources.read_text(path, text, recipe.inputs, folder), groups)
+
+
+GROUPED_BY = {"function": "the data function's 'group'", "folder": "the .npz files' 'group'",
+              "images": "image file", "text": "document"}
 
 
 def load_dataset(recipe: Recipe) -> Dataset:
     spec = recipe.data
     classes: list[str] = []
+    groups = None
     if spec.kind == "digits":
         inputs, labels = _digits(recipe.inputs)
     elif spec.kind == "folder":
-        inputs, labels = _folder(recipe.resolve(spec.path), recipe.inputs)
+        inputs, labels, groups = _folder(recipe.resolve(spec.path), recipe.inputs)
     elif spec.kind in ("images", "text", "datasets"):
-        inputs, labels, classes = _source(recipe)
+        inputs, labels, classes, groups = _source(recipe)
     else:
-        inputs, labels = _function(spec.function, recipe.inputs, recipe.base_dir, spec.kwargs,
-                                   recipe.limits.user_code_s)
+        inputs, labels, groups = _function(spec.function, recipe.inputs, recipe.base_dir, spec.kwargs,
+                                           recipe.limits.user_code_s)
     inputs = check_inputs(inputs, recipe.inputs, what=f"data ({spec.kind})")
     n = len(next(iter(inputs.values())))
     if labels is not None and len(labels) != n:
         raise DataError(f"data ({spec.kind}): {n} samples but {len(labels)} labels")
     if n < 10:
         raise DataError(f"data ({spec.kind}): {n} samples is too few to split into train/val/test")
-
+    if spec.group_by == "none":
+        groups = None
+    grouped = None if groups is None else (
+        "image folder" if spec.kind == "images" and spec.group_by == "folder" else GROUPED_BY[spec.kind])
     h = hashlib.sha256()
     for k in sorted(inputs):
         h.update(k.encode())
@@ -322,21 +376,58 @@ def load_dataset(recipe: Recipe) -> Dataset:
         h.update(v.fingerprint.encode() if isinstance(v, LazyRows) else v.tobytes())
     if labels is not None:
         h.update(labels.tobytes())
+    if groups is not None and spec.kind != "images":  # an image folder's groups follow from its file names
+        h.update("\0".join(groups.tolist()).encode())
     h.update(data_config_json(spec).encode())
-
-    perm = np.random.default_rng(spec.seed).permutation(n)
-    n_train = int(round(spec.splits.train * n))
-    n_val = int(round(spec.splits.val * n))
-    n_test = n - n_train - n_val
-    if spec.max_eval_samples is not None:  # the rest of val and test is left out
-        n_val, n_test = min(n_val, spec.max_eval_samples), min(n_test, spec.max_eval_samples)
-    whole = Split(inputs, labels)
+    train, val, test = _split_indices(n, groups, spec)
+    whole = Split(inputs, labels, groups)
     # val and test are made once, in memory (every build judges on them); train streams where it is lazy
     return Dataset(
-        train=whole.take(perm[:n_train]),
-        val=whole.take(perm[n_train:n_train + n_val]).materialized(),
-        test=whole.take(perm[n_train + n_val:n_train + n_val + n_test]).materialized(),
+        train=whole.take(train),
+        val=whole.take(val).materialized(),
+        test=whole.take(test).materialized(),
         fingerprint=h.hexdigest(),
         num_classes=None if labels is None else max(int(labels.max()) + 1, len(classes)),
         classes=tuple(classes),
+        grouped=grouped,
+        splits=splits_record(grouped, {"train": whole.take(train), "val": whole.take(val), "test": whole.take(test)}),
     )
+
+
+def splits_record(grouped: str | None, splits: dict[str, Split]) -> dict[str, Any]:
+    """The manifest's record of the splits: inputs and groups in each, and where the groups came from."""
+    return {"grouped_by": grouped, **{name: {"inputs": len(sp), "groups": sp.group_count()}
+                                      for name, sp in splits.items()}}
+
+
+def _split_indices(n: int, groups: np.ndarray | None, spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, val and test indices. Without groups (or with every input its own group) a seeded permutation
+    of the inputs cut at the split fractions, as always; with groups, a seeded permutation of the groups, each
+    group whole in one split, cut where the inputs reach the fractions (no group in two splits). max_eval_samples
+    caps val and test."""
+    rng = np.random.default_rng(spec.seed)
+    if groups is None or len(np.unique(groups)) == n:
+        perm = rng.permutation(n)
+        n_train = int(round(spec.splits.train * n))
+        n_val = int(round(spec.splits.val * n))
+        n_test = n - n_train - n_val
+        if spec.max_eval_samples is not None:  # the rest of val and test is left out
+            n_val, n_test = min(n_val, spec.max_eval_samples), min(n_test, spec.max_eval_samples)
+        return perm[:n_train], perm[n_train:n_train + n_val], perm[n_train + n_val:n_train + n_val + n_test]
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    if len(uniq) < 3:
+        raise DataError(f"data: {len(uniq)} group(s) cannot be split into train, val and test without sharing one; "
+                        "give more sources (photos, videos, documents) or data.group_by: none")
+    order = rng.permutation(len(uniq))
+    sizes = np.bincount(inverse, minlength=len(uniq))[order]
+    ends = np.cumsum(sizes)
+    # each split gets at least one group; the cut is the group boundary nearest the fraction of the inputs
+    cut1 = int(np.clip(np.argmin(np.abs(ends - spec.splits.train * n)) + 1, 1, len(uniq) - 2))
+    cut2 = int(np.clip(np.argmin(np.abs(ends - (spec.splits.train + spec.splits.val) * n)) + 1, cut1 + 1,
+                       len(uniq) - 1))
+    member = {g: np.flatnonzero(inverse == g) for g in range(len(uniq))}
+    parts = [np.concatenate([member[g] for g in order[a:b]]) for a, b in ((0, cut1), (cut1, cut2), (cut2, len(uniq)))]
+    parts = [rng.permutation(p) for p in parts]
+    if spec.max_eval_samples is not None:
+        parts[1], parts[2] = parts[1][:spec.max_eval_samples], parts[2][:spec.max_eval_samples]
+    return parts[0], parts[1], parts[2]

@@ -106,12 +106,21 @@ class Verdict:
     interval: tuple[float, float] | None = None  # the value's confidence interval (cosine: of the mean)
     confidence: float | None = None  # the interval's level
     worst_within: bool | None = None  # whether the interval's worst end is within budget
-    resolve_with: int | None = None  # judged inputs that would make the interval narrower than the margin
+    resolve_with: int | None = None  # judged inputs (groups, when grouped) that would make the interval narrower than the margin
+    groups: int | None = None  # independent groups among the judged inputs, where the data gives groups
+    point_within: bool | None = None  # the point estimate's own verdict (with an interval: `within` may be its worst end's)
 
     def line(self) -> str:
         """The verdict in a few words: 'agreement 97.50 % [95.1, 98.8] on 80 confident inputs (budget: ...)'."""
-        return (f"{self.metric} {_fmt(self.metric, self.value)}{self.interval_text()} on {self.samples} inputs "
+        of = f" from {self.groups} groups" if self.groups is not None else ""
+        return (f"{self.metric} {_fmt(self.metric, self.value)}{self.interval_text()} on {self.samples} inputs{of} "
                 f"(budget: {self.budget})")
+
+    def resolve_text(self) -> str:
+        """'about N judged inputs would resolve it' (groups, where the verdict rests on groups), or ''."""
+        if not self.resolve_with:
+            return ""
+        return f"about {self.resolve_with} judged {'groups' if self.groups is not None else 'inputs'} would resolve it"
 
     def interval_text(self) -> str:
         if self.interval is None:
@@ -218,13 +227,15 @@ class Contract:
         return 1
 
     def judge(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None, *,
-              interval: bool = False) -> Verdict:
+              interval: bool = False, groups: np.ndarray | None = None) -> Verdict:
         """The verdict on `outputs` against `reference`; with `interval`, its confidence interval too (at the
-        recipe's `confidence`, 0.95 where it names none), and under `confidence` the interval decides."""
+        recipe's `confidence`, 0.95 where it names none), and under `confidence` the interval decides.
+        `groups` (one id per input): the interval resamples whole groups (cluster bootstrap), as inputs of one
+        source (crops of one photo) are not independent."""
         v = self._judge(reference, outputs, labels)
         if not interval:
             return v
-        return with_interval(v, self, reference, outputs, labels)
+        return with_interval(v, self, reference, outputs, labels, groups)
 
     def _judge(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
         m, s = self.metric, self.spec
@@ -299,11 +310,18 @@ def wilson(k: int, n: int, confidence: float) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def _bootstrap(stat: Callable[[np.ndarray], float], n: int, confidence: float, resamples: int = BOOTSTRAP
-               ) -> tuple[float, float]:
-    """Percentile bootstrap interval of stat(indices) over `resamples` resamples of n inputs (seed 0)."""
+def _bootstrap(stat: Callable[[np.ndarray], float], n: int, confidence: float, resamples: int = BOOTSTRAP,
+               groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of stat(indices) over `resamples` resamples of n inputs (seed 0); with
+    `groups`, each resample draws whole groups with replacement (cluster bootstrap)."""
     rng = np.random.default_rng(0)
-    vals = np.array([stat(rng.integers(0, n, size=n)) for _ in range(resamples)], dtype=np.float64)
+    if groups is None:
+        draw = lambda: rng.integers(0, n, size=n)  # noqa: E731
+    else:
+        _, inverse = np.unique(groups, return_inverse=True)
+        members = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+        draw = lambda: np.concatenate([members[g] for g in rng.integers(0, len(members), size=len(members))])  # noqa: E731
+    vals = np.array([stat(draw()) for _ in range(resamples)], dtype=np.float64)
     vals = vals[np.isfinite(vals)]
     if len(vals) == 0:
         return float("nan"), float("nan")
@@ -313,52 +331,66 @@ def _bootstrap(stat: Callable[[np.ndarray], float], n: int, confidence: float, r
 
 
 def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.ndarray,
-                  labels: np.ndarray | None) -> Verdict:
+                  labels: np.ndarray | None, groups: np.ndarray | None = None) -> Verdict:
     """The verdict with its interval: Wilson for agreement, a paired bootstrap over inputs for top-1's drop,
-    cosine's mean, SNR, MSE and a user function's drop. Under `metric.confidence` the worst end decides."""
+    cosine's mean, SNR, MSE and a user function's drop; with `groups` (not all distinct), every interval is a
+    bootstrap over groups. Under `metric.confidence` the worst end decides."""
     import dataclasses
 
     conf = c.spec.confidence or 0.95
     n = len(outputs)
+    if groups is not None and len(np.unique(groups)) == n:
+        groups = None  # every input its own group: the plain intervals
     worst_drop = None  # drop metrics: the interval's worst drop
+    judged_groups = None
     if v.metric == "agreement":
         p = softmax_if_logits(reference)
         confident = p.max(axis=1) >= c.spec.min_confidence
         same = (_top1(outputs) == _top1(reference))[confident]
-        lo, hi = wilson(int(same.sum()), len(same), conf)
+        if groups is None:
+            lo, hi = wilson(int(same.sum()), len(same), conf)
+        else:
+            keep = np.flatnonzero(confident)
+            judged_groups = len(np.unique(groups[keep]))
+            lo, hi = _bootstrap(lambda i: same[i].mean() if len(i) else float("nan"), len(keep), conf,
+                                groups=groups[keep])
         iv = (lo * 100.0, hi * 100.0)
         worst_drop = 100.0 - iv[0]
     elif v.metric == "top1":
         d = ((_top1(reference) == labels).astype(np.float64) - (_top1(outputs) == labels)) * 100.0
-        lo, hi = _bootstrap(lambda i: d[i].mean(), n, conf)  # the drop's interval
+        lo, hi = _bootstrap(lambda i: d[i].mean(), n, conf, groups=groups)  # the drop's interval
         iv = (v.reference - hi, v.reference - lo)
         worst_drop = hi
     elif v.metric == "cosine":
         cs = per_sample_cosine(outputs, reference)
-        iv = _bootstrap(lambda i: cs[i].mean(), n, conf) if np.isfinite(cs).all() else (float("nan"),) * 2
+        iv = (_bootstrap(lambda i: cs[i].mean(), n, conf, groups=groups) if np.isfinite(cs).all()
+              else (float("nan"),) * 2)
     elif v.metric == "snr":
         r, o = reference.astype(np.float64).reshape(n, -1), outputs.astype(np.float64).reshape(n, -1)
         sig, noise = (r ** 2).sum(axis=1), ((o - r) ** 2).sum(axis=1)
         iv = _bootstrap(lambda i: 10.0 * math.log10(sig[i].sum() / noise[i].sum()) if noise[i].sum() > 0
-                        else float("inf"), n, conf)
+                        else float("inf"), n, conf, groups=groups)
     elif v.metric == "mse":
         e = ((outputs.astype(np.float64) - reference.astype(np.float64)) ** 2).reshape(n, -1).mean(axis=1)
-        iv = _bootstrap(lambda i: e[i].mean(), n, conf)
+        iv = _bootstrap(lambda i: e[i].mean(), n, conf, groups=groups)
     else:
         sign = 1.0 if c.spec.higher_is_better else -1.0
         lo, hi = _bootstrap(lambda i: sign * (_call(c.fn, v.metric, reference[i], reference[i], _take(labels, i),
                                                      c.timeout_s)
                                               - _call(c.fn, v.metric, outputs[i], reference[i], _take(labels, i),
-                                                      c.timeout_s)), n, conf, FUNCTION_BOOTSTRAP)
+                                                      c.timeout_s)), n, conf, FUNCTION_BOOTSTRAP, groups)
         iv = (v.reference - sign * hi, v.reference - sign * lo) if c.spec.higher_is_better else \
             (v.reference + hi, v.reference + lo)
         worst_drop = hi
+    if groups is not None and judged_groups is None:
+        judged_groups = len(np.unique(groups))
     iv = (float(min(iv)), float(max(iv)))
     worst = _worst_within(v, c, iv, worst_drop)
+    v = dataclasses.replace(v, groups=judged_groups)
     resolve = _resolve_with(v, c, iv, worst_drop) if not worst and v.within else None
     within = worst if c.spec.confidence is not None else v.within
     return dataclasses.replace(v, interval=iv, confidence=conf, worst_within=worst, resolve_with=resolve,
-                               within=within)
+                               within=within, point_within=v.within)
 
 
 def _take(labels: np.ndarray | None, i: np.ndarray) -> np.ndarray | None:
@@ -395,7 +427,7 @@ def _resolve_with(v: Verdict, c: Contract, iv: tuple[float, float], worst_drop: 
         return None
     if margin <= 0 or half <= 0:
         return None
-    return int(math.ceil(v.samples * (half / margin) ** 2))
+    return int(math.ceil((v.groups if v.groups is not None else v.samples) * (half / margin) ** 2))
 
 
 class MetricFunctionError(RecipeError):

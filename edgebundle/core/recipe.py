@@ -136,6 +136,9 @@ class TextSpec(Strict):
 
     text_column: str = "text"
     label_column: str | None = Field(None, description=".csv/.jsonl: the label column, if any")
+    document_column: str = Field("document", description=(
+        ".csv/.jsonl with data.group_by document: the column naming each row's document (rows of one document "
+        "stay in one split)"))
     tokenizer: Path | None = Field(None, description="a local tokenizer folder (default: model.hf's folder)")
 
 
@@ -175,6 +178,13 @@ class DataSpec(Strict):
     image: ImageSpec | None = None
     text: TextSpec | None = None
     datasets: DatasetsSpec | None = None
+    group_by: Literal["auto", "none", "folder", "document"] = Field("auto", description=(
+        "which inputs come from one source (crops or augmentations of one photo, frames of one video, sentences "
+        "of one document): inputs of one group stay in one split and the verdict's interval resamples groups. "
+        "auto: the groups a data function or .npz file gives ('group'), one per image file, one per text row; "
+        "folder: images, one group per folder holding the files (frames stored one folder per video); "
+        "document: text, one group per document (.txt: paragraphs split by blank lines; .csv/.jsonl: "
+        "text.document_column); none: every input its own group"))
 
     @model_validator(mode="after")
     def _kind_fields(self) -> DataSpec:
@@ -189,6 +199,11 @@ class DataSpec(Strict):
                              "applies to that kind only")
         if self.kind == "function" and not self.function:
             raise ValueError("data.kind 'function' needs data.function ('module:fn')")
+        if self.group_by == "folder" and self.kind != "images":
+            raise ValueError("data.group_by 'folder' applies to kind 'images' (a data function or .npz file gives "
+                             "its groups as 'group')")
+        if self.group_by == "document" and self.kind != "text":
+            raise ValueError("data.group_by 'document' applies to kind 'text'")
         return self
 
 

@@ -123,17 +123,30 @@ def _lazy_images(n: int, open_row, sample, transform, fingerprint: str) -> LazyR
     return LazyRows(make, sample, np.float32, np.arange(n), fingerprint)
 
 
-def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path | None = None
+def image_groups(folder: Path, by: str) -> np.ndarray:
+    """One group per file of the folder (auto), in read_images' order, or per folder holding the files
+    (`folder`: frames stored one folder per video; a folder of such folders has no labels, class/video/frame.jpg
+    has both)."""
+    files, _, _ = _image_files(folder)
+    if by == "folder":
+        return np.asarray([f.parent.relative_to(folder).as_posix() for f in files])
+    return np.asarray([f.relative_to(folder).as_posix() for f in files])
+
+
+def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path | None = None, group_by: str = "auto"
                 ) -> tuple[LazyRows, np.ndarray | None, list[str]]:
     """(N x C x H x W float32 rows (or NHWC), labels or None, class names) from an image folder. The rows are
     lazy: each file's header is read here (an unreadable file is one line now, not mid-training) and the
-    content hashed; pixels are decoded when rows are taken, so a folder larger than memory streams."""
+    content hashed; pixels are decoded when rows are taken, so a folder larger than memory streams. With
+    `group_by: folder`, folders holding the files directly are groups, not classes (image_groups)."""
     import hashlib
 
     from PIL import Image, UnidentifiedImageError
 
     sample, transform, settings = _image_transform(spec, inp, hf_folder)
     files, labels, classes = _image_files(folder)
+    if group_by == "folder" and all(f.parent.parent == folder for f in files):
+        labels, classes = None, []  # video/frame.jpg: the folders are groups, not classes (class/video/frame.jpg: both)
 
     def unreadable(f: Path, e: BaseException) -> DataError:
         if isinstance(e, Image.DecompressionBombError):
@@ -166,21 +179,26 @@ CSV_FIELD_LIMIT = 1 << 30  # a field up to 1 GiB is read (Python's csv stops at 
 CHARS_PER_TOKEN = 64  # a text is cut to this many characters per token of the input before tokenizing
 
 
-def _rows(path: Path, spec: TextSpec) -> tuple[list[str], list[Any] | None]:
+def _rows(path: Path, spec: TextSpec, documents: bool = False
+          ) -> tuple[list[str], list[Any] | None, list[str] | None]:
+    """(texts, raw labels or None, document ids or None: given where `documents` asks for them)."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            texts, labels = [], []
+            texts, labels, docs, doc = [], [], [], 0
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
+                    if docs and docs[-1] == str(doc):
+                        doc += 1  # a blank line ends a document (a paragraph)
                     continue
                 text, tab, label = line.partition("\t")
                 texts.append(text)
                 labels.append(label.strip() if tab else None)
+                docs.append(str(doc))
             have = [lab is not None for lab in labels]
             if any(have) and not all(have):
                 raise DataError(f"{path}: some lines have a tab-separated label and some do not")
-            return texts, labels if any(have) else None
+            return texts, labels if any(have) else None, docs if documents else None
         if suffix in (".csv", ".jsonl"):
             if suffix == ".csv":
                 csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # long documents are texts too
@@ -204,11 +222,12 @@ def _rows(path: Path, spec: TextSpec) -> tuple[list[str], list[Any] | None]:
             if not records:
                 raise DataError(f"text file {path} has no rows")
             cols = list(records[0])
-            for col in (spec.text_column, spec.label_column):
+            for col in (spec.text_column, spec.label_column, spec.document_column if documents else None):
                 if col is not None and any(col not in r for r in records):
                     raise DataError(f"{path}: no column '{col}' in every row (columns: {', '.join(map(str, cols))})")
             texts = [str(r[spec.text_column]) for r in records]
-            return texts, None if spec.label_column is None else [r[spec.label_column] for r in records]
+            return (texts, None if spec.label_column is None else [r[spec.label_column] for r in records],
+                    [str(r[spec.document_column]) for r in records] if documents else None)
     except UnicodeDecodeError as e:
         raise DataError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
     except OSError as e:
@@ -268,11 +287,18 @@ def read_text(path: Path, spec: TextSpec, inputs: list[InputSpec], tokenizer_fol
     """Tokenized arrays for the recipe's inputs (input_ids, attention_mask, token_type_ids, as named)."""
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
-    texts, raw = _rows(path, spec)
+    texts, raw, _ = _rows(path, spec)
     if not texts:
         raise DataError(f"text file {path} has no texts")
     labels, classes = (None, []) if raw is None else _classes(raw, path)
     return tokenize(texts, inputs, tokenizer_folder), labels, classes
+
+
+def text_groups(path: Path, spec: TextSpec) -> np.ndarray:
+    """One group id per text row of `path`, in read_text's order: its document (.txt: paragraphs split by blank
+    lines; .csv/.jsonl: the column `spec.document_column`)."""
+    _, _, docs = _rows(path, spec, documents=True)
+    return np.asarray(docs)
 
 
 def tokenize(texts: list[str], inputs: list[InputSpec], tokenizer_folder: Path) -> dict[str, np.ndarray]:

@@ -116,8 +116,9 @@ class _Job:
         if self.asked == "auto":
             self.options = self.options.model_copy(update={"precision": "int8"})
         if self.original is not None:
-            self.student_vs_original = self.contract.judge(self.original, self.ref_out,
-                                                           self.prepared.dataset.test.labels, interval=True)
+            test = self.prepared.dataset.test
+            self.student_vs_original = self.contract.judge(self.original, self.ref_out, test.labels, interval=True,
+                                                           groups=test.groups)
 
     def context(self, options, workdir: Path) -> BuildContext:
         p, recipe = self.prepared, self.prepared.recipe
@@ -158,9 +159,9 @@ class _Job:
             outs = emulated_outputs(self.spec.name, tmp / ev.built.model_file, ev.built.runtime, self.threads,
                                     self.prepared.dataset.test, recipe.inputs, cpu_model)
             out = outs[self.contract.output_index]
-            labels = self.prepared.dataset.test.labels
+            test = self.prepared.dataset.test
             chain = chain_for(self.contract, self.prepared, self.original, self.student_vs_original, out,
-                              self.contract.judge(self.ref_out, out, labels, interval=True))
+                              self.contract.judge(self.ref_out, out, test.labels, interval=True, groups=test.groups))
             record["emulator"] = f"qemu-x86_64 -cpu {cpu_model}"
             record["on_build_host"] = {"value": ev.verdict.value, "within_budget": ev.verdict.within,
                                        **({"cosine_mean": ev.verdict.details["cosine_mean"]}
@@ -230,14 +231,15 @@ def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
     c = ev.chain
     isa = _on_isa(ev)
     v = ev.verdict
-    if v.worst_within is False and v.confidence is not None:  # the interval decided
+    if v.point_within and not v.within:  # the interval decided (metric.confidence)
         isa += (f" (its {v.confidence:.0%} interval's worst end" + (
-            f"; about {v.resolve_with} judged inputs would resolve it)" if v.resolve_with else ")"))
+            f"; {v.resolve_text()})" if v.resolve_with else ")"))
+    how = tried(ev.built.quantization) if ev.built.precision == "int8" else f"{ev.built.precision}, nothing quantized"
     if c is not None and c.reference == "original" and c.steps:
         return (f"{spec.name}: {ev.verdict.line()}{isa} against the original model missed the budget; "
-                f"{c.spent(ev.built.precision)}; tried: {tried(ev.built.quantization)}")
+                f"{c.spent(ev.built.precision)}; tried: {how}")
     vs = " against the fp32 student (metric.reference: student)" if c is not None and c.steps else ""
-    return f"{spec.name}: {ev.verdict.line()}{isa}{vs} missed the budget; tried: {tried(ev.built.quantization)}"
+    return f"{spec.name}: {ev.verdict.line()}{isa}{vs} missed the budget; tried: {how}"
 
 
 def _io(fp32_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -277,19 +279,37 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
         notes.append(f"latency measured under contention ({contention_text(lat.host_state)}): the figure includes "
                      "the other processes' share of the CPU, not the model's alone")
     if v.interval is not None and v.worst_within is False and v.within:
-        more = f": about {v.resolve_with} judged inputs would resolve it" if v.resolve_with else ""
+        more = f": {v.resolve_text()}" if v.resolve_with else ""
         notes.append(f"the {v.confidence:.0%} interval of the verdict ({v.interval[0]:.4g} to {v.interval[1]:.4g}) "
                      f"reaches past the budget, so the point estimate alone decided{more} "
                      "(metric.confidence makes the interval decide)")
     if ev.isa and ev.isa["judged_on"] == "host" and ev.isa["deployment"] != ev.isa["build_host"]:
         notes.append(f"int8 {ev.isa['how']}: the verdict holds for {ev.isa['build_host']} CPUs, not shown for "
                      f"{ev.isa['deployment']}")
+    notes += _group_notes(job, v)
     asked = job.spec.calibration.samples or recipe.data.calibration_samples
     got = len(job.prepared.dataset.calibration(recipe.data, asked))
     if ev.built.precision == "int8" and got < asked:
         notes.append(f"calibration used {got} samples, fewer than the {asked} asked for: the "
                      f"{recipe.data.calibration_split} split has only {got}")
     return notes
+
+
+def _group_notes(job: _Job, v) -> list[str]:
+    """What the verdict's inputs are worth: no groups (inputs that may share a source), or too few groups."""
+    ds, kind = job.prepared.dataset, job.prepared.recipe.data.kind
+    if ds.grouped is None and kind != "digits":
+        return [f"the verdict rests on {v.samples} test inputs treated as independent: where several come from one "
+                "source (crops of one photo, frames of one video, sentences of one document) they may not be, the "
+                "test split may share sources with training, and the interval is too narrow; give groups "
+                "(data.group_by, or 'group' from a data function: docs/recipe.md)"]
+    need = job.contract.needed_samples()
+    if v.groups is not None and v.groups < need:
+        return [f"the verdict rests on {v.groups} independent groups ({ds.grouped}) of {v.samples} inputs; a "
+                f"{job.contract.max_drop:g}-point budget needs about {need} to be resolved (a whole group is about "
+                f"{100.0 / v.groups:.1f} points): the interval, drawn by group, says how sure it is; more groups "
+                "(photos, videos, documents) narrow it"]
+    return []
 
 
 def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[str, Any]) -> ManifestDraft:
@@ -328,6 +348,7 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           interval=list(v.interval) if v.interval else None, confidence=v.confidence,
                           interval_within_budget=v.worst_within, resolve_with=v.resolve_with,
                           decided_by="interval" if recipe.metric.confidence else "point estimate",
+                          groups=v.groups, splits=prepared.dataset.splits,
                           student_vs_teacher=next((a.metrics.get("student_vs_teacher") for a in prepared.lineage
                                                    if a.stage == "distill"), None)),
         latency=None if lat is None else lat.to_dict(),

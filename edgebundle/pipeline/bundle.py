@@ -73,6 +73,10 @@ class Accuracy(_M):
     interval_within_budget: bool | None = None  # whether its worst end is within the budget
     resolve_with: int | None = None  # judged inputs that would resolve an interval reaching past the budget
     decided_by: str | None = None  # "point estimate" or "interval" (metric.confidence)
+    # independent groups the verdict rests on (crops of one photo are one group; None: each input its own),
+    # and the inputs and groups in each split with where the groups came from (no group is in two splits)
+    groups: int | None = None
+    splits: dict[str, Any] | None = None
 
     @property
     def against(self) -> str | None:

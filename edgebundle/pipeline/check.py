@@ -56,6 +56,8 @@ class CheckResult:
     accuracy_reference: str = "fp32 export"  # what both sides' accuracy is judged against (original, fp32 student)
     candidate_interval: list[float] | None = None  # each side's recorded verdict interval (manifest)
     baseline_interval: list[float] | None = None
+    candidate_groups: int | None = None  # independent groups each side's verdict rests on (None: inputs)
+    baseline_groups: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -144,6 +146,7 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         rounds=n, candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance,
         target=cm.target.name, different_host=different, notes=notes, accuracy_reference=ref_c,
         candidate_interval=cm.accuracy.interval, baseline_interval=bm.accuracy.interval,
+        candidate_groups=cm.accuracy.groups, baseline_groups=bm.accuracy.groups,
     )
 
 

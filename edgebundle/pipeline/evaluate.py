@@ -185,9 +185,9 @@ def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | Non
     job: computed once by the caller)."""
     if original is None:
         return Chain("original", [], None, None, bundle_vs_student)
-    labels = prepared.dataset.test.labels
+    test = prepared.dataset.test
     return Chain(prepared.recipe.metric.reference, compressed_by(prepared), student_vs_original,
-                 contract.judge(original, bundle, labels, interval=True), bundle_vs_student)
+                 contract.judge(original, bundle, test.labels, interval=True, groups=test.groups), bundle_vs_student)
 
 
 def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:
@@ -260,7 +260,7 @@ def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: T
         raise StageError(f"build:{spec.name}: the artifact has {len(outs)} output(s); the metric judges output "
                          f"'{contract.output_name}' (number {contract.output_index + 1})")
     out = outs[contract.output_index]
-    verdict = contract.judge(reference_out, out, ds.test.labels, interval=True)
+    verdict = contract.judge(reference_out, out, ds.test.labels, interval=True, groups=ds.test.groups)
     return Evaluation(built, out, verdict, lat, same_rt, runtime_seen)
 
 

@@ -20,6 +20,8 @@ def save_split(split: Split, path: Path) -> None:
     arrays = {f"input:{k}": v for k, v in split.inputs.items()}
     if split.labels is not None:
         arrays["labels"] = split.labels
+    if split.groups is not None:
+        arrays["groups"] = split.groups.astype(str)
     with open(path, "wb") as f:
         np.savez(f, **arrays)
 
@@ -28,7 +30,8 @@ def load_split(path: Path) -> Split:
     with np.load(path, allow_pickle=False) as z:
         inputs = {k.removeprefix("input:"): z[k] for k in z.files if k.startswith("input:")}
         labels = z["labels"] if "labels" in z.files else None
-    return Split(inputs, labels)
+        groups = z["groups"] if "groups" in z.files else None
+    return Split(inputs, labels, groups)
 
 
 def pool_size(recipe: Recipe) -> int:
@@ -65,4 +68,5 @@ class Data(StageBase):
             save_split(split, folder / f"{name}.npz")
         return {"fingerprint": ds.fingerprint, "num_classes": ds.num_classes,
                 **({"classes": list(ds.classes)} if ds.classes else {}),
-                "samples": {"calibration": len(cal), "val": len(ds.val), "test": len(ds.test)}}
+                "samples": {"calibration": len(cal), "val": len(ds.val), "test": len(ds.test)},
+                **({"splits": ds.splits} if ds.splits else {})}
