@@ -58,8 +58,11 @@ def test_pruning_the_real_minilm_cuts_heads_and_mlp_and_keeps_its_embedding(mini
 
 
 def _slice(name: str, tmp_path: Path, n: int, targets: list[dict], **changes):
+    """The example on `n` inputs. Its photo crops come with groups (the photo); these tests are about what the
+    targets do with crops, so a slice of a few hundred crops splits them at random (group_by none) rather
+    than leave one or two photos to each split."""
     recipe = load_recipe(EXAMPLES / f"{name}.yaml")
-    data = recipe.data.model_copy(update={"kwargs": {"n": n}, "calibration_samples": 32})
+    data = recipe.data.model_copy(update={"kwargs": {"n": n}, "calibration_samples": 32, "group_by": "none"})
     return recipe.model_copy(update={"data": data, "targets": [recipe.target("ort-cpu").model_validate(t)
                                                                 for t in targets], **changes})
 
@@ -238,7 +241,25 @@ def test_a_folder_of_photos_feeds_the_real_cnn_what_its_weights_expect(effnet, t
     assert got["motorcycle"] in (665, 670)  # moped, motor scooter
     # the example's own folder: crops of the same photos, as JPEG files
     folder = effnet.export_folder(tmp_path / "ex", n=12)
-    assert len(list(folder.glob("crop-*.jpg"))) == 12
+    assert len(list(folder.glob("*/crop-*.jpg"))) == 12 and len(list(folder.iterdir())) == 8  # a folder per photo
+
+
+def test_the_photo_examples_split_by_photo(effnet, tmp_path):
+    """Both photo examples carry groups: the function's crops name their photo, the folder keeps a folder per
+    photo (group_by: folder). No photo is in two splits, and the splits record inputs and groups."""
+    from edgebundle.core.data import load_dataset
+
+    recipe = load_recipe(EXAMPLES / "efficientnet_lite.yaml")
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"kwargs": {"n": 64}})})
+    folder_recipe = load_recipe(EXAMPLES / "efficientnet_lite_folder.yaml")
+    effnet.export_folder(tmp_path, n=48)
+    folder_recipe = folder_recipe.model_copy(update={"base_dir": tmp_path})
+    for r, grouped in ((recipe, "the data function's 'group'"), (folder_recipe, "image folder")):
+        ds = load_dataset(r)
+        photos = [set(s.groups.tolist()) for s in (ds.train, ds.val, ds.test)]
+        assert ds.grouped == grouped and ds.test.labels is None
+        assert len(photos[0] | photos[1] | photos[2]) == 8 and sum(len(p) for p in photos) == 8
+        assert ds.splits["test"] == {"inputs": len(ds.test), "groups": len(photos[2])} and len(photos[2]) >= 3
 
 
 def test_a_labelled_text_file_feeds_a_classifier_on_the_real_tokenizer(minilm, tmp_path):

@@ -12,13 +12,18 @@ packages (scikit-image, scikit-learn, matplotlib), normalized the way the Lite
 weights expect: they were converted from the TensorFlow Lite checkpoints whose
 builder uses mean 127 / std 128 on 0-255 pixels, i.e. ``(x - 127) / 128``.
 
-``data(n=600)`` yields ``{"image": batch}`` dicts: ``n`` crops in batches of
-50, for use as ``data.function: efficientnet_lite.py:data`` (``data.kwargs: {n: ...}``).
+``data(n=600)`` yields ``{"image": batch, "group": photo}`` dicts: ``n`` crops in
+batches of 50 and the photo each was cut from, for use as ``data.function:
+efficientnet_lite.py:data`` (``data.kwargs: {n: ...}``). Crops of one photo are one
+group: they stay in one split, so the test split is made of photos that calibration,
+accuracy control and distillation never saw, and the verdict's interval resamples
+photos, not crops (``groups=False`` leaves the groups out).
 
 ``export_folder(dest, n=1200)`` writes the same kind of crops as JPEG files to
-``dest/photos/`` (each crop at its own size, at most 480 pixels on the longer
-side), a flat unlabeled image folder as users have one: what
-``efficientnet_lite_folder.yaml`` reads with ``data.kind: images``.
+``dest/photos/<photo>/`` (each crop at its own size, at most 480 pixels on the
+longer side), one unlabelled folder per photo as users keep frames of one video:
+what ``efficientnet_lite_folder.yaml`` reads with ``data.kind: images`` and
+``group_by: folder``.
 """
 import numpy as np
 
@@ -37,6 +42,9 @@ def model():
                        map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "china", "flower", "grace_hopper")
 
 
 def _load_photos():
@@ -105,15 +113,17 @@ def photos(n=600, batch_size=50, size=IMAGE_SIZE, seed=0):
         yield np.stack([_random_resized_crop(imgs[i % len(imgs)], rng, size) for i in idx])
 
 
-def data(n=600, seed=0):
-    """``n`` crops in batches of 50, as ``{"image": (50, 3, 240, 240) float32}``."""
-    for batch in photos(n=n, batch_size=50, size=IMAGE_SIZE, seed=seed):
-        yield {"image": batch}
+def data(n=600, seed=0, groups=True):
+    """``n`` crops in batches of 50, as ``{"image": (50, 3, 240, 240) float32, "group": (50,) photo index}``
+    (crops cycle through the photos: crop i is of photo i % 8)."""
+    for start, batch in zip(range(0, n, 50), photos(n=n, batch_size=50, size=IMAGE_SIZE, seed=seed)):
+        photo = np.arange(start, start + len(batch)) % len(PHOTO_NAMES)
+        yield {"image": batch, **({"group": photo} if groups else {})}
 
 
 def export_folder(dest, n=1200, seed=0, max_side=480):
-    """Write ``n`` random crops of the photos as ``dest/photos/crop-NNNN.jpg`` (quality 92); returns the folder.
-    Written into a temporary folder and renamed into place, so a half-written folder is never seen."""
+    """Write ``n`` random crops of the photos as ``dest/photos/<k>-<photo>/crop-NNNN.jpg`` (quality 92); returns
+    the folder. Written into a temporary folder and renamed into place, so a half-written folder is never seen."""
     import os
     import shutil
     import tempfile
@@ -123,7 +133,7 @@ def export_folder(dest, n=1200, seed=0, max_side=480):
 
     Path(dest).mkdir(parents=True, exist_ok=True)
     folder = Path(dest) / "photos"
-    if folder.is_dir() and len(list(folder.glob("crop-*.jpg"))) == n:
+    if folder.is_dir() and len(list(folder.glob("*/crop-*.jpg"))) == n:
         return folder
     tmp = Path(tempfile.mkdtemp(prefix=".photos-", dir=dest))
     imgs, rng = _load_photos(), np.random.default_rng(seed)
@@ -131,7 +141,9 @@ def export_folder(dest, n=1200, seed=0, max_side=480):
         region, flip = _crop_region(imgs[i % len(imgs)], rng)
         im = Image.fromarray(np.ascontiguousarray(region[:, ::-1] if flip else region))
         im.thumbnail((max_side, max_side), Image.BILINEAR)
-        im.save(tmp / f"crop-{i:04d}.jpg", quality=92)
+        k = i % len(imgs)
+        (tmp / f"{k}-{PHOTO_NAMES[k]}").mkdir(exist_ok=True)
+        im.save(tmp / f"{k}-{PHOTO_NAMES[k]}" / f"crop-{i:04d}.jpg", quality=92)
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
     return folder
