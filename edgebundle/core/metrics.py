@@ -344,17 +344,7 @@ def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.nd
     worst_drop = None  # drop metrics: the interval's worst drop
     judged_groups = None
     if v.metric == "agreement":
-        p = softmax_if_logits(reference)
-        confident = p.max(axis=1) >= c.spec.min_confidence
-        same = (_top1(outputs) == _top1(reference))[confident]
-        if groups is None:
-            lo, hi = wilson(int(same.sum()), len(same), conf)
-        else:
-            keep = np.flatnonzero(confident)
-            judged_groups = len(np.unique(groups[keep]))
-            lo, hi = _bootstrap(lambda i: same[i].mean() if len(i) else float("nan"), len(keep), conf,
-                                groups=groups[keep])
-        iv = (lo * 100.0, hi * 100.0)
+        iv, judged_groups = _agreement_interval(c, reference, outputs, groups, conf)
         worst_drop = 100.0 - iv[0]
     elif v.metric == "top1":
         d = ((_top1(reference) == labels).astype(np.float64) - (_top1(outputs) == labels)) * 100.0
@@ -391,6 +381,20 @@ def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.nd
     within = worst if c.spec.confidence is not None else v.within
     return dataclasses.replace(v, interval=iv, confidence=conf, worst_within=worst, resolve_with=resolve,
                                within=within, point_within=v.within)
+
+
+def _agreement_interval(c: Contract, reference: np.ndarray, outputs: np.ndarray, groups: np.ndarray | None,
+                        conf: float) -> tuple[tuple[float, float], int | None]:
+    """Agreement's interval in percent over the confident inputs: Wilson's, or with groups a bootstrap over the
+    groups among them; and how many groups those are (None without groups)."""
+    confident = softmax_if_logits(reference).max(axis=1) >= c.spec.min_confidence
+    same = (_top1(outputs) == _top1(reference))[confident]
+    if groups is None:
+        lo, hi = wilson(int(same.sum()), len(same), conf)
+        return (lo * 100.0, hi * 100.0), None
+    keep = np.flatnonzero(confident)
+    lo, hi = _bootstrap(lambda i: same[i].mean() if len(i) else float("nan"), len(keep), conf, groups=groups[keep])
+    return (lo * 100.0, hi * 100.0), len(np.unique(groups[keep]))
 
 
 def _take(labels: np.ndarray | None, i: np.ndarray) -> np.ndarray | None:

@@ -252,20 +252,20 @@ def junit_xml(res: CheckResult) -> str:
     """A JUnit report with one test case for latency and one for accuracy."""
     suite = ET.Element("testsuite", name=f"edgebundle check ({res.target})", tests="2",
                        failures=str(int(res.latency_regression) + int(res.accuracy_regression)))
-    lat = ET.SubElement(suite, "testcase", classname=f"edgebundle.{res.target}", name="latency")
-    msg = (f"p50 ratio candidate/baseline {res.ratio:.3f} (95% CI {res.ratio_ci95[0]:.3f}-{res.ratio_ci95[1]:.3f}), "
-           f"tolerance {res.tolerance:.1%}, {res.mode}")
-    if res.latency_regression:
-        ET.SubElement(lat, "failure", message="latency regression").text = msg
-    else:
-        ET.SubElement(lat, "system-out").text = msg
-    acc = ET.SubElement(suite, "testcase", classname=f"edgebundle.{res.target}", name="accuracy")
-    amsg = (f"candidate {res.candidate_accuracy} vs baseline {res.baseline_accuracy} (each against the "
-            f"{res.accuracy_reference}), tolerance {res.accuracy_tolerance}")
-    if res.accuracy_regression:
-        ET.SubElement(acc, "failure", message="accuracy regression").text = amsg
-    else:
-        ET.SubElement(acc, "system-out").text = amsg
+
+    def case(name: str, failed: bool, text: str) -> None:
+        tc = ET.SubElement(suite, "testcase", classname=f"edgebundle.{res.target}", name=name)
+        if failed:
+            ET.SubElement(tc, "failure", message=f"{name} regression").text = text
+        else:
+            ET.SubElement(tc, "system-out").text = text
+
+    case("latency", res.latency_regression,
+         f"p50 ratio candidate/baseline {res.ratio:.3f} (95% CI {res.ratio_ci95[0]:.3f}-{res.ratio_ci95[1]:.3f}), "
+         f"tolerance {res.tolerance:.1%}, {res.mode}")
+    case("accuracy", res.accuracy_regression,
+         f"candidate {res.candidate_accuracy} vs baseline {res.baseline_accuracy} (each against the "
+         f"{res.accuracy_reference}), tolerance {res.accuracy_tolerance}")
     return ET.tostring(suite, encoding="unicode")
 
 
