@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -55,23 +56,69 @@ def _target_lines(bundles, debug: bool) -> int:
     return 1 if bad else 0
 
 
-class _StageProgress:
-    """A rich progress bar per stage, driven by the runner's events."""
+class ProgressMode(str, Enum):
+    auto = "auto"
+    bar = "bar"
+    plain = "plain"
 
-    def __init__(self, progress: Progress) -> None:
+
+PROGRESS_HELP = ("auto: bars in a terminal, timestamped lines otherwise (a CI log, `> log`); bar; plain: one line "
+                 "per stage start and end and per training epoch")
+
+
+class _StageProgress:
+    """The runner's events shown: a rich bar per stage (epochs of training, distillation and QAT move it), or,
+    off a terminal, one timestamped line per stage start, end and epoch, written as it happens."""
+
+    def __init__(self, progress: Progress | None) -> None:
         self.progress, self.tasks, self.t0 = progress, {}, {}
+
+    def _line(self, text: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {text}", markup=False, highlight=False, soft_wrap=True)
+        console.file.flush()
 
     def __call__(self, kind: str, stage: str, **info) -> None:
         label = _label(stage)
         if kind == "start":
             self.t0[stage] = time.perf_counter()
-            self.tasks[stage] = self.progress.add_task(label, total=1)
+            if self.progress is None:
+                self._line(f"{label}: {'(cached)' if info.get('cached') else 'started'}")
+            else:
+                self.tasks[stage] = self.progress.add_task(label, total=1)
         elif kind == "note":
-            self.progress.console.print(f"  [yellow]note:[/] {esc(info.get('text', ''))}")
-        elif kind == "done" and stage in self.tasks:
-            took = time.perf_counter() - self.t0[stage]
-            suffix = " [dim](cached)[/]" if info.get("cached") else f" [dim]{took:.1f}s[/]"
-            self.progress.update(self.tasks[stage], completed=1, description=label + suffix)
+            if self.progress is None:
+                self._line(f"note: {info.get('text', '')}")
+            else:
+                self.progress.console.print(f"  [yellow]note:[/] {esc(info.get('text', ''))}")
+        elif kind == "epoch":
+            text = (f"epoch {info['epoch']}/{info['epochs']}, {info['metric']} {info['value']:.4g} "
+                    f"(best {info['best']:.4g})")
+            if self.progress is None:
+                self._line(f"{label}: {text}")
+            elif stage in self.tasks:
+                self.progress.update(self.tasks[stage], completed=info["epoch"] / info["epochs"],
+                                     description=f"{label} [dim]{esc(text)}[/]")
+        elif kind == "done":
+            took = time.perf_counter() - self.t0.get(stage, time.perf_counter())
+            if self.progress is None:
+                if not info.get("cached"):
+                    self._line(f"{label}: {info.get('status', 'done')} in {took:.1f}s")
+            elif stage in self.tasks:
+                suffix = " [dim](cached)[/]" if info.get("cached") else f" [dim]{took:.1f}s[/]"
+                self.progress.update(self.tasks[stage], completed=1, description=label + suffix)
+
+
+@contextlib.contextmanager
+def _display(mode: ProgressMode, show: bool = True):
+    """The event callback for a command: bars in a terminal (or with --progress bar), plain lines otherwise."""
+    if not show:
+        yield lambda *a, **k: None
+    elif mode == ProgressMode.bar or (mode == ProgressMode.auto and console.is_terminal):
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=console, transient=False) as progress:
+            yield _StageProgress(progress)
+    else:
+        yield _StageProgress(None)
 
 
 def _summary_table(bundles) -> Table:
@@ -118,6 +165,7 @@ def run(
     keep_rejected: bool = typer.Option(False, "--keep-rejected", help="keep a bundle that missed its accuracy "
                                        "budget as OUT/<target>.rejected (status: rejected)"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help=PROGRESS_HELP),
 ) -> None:
     """Run the whole pipeline: prepare (prune, distill, export) and build a bundle per target.
 
@@ -131,18 +179,13 @@ def run(
             raise EdgeBundleError("under torchrun use `edgebundle prepare RECIPE -o WORK` (distributed training), "
                                   "then `edgebundle build WORK` on each target's machine")
         r = load_recipe(recipe)
-        with _progress() as progress:
-            result = run_pipeline(r, output=output, targets=target or None, on_event=_StageProgress(progress),
+        with _display(progress_mode) as on_event:
+            result = run_pipeline(r, output=output, targets=target or None, on_event=on_event,
                                   pack=pack, keep_rejected=keep_rejected)
     except EdgeBundleError as e:
         _fail(e, debug)
     _print_bundles(result.bundles)
     raise typer.Exit(_target_lines(result.bundles, debug))
-
-
-def _progress() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                    console=console, transient=False)
 
 
 def _print_bundles(bundles) -> None:
@@ -164,6 +207,7 @@ def prepare(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omitted: the embedded default"),
     work: Path = typer.Option(..., "--output", "-o", help="work folder (content-addressed; reused across runs)"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help=PROGRESS_HELP),
 ) -> None:
     """Run the device-independent stages (teacher, prune, distill, export, calibration data) into WORK.
 
@@ -176,8 +220,8 @@ def prepare(
     try:
         r = load_recipe(recipe)
         distributed.init_from_env()
-        with _progress() if distributed.is_main() else contextlib.nullcontext() as progress:
-            p = prepare_stages(r, work, on_event=_StageProgress(progress) if progress else lambda *a, **k: None)
+        with _display(progress_mode, show=distributed.is_main()) as on_event:
+            p = prepare_stages(r, work, on_event=on_event)
     except EdgeBundleError as e:
         _fail(e, debug)
     finally:
@@ -200,6 +244,7 @@ def build(
     keep_rejected: bool = typer.Option(False, "--keep-rejected", help="keep a bundle that missed its accuracy "
                                        "budget as OUT/<target>.rejected (status: rejected)"),
     debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
+    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help=PROGRESS_HELP),
 ) -> None:
     """Build target bundles from a prepared work folder (the per-target job on that target's machine).
 
@@ -209,9 +254,9 @@ def build(
 
     try:
         r = load_recipe(recipe) if recipe is not None else None
-        with _progress() as progress:
+        with _display(progress_mode) as on_event:
             bundles = build_targets(work, targets=target or None, output=output, recipe=r,
-                                    on_event=_StageProgress(progress), pack=pack, keep_rejected=keep_rejected)
+                                    on_event=on_event, pack=pack, keep_rejected=keep_rejected)
     except EdgeBundleError as e:
         _fail(e, debug)
     _print_bundles(bundles)

@@ -62,6 +62,9 @@ def test_bad_input_one_line_exit_2_no_bundle(tmp_path, case):
     out = tmp_path / "out"
     if out.exists():  # at most the stage cache of what ran before the failure; never a bundle
         assert {p.name for p in out.iterdir()} <= {".work", ".locks"}, list(out.iterdir())
+        assert any(p.name == "artifact.json" for p in out.rglob("*")), "a folder with nothing but locks was left"
+    if case in ("unknown key", "wrong type", "factory not importable", "factory not a module"):
+        assert not out.exists()  # it failed before making anything: nothing is left
 
 
 def test_missing_recipe(tmp_path):
@@ -94,6 +97,34 @@ def test_readme_main_command_runs(default_run):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "(cached)" in res.stdout and "ort-cpu" in res.stdout and "openvino" in res.stdout
     assert (default_run.output / "ort-cpu" / "manifest.json").is_file()
+
+
+def test_a_run_logged_to_a_file_shows_each_stage_and_epoch_as_it_happens(tmp_path):
+    """stdout to a file (a CI log): a timestamped line when each stage starts and ends, and one per epoch of
+    training and distillation, written while the run works, not at its end."""
+    import time
+
+    def mutate(d):
+        d["stages"].update({"train": {"epochs": 2}, "distill": {"epochs": 3}})
+        d["targets"] = [{"name": "ort-cpu", "options": {"precision": "fp32"}, "measure": {"iterations": 10},
+                         "max_accuracy_drop": 100.0}]
+    recipe = _write(tmp_path, mutate)
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edgebundle.cli", "run", str(recipe)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
+        first = None
+        while proc.poll() is None:
+            if first is None and "teacher" in log.read_text():
+                first = log.read_text()
+            time.sleep(0.2)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert first is not None and re.search(r"^\d\d:\d\d:\d\d teacher \(load / train\): started$", first, re.M)
+    assert re.search(r"^\d\d:\d\d:\d\d teacher \(load / train\): epoch 2/2, val_accuracy ", text, re.M)
+    assert len(re.findall(r"^\d\d:\d\d:\d\d distill .*: epoch \d/3, ", text, re.M)) == 3
+    assert re.search(r"^\d\d:\d\d:\d\d build:ort-cpu: done in \d", text, re.M)
+    assert "\x1b[" not in text  # no terminal escapes in a log
 
 
 def test_ci_runs_the_readme_test_command():

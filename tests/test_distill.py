@@ -80,3 +80,39 @@ def test_embeddings_distil_by_cosine_without_labels_and_keep_the_best_cosine_che
     assert fit.best_val_accuracy == max(fit.history)
     assert abs(mean_cos(student) - fit.best_val_accuracy) < 1e-5
     assert before < 0.5 < 0.9 < fit.best_val_accuracy
+
+
+def test_patience_stops_after_epochs_without_a_better_score_and_keeps_the_best():
+    """A validation score that peaks at epoch 3 of 30: patience 2 stops after epoch 5, the best checkpoint is
+    the one kept, every epoch is reported (core.progress), and the stage's config key leaves patience out
+    while it is unset (work folders prepared before it stay valid)."""
+    import numpy as np
+    from torch import nn
+
+    from edgebundle.core import progress
+    from edgebundle.core.data import Split
+    from edgebundle.core.recipe import DistillStage
+    from edgebundle.stages.base import without_unset
+    from edgebundle.stages.training import _fit
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    rng = np.random.default_rng(0)
+    train = Split({"x": rng.standard_normal((32, 4)).astype(np.float32)}, rng.integers(0, 3, 32))
+    scores = iter([1.0, 2.0, 3.0, 2.5, 2.9, 5.0] + [0.0] * 30)
+    weights = []
+
+    def score(m):
+        weights.append(m.weight.detach().clone())
+        return next(scores)
+
+    seen = []
+    with progress.listening(lambda kind, **info: seen.append((kind, info["epoch"], info["epochs"], info["best"]))):
+        fit = _fit(model, train, train, ["x"], epochs=30, lr=0.01, batch_size=8, weight_decay=0.0, seed=0,
+                   loss_fn=lambda out, b, y, i: nn.functional.cross_entropy(out, y), device=torch.device("cpu"),
+                   score=("val_score", score), patience=2)
+    assert fit.epochs == 5 and fit.history == [1.0, 2.0, 3.0, 2.5, 2.9] and fit.best_epoch == 2
+    assert torch.equal(model.weight, weights[2])
+    assert seen == [("epoch", e, 30, b) for e, b in zip(range(1, 6), (1.0, 2.0, 3.0, 3.0, 3.0))]
+    assert "patience" not in without_unset(DistillStage(), "patience")
+    assert without_unset(DistillStage(patience=3), "patience")["patience"] == 3

@@ -36,6 +36,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from edgebundle.core import progress
 from edgebundle.core.data import Split, iter_feeds
 from edgebundle.core.distillation import soft_loss
 from edgebundle.core.recipe import InputSpec
@@ -172,5 +173,6 @@ def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Spl
         losses.append(lo)
         if (s, -lo) > best[0]:
             best = ((s, -lo), epoch, copy.deepcopy(prepared.state_dict()))
+        progress.report("epoch", epoch=epoch + 1, epochs=epochs, metric="qat val score", value=s, best=best[0][0])
     prepared.load_state_dict(best[2])
     return QatResult(convert_pt2e(prepared), best[1], history, losses, time.perf_counter() - t0)

@@ -215,6 +215,9 @@ class TrainStage(Strict):
     lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     weight_decay: float = Field(1e-4, ge=0)
+    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=(
+        "stop after this many epochs without a better validation score (the best checkpoint is kept either way); "
+        "none: run every epoch"))
 
 
 class PruneStage(Strict):
@@ -250,6 +253,9 @@ class DistillStage(Strict):
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs CE on labels")
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     weight_decay: float = Field(1e-4, ge=0)
+    patience: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=(
+        "stop after this many epochs without a better validation score (the best checkpoint is kept either way); "
+        "none: run every epoch"))
     hidden_weight: float = Field(0.0, ge=0, description=(
         "weight of the hidden-state term: relative MSE between the student's and the teacher's block outputs "
         "(a learned linear map bridges pruned widths); 0 turns it off. The relative MSE is small next to the "

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 import edgebundle
+from edgebundle.core import progress
 from edgebundle.core.errors import BundleError, DataError, EdgeBundleError, RecipeError, TargetUnavailable
 from edgebundle.core.host import contention_text, fingerprint, usable_cores
 from edgebundle.core.metrics import Contract, cosine
@@ -81,7 +82,8 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
         verdicts.append(ev)
         return _manifest(job, ev, choice, reference)
 
-    path = write_bundle(output, spec.name, fill, rejected_name=f"{spec.name}.rejected" if keep_rejected else None)
+    with progress.listening(lambda kind, **info: on_event(kind, stage, **info)):  # QAT's epochs
+        path = write_bundle(output, spec.name, fill, rejected_name=f"{spec.name}.rejected" if keep_rejected else None)
     manifest = json.loads((path / "manifest.json").read_text()) if path is not None else None
     ev = verdicts[-1]
     if ev.isa and ev.isa["judged_on"] == "host" and ev.isa["deployment"] != ev.isa["build_host"]:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 import edgebundle
-from edgebundle.core import distributed
+from edgebundle.core import distributed, progress
 from edgebundle.core.artifact import ARTIFACT_FILE, Artifact, sha256_file
 from edgebundle.core.data import Dataset, load_dataset
 from edgebundle.core.errors import BundleError, EdgeBundleError, RecipeError, StageError
@@ -61,7 +61,8 @@ class _Stages:
         if not cached:
             try:
                 if distributed.is_main():
-                    hit = self.cache.put(stage, key, config, parents, fill)
+                    with progress.listening(lambda kind, **info: self.on_event(kind, stage, **info)):
+                        hit = self.cache.put(stage, key, config, parents, fill)
                 elif collective:  # every rank takes part (DDP); the others' artifacts are thrown away
                     with tempfile.TemporaryDirectory() as td:
                         fill(Path(td))

@@ -49,6 +49,16 @@ def dump(cfg) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+def without_unset(cfg, *fields: str) -> dict[str, Any]:
+    """A config as it enters a cache key, without the named fields while they are None (fields added later:
+    work folders prepared before them stay valid)."""
+    d = dump(cfg)
+    for f in fields:
+        if d.get(f) is None:
+            d.pop(f, None)
+    return d
+
+
 def model_key(spec) -> dict[str, Any]:
     """The model spec as it enters a cache key: the model.hf fields at their defaults are left out, so work
     folders prepared before those fields existed stay valid."""

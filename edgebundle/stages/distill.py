@@ -13,7 +13,7 @@ from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import save_structured
 from edgebundle.core.recipe import Recipe
 from edgebundle.stages.registry import register_stage
-from edgebundle.stages.base import StageBase, StageContext, dump
+from edgebundle.stages.base import StageBase, StageContext, without_unset
 from edgebundle.stages.pruning import count
 from edgebundle.core.metrics import per_sample_cosine, resolve_name
 from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, predict
@@ -35,7 +35,7 @@ class Distill(StageBase):
         return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        d = dump(ctx.recipe.stages.distill)
+        d = without_unset(ctx.recipe.stages.distill, "patience")
         if d.get("loss") == "auto":  # the key before `loss` existed: those work folders stay valid
             d.pop("loss")
             kind = self._loss(ctx)
@@ -78,7 +78,7 @@ class Distill(StageBase):
         macs, params = count(s_model, ctx.example)
         metrics = {"best_val_accuracy" if fit.metric == "val_accuracy" else f"best_{fit.metric}":
                    fit.best_val_accuracy, "best_epoch": fit.best_epoch, "val_metric": fit.metric,
-                   "val_history": fit.history, "macs": macs, "params": params, "device": str(ctx.device)}
+                   "val_history": fit.history, "epochs_run": fit.epochs, "macs": macs, "params": params, "device": str(ctx.device)}
         if ds.test.labels is not None:
             metrics["teacher_test_accuracy"] = teacher.metrics.get("test_accuracy")
             metrics["test_accuracy"] = accuracy(predict(s_model, ds.test, names), ds.test.labels)

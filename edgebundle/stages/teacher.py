@@ -10,7 +10,7 @@ from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import build_model, save_structured
 from edgebundle.core.recipe import EnsembleSpec, Recipe
 from edgebundle.stages.registry import register_stage
-from edgebundle.stages.base import StageBase, StageContext, dump, model_key
+from edgebundle.stages.base import StageBase, StageContext, dump, model_key, without_unset
 from edgebundle.stages.pruning import count
 from edgebundle.stages.training import accuracy, predict, train_supervised
 
@@ -39,8 +39,8 @@ class Teacher(StageBase):
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
-        return {"model": model_key(r.model), "train": dump(r.stages.train) if trains(r) else None, "seed": r.seed,
-                "inputs": [dump(i) for i in r.inputs]}
+        return {"model": model_key(r.model), "train": without_unset(r.stages.train, "patience") if trains(r) else None,
+                "seed": r.seed, "inputs": [dump(i) for i in r.inputs]}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return []
@@ -68,6 +68,7 @@ class Teacher(StageBase):
             model = model.cpu().eval()
             metrics["best_val_accuracy"] = fit.best_val_accuracy
             metrics["best_epoch"] = fit.best_epoch
+            metrics["epochs_run"] = fit.epochs
         macs, params = count(model, ctx.example)
         metrics.update(macs=macs, params=params)
         if ds.test.labels is not None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgebundle.core.errors import DataError, RecipeError
-from edgebundle.core import distributed
+from edgebundle.core import distributed, progress
 from edgebundle.core.data import Split
 from edgebundle.core.metrics import Contract
 from edgebundle.core.distillation import loss_for_metric, soft_loss
@@ -33,7 +33,7 @@ from edgebundle.core.recipe import DistillStage, TrainStage
 class FitResult:
     best_val_accuracy: float  # the best value of `metric` (named so for the classification case)
     best_epoch: int
-    epochs: int
+    epochs: int  # epochs run (fewer than asked when patience stopped it)
     history: list[float]  # `metric` on the validation split, per epoch
     metric: str = "val_accuracy"  # val_accuracy | val_agreement (with the teacher) | val_cosine | val_neg_rel_mse
 
@@ -107,7 +107,10 @@ def _fit(
     on_epoch: Callable[[int, float], None] | None = None,
     ddp: bool = True,
     score: tuple[str, Callable[[nn.Module], float]] | None = None,
+    patience: int | None = None,
 ) -> FitResult:
+    """Train `model` for up to `epochs`, keeping the checkpoint with the best validation score; with `patience`,
+    stop once that many epochs in a row did not beat it. Each epoch is reported (core.progress)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
@@ -144,9 +147,13 @@ def _fit(
             on_epoch(epoch, acc)
         if acc > best[0]:
             best = (acc, epoch, copy.deepcopy(model.state_dict()))
+        progress.report("epoch", epoch=epoch + 1, epochs=epochs, metric=score[0], value=acc, best=best[0])
+        if patience is not None and epoch - best[1] >= patience:
+            break
     model.load_state_dict(best[2])
     model.eval()
-    return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=epochs, history=history, metric=score[0])
+    return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=len(history), history=history,
+                     metric=score[0])
 
 
 def _parallel(model: nn.Module, n: int, batch_size: int, seed: int, device: torch.device, ddp: bool):
@@ -174,7 +181,8 @@ def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str
         return F.cross_entropy(out, y)
 
     return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch)
+                weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
+                patience=cfg.patience)
 
 
 def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
@@ -225,7 +233,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     try:
         return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                     weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
-                    ddp=ddp, score=(name, lambda m: val_score(student)))
+                    ddp=ddp, score=(name, lambda m: val_score(student)), patience=cfg.patience)
     finally:
         if hidden is not None:
             hidden.close()
