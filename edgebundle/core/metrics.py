@@ -375,6 +375,8 @@ def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.nd
     if groups is not None and judged_groups is None:
         judged_groups = len(np.unique(groups))
     iv = (float(min(iv)), float(max(iv)))
+    if v.metric in DROP_METRICS:  # percentages: the bounds of a resampled difference can pass 0 or 100
+        iv = (max(0.0, iv[0]), min(100.0, iv[1]))
     worst = _worst_within(v, c, iv, worst_drop)
     v = dataclasses.replace(v, groups=judged_groups)
     resolve = _resolve_with(v, c, iv, worst_drop) if not worst and v.within else None

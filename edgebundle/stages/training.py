@@ -134,13 +134,7 @@ def _fit(
             order = torch.randperm(len(train), generator=gen).to(device)
         # BatchNorm needs more than one sample per batch (same on every rank: equal shards)
         plan = [order[i:i + batch_size] for i in range(0, per_epoch, batch_size) if len(order[i:i + batch_size]) >= 2]
-        for idx, xs in zip(plan, batches(train, names, [p.cpu().numpy() for p in plan])):
-            batch = [x.to(device) for x in xs]
-            loss = loss_fn(net(*batch), batch, None if ys is None else ys[idx], idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+        _steps(net, train, names, plan, loss_fn, ys, opt, sched, device)
         acc = score[1](model)
         history.append(acc)
         if on_epoch:
@@ -154,6 +148,18 @@ def _fit(
     model.eval()
     return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=len(history), history=history,
                      metric=score[0])
+
+
+def _steps(net: nn.Module, train: Split, names: list[str], plan: list[torch.Tensor], loss_fn, ys, opt, sched,
+           device: torch.device) -> None:
+    """One epoch's optimizer steps, one per batch of row indices in `plan`."""
+    for idx, xs in zip(plan, batches(train, names, [p.cpu().numpy() for p in plan])):
+        batch = [x.to(device) for x in xs]
+        loss = loss_fn(net(*batch), batch, None if ys is None else ys[idx], idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
 
 
 def _parallel(model: nn.Module, n: int, batch_size: int, seed: int, device: torch.device, ddp: bool):
