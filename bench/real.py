@@ -183,7 +183,8 @@ def _summary(rows: list[dict], peak: float) -> str:
         t = r.get("timing")
         p50 = "—" if t is None else f"{t['p50_ms']:.2f} ({t['iqr_ms'][0]:.2f}–{t['iqr_ms'][1]:.2f})"
         x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
-        share = "—" if t is None else f"{r['macs'] / peak * 1e3 / t['p50_ms']:.0%}"
+        row_peak = (r.get("measured") or {}).get("int8_peak", peak)  # the peak of the host that timed the row
+        share = "—" if t is None else f"{r['macs'] / row_peak * 1e3 / t['p50_ms']:.0%}"
         size = "—" if r.get("size_bytes") is None else f"{r['size_bytes'] / 2**20:.1f}"
         tool = "—" if r.get("tool_s") is None else f"{r['tool_s']:.0f}"
         if r["kind"] == "bundle":
@@ -197,10 +198,36 @@ def _summary(rows: list[dict], peak: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _measured_on(rows: list[dict]) -> str:
+    """Which host and day measured each model's rows (a run with --only keeps the other models' rows)."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        m = r.get("measured")
+        if m and r["model"] not in seen:
+            seen[r["model"]] = f"{m['host']}, {m['date']}, int8 peak {m['int8_peak'] / 1e9:.0f} G MAC/s"
+    return "".join(f"- {model}: {where}\n" for model, where in seen.items())
+
+
+def _stamp(rows: list[dict], peak: float) -> list[dict]:
+    """This run's rows, each with the host, day and int8 peak that measured it."""
+    import datetime as dt
+
+    from edgebundle.core.host import fingerprint
+
+    h = fingerprint()
+    vnni = "AVX-512 VNNI" if "avx512_vnni" in h["isa"] else "AVX2" if "avx2" in h["isa"] else "no AVX2"
+    amx = " + AMX" if "amx_int8" in h["isa"] else ""
+    where = {"host": f"{h['cpu']} ({vnni}{amx}, {h['usable_cores']} cores)", "date": dt.date.today().isoformat(),
+             "int8_peak": peak}
+    return [{**r, "measured": where} for r in rows]
+
+
 def _markdown(rows: list[dict], seconds: dict[str, float], peak: float, peak_how: str) -> str:
     reasons = [f"- {r['model']} {r['target']}: {r['reason']}" for r in rows if r["kind"] in ("reason", "failed")]
-    return (f"Measured int8 peak of this host: {peak / 1e9:.0f} G MAC/s ({peak_how}); a row's share is the "
-            "time its MACs take at that rate over its p50. Every candidate of a model is judged by the same "
+    return ("Rows measured on (each model's rows come from one run; int8 figures are that ISA's):\n\n"
+            + _measured_on(rows) + "\n"
+            f"Measured int8 peak of the latest run's host: {peak / 1e9:.0f} G MAC/s ({peak_how}); a row's share is "
+            "the time its MACs take at its own host's peak over its p50. Every candidate of a model is judged by the same "
             "contract on the recipe's test split (never seen by calibration or accuracy control) and timed "
             "interleaved in one process (2 threads, batch 1); vs ORT fp32 and vs own fp32 are ratios of those "
             "p50s (for the pruned model, vs ORT fp32 is against the unpruned model; its metric judges int8 "
@@ -250,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += [{"model": name, "target": b.target, "kind": "reason", "reason": b.reason}
                      for b in res.bundles if b.manifest is not None and b.status == "rejected"]
             seconds[name] = time.perf_counter() - t0
+    rows = _stamp(rows, peak)
     if args.only:
         rows, seconds = _merged(rows, seconds, set(args.only), set(args.targets.split(",")) if args.targets else None)
     write("real", {"int8_peak_macs_per_s": peak, "int8_peak_how": peak_how, "rows": rows, "seconds": seconds},
@@ -270,6 +298,9 @@ def _merged(rows: list[dict], seconds: dict[str, float], models: set[str],
     old = json.loads(last.read_text())
     if "int8_peak_macs_per_s" not in old:  # results of the older layout: nothing to keep
         return rows, seconds
+    before = {"host": f"{old['host']['cpu']} ({'AVX-512 VNNI' if 'avx512_vnni' in old['host']['isa'] else 'AVX2'}, "
+                      f"{old['host']['usable_cores']} cores)", "date": old["date"], "int8_peak": old["int8_peak_macs_per_s"]}
+    old["rows"] = [r if "measured" in r else {**r, "measured": before} for r in old["rows"]]
     kept = [r for r in old["rows"] if r["model"] not in models]
     if targets is not None:
         kept += [{**r, "earlier_run": True} for r in old["rows"] if r["model"] in models
