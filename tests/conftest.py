@@ -76,6 +76,26 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "openvino: needs openvino and nncf")
     config.addinivalue_line("markers", "tensorrt: needs the tensorrt Python package (pip install edgebundle[tensorrt])")
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with CUDA")
+    config.addinivalue_line("markers", "slow: 8 s or more on 2 cores; `pytest -m 'not slow'` is the quick subset")
+
+
+# What the quick subset (`pytest -m "not slow"`) leaves out: modules and tests that took 8 s or more each on 2
+# cores (`pytest --durations=0`); the whole suite (the README's command, CI) runs them all.
+SLOW_MODULES = {"test_real.py", "test_encoder.py", "test_hf.py", "test_distributed.py", "test_plugins.py",
+                "test_mobile.py", "test_qat.py"}
+SLOW_TESTS = {
+    "test_a_student_that_memorized_its_photos_is_rejected_when_judged_on_photos_it_never_saw",
+    "test_int8_that_holds_on_the_host_but_saturates_on_avx2_is_refused",
+    "test_precision_auto_makes_the_same_choice_on_a_loaded_host",
+    "test_over_budget_target_exits_1_and_leaves_no_bundle",
+    "test_precision_auto_ships_the_faster_and_records_both",
+    "test_sigkill_at_several_points_then_rerun_finishes_from_the_cache",
+    "test_sigterm_mid_run_is_one_line_and_leaves_nothing_half_written",
+    "test_user_code_that_swallows_the_time_limit_still_ends_with_one_line",
+    "test_peak_memory_stays_flat_as_the_image_folder_grows",
+    "test_per_target_builds_fan_out_against_one_work_folder",
+    "test_a_run_logged_to_a_file_shows_each_stage_and_epoch_as_it_happens",
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -87,6 +107,8 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         reasons["gpu"] = "no NVIDIA GPU with CUDA on this machine"
     for item in items:
+        if item.path.name in SLOW_MODULES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
         for mark, why in reasons.items():
             if mark in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=why))
