@@ -492,9 +492,28 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+# third-party loggers whose messages are not the user's business in a normal run (shown with --debug):
+# torchao's "Failed to load ..._C_mxfp8.so" for CUDA kernels a CPU build never uses, torch's pytree notes
+# on Enum registration, NNCF's statistics tables
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "nncf")
+
+
+def quiet_third_parties() -> None:
+    """Keep the tool's own lines readable: the loggers above at ERROR, and Hugging Face's per-load progress
+    bars ("Loading weights" for every model load) off. Called before any of them is imported."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main() -> None:
     import signal
 
+    if "--debug" not in sys.argv:
+        quiet_third_parties()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
