@@ -66,6 +66,13 @@ PROGRESS_HELP = ("auto: bars in a terminal, timestamped lines otherwise (a CI lo
                  "per stage start and end and per training epoch")
 
 
+PACK = typer.Option(False, "--pack", help="also write OUT/<target>.tar.gz per bundle")
+KEEP_REJECTED = typer.Option(False, "--keep-rejected", help="keep a bundle that missed its accuracy budget as "
+                             "OUT/<target>.rejected (status: rejected)")
+DEBUG = typer.Option(False, "--debug", help="show the traceback on errors")
+PROGRESS = typer.Option(ProgressMode.auto, "--progress", help=PROGRESS_HELP)
+
+
 class _StageProgress:
     """The runner's events shown: a rich bar per stage (epochs of training, distillation and QAT move it), or,
     off a terminal, one timestamped line per stage start, end and epoch, written as it happens."""
@@ -161,11 +168,10 @@ def run(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omitted: the embedded default (digits CNN)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: the recipe's)"),
     target: Optional[list[str]] = typer.Option(None, "--target", "-t", help="build only these targets"),
-    pack: bool = typer.Option(False, "--pack", help="also write OUT/<target>.tar.gz per bundle"),
-    keep_rejected: bool = typer.Option(False, "--keep-rejected", help="keep a bundle that missed its accuracy "
-                                       "budget as OUT/<target>.rejected (status: rejected)"),
-    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
-    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help=PROGRESS_HELP),
+    pack: bool = PACK,
+    keep_rejected: bool = KEEP_REJECTED,
+    debug: bool = DEBUG,
+    progress_mode: ProgressMode = PROGRESS,
 ) -> None:
     """Run the whole pipeline: prepare (prune, distill, export) and build a bundle per target.
 
@@ -206,8 +212,8 @@ def _print_bundles(bundles) -> None:
 def prepare(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML; omitted: the embedded default"),
     work: Path = typer.Option(..., "--output", "-o", help="work folder (content-addressed; reused across runs)"),
-    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
-    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help=PROGRESS_HELP),
+    debug: bool = DEBUG,
+    progress_mode: ProgressMode = PROGRESS,
 ) -> None:
     """Run the device-independent stages (teacher, prune, distill, export, calibration data) into WORK.
 
@@ -240,11 +246,10 @@ def build(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output folder (default: the recipe's)"),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="the prepared recipe file, when its relative "
                                           "paths must resolve in this checkout"),
-    pack: bool = typer.Option(False, "--pack", help="also write OUT/<target>.tar.gz per bundle"),
-    keep_rejected: bool = typer.Option(False, "--keep-rejected", help="keep a bundle that missed its accuracy "
-                                       "budget as OUT/<target>.rejected (status: rejected)"),
-    debug: bool = typer.Option(False, "--debug", help="show the traceback on errors"),
-    progress_mode: ProgressMode = typer.Option(ProgressMode.auto, "--progress", help=PROGRESS_HELP),
+    pack: bool = PACK,
+    keep_rejected: bool = KEEP_REJECTED,
+    debug: bool = DEBUG,
+    progress_mode: ProgressMode = PROGRESS,
 ) -> None:
     """Build target bundles from a prepared work folder (the per-target job on that target's machine).
 
