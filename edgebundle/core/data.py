@@ -61,8 +61,12 @@ class Dataset:
     fingerprint: str
     num_classes: int | None
     classes: tuple[str, ...] = ()  # class names in label order, where the source names them
-    grouped: str | None = None  # where the groups came from (None: every input its own group)
     splits: dict[str, Any] | None = None  # inputs and groups per split (splits_record), for the manifest
+
+    @property
+    def grouped(self) -> str | None:
+        """Where the groups came from (None: every input its own group, or a work folder from before groups)."""
+        return (self.splits or {}).get("grouped_by")
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -382,15 +386,14 @@ def load_dataset(recipe: Recipe) -> Dataset:
     train, val, test = _split_indices(n, groups, spec)
     whole = Split(inputs, labels, groups)
     # val and test are made once, in memory (every build judges on them); train streams where it is lazy
+    splits = {"train": whole.take(train), "val": whole.take(val).materialized(),
+              "test": whole.take(test).materialized()}
     return Dataset(
-        train=whole.take(train),
-        val=whole.take(val).materialized(),
-        test=whole.take(test).materialized(),
+        **splits,
         fingerprint=h.hexdigest(),
         num_classes=None if labels is None else max(int(labels.max()) + 1, len(classes)),
         classes=tuple(classes),
-        grouped=grouped,
-        splits=splits_record(grouped, {"train": whole.take(train), "val": whole.take(val), "test": whole.take(test)}),
+        splits=splits_record(grouped, splits),
     )
 
 

@@ -215,9 +215,8 @@ def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
     d = arts["data"]
     cal, val, test = (load_split(d.path(f"{n}.npz")) for n in ("calibration", "val", "test"))
     train = cal if recipe.data.calibration_split == "train" else val.head(0)
-    splits = d.metrics.get("splits")
     dataset = Dataset(train=train, val=val, test=test, fingerprint=d.metrics["fingerprint"],
-                      num_classes=d.metrics["num_classes"], grouped=(splits or {}).get("grouped_by"), splits=splits)
+                      num_classes=d.metrics["num_classes"], splits=d.metrics.get("splits"))
     return Prepared(recipe, dataset, arts["teacher"], arts["student"], arts["onnx"], lineage)
 
 
