@@ -105,6 +105,11 @@ class _StageProgress:
             elif stage in self.tasks:
                 self.progress.update(self.tasks[stage], completed=info["epoch"] / info["epochs"],
                                      description=f"{label} [dim]{esc(text)}[/]")
+        elif kind == "candidate":  # the structure search's candidates, one line each
+            if self.progress is None:
+                self._line(f"{label}: {info['text']}")
+            elif stage in self.tasks:
+                self.progress.console.print(f"  {esc(label)}: {esc(info['text'])}")
         elif kind == "done":
             took = time.perf_counter() - self.t0.get(stage, time.perf_counter())
             if self.progress is None:

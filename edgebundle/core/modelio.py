@@ -198,6 +198,26 @@ def check_accepts(model: nn.Module, specs: list[InputSpec], outputs: int = 1) ->
     return outs
 
 
+KEPT_ATTR = "edgebundle_kept_blocks"  # on a ModuleList depth pruning shortened: the original indices it kept
+
+
+def keep_blocks(model: nn.Module, name: str, keep: list[int]) -> int:
+    """Replace the ModuleList `name` by the blocks at `keep` (original indices, in order); a Hugging Face
+    config's num_hidden_layers follows. Returns how many blocks there were."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, leaf)
+    before = len(old)
+    new = nn.ModuleList([old[i] for i in keep])
+    setattr(new, KEPT_ATTR, tuple(int(i) for i in keep))
+    setattr(parent, leaf, new)
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if getattr(cfg, "num_hidden_layers", None) == before:
+            cfg.num_hidden_layers = len(keep)
+    return before
+
+
 def save_structured(model: nn.Module, folder: Path) -> list[str]:
     """Save a (possibly pruned) model as safetensors + module shape attributes. Returns file names."""
     attrs: dict[str, dict[str, Any]] = {}
@@ -210,6 +230,9 @@ def save_structured(model: nn.Module, folder: Path) -> list[str]:
                     rec[a] = list(v) if isinstance(v, tuple) else v
         if rec:
             attrs[name] = rec
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and getattr(mod, KEPT_ATTR, None) is not None:
+            attrs.setdefault(name, {})[KEPT_ATTR] = list(getattr(mod, KEPT_ATTR))
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE))
     (folder / STRUCTURE_FILE).write_text(json.dumps(attrs, indent=1, sort_keys=True))
@@ -225,6 +248,11 @@ def load_structured(spec: ModelSpec | EnsembleSpec, base_dir: Path, folder: Path
     model = build_model(spec.model_copy(update={"weights": None}), base_dir, timeout_s)
     attrs = json.loads((folder / STRUCTURE_FILE).read_text())
     tensors = load_file(str(folder / WEIGHTS_FILE))
+    for name in sorted((n for n, rec in attrs.items() if KEPT_ATTR in rec), key=lambda n: n.count(".")):
+        lst = dict(model.named_modules()).get(name)
+        if not isinstance(lst, nn.ModuleList):
+            raise RecipeError(f"saved structure names block list '{name}' that model.factory does not build")
+        keep_blocks(model, name, attrs[name].pop(KEPT_ATTR))
     modules = dict(model.named_modules())
     for name, rec in attrs.items():
         mod = modules.get(name)

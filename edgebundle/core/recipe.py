@@ -6,6 +6,7 @@ recipe file's folder; the output folder is resolved against the current director
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -223,9 +224,23 @@ class TrainStage(Strict):
 class PruneStage(Strict):
     enabled: bool = True
     importance: Literal["magnitude", "taylor", "lamp", "fpgm"] = "magnitude"
-    ratio: float = Field(0.5, ge=0, lt=1, description="fraction of channels removed per prunable layer")
+    ratio: float | Literal["auto"] = Field(0.5, description=(
+        "fraction of channels removed per prunable layer; auto: the structure is searched (stage `search`): "
+        "candidates are pruned, briefly distilled, quantized for the first target, judged on the validation "
+        "split against the original model and timed against the unpruned int8 model; the fastest within "
+        "budget is kept (none within budget: nothing is pruned)"))
     head_ratio: float = Field(0.0, ge=0, lt=1, description=(
         "fraction of attention heads removed per attention layer (whole heads: q, k and v together)"))
+    depth_ratio: float = Field(0.0, ge=0, lt=1, description=(
+        "fraction of the blocks of the model's largest ModuleList dropped whole (depth pruning, DistilBERT-style: "
+        "the kept blocks are spread evenly, the last one always kept); for blocks that keep their input's shape"))
+    search_minutes: float = Field(30.0, gt=0, le=7 * 24 * 60, description=(
+        "ratio auto: the search's time bound; candidates not started by then are left out (their rows say so)"))
+    search_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5], min_length=1, description=(
+        "ratio auto: the channel ratios tried, in order; models with attention also try head_ratio 0.25 and 0.5 "
+        "and depth_ratio 0.33 and 0.5"))
+    search_epochs: int = Field(2, ge=0, le=MAX_EPOCHS, description=(
+        "ratio auto: epochs of distillation each candidate gets before it is judged (0: none)"))
     ignore: list[str] = Field(
         default_factory=list,
         description="module names (model.named_modules) left unpruned; the output layer always is",
@@ -236,6 +251,30 @@ class PruneStage(Strict):
         "keep channel counts multiples of this; auto: 8 where every pruned layer keeps at least 8 channels "
         "(SIMD-friendly widths: MobileNetV2 pruned 30 % ran 1.9x faster on ORT int8 with 8 than without)"))
     taylor_batches: int = Field(4, ge=1, le=10_000, description="batches of training data for Taylor gradients")
+
+    @field_validator("ratio", mode="plain")
+    @classmethod
+    def _ratio_range(cls, v: Any) -> float | str:
+        if v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError("must be 'auto' or a number >= 0 and < 1")
+        if not math.isfinite(v):
+            raise ValueError("Input should be a finite number")
+        if not 0 <= v < 1:
+            raise ValueError("must be 'auto' or a number >= 0 and < 1")
+        return float(v)
+
+    @field_validator("search_ratios")
+    @classmethod
+    def _search_ratio_range(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError("every ratio must be > 0 and < 1")
+        return v
+
+    @property
+    def searched(self) -> bool:
+        return self.ratio == "auto"
 
     @field_validator("round_to")
     @classmethod

@@ -271,6 +271,9 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
     if not v.within:
         notes.append(f"rejected: {_rejection(job.spec, ev).split(': ', 1)[1]}")
     recipe = job.prepared.recipe
+    search = next((a.metrics for a in job.prepared.lineage if a.stage == "search"), None)
+    if search:
+        notes.append(search["outcome"])
     c = ev.chain
     if c is not None and c.steps and c.reference == "student" and c.student_vs_original is not None:
         s = c.student_vs_original
@@ -360,6 +363,7 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                  "vs_same_runtime_fp32": (same_rt_p50 / lat.p50_ms) if same_rt_p50 and lat else None},
         host=fingerprint(),
         notes=_notes(job, ev, choice),
+        search=next((a.metrics for a in prepared.lineage if a.stage == "search"), None),
     )
 
 

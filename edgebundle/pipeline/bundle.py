@@ -116,6 +116,9 @@ class ManifestDraft(_M):
     speedup: dict[str, float | None]
     host: dict[str, Any]
     notes: list[str] = Field(default_factory=list)
+    # prune ratio auto: the structure search's table (candidate, MACs, parameters, speed-up against the unpruned
+    # model on the first target, verdict on the validation split against the original, kept or refused)
+    search: dict[str, Any] | None = None
 
 
 class Manifest(ManifestDraft):

@@ -23,6 +23,7 @@ from edgebundle.core.recipe import Recipe
 from edgebundle.targets import registry
 from edgebundle.pipeline.cache import StageCache
 from edgebundle.pipeline.lock import work_lock
+from edgebundle.pipeline.pricing import TargetPricer
 from edgebundle.pipeline.records import Prepared, recipe_digest
 from edgebundle.stages import StageContext, registry as stage_registry
 from edgebundle.stages.data import load_split
@@ -127,7 +128,7 @@ def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
     stage_registry.check_stages(recipe)
     dataset = _check_inputs(recipe)
     ctx = StageContext(recipe, dataset, example_inputs(recipe.inputs), _device(),
-                       source_fingerprint(recipe.model, recipe.base_dir))
+                       source_fingerprint(recipe.model, recipe.base_dir), pricer=TargetPricer, work=work)
     runner = _Stages(StageCache(work), on_event)
     lineage: list[Artifact] = []
     roles: dict[str, Artifact] = {}

@@ -98,6 +98,44 @@ def _tradeoff(points: list[tuple[str, float, float]], metric: str = "top1") -> s
     return _png(fig)
 
 
+def _search_html(search: dict) -> list[str]:
+    """The structure search's table and its speed-versus-fidelity plot."""
+    e = html.escape
+    rows = []
+    for r in search["rows"]:
+        kept = r["candidate"] == search["chosen"]
+        speed = (f"{r['speedup']:.2f}x [{r['speedup_ci95'][0]:.2f}, {r['speedup_ci95'][1]:.2f}]"
+                 if "speedup" in r else "n/a")
+        rows.append(f"<tr><td class=l>{e(r['label'])}{' <b>(kept)</b>' if kept else ''}</td>"
+                    f"<td>{_fmt(r.get('macs_ratio'), '.3f')}</td><td>{r.get('params', '')}</td>"
+                    f"<td>{speed}</td><td class=l>{e(r.get('line', r.get('why', '')))}</td>"
+                    f"<td class=l>{e(r.get('status', ''))}</td></tr>")
+    pts = [(r["label"], r["speedup"], r["value"], r.get("within", False)) for r in search["rows"] if "speedup" in r]
+    out = ["<h2>Structure search</h2>",
+           f"<p class=small>Candidates pruned from the original, briefly distilled, built as {e(search['target'])} "
+           f"builds int8, judged on the validation split against the original model and timed interleaved against "
+           f"the unpruned model built the same way; {search['minutes']} of {search['search_minutes']:g} minutes.</p>",
+           "<table><thead><tr><th class=l>candidate</th><th>MACs vs original</th><th>parameters</th>"
+           "<th>speed-up vs unpruned [95% CI]</th><th class=l>validation vs original</th><th class=l>status</th>"
+           "</tr></thead><tbody>", *rows, "</tbody></table>"]
+    if pts:
+        out.append(f'<figure><img alt="speed vs fidelity" src="data:image/png;base64,{_speed_fidelity(pts)}"></figure>')
+    return out
+
+
+def _speed_fidelity(points: list[tuple[str, float, float, bool]]) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, speed, value, within in points:
+        ax.scatter([speed], [value], s=40, marker="o" if within else "x", color="tab:blue" if within else "tab:red")
+        ax.annotate(label, (speed, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("speed-up vs the unpruned int8 model (interleaved)")
+    ax.set_ylabel("validation metric vs original")
+    ax.set_title("structure search: speed vs fidelity (x: over budget)")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def _fmt(x: float | None, spec: str, unit: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{unit}"
 
@@ -151,6 +189,9 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
     if points:
         parts += ["<h2>Accuracy vs latency</h2>",
                   f'<figure><img alt="accuracy vs latency" src="data:image/png;base64,{_tradeoff(points, bundles[0][1].accuracy.metric)}"></figure>']
+    search = next((m.search for _, m in bundles if m.search), None)
+    if search:
+        parts += _search_html(search)
     if figures:
         parts.append("<h2>Latency distributions</h2>")
         parts += [f'<figure><img alt="latency histogram {e(n)}" src="data:image/png;base64,{png}"></figure>'

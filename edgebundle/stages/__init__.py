@@ -3,7 +3,7 @@ itself (its config, label, predecessors, role) and registers with `@register_sta
 registers the built-ins, and `registry.ordered()` is the order the runner walks. Adding a stage: one module
 (here, or in another package through the `edgebundle.stages` entry-point group)."""
 
-from edgebundle.stages import cluster, data, distill, export, prune, teacher  # noqa: F401  (each registers itself)
+from edgebundle.stages import cluster, data, distill, export, prune, search, teacher  # noqa: F401  (each registers itself)
 from edgebundle.stages import registry
 from edgebundle.stages.base import Stage, StageBase, StageContext
 

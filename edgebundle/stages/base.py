@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from pydantic import BaseModel
@@ -35,6 +35,8 @@ class StageContext:
     source: str  # fingerprint of the model's source (factory file, kwargs, weights)
     artifacts: dict[str, Artifact] = field(default_factory=dict)  # by stage name
     student: Artifact | None = None  # the newest model artifact (teacher, then each model stage's output)
+    pricer: Callable[[StageContext], Pricer] | None = None  # set by the pipeline: candidates priced on a target
+    work: Path | None = None  # the work folder (a stage's scratch files that outlive an interrupted run)
 
     @property
     def names(self) -> list[str]:
@@ -44,9 +46,32 @@ class StageContext:
         return load_structured(self.recipe.model, self.recipe.base_dir, art.folder, self.recipe.limits.user_code_s)
 
 
+class Pricer(Protocol):
+    """Prices a candidate model on the recipe's first target (the pipeline's, since stages do not import
+    targets): quantized as that target builds it, judged on the validation split against the original model,
+    timed interleaved against the unpruned model built the same way."""
+
+    target: str
+
+    def price(self, model: nn.Module) -> dict[str, Any]:
+        """{'within', 'value', 'line', 'speedup', 'speedup_ci95', 'p50_ms', 'base_p50_ms', 'precision'}."""
+
+    def close(self) -> None: ...
+
+
 def dump(cfg) -> dict[str, Any]:
     """A pydantic config as it enters a cache key."""
     return cfg.model_dump(mode="json")
+
+
+def without_defaults(cfg, *fields: str) -> dict[str, Any]:
+    """A config as it enters a cache key, without the named fields while they hold their defaults (fields
+    added later: work folders prepared before them stay valid)."""
+    d = dump(cfg)
+    for f in fields:
+        if f in d and getattr(cfg, f) == type(cfg).model_fields[f].get_default(call_default_factory=True):
+            d.pop(f)
+    return d
 
 
 def without_unset(cfg, *fields: str) -> dict[str, Any]:

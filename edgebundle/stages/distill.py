@@ -43,22 +43,8 @@ class Distill(StageBase):
                 d["loss_resolved"] = kind
         return {"distill": d, "seed": ctx.recipe.seed}
 
-    @staticmethod
-    def _metric(ctx: StageContext) -> str:
-        import torch
-
-        r = ctx.recipe
-        if r.metric.name != "auto":
-            return r.metric.name
-        idx, name = r.judged_output
-        with torch.no_grad():
-            out = ctx.load(ctx.artifacts["teacher"])(*ctx.example)
-        out = out[idx] if isinstance(out, (tuple, list)) else out
-        return resolve_name(r.metric, has_labels=ctx.dataset.train.labels is not None, output_name=name,
-                            output_shape=tuple(out.shape))
-
     def _loss(self, ctx: StageContext) -> str:
-        return distill_loss_for(ctx.recipe.stages.distill, self._metric(ctx))
+        return distill_loss_for(ctx.recipe.stages.distill, judged_metric(ctx))
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.student, ctx.artifacts["teacher"]]
@@ -70,7 +56,10 @@ class Distill(StageBase):
         recipe, ds, names = ctx.recipe, ctx.dataset, ctx.names
         teacher = ctx.artifacts["teacher"]
         t_model, s_model = ctx.load(teacher), ctx.load(ctx.student)
-        metric = self._metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
+        if ctx.student.metrics.get("unchanged"):  # the structure search kept the unpruned model: nothing to learn
+            save_structured(s_model, folder)
+            return {"skipped": "the student is the original model (the structure search pruned nothing)"}
+        metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         fit = distill(s_model, t_model, ds.train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
                       device=ctx.device, metric=metric)
         s_model = s_model.cpu().eval()
@@ -96,3 +85,18 @@ def vs_teacher(student: np.ndarray, teacher: np.ndarray, classes: bool = True) -
     if classes and student.ndim == 2 and student.shape[1] >= 2:
         out["top1_agreement"] = round(agreement(student, teacher), 4)
     return out
+
+
+def judged_metric(ctx: StageContext) -> str:
+    """The recipe's metric by name (auto resolved on the teacher's output: it runs the teacher once)."""
+    import torch
+
+    r = ctx.recipe
+    if r.metric.name != "auto":
+        return r.metric.name
+    idx, name = r.judged_output
+    with torch.no_grad():
+        out = ctx.load(ctx.artifacts["teacher"])(*ctx.example)
+    out = out[idx] if isinstance(out, (tuple, list)) else out
+    return resolve_name(r.metric, has_labels=ctx.dataset.train.labels is not None, output_name=name,
+                        output_shape=tuple(out.shape))

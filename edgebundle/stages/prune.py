@@ -8,11 +8,14 @@ from typing import Any
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.modelio import check_accepts, save_structured
-from edgebundle.core.recipe import Recipe
+from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.registry import register_stage
-from edgebundle.stages.base import StageBase, StageContext, dump
+from edgebundle.stages.base import StageBase, StageContext, without_defaults
 from edgebundle.stages.pruning import prune
 from edgebundle.stages.training import accuracy, predict
+
+
+SEARCH_FIELDS = ("search_minutes", "search_ratios", "search_epochs")
 
 
 @register_stage
@@ -26,13 +29,23 @@ class Prune(StageBase):
 
     def enabled(self, recipe: Recipe) -> bool:
         p = recipe.stages.prune
-        return p.enabled and (p.ratio > 0 or p.head_ratio > 0)
+        return p.enabled and (p.searched or p.ratio > 0 or p.head_ratio > 0 or p.depth_ratio > 0)
 
     def one_output(self, recipe: Recipe) -> bool:
         return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        return {"prune": dump(ctx.recipe.stages.prune)}
+        return {"prune": without_defaults(self._cfg(ctx), *SEARCH_FIELDS, "depth_ratio")}
+
+    @staticmethod
+    def _cfg(ctx: StageContext) -> PruneStage:
+        """The recipe's prune settings; with ratio auto, the structure the search chose."""
+        cfg = ctx.recipe.stages.prune
+        if not cfg.searched:
+            return cfg
+        return cfg.model_copy(update={**ctx.artifacts["search"].metrics["chosen"],
+                                      **{f: PruneStage.model_fields[f].get_default(call_default_factory=True)
+                                         for f in SEARCH_FIELDS}})
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.artifacts["teacher"]]
@@ -43,7 +56,11 @@ class Prune(StageBase):
     def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
         recipe, ds = ctx.recipe, ctx.dataset
         model = ctx.load(ctx.artifacts["teacher"])
-        rep = prune(model, recipe.stages.prune, ctx.example, train=ds.train, names=ctx.names)
+        cfg = self._cfg(ctx)
+        if cfg.ratio == 0 and cfg.head_ratio == 0 and cfg.depth_ratio == 0:  # the search kept the unpruned model
+            save_structured(model, folder)
+            return {"unchanged": True, "searched": True}
+        rep = prune(model, cfg, ctx.example, train=ds.train, names=ctx.names)
         try:
             check_accepts(model, recipe.inputs, len(recipe.outputs))
         except RecipeError as e:
@@ -51,7 +68,9 @@ class Prune(StageBase):
         save_structured(model, folder)
         metrics = {"params_before": rep.params_before, "params_after": rep.params_after,
                    "macs_before": rep.macs_before, "macs_after": rep.macs_after, "macs_ratio": rep.macs_ratio,
-                   "ignored": rep.ignored, "layers": rep.layers, "heads": rep.heads, "round_to": rep.round_to}
+                   "ignored": rep.ignored, "layers": rep.layers, "heads": rep.heads, "round_to": rep.round_to,
+                   **({"blocks": rep.blocks} if rep.blocks else {}), **({"searched": True} if recipe.stages.prune.searched
+                                                                       else {})}
         if ds.test.labels is not None:
             metrics["test_accuracy_before_finetune"] = accuracy(predict(model, ds.test, ctx.names), ds.test.labels)
         return metrics

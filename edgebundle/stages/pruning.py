@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
@@ -17,7 +18,7 @@ from torch import nn
 
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.data import Split
-from edgebundle.core.modelio import macs
+from edgebundle.core.modelio import keep_blocks, macs
 from edgebundle.stages.training import batches as training_batches, in_order
 from edgebundle.core.recipe import PruneStage
 
@@ -32,6 +33,7 @@ class PruneReport:
     layers: dict[str, list[int]]  # module name -> [before, after] output channels/features
     round_to: int | None
     heads: dict[str, list[int]]  # attention module name -> [before, after] heads
+    blocks: dict[str, list[int]] | None = None  # depth pruning: block list name -> the original indices kept
 
     @property
     def macs_ratio(self) -> float:
@@ -198,12 +200,18 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     macs0, params0 = count(model, example)
     widths0 = _widths(model)
     heads0 = {a.name: a.heads for a in attention}
+    blocks = _drop_blocks(model, cfg.depth_ratio, example) if cfg.depth_ratio > 0 else None
+    if blocks:  # the dropped blocks' layers and heads are gone: look the rest up again
+        modules = dict(model.named_modules())
+        attention = attention_modules(model)
+        ignored_names = [n for n in ignored_names if n in modules]
     round_to = resolve_round_to(cfg, widths0, ignored_names)
-    try:
-        _run_pruner(model, cfg, example, [modules[n] for n in ignored_names], attention, round_to, train, names,
-                    batch_size)
-    except (RuntimeError, ValueError, KeyError, IndexError) as e:
-        raise StageError(f"Torch-Pruning could not prune this model: {type(e).__name__}: {e}") from e
+    if cfg.ratio > 0 or cfg.head_ratio > 0:
+        try:
+            _run_pruner(model, cfg, example, [modules[n] for n in ignored_names], attention, round_to, train, names,
+                        batch_size)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise StageError(f"Torch-Pruning could not prune this model: {type(e).__name__}: {e}") from e
     model.eval()
     failed = failing_layer(model, example)
     if failed:
@@ -217,7 +225,51 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         layers={n: [widths0[n], widths1.get(n, 0)] for n in widths0},
         heads={a.name: [heads0[a.name], a.heads] for a in attention},
         round_to=round_to,
+        blocks=blocks,
     )
+
+
+def block_list(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[str, int] | None:
+    """(name, length) of the model's largest nn.ModuleList when its blocks each keep their input's shape
+    (encoder layers: whole blocks can be dropped), else None."""
+    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
+    if not lists:
+        return None
+    n, name = max(lists)
+    shapes: list[bool] = []
+
+    def hook(_m, args, out):
+        x = args[0] if args else None
+        y = out[0] if isinstance(out, (tuple, list)) else out
+        shapes.append(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape)
+
+    handles = [b.register_forward_hook(hook) for b in model.get_submodule(name)]
+    try:
+        with torch.no_grad():
+            model.eval()(*example)
+    except Exception:  # a model that does not run here fails later with its own message
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return (name, n) if len(shapes) == n and all(shapes) else None
+
+
+def kept_blocks(n: int, depth_ratio: float) -> list[int]:
+    """Which of n blocks stay when `depth_ratio` of them are dropped: spread evenly, first and last kept."""
+    k = max(1, n - int(round(n * depth_ratio)))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)}) if k > 1 else [n - 1]
+
+
+def _drop_blocks(model: nn.Module, depth_ratio: float, example: tuple[torch.Tensor, ...]) -> dict[str, list[int]]:
+    found = block_list(model, example)
+    if found is None:
+        raise RecipeError("stages.prune.depth_ratio: the model has no list of blocks that keep their input's shape "
+                          "(encoder layers); depth pruning drops whole blocks of such a list")
+    name, n = found
+    keep = kept_blocks(n, depth_ratio)
+    keep_blocks(model, name, keep)
+    return {name: keep}
 
 
 def _check_prunable(cfg: PruneStage, modules: dict, attention: list, train: Split | None) -> None:

@@ -25,6 +25,7 @@ from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core import distributed, progress
 from edgebundle.core.data import Split
 from edgebundle.core.metrics import Contract
+from edgebundle.core.modelio import KEPT_ATTR
 from edgebundle.core.distillation import loss_for_metric, soft_loss
 from edgebundle.core.recipe import DistillStage, TrainStage
 
@@ -265,6 +266,18 @@ def default_hidden_layers(model: nn.Module) -> list[str]:
     return [f"{name}.{i}" if name else str(i) for i in range(n)]
 
 
+def _depth_renames(student: nn.Module) -> dict[str, str | None]:
+    """Where depth pruning shortened a list of blocks: the teacher's block name -> the student's (None: dropped)."""
+    out: dict[str, str | None] = {}
+    for name, m in student.named_modules():
+        kept = getattr(m, KEPT_ATTR, None)
+        if isinstance(m, nn.ModuleList) and kept is not None:
+            prefix = f"{name}." if name else ""
+            for j in range(max(kept) + 1):
+                out[f"{prefix}{j}"] = f"{prefix}{kept.index(j)}" if j in kept else None
+    return out
+
+
 def _channels_last(h: torch.Tensor) -> torch.Tensor:
     """Feature axis last: [B, C, H, W] feature maps are moved to [B, H, W, C]; sequences already are."""
     return h.movedim(1, -1) if h.dim() == 4 else h
@@ -281,13 +294,16 @@ class HiddenMatch:
             raise RecipeError("stages.distill.hidden_weight: the model has no nn.ModuleList of blocks; "
                               "name the modules in stages.distill.hidden_layers")
         s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
-        missing = [n for n in self.layers if n not in s_mods or n not in t_mods]
+        renamed = _depth_renames(student)
+        if renamed:  # depth pruning: a teacher block the student dropped has nothing to match
+            self.layers = [n for n in self.layers if renamed.get(n, n) is not None]
+        missing = [n for n in self.layers if renamed.get(n, n) not in s_mods or n not in t_mods]
         if missing:
             raise RecipeError(f"stages.distill.hidden_layers: no module named {', '.join(missing)}")
         self.teacher = teacher
         self.s_out: dict[str, torch.Tensor] = {}
         self.t_out: dict[str, torch.Tensor] = {}
-        self.handles = [s_mods[n].register_forward_hook(self._hook(self.s_out, n)) for n in self.layers]
+        self.handles = [s_mods[renamed.get(n, n)].register_forward_hook(self._hook(self.s_out, n)) for n in self.layers]
         self.handles += [t_mods[n].register_forward_hook(self._hook(self.t_out, n)) for n in self.layers]
         with torch.no_grad():  # one sample through both to learn the widths
             probe = [torch.from_numpy(train.inputs[n][:2]).to(device) for n in names]

@@ -1,0 +1,98 @@
+"""Pricing a candidate model for the structure search (stage `search`): exported to ONNX, built as the
+recipe's first target builds its int8 artifact, judged on the validation split against the original model's
+outputs, and timed in interleaved rounds against the unpruned model built the same way, on this host."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgebundle.core.data import run_outputs
+from edgebundle.core.errors import StageError
+from edgebundle.core.host import usable_cores
+from edgebundle.core.measure import interleaved_ratio
+from edgebundle.exporters.onnx import export
+from edgebundle.pipeline.evaluate import contract_for, measure_feeds
+from edgebundle.stages.base import StageContext
+from edgebundle.stages.training import predict
+from edgebundle.targets import BuildContext, registry
+
+ROUNDS, PER_ROUND = 12, 5
+
+
+class TargetPricer:
+    """Opened once per search: the unpruned model's artifact stays open as the timing baseline."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        recipe, ds = ctx.recipe, ctx.dataset
+        self.ctx, self.spec = ctx, recipe.targets[0]
+        self.target = self.spec.name  # what the search's table names
+        entry = registry.lookup(self.spec.name)
+        self.runtime = entry.factory()
+        options = entry.options_model.model_validate(self.spec.options)
+        why = self.runtime.unavailable_reason(options) or self.runtime.pending_reason(options)
+        if why:
+            raise StageError(f"prune.ratio auto times candidates on the first target, '{self.spec.name}', which "
+                             f"cannot run here: {why}; list a target this machine runs first")
+        self.options = (options.model_copy(update={"precision": "int8"})
+                        if getattr(options, "precision", None) in ("auto", "fp32") else options)
+        self.threads = self.spec.threads or usable_cores()
+        self.idx = recipe.judged_output[0]
+        teacher = ctx.load(ctx.artifacts["teacher"])
+        self.original = _judged(teacher, ds.val, ctx.names, self.idx)
+        self.contract = contract_for(recipe, self.spec, ds.val.labels, self.original)
+        self.calibration = ds.calibration(recipe.data, self.spec.calibration.samples)
+        self.feeds = measure_feeds(ds.val, recipe, self.spec.measure.batch)
+        self.tmp = Path(tempfile.mkdtemp(prefix=".search-", dir=ctx.work))
+        self.count = 0
+        self.base, _ = self._open(teacher)
+
+    def _open(self, model: nn.Module):
+        """(open session, verdict on val) of `model` built as the target builds its int8 artifact."""
+        recipe, ds = self.ctx.recipe, self.ctx.dataset
+        self.count += 1
+        folder = self.tmp / f"c{self.count}"
+        (folder / "t").mkdir(parents=True)
+        onnx = folder / "model.fp32.onnx"
+        export(model, recipe.inputs, recipe.outputs, recipe.stages.export, onnx)
+        bctx = BuildContext(recipe, self.spec, self.options, onnx, self.calibration, ds.val, folder / "t",
+                            self.threads, load_model=lambda: model, contract=self.contract, train=ds.train)
+        built = self.runtime.build(bctx)
+        sess = self.runtime.open(folder / "t" / built.model_file, threads=self.threads, runtime=built.runtime)
+        out = run_outputs(sess, ds.val, recipe.inputs)[self.contract.output_index]
+        verdict = self.contract.judge(self.original, out, ds.val.labels)
+        return sess, (verdict, built.precision)
+
+    def price(self, model: nn.Module) -> dict[str, Any]:
+        sess, (verdict, precision) = self._open(model)
+        try:
+            ratio, ci, p50, base_p50 = interleaved_ratio(lambda: sess.run(self.feeds), lambda: self.base.run(self.feeds),
+                                                         rounds=ROUNDS, per_round=PER_ROUND)
+        finally:
+            sess.close()
+            shutil.rmtree(self.tmp / f"c{self.count}", ignore_errors=True)
+        return {"within": bool(verdict.within), "value": round(float(verdict.value), 6), "line": verdict.line(),
+                "speedup": round(1 / ratio, 4), "speedup_ci95": [round(1 / ci[1], 4), round(1 / ci[0], 4)],
+                "p50_ms": round(p50, 4), "base_p50_ms": round(base_p50, 4), "precision": precision}
+
+    def close(self) -> None:
+        self.base.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _judged(model: nn.Module, split, names: list[str], idx: int) -> np.ndarray:
+    """The model's judged output (output number idx) on a split, in PyTorch fp32."""
+    if idx == 0:
+        return predict(model, split, names)
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(split), 64):
+            xs = [torch.from_numpy(np.ascontiguousarray(split.inputs[n][i:i + 64])) for n in names]
+            outs.append(model.eval()(*xs)[idx].float().numpy())
+    return np.concatenate(outs)

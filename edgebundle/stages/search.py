@@ -1,0 +1,211 @@
+"""Stage `search`: `prune: {ratio: auto}` finds the structure by measurement instead of a guessed ratio.
+
+Each candidate structure (a channel ratio; for models with attention also a head ratio and a depth ratio,
+whole blocks dropped) is pruned from the original model, given a short distillation, quantized as the
+recipe's first target builds it, judged on the validation split against the original model's outputs and
+timed interleaved against the unpruned model quantized the same way (the pipeline's pricer does the last
+three: stages do not import targets). Within each family candidates go from mild to strong, and a family
+stops at its first candidate over budget. The fastest candidate within budget that is faster than the
+unpruned model is the result; none: nothing is pruned, and the run says so. `prune` then prunes the original
+with it and `distill` gives it the full distillation, and the bundle is judged again on the test split.
+
+Rows are kept in the work folder as they are priced, so an interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from edgebundle.core import progress
+from edgebundle.core.artifact import Artifact
+from edgebundle.core.errors import EdgeBundleError, StageError
+from edgebundle.core.recipe import PruneStage, Recipe
+from edgebundle.stages.base import StageBase, StageContext, dump
+from edgebundle.stages.distill import judged_metric
+from edgebundle.stages.pruning import attention_modules, block_list, prune
+from edgebundle.stages.registry import register_stage
+from edgebundle.stages.training import distill
+
+SEARCH_FILE = "search.json"
+HEAD_RATIOS = (0.25, 0.5)
+DEPTH_RATIOS = (0.33, 0.5)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    ratio: float = 0.0
+    head_ratio: float = 0.0
+    depth_ratio: float = 0.0
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in asdict(self).items() if v]
+        return ", ".join(parts) or "unpruned"
+
+    def config(self, cfg: PruneStage) -> PruneStage:
+        return cfg.model_copy(update=asdict(self))
+
+
+def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]]:
+    """The candidates, by family, each from mild to strong: channels; heads and depth where the model has
+    attention modules (and, for depth, a list of blocks that keep their input's shape)."""
+    out = [[Candidate(ratio=r) for r in sorted(set(cfg.search_ratios))]]
+    if attention_modules(model):
+        out.append([Candidate(head_ratio=h) for h in HEAD_RATIOS])
+        if block_list(model, example) is not None:
+            out.append([Candidate(depth_ratio=d) for d in DEPTH_RATIOS])
+    return out
+
+
+def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fastest priced candidate within budget that is faster than the unpruned model (the lower end of its
+    speed-up's 95 % interval above 1); else the unpruned model."""
+    fit = [r for r in rows if r.get("within") and r["candidate"] != asdict(Candidate())
+           and r.get("speedup_ci95", [0])[0] > 1]
+    best = max(fit, key=lambda r: r["speedup"]) if fit else None
+    return dict(best["candidate"]) if best else asdict(Candidate())
+
+
+@register_stage
+class Search(StageBase):
+    name = "search"
+    label = "search (structure, measured)"
+    after = ("teacher",)
+    before = ("prune",)
+
+    def enabled(self, recipe: Recipe) -> bool:
+        return recipe.stages.prune.enabled and recipe.stages.prune.searched
+
+    def one_output(self, recipe: Recipe) -> bool:
+        return self.enabled(recipe)
+
+    def config(self, ctx: StageContext) -> dict[str, Any]:
+        r = ctx.recipe
+        return {"prune": dump(r.stages.prune), "distill": dump(r.stages.distill), "seed": r.seed,
+                "target": dump(r.targets[0]), "export": dump(r.stages.export), "metric": dump(r.metric)}
+
+    def inputs(self, ctx: StageContext) -> list[Artifact]:
+        return [ctx.artifacts["teacher"]]
+
+    def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
+        if ctx.pricer is None:
+            raise StageError("prune.ratio auto prices candidates on a target; this run has no pricer")
+        cfg = ctx.recipe.stages.prune
+        teacher = ctx.load(ctx.artifacts["teacher"])
+        rows_file = self._rows_file(ctx)
+        done = {json.dumps(r["candidate"], sort_keys=True): r for r in _read_rows(rows_file)}
+        start = time.monotonic() - sum(r.get("seconds", 0.0) for r in done.values())
+        pricer = ctx.pricer(ctx)
+        try:
+            rows = [self._row(ctx, pricer, teacher, Candidate(), done, rows_file, 0.0)]
+            for family in families(cfg, teacher, ctx.example):
+                for cand in family:
+                    over = time.monotonic() - start > cfg.search_minutes * 60
+                    row = (_not_tried(cand, "search_minutes ran out") if over else
+                           self._row(ctx, pricer, teacher, cand, done, rows_file, time.monotonic() - start))
+                    rows.append(row)
+                    if not row.get("within"):
+                        break  # stronger candidates of this family would not hold either
+        finally:
+            pricer.close()
+        chosen = choose(rows)
+        out = {"target": pricer.target, "reference": "original", "split": "val", "rows": rows, "chosen": chosen,
+               "chosen_label": Candidate(**chosen).label, "minutes": round((time.monotonic() - start) / 60, 2),
+               "search_minutes": cfg.search_minutes}
+        out["outcome"] = _outcome(out)
+        (folder / SEARCH_FILE).write_text(json.dumps(out, indent=1))
+        progress.report("note", text=out["outcome"])
+        return out
+
+    def _rows_file(self, ctx: StageContext) -> Path | None:
+        if ctx.work is None:
+            return None
+        key = hashlib.sha256(json.dumps([self.config(ctx), ctx.artifacts["teacher"].key, ctx.dataset.fingerprint],
+                                        sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return ctx.work / "search" / f"{key}.jsonl"
+
+    def _row(self, ctx: StageContext, pricer, teacher: nn.Module, cand: Candidate, done: dict, rows_file: Path | None,
+             elapsed: float) -> dict[str, Any]:
+        key = json.dumps(asdict(cand), sort_keys=True)
+        if key in done:
+            row = done[key]
+        else:
+            t0 = time.monotonic()
+            row = {"candidate": asdict(cand), "label": cand.label}
+            try:
+                row.update(self._price(ctx, pricer, teacher, cand))
+            except EdgeBundleError as e:
+                row.update(status="failed", within=False, why=str(e))
+            row["seconds"] = round(time.monotonic() - t0, 1)
+            if rows_file is not None:
+                rows_file.parent.mkdir(parents=True, exist_ok=True)
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        progress.report("candidate", text=_row_text(row), elapsed_s=round(elapsed))
+        return row
+
+    def _price(self, ctx: StageContext, pricer, teacher: nn.Module, cand: Candidate) -> dict[str, Any]:
+        recipe, ds = ctx.recipe, ctx.dataset
+        student = copy.deepcopy(teacher)
+        facts: dict[str, Any] = {}
+        if cand != Candidate():
+            rep = prune(student, cand.config(recipe.stages.prune), ctx.example, train=ds.train, names=ctx.names)
+            facts.update(macs_ratio=round(rep.macs_ratio, 4), params=rep.params_after, macs=rep.macs_after,
+                         heads_removed=sum(b - a for b, a in rep.heads.values()),
+                         blocks_kept=next(iter(rep.blocks.values())) if rep.blocks else None)
+            d = recipe.stages.distill
+            if d.enabled and recipe.stages.prune.search_epochs > 0:
+                short = d.model_copy(update={"epochs": recipe.stages.prune.search_epochs, "patience": None})
+                with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
+                    fit = distill(student, teacher, ds.train, ds.val, ctx.names, short, seed=recipe.seed,
+                                  device=ctx.device, metric=judged_metric(ctx))
+                facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
+            student = student.cpu().eval()
+        facts.update(pricer.price(student))
+        facts["status"] = "within budget" if facts.get("within") else "over budget"
+        return facts
+
+
+def _read_rows(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by an interrupted run: that candidate is priced again
+    return rows
+
+
+def _not_tried(cand: Candidate, why: str) -> dict[str, Any]:
+    return {"candidate": asdict(cand), "label": cand.label, "status": "not tried", "within": False, "why": why}
+
+
+def _row_text(row: dict[str, Any]) -> str:
+    if row.get("status") in ("failed", "not tried"):
+        return f"{row['label']}: {row['status']} ({row.get('why', '')})"
+    if row["candidate"] == asdict(Candidate()):
+        return (f"unpruned (the baseline, built twice: {row['speedup']:.2f}x is the timing's noise): {row['line']} "
+                f"vs original ({row['status']})")
+    return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model, {row['line']} vs original "
+            f"({row['status']})")
+
+
+def _outcome(out: dict[str, Any]) -> str:
+    chosen = out["chosen_label"]
+    if chosen == "unpruned":
+        priced = sum(1 for r in out["rows"][1:] if "speedup" in r)
+        left = sum(1 for r in out["rows"] if r.get("status") == "not tried")
+        return (f"search: no pruned structure held the budget and ran faster on {out['target']} ({priced} priced"
+                f"{f', {left} not tried: search_minutes ran out' if left else ''}); the unpruned model is kept")
+    row = next(r for r in out["rows"] if r["label"] == chosen)
+    return f"search: kept {chosen} ({row['speedup']:.2f}x the unpruned model on {out['target']}, {row['line']})"

@@ -1,0 +1,127 @@
+"""prune ratio auto: the structure is searched by measurement (stage `search`), and depth pruning drops whole
+blocks of an encoder. The search prices each candidate on the first target (int8, validation split, against
+the original model, timed interleaved against the unpruned int8 model)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import default_dict, prepared_copy
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.recipe import ModelSpec, PruneStage, load_recipe, recipe_from_dict
+from edgebundle.pipeline.runner import run
+
+
+def _search_recipe(**prune) -> dict:
+    return {"prune": {"enabled": True, "ratio": "auto", "search_epochs": 2, **prune}}
+
+
+def _stages(**prune) -> dict:
+    st = copy.deepcopy(default_dict()["stages"])
+    st.update(_search_recipe(**prune))
+    return st
+
+
+def _ort_only() -> list[dict]:
+    return [{"name": "ort-cpu", "options": {"precision": "int8"}, "measure": {"iterations": 50}}]
+
+
+def test_the_search_keeps_a_structure_that_holds_and_refuses_one_that_does_not(default_run, tmp_path):
+    path, work = prepared_copy(default_run, tmp_path, stages=_stages(search_ratios=[0.25, 0.8, 0.9]),
+                               targets=_ort_only())
+    res = run(load_recipe(path), output=tmp_path / "out", work=work)
+    bundle = res.bundles[0]
+    search = bundle.manifest["search"]
+    rows = {r["label"]: r for r in search["rows"]}
+    assert search["target"] == "ort-cpu" and search["reference"] == "original"
+    assert rows["unpruned"]["within"]
+    assert rows["ratio 0.25"]["within"] and rows["ratio 0.25"]["macs_ratio"] < 0.7
+    assert not rows["ratio 0.8"]["within"] and rows["ratio 0.8"]["status"] == "over budget"
+    assert "ratio 0.9" not in rows  # a family stops at its first candidate over budget
+    assert search["chosen"]["ratio"] in (0.0, 0.25)  # 0.25 when its speed-up is resolved, else unpruned
+    assert bundle.manifest["accuracy"]["reference"] == "original"
+    prune = next(a for a in res.prepared.lineage if a.stage == "prune")
+    assert prune.config["prune"]["ratio"] == search["chosen"]["ratio"]
+    assert "Structure search" in (tmp_path / "out" / "report.html").read_text()
+
+    # an interrupted search resumes: the rows kept in the work folder are not priced again
+    rows_files = list((work / "search").glob("*.jsonl"))
+    assert len(rows_files) == 1
+    for art in work.glob("search-*"):
+        import shutil
+
+        shutil.rmtree(art)
+    again = run(load_recipe(path), output=tmp_path / "out2", work=work).bundles[0].manifest["search"]
+    assert [r.get("p50_ms") for r in again["rows"]] == [r.get("p50_ms") for r in search["rows"]]
+
+
+def test_a_search_out_of_time_ships_the_unpruned_model_and_says_so(default_run, tmp_path):
+    path, work = prepared_copy(default_run, tmp_path, stages=_stages(search_minutes=0.0001), targets=_ort_only())
+    res = run(load_recipe(path), output=tmp_path / "out", work=work)
+    search = res.bundles[0].manifest["search"]
+    assert search["chosen_label"] == "unpruned"
+    assert all(r["status"] == "not tried" for r in search["rows"][1:])
+    assert any("search_minutes ran out); the unpruned model is kept" in n for n in res.bundles[0].manifest["notes"])
+    prune = next(a for a in res.prepared.lineage if a.stage == "prune")
+    distill = next(a for a in res.prepared.lineage if a.stage == "distill")
+    assert prune.metrics["unchanged"] and "skipped" in distill.metrics
+    teacher, student = res.prepared.load_teacher(), res.prepared.load_student()
+    for (n, a), (_, b) in zip(teacher.state_dict().items(), student.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path):
+    from edgebundle.core.modelio import load_structured, save_structured
+    from edgebundle.stages.pruning import block_list, kept_blocks, prune
+    from edgebundle.stages.search import families
+    from edgebundle.zoo import tiny_encoder
+
+    assert kept_blocks(6, 0.5) == [0, 2, 5] and kept_blocks(6, 0.33) == [0, 2, 3, 5] and kept_blocks(2, 0.5) == [1]
+    model = tiny_encoder(layers=4)
+    ex = (torch.zeros(1, 32, dtype=torch.long),)
+    assert block_list(model, ex) == ("layers", 4)
+    labels = [[c.label for c in f] for f in families(PruneStage(ratio="auto"), model, ex)]
+    assert labels[1] == ["head ratio 0.25", "head ratio 0.5"] and labels[2] == ["depth ratio 0.33", "depth ratio 0.5"]
+    x = torch.randint(0, 30, (3, 32))
+    rep = prune(model, PruneStage(ratio=0.0, depth_ratio=0.5), ex, train=None, names=["tokens"])
+    assert rep.blocks == {"layers": [0, 3]} and len(model.layers) == 2 and rep.macs_ratio < 0.75
+    save_structured(model, tmp_path)
+    again = load_structured(ModelSpec(factory="edgebundle.zoo:tiny_encoder", kwargs={"layers": 4}), tmp_path, tmp_path)
+    assert len(again.layers) == 2
+    assert torch.equal(model.eval()(x), again(x))
+
+
+def test_depth_pruning_of_a_cnn_is_refused_in_one_line():
+    from edgebundle.stages.pruning import prune
+    from edgebundle.zoo import digits_cnn
+
+    with pytest.raises(RecipeError, match="depth_ratio"):
+        prune(digits_cnn(), PruneStage(ratio=0.0, depth_ratio=0.5), (torch.zeros(1, 1, 8, 8),), train=None,
+              names=["image"])
+
+
+@pytest.mark.parametrize("prune, ok", [({"ratio": "auto"}, True), ({"ratio": "most"}, False),
+                                       ({"ratio": 1.0}, False), ({"ratio": "auto", "search_ratios": [0.0]}, False),
+                                       ({"ratio": "auto", "search_minutes": 0}, False)])
+def test_prune_ratio_auto_and_its_search_settings_are_validated(tmp_path, prune, ok):
+    d = default_dict()
+    d["stages"]["prune"] = prune
+    if ok:
+        assert recipe_from_dict(d, base_dir=tmp_path).stages.prune.searched
+    else:
+        with pytest.raises(RecipeError, match="stages.prune"):
+            recipe_from_dict(d, base_dir=tmp_path)
+
+
+def test_a_fixed_ratio_keeps_its_cache_key(default_run):
+    """The search's settings enter the prune stage's key only when the search runs: work folders prepared
+    before they existed stay valid."""
+    prune = next(a for a in default_run.prepared.lineage if a.stage == "prune")
+    assert set(prune.config["prune"]) & {"search_minutes", "search_ratios", "search_epochs", "depth_ratio"} == set()
+    assert json.loads(json.dumps(prune.config))["prune"]["ratio"] == 0.5
+    assert yaml.safe_load(yaml.safe_dump(default_dict()))["stages"]["prune"]["ratio"] == 0.5
