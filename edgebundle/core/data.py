@@ -62,6 +62,17 @@ class Dataset:
     num_classes: int | None
     classes: tuple[str, ...] = ()  # class names in label order, where the source names them
     splits: dict[str, Any] | None = None  # inputs and groups per split (splits_record), for the manifest
+    unlabelled: Split | None = None  # data.unlabelled's inputs distillation learns from (no labels)
+    held_out: Split | None = None  # data.unlabelled's held-out groups: the out-of-distribution check
+
+    @property
+    def distill_train(self) -> Split:
+        """What distillation learns from: the training split, and data.unlabelled's inputs after it (then
+        without labels: the teacher alone teaches)."""
+        if self.unlabelled is None:
+            return self.train
+        return Split({k: joined_rows(self.train.inputs[k], self.unlabelled.inputs[k]) for k in self.train.inputs},
+                     None)
 
     @property
     def grouped(self) -> str | None:
@@ -73,6 +84,64 @@ class Dataset:
 
     def calibration(self, spec: DataSpec, samples: int | None = None) -> Split:
         return self.split(spec.calibration_split).head(samples or spec.calibration_samples).materialized()
+
+
+def joined_rows(a, b) -> LazyRows:
+    """The rows of `a` then those of `b` (arrays or LazyRows), made on access."""
+    na = len(a)
+
+    def make(rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        first = rows < na
+        out = np.empty((len(rows), *a.shape[1:]), a.dtype)
+        if first.any():
+            out[first] = a[rows[first]]
+        if (~first).any():
+            out[~first] = b[rows[~first] - na]
+        return out
+
+    fp = "+".join(x.fingerprint if isinstance(x, LazyRows) else hashlib.sha256(np.ascontiguousarray(x)).hexdigest()
+                  for x in (a, b))
+    return LazyRows(make, tuple(a.shape[1:]), a.dtype, np.arange(na + len(b)), fp)
+
+
+def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
+    """data.unlabelled as (the part distillation sees, the held-out part, its fingerprint): the held-out part is a
+    seeded share of its groups (files or folders, text rows or documents)."""
+    from edgebundle.core import sources
+    from edgebundle.core.recipe import ImageSpec, TextSpec
+
+    spec, u = recipe.data, recipe.data.unlabelled
+    if u is None:
+        return None
+    path = recipe.resolve(u.path)
+    if spec.kind == "images":
+        hf = recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
+        x, _, _ = sources.read_images(path, spec.image or ImageSpec(), recipe.inputs[0], hf, "auto")
+        inputs: dict[str, Any] = {recipe.inputs[0].name: x}
+        groups = sources.image_groups(path, "folder" if spec.group_by == "folder" else "auto")
+        fp = x.fingerprint
+    else:
+        text = (spec.text or TextSpec()).model_copy(update={"label_column": None})
+        hf = recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
+        folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else hf
+        if folder is None:
+            raise RecipeError("data.unlabelled (text) needs a tokenizer: data.text.tokenizer or model.hf")
+        inputs, _, _ = sources.read_text(path, text, recipe.inputs, folder)
+        inputs = check_inputs(inputs, recipe.inputs, what="data.unlabelled")
+        n = len(next(iter(inputs.values())))
+        groups = sources.text_groups(path, text) if spec.group_by == "document" else np.arange(n).astype(str)
+        fp = hashlib.sha256(b"".join(np.ascontiguousarray(inputs[k]).tobytes() for k in sorted(inputs))).hexdigest()
+    whole = Split(inputs, None, np.asarray(groups))
+    uniq = np.unique(whole.groups)
+    rng = np.random.default_rng(recipe.data.seed + 1)
+    held = set(rng.permutation(uniq)[:int(round(u.held_out * len(uniq)))].tolist())
+    is_held = np.array([g in held for g in whole.groups])
+    if is_held.all():
+        raise DataError(f"data.unlabelled {path}: held_out leaves nothing to learn from")
+    out = whole.take(np.flatnonzero(~is_held))
+    held_part = whole.take(np.flatnonzero(is_held)).materialized() if is_held.any() else None
+    return out, held_part, f"{fp}:{u.held_out}"
 
 
 def iter_feeds(split: Split, specs: list[InputSpec], batch: int = 1) -> Iterator[dict[str, np.ndarray]]:
@@ -313,7 +382,7 @@ def data_config_json(spec: DataSpec) -> str:
     """The data spec as it enters cache keys: fields added later are left out at their defaults, so work
     folders prepared before they existed stay valid."""
     unset = {"kwargs"} if not spec.kwargs else set()
-    unset |= {f for f in ("image", "text", "datasets", "max_eval_samples") if getattr(spec, f) is None}
+    unset |= {f for f in ("image", "text", "datasets", "max_eval_samples", "unlabelled") if getattr(spec, f) is None}
     exclude: dict[str, Any] = {f: True for f in unset}
     if spec.group_by == "auto":
         exclude["group_by"] = True
@@ -383,6 +452,9 @@ def load_dataset(recipe: Recipe) -> Dataset:
     if groups is not None and spec.kind != "images":  # an image folder's groups follow from its file names
         h.update("\0".join(groups.tolist()).encode())
     h.update(data_config_json(spec).encode())
+    extra = _unlabelled(recipe)
+    if extra is not None:
+        h.update(extra[2].encode())
     train, val, test = _split_indices(n, groups, spec)
     whole = Split(inputs, labels, groups)
     # val and test are made once, in memory (every build judges on them); train streams where it is lazy
@@ -393,7 +465,10 @@ def load_dataset(recipe: Recipe) -> Dataset:
         fingerprint=h.hexdigest(),
         num_classes=None if labels is None else max(int(labels.max()) + 1, len(classes)),
         classes=tuple(classes),
-        splits=splits_record(grouped, splits),
+        splits=splits_record(grouped, {**splits, **({"unlabelled": extra[0]} if extra else {}),
+                                       **({"held_out": extra[1]} if extra and extra[1] is not None else {})}),
+        unlabelled=extra[0] if extra else None,
+        held_out=extra[1] if extra else None,
     )
 
 

@@ -162,6 +162,15 @@ class DatasetsSpec(Strict):
         return self
 
 
+class UnlabelledSpec(Strict):
+    """More inputs of the data's kind, without labels, for distillation and the structure search only."""
+
+    path: Path = Field(description="kind images: an image folder; kind text: a .txt, .csv or .jsonl file")
+    held_out: float = Field(0.2, ge=0, lt=1, description=(
+        "share of its groups (image files, or folders with group_by folder; text rows, or documents) distillation "
+        "never sees: the student's out-of-distribution check against the original, in the manifest"))
+
+
 class DataSpec(Strict):
     kind: Literal["digits", "folder", "function", "images", "text", "datasets"] = "digits"
     path: Path | None = Field(default=None, description=(
@@ -187,6 +196,11 @@ class DataSpec(Strict):
         "document: text, one group per document (.txt: paragraphs split by blank lines; .csv/.jsonl: "
         "text.document_column); none: every input its own group"))
 
+    unlabelled: UnlabelledSpec | None = Field(None, description=(
+        "inputs without labels, of the same kind (images or text) and preprocessing, that distillation and the "
+        "structure search learn from beside the training split; a share of them is held out as an "
+        "out-of-distribution check"))
+
     @model_validator(mode="after")
     def _kind_fields(self) -> DataSpec:
         if self.kind in ("folder", "images", "text", "datasets") and self.path is None:
@@ -205,6 +219,8 @@ class DataSpec(Strict):
                              "its groups as 'group')")
         if self.group_by == "document" and self.kind != "text":
             raise ValueError("data.group_by 'document' applies to kind 'text'")
+        if self.unlabelled is not None and self.kind not in ("images", "text"):
+            raise ValueError("data.unlabelled applies to kinds 'images' and 'text'")
         return self
 
 
@@ -301,6 +317,9 @@ class DistillStage(Strict):
         "KL term (0.01-0.1 on the example encoder), so useful weights are around 10"))
     hidden_layers: list[str] | None = Field(None, description=(
         "module names whose outputs are matched; default: every block of the model's largest ModuleList"))
+    augment: Literal["none", "auto"] = Field("none", description=(
+        "auto: a new augmented view of each training input every epoch, the teacher's output computed on that "
+        "view (images: random resized crop and flip; text: span cropping of input_ids with attention_mask)"))
     loss: Literal["auto", "kl", "cosine", "mse"] = Field("auto", description=(
         "auto follows the recipe's metric: top1/agreement -> KL on softened logits (+ CE on labels), cosine -> "
         "1 - cosine of the outputs (embeddings), else relative MSE (regression); no labels needed"))

@@ -60,7 +60,7 @@ class Accuracy(_M):
     within_budget: bool | None
     details: dict[str, Any] = Field(default_factory=dict)
     output_cosine_vs_fp32: float | None  # None when an output is not finite (e.g. -inf log-probabilities)
-    student_vs_teacher: dict[str, float] | None = None  # a pruned, distilled student against its teacher (test)
+    student_vs_teacher: dict[str, Any] | None = None  # a pruned, distilled student against its teacher (test; held_out: data.unlabelled's held-out groups)
     # what the verdict (fp32_onnx, target, drop_vs_fp32, within_budget) is against: "original" (the model the
     # user brought, end to end) or "student" (the fp32 student); None in manifests written before it existed
     reference: str | None = None

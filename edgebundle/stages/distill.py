@@ -36,6 +36,8 @@ class Distill(StageBase):
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         d = without_unset(ctx.recipe.stages.distill, "patience")
+        if d.get("augment") == "none":  # the key before `augment` existed
+            d.pop("augment")
         if d.get("loss") == "auto":  # the key before `loss` existed: those work folders stay valid
             d.pop("loss")
             kind = self._loss(ctx)
@@ -60,8 +62,8 @@ class Distill(StageBase):
             save_structured(s_model, folder)
             return {"skipped": "the student is the original model (the structure search pruned nothing)"}
         metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
-        fit = distill(s_model, t_model, ds.train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
-                      device=ctx.device, metric=metric)
+        fit = distill(s_model, t_model, ds.distill_train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
+                      device=ctx.device, metric=metric, specs=recipe.inputs)
         s_model = s_model.cpu().eval()
         save_structured(s_model, folder)
         macs, params = count(s_model, ctx.example)
@@ -71,9 +73,17 @@ class Distill(StageBase):
         if ds.test.labels is not None:
             metrics["teacher_test_accuracy"] = teacher.metrics.get("test_accuracy")
             metrics["test_accuracy"] = accuracy(predict(s_model, ds.test, names), ds.test.labels)
-        metrics["student_vs_teacher"] = vs_teacher(predict(s_model, ds.test, names),
-                                                   predict(t_model.cpu().eval(), ds.test, names),
-                                                   classes=metric in ("top1", "agreement"))
+        classes = metric in ("top1", "agreement")
+        t_model = t_model.cpu().eval()
+        metrics["student_vs_teacher"] = vs_teacher(predict(s_model, ds.test, names), predict(t_model, ds.test, names),
+                                                   classes=classes)
+        if ds.unlabelled is not None:
+            metrics["unlabelled_inputs"] = len(ds.unlabelled)
+        if ds.held_out is not None:  # data.unlabelled's groups distillation never saw
+            metrics["student_vs_teacher"]["held_out"] = {
+                **vs_teacher(predict(s_model, ds.held_out, names), predict(t_model, ds.held_out, names),
+                             classes=classes),
+                "inputs": len(ds.held_out), "groups": ds.held_out.group_count()}
         return metrics
 
 

@@ -165,8 +165,8 @@ class Search(StageBase):
             if d.enabled and recipe.stages.prune.search_epochs > 0:
                 short = d.model_copy(update={"epochs": recipe.stages.prune.search_epochs, "patience": None})
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
-                    fit = distill(student, teacher, ds.train, ds.val, ctx.names, short, seed=recipe.seed,
-                                  device=ctx.device, metric=judged_metric(ctx))
+                    fit = distill(student, teacher, ds.distill_train, ds.val, ctx.names, short, seed=recipe.seed,
+                                  device=ctx.device, metric=judged_metric(ctx), specs=recipe.inputs)
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
             student = student.cpu().eval()
         facts.update(pricer.price(student))

@@ -27,7 +27,8 @@ from edgebundle.core.data import Split
 from edgebundle.core.metrics import Contract
 from edgebundle.core.modelio import KEPT_ATTR
 from edgebundle.core.distillation import loss_for_metric, soft_loss
-from edgebundle.core.recipe import DistillStage, TrainStage
+from edgebundle.stages.augment import augmenter
+from edgebundle.core.recipe import DistillStage, InputSpec, TrainStage
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def _fit(
     ddp: bool = True,
     score: tuple[str, Callable[[nn.Module], float]] | None = None,
     patience: int | None = None,
+    view: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
 ) -> FitResult:
     """Train `model` for up to `epochs`, keeping the checkpoint with the best validation score; with `patience`,
     stop once that many epochs in a row did not beat it. Each epoch is reported (core.progress)."""
@@ -135,7 +137,7 @@ def _fit(
             order = torch.randperm(len(train), generator=gen).to(device)
         # BatchNorm needs more than one sample per batch (same on every rank: equal shards)
         plan = [order[i:i + batch_size] for i in range(0, per_epoch, batch_size) if len(order[i:i + batch_size]) >= 2]
-        _steps(net, train, names, plan, loss_fn, ys, opt, sched, device)
+        _steps(net, train, names, plan, loss_fn, ys, opt, sched, device, view and (lambda b: view(b, gen)))
         acc = score[1](model)
         history.append(acc)
         if on_epoch:
@@ -152,10 +154,11 @@ def _fit(
 
 
 def _steps(net: nn.Module, train: Split, names: list[str], plan: list[torch.Tensor], loss_fn, ys, opt, sched,
-           device: torch.device) -> None:
-    """One epoch's optimizer steps, one per batch of row indices in `plan`."""
+           device: torch.device, view=None) -> None:
+    """One epoch's optimizer steps, one per batch of row indices in `plan` (each batch first through `view`,
+    the augmentation, where there is one)."""
     for idx, xs in zip(plan, batches(train, names, [p.cpu().numpy() for p in plan])):
-        batch = [x.to(device) for x in xs]
+        batch = [x.to(device) for x in (view(list(xs)) if view is not None else xs)]
         loss = loss_fn(net(*batch), batch, None if ys is None else ys[idx], idx)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -200,7 +203,7 @@ def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
 
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
             cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True,
-            metric: str | None = None) -> FitResult:
+            metric: str | None = None, specs: list[InputSpec] | None = None) -> FitResult:
     """Knowledge distillation from a frozen teacher; its outputs are computed once up front.
 
     The loss follows `distill_loss_for` (no labels needed except for the CE term of kl); the best checkpoint
@@ -208,8 +211,9 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     top-1 agreement with the teacher (kl without), mean cosine to the teacher's outputs, or negative
     relative MSE."""
     teacher = teacher.to(device).eval()
-    with torch.no_grad():
-        soft = torch.from_numpy(predict(teacher, train, names)).to(device)
+    view = augmenter(specs) if cfg.augment == "auto" and specs is not None else None
+    with torch.no_grad():  # with augmentation the teacher answers each view as it comes instead
+        soft = None if view is not None else torch.from_numpy(predict(teacher, train, names)).to(device)
         val_ref = torch.from_numpy(predict(teacher, val, names))
     kind = distill_loss_for(cfg, metric)
     t = cfg.temperature
@@ -217,7 +221,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     hidden = HiddenMatch(student, teacher, cfg.hidden_layers, train, names, device) if cfg.hidden_weight else None
 
     def loss_fn(out, batch, y, idx):
-        loss = soft_loss(kind, out, soft[idx], t)
+        loss = soft_loss(kind, out, soft[idx] if soft is not None else _first(teacher, batch), t)
         if kind == "kl" and alpha < 1.0 and y is not None:
             loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, y)
         if hidden is not None:
@@ -240,10 +244,17 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     try:
         return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                     weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
-                    ddp=ddp, score=(name, lambda m: val_score(student)), patience=cfg.patience)
+                    ddp=ddp, score=(name, lambda m: val_score(student)), patience=cfg.patience, view=view)
     finally:
         if hidden is not None:
             hidden.close()
+
+
+def _first(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """The model's (first) output on a batch, without gradients."""
+    with torch.no_grad():
+        y = model(*batch)
+    return y[0] if isinstance(y, (tuple, list)) else y
 
 
 class _StudentWithMaps(nn.Module):

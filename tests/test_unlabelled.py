@@ -1,0 +1,122 @@
+"""Label-free distillation with more data: `data.unlabelled` (inputs distillation and the structure search learn
+from, a share of its groups held out as an out-of-distribution check) and `distill.augment` (a new view of
+each input every epoch, the teacher answering that view)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgebundle.core.data import load_dataset
+from edgebundle.core.errors import RecipeError
+from edgebundle.core.recipe import InputSpec, recipe_from_dict
+from edgebundle.stages.augment import augmenter
+
+try:
+    import matplotlib  # noqa: F401
+    import skimage  # noqa: F401
+    from PIL import Image  # noqa: F401
+
+    HAVE_PHOTOS = True
+except ImportError:
+    HAVE_PHOTOS = False
+
+
+def test_image_views_are_new_crops_of_the_same_size_and_repeat_with_the_seed():
+    aug = augmenter([InputSpec(name="image", shape=[1, 3, 32, 32])])
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32) / 1000
+    a = aug([x], torch.Generator().manual_seed(0))[0]
+    b = aug([x], torch.Generator().manual_seed(0))[0]
+    c = aug([x], torch.Generator().manual_seed(1))[0]
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, x)
+    assert float(a.min()) >= float(x.min()) - 1e-6 and float(a.max()) <= float(x.max()) + 1e-6  # crops, no new values
+    nhwc = augmenter([InputSpec(name="image", shape=[1, 32, 32, 3])])
+    assert nhwc([x.permute(0, 2, 3, 1)], torch.Generator().manual_seed(0))[0].shape == (2, 32, 32, 3)
+
+
+def test_token_views_are_spans_between_the_first_and_last_token():
+    specs = [InputSpec(name="input_ids", shape=[1, 16], dtype="int64"),
+             InputSpec(name="attention_mask", shape=[1, 16], dtype="int64")]
+    aug = augmenter(specs)
+    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 10, 11, 12, 13, 102, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    seen = set()
+    for seed in range(20):
+        v_ids, v_mask = aug([ids, mask], torch.Generator().manual_seed(seed))
+        n = int(v_mask.sum())
+        row = v_ids[0, :n].tolist()
+        assert row[0] == 101 and row[-1] == 102 and 6 <= n <= 11
+        body = row[1:-1]
+        assert body == list(range(body[0], body[0] + len(body)))  # one contiguous span of the original
+        assert v_ids[0, n:].eq(0).all() and v_mask[0, n:].eq(0).all()
+        seen.add(tuple(row))
+    assert len(seen) > 5
+
+
+def test_no_augmentation_for_other_inputs_is_one_line():
+    with pytest.raises(RecipeError, match="augment"):
+        augmenter([InputSpec(name="x", shape=[1, 10])])
+
+
+def _photo_folders(tmp_path, n_main: int = 64, n_more: int = 64) -> None:
+    from PIL import Image
+
+    from crops import crops
+
+    for name, n, seed in (("photos", n_main, 0), ("more", n_more, 7)):
+        x, ids = crops(n, seed)
+        for i, (img, src) in enumerate(zip(x, ids)):
+            folder = tmp_path / name / f"src{src:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            rgb = np.clip(img.transpose(1, 2, 0) * 128 + 127, 0, 255).astype(np.uint8)
+            Image.fromarray(rgb).save(folder / f"{i}.png")
+
+
+def _recipe(tmp_path, **data) -> dict:
+    return {"version": 1, "name": "photos", "model": {"factory": "crops.py:teacher"},
+            "inputs": [{"name": "image", "shape": [1, 3, 24, 24], "dtype": "float32"}], "outputs": ["logits"],
+            "metric": {"name": "agreement"},
+            "data": {"kind": "images", "path": "photos", "group_by": "folder",
+                     "image": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+                     "splits": {"train": 0.5, "val": 0.25, "test": 0.25}, "calibration_samples": 16, **data},
+            "stages": {"train": {"enabled": False}, "prune": {"ratio": 0.5},
+                       "distill": {"epochs": 2, "batch_size": 32, "augment": "auto"}},
+            "targets": [{"name": "ort-cpu", "max_accuracy_drop": 100, "measure": {"iterations": 20}}]}
+
+
+@pytest.mark.skipif(not HAVE_PHOTOS, reason="scikit-image, Pillow and matplotlib ship the photos (edgebundle[real])")
+def test_unlabelled_inputs_join_distillation_and_their_held_out_groups_check_the_student(tmp_path):
+    import shutil
+
+    from crops import __file__ as crops_file
+    from edgebundle.pipeline.runner import run
+
+    shutil.copy(crops_file, tmp_path / "crops.py")
+    _photo_folders(tmp_path)
+    plain = load_dataset(recipe_from_dict(_recipe(tmp_path), base_dir=tmp_path))
+    d = _recipe(tmp_path, unlabelled={"path": "more", "held_out": 0.25})
+    ds = load_dataset(recipe_from_dict(d, base_dir=tmp_path))
+    assert plain.unlabelled is None and ds.fingerprint != plain.fingerprint
+    assert len(ds.unlabelled) + len(ds.held_out) == 64
+    seen, held = set(ds.unlabelled.groups.tolist()), set(ds.held_out.groups.tolist())
+    assert held and not (seen & held) and len(held) == 4  # a quarter of the 16 source folders
+    assert len(ds.distill_train) == len(ds.train) + len(ds.unlabelled) and ds.distill_train.labels is None
+    np.testing.assert_array_equal(ds.distill_train.inputs["image"][np.array([len(ds.train)])],
+                                  ds.unlabelled.inputs["image"][np.array([0])])
+    assert ds.splits["held_out"]["groups"] == 4
+
+    res = run(recipe_from_dict(d, base_dir=tmp_path), output=tmp_path / "out")
+    distill = next(a for a in res.prepared.lineage if a.stage == "distill")
+    assert distill.metrics["unlabelled_inputs"] == len(ds.unlabelled)
+    assert distill.config["distill"]["augment"] == "auto"
+    held_out = res.bundles[0].manifest["accuracy"]["student_vs_teacher"]["held_out"]
+    assert held_out["inputs"] == len(ds.held_out) and held_out["groups"] == 4
+    assert 0 <= held_out["top1_agreement"] <= 100
+
+
+def test_unlabelled_applies_to_images_and_text(tmp_path):
+    d = _recipe(tmp_path, unlabelled={"path": "more"})
+    d["data"] = {"kind": "digits", "unlabelled": {"path": "more"}}
+    with pytest.raises(RecipeError, match="data.unlabelled applies to kinds"):
+        recipe_from_dict(d, base_dir=tmp_path)
