@@ -30,7 +30,7 @@ from edgebundle.pipeline.runner import run
 from edgebundle.stages.pruning import count
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
-MODELS = ("efficientnet_lite", "minilm", "minilm_pruned")
+MODELS = ("efficientnet_lite", "minilm", "minilm_pruned", "minilm_search")
 
 
 def _open_bundle(path: Path, m: dict, threads: int):
@@ -60,13 +60,14 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
     from edgebundle.core.data import run_outputs
     from edgebundle.core.recipe import TargetSpec
     from edgebundle.core.session import OrtSession
-    from edgebundle.pipeline.evaluate import contract_for, fp32_reference, measure_feeds
+    from edgebundle.pipeline.evaluate import contract_for, fp32_reference, measure_feeds, original_reference
 
     p = res.prepared
     recipe, test = p.recipe, p.dataset.test
     fp32 = p.onnx.path("model.fp32.onnx")
     idx = recipe.judged_output[0]
-    ref = fp32_reference(p)[idx]
+    original = original_reference(p)  # pruned: everything is judged against the original model, as the tool does
+    ref = fp32_reference(p)[idx] if original is None else original
     contract = contract_for(recipe, TargetSpec(name="ort-cpu"), test.labels, ref)
     feeds = measure_feeds(test, recipe, 1)
     names = p.input_names
@@ -85,6 +86,11 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
         sessions["ORT fp32, unpruned"] = OrtSession(teacher, threads=threads)
         rows["ORT fp32, unpruned"] = {"kind": "fp32", "size_bytes": teacher.stat().st_size}
         rows["ORT fp32"]["candidate_label"] = "ORT fp32, pruned student"
+
+    if any(a.stage == "search" for a in p.lineage):  # the unpruned model built as the first target builds int8
+        base = _unpruned_int8(p, root / f"{name}-unpruned")
+        sessions["edgebundle ort-cpu, unpruned"] = base.base
+        rows["edgebundle ort-cpu, unpruned"] = {"kind": "hand", "tool_s": None, "size_bytes": None}
 
     def hand_row(label: str, make, open_, size_of=None) -> None:
         t0 = time.perf_counter()
@@ -153,6 +159,36 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
     return out
 
 
+def _unpruned_int8(p, folder: Path):
+    """The original model built as the recipe's first target builds its int8 artifact (the structure search's
+    baseline), through the search's own pricer: `.base` is its open session."""
+    from edgebundle.core.modelio import example_inputs
+    from edgebundle.pipeline.pricing import TargetPricer
+    from edgebundle.stages.base import StageContext
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(p.recipe, p.dataset, example_inputs(p.recipe.inputs), __import__("torch").device("cpu"), "",
+                       artifacts={"teacher": p.teacher}, work=folder)
+    return TargetPricer(ctx)
+
+
+def _search_rows(name: str, res) -> list[dict]:
+    """The structure search's table, as the manifest records it (judged on the validation split against the
+    original, timed interleaved against the unpruned int8 model), and the student on data.unlabelled's
+    held-out groups."""
+    b = next((b for b in res.bundles if b.manifest and b.manifest.get("search")), None)
+    if b is None:
+        return []
+    search = b.manifest["search"]
+    out = [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
+            **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "status",
+                                     "seconds", "why")}} for r in search["rows"]]
+    held = (b.manifest["accuracy"].get("student_vs_teacher") or {}).get("held_out")
+    if held:
+        out.append({"model": name, "kind": "held_out", **held})
+    return out
+
+
 def work_dir(root: Path, name: str) -> Path:
     d = root / f"{name}-hand"
     d.mkdir(parents=True, exist_ok=True)
@@ -164,7 +200,7 @@ def _summary(rows: list[dict], peak: float) -> str:
     lines = ["| model | candidate | accuracy: fp32 → int8 | p50 ms (IQR) | vs ORT fp32 | vs own fp32 | "
              "share of int8 peak | MiB | tool s | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["kind"] == "reason":
+        if r["kind"] in ("reason", "search", "held_out"):
             continue
         if r["kind"] == "failed":
             why = (r["reason"] or "").split(": ", 1)[-1][:90]
@@ -180,6 +216,10 @@ def _summary(rows: list[dict], peak: float) -> str:
         svt = r.get("student_vs_teacher")
         if svt:
             acc += f"; pruned student vs unpruned: cosine min {svt['cosine_min']:.3f}, mean {svt['cosine_mean']:.3f}"
+            if svt.get("held_out"):
+                h = svt["held_out"]
+                acc += (f"; on {h['inputs']} held-out inputs of data.unlabelled: cosine min {h['cosine_min']:.3f}, "
+                        f"mean {h['cosine_mean']:.3f}")
         t = r.get("timing")
         p50 = "—" if t is None else f"{t['p50_ms']:.2f} ({t['iqr_ms'][0]:.2f}–{t['iqr_ms'][1]:.2f})"
         x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
@@ -196,6 +236,25 @@ def _summary(rows: list[dict], peak: float) -> str:
         lines.append(f"| {r['model']} | {r['candidate']}{earlier} | {acc} | {p50} | {x(r['vs_ort_fp32'])} | "
                      f"{x(r['vs_own_fp32'])} | {share} | {size} | {tool} | {status} |")
     return "\n".join(lines) + "\n"
+
+
+def _search_table(rows: list[dict]) -> str:
+    """Each structure search's candidates: the table of the manifest's `search`."""
+    found = [r for r in rows if r["kind"] == "search"]
+    if not found:
+        return ""
+    lines = ["| model | candidate | MACs vs original | speed-up vs unpruned int8 [95% CI] | validation vs original | "
+             "status | s |", "|---|---|---|---|---|---|---|"]
+    for r in found:
+        speed = "—" if r.get("speedup") is None else (f"{r['speedup']:.2f}x [{r['speedup_ci95'][0]:.2f}, "
+                                                      f"{r['speedup_ci95'][1]:.2f}]")
+        macs = "—" if r.get("macs_ratio") is None else f"{r['macs_ratio']:.2f}"
+        lines.append(f"| {r['model']} | {r['label']}{' **(kept)**' if r['chosen'] else ''} | {macs} | {speed} | "
+                     f"{r.get('line') or r.get('why') or ''} | {r['status']} | {r.get('seconds') or '—'} |")
+    return ("\nStructure searches (prune ratio auto; each candidate pruned from the original, distilled briefly, built "
+            "as the first target builds int8, judged on the validation split against the original, timed interleaved "
+            "against the unpruned int8 model; the unpruned row's speed-up against itself is the timing's noise):\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def _measured_on(rows: list[dict]) -> str:
@@ -230,10 +289,11 @@ def _markdown(rows: list[dict], seconds: dict[str, float], peak: float, peak_how
             "the time its MACs take at its own host's peak over its p50. Every candidate of a model is judged by the same "
             "contract on the recipe's test split (never seen by calibration or accuracy control) and timed "
             "interleaved in one process (2 threads, batch 1); vs ORT fp32 and vs own fp32 are ratios of those "
-            "p50s (for the pruned model, vs ORT fp32 is against the unpruned model; its metric judges int8 "
-            "against the pruned student, and the student's distance from the unpruned model is beside it). "
+            "p50s (for a pruned model, vs ORT fp32 is against the unpruned model, and every row is judged against "
+            "the original model's outputs, the tool's end-to-end budget; the student's distance from the unpruned "
+            "model is beside it). "
             "Tool s: the target's build (quantization, accuracy control, measuring) or the hand path's "
-            "calls.\n\n" + _summary(rows, peak) + ("\nWhy each bundle was rejected or failed:\n\n" +
+            "calls.\n\n" + _summary(rows, peak) + _search_table(rows) + ("\nWhy each bundle was rejected or failed:\n\n" +
                                                      "\n".join(reasons) + "\n" if reasons else "")
             + "\nWall time per model: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items()) + ".\n")
 
@@ -252,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as td:
         root = args.out or Path(td)
         for name in args.only or MODELS:
-            if name == "minilm_pruned":  # its Hugging Face folder and sentences.txt, written next to the recipe
+            if name in ("minilm_pruned", "minilm_search"):  # its Hugging Face folder and texts, next to the recipe
                 import sys
 
                 sys.path.insert(0, str(EXAMPLES))
@@ -272,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
             res = run(recipe, output=root / name, targets=args.targets.split(",") if args.targets else None,
                       keep_rejected=True, on_event=on_event)
             rows += _side_by_side(name, res, build_s, root, threads)
+            rows += _search_rows(name, res)
             rows += [{"model": name, "target": b.target, "kind": "failed", "status": b.status, "reason": b.reason}
                      for b in res.bundles if b.manifest is None]
             rows += [{"model": name, "target": b.target, "kind": "reason", "reason": b.reason}

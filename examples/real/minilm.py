@@ -139,9 +139,48 @@ def topic_sentences():
     """(pydoc topic, sentence) for every distinct sentence, in ``sentences()``'s order."""
     from pydoc_data.topics import topics
 
+    return _prose_sentences(sorted(topics.items()))
+
+
+# standard-library modules whose docstrings are English prose: the "other text" of the structure search
+DOC_MODULES = ("argparse asyncio.events bisect calendar collections concurrent.futures configparser contextlib copy "
+               "csv dataclasses datetime decimal difflib email.message enum fractions ftplib functools gettext "
+               "heapq hmac http.client http.server imaplib inspect ipaddress json logging mailbox mimetypes "
+               "multiprocessing.pool netrc numbers optparse os pathlib pickle pprint queue random re sched "
+               "secrets selectors shlex shutil smtplib socket socketserver sqlite3 ssl statistics string "
+               "subprocess tarfile tempfile textwrap threading timeit tokenize traceback types typing unittest "
+               "urllib.parse urllib.request uuid warnings weakref xml.dom.minidom zipfile").split()
+
+
+def docstring_sentences():
+    """Distinct English sentences (5-60 words) from the docstrings of standard-library modules, their classes,
+    functions and methods (DOC_MODULES): text of another kind than the Language Reference's."""
+    import importlib
+    import inspect
+
+    docs = []
+    for name in DOC_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        docs.append((name, inspect.getdoc(mod) or ""))
+        for attr, obj in sorted(vars(mod).items()):
+            if getattr(obj, "__module__", None) != mod.__name__ or attr.startswith("_"):
+                continue
+            docs.append((name, inspect.getdoc(obj) or ""))
+            if inspect.isclass(obj):
+                docs += [(name, inspect.getdoc(m) or "") for k, m in sorted(vars(obj).items())
+                         if not k.startswith("_") and callable(m)]
+    seen = set(sentences())
+    return [s for _, s in _prose_sentences(docs) if s not in seen]
+
+
+def _prose_sentences(items):
+    """(key, sentence) for every distinct prose sentence of the (key, text) items, in order."""
     out, seen = [], set()
-    for key in sorted(topics):
-        for block in re.split(r"\n\s*\n", topics[key]):
+    for key, text in items:
+        for block in re.split(r"\n\s*\n", text):
             lines = block.split("\n")
             # Skip indented blocks (code, grammar, tables, lists) and headings.
             if any(line.startswith(" ") for line in lines):
@@ -186,8 +225,10 @@ def data(n=600):
 
 def export_folder(dest):
     """Copy the model folder to ``dest/all-MiniLM-L6-v2`` and write ``dest/sentences.txt`` (one sentence per
-    line) and ``dest/topics.txt`` (sentence TAB the Language Reference section it comes from): what
-    ``minilm_pruned.yaml`` and ``minilm_topics.yaml`` read as ``model.hf`` and ``data.kind text``."""
+    line), ``dest/topics.txt`` (sentence TAB the Language Reference section it comes from) and
+    ``dest/docstrings.txt`` (sentences of standard-library docstrings): what ``minilm_pruned.yaml``,
+    ``minilm_topics.yaml`` and ``minilm_search.yaml`` read as ``model.hf``, ``data.kind text`` and
+    ``data.unlabelled``."""
     dest = Path(dest)
     target = dest / NAME
     if not (target / "config.json").is_file():
@@ -198,6 +239,9 @@ def export_folder(dest):
     section = {k: name for name, keys in SECTIONS.items() for k in keys.split()}
     labelled = [f"{s}\t{section[k]}" for k, s in topic_sentences() if k in section]
     (dest / "topics.txt").write_text("\n".join(labelled) + "\n", encoding="utf-8")
+    docs = docstring_sentences()  # 1600 of them, spread evenly: enough to learn from in minutes on 2 cores
+    docs = [docs[i] for i in np.linspace(0, len(docs) - 1, min(1600, len(docs))).round().astype(int)]
+    (dest / "docstrings.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
     return target
 
 
