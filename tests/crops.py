@@ -80,6 +80,25 @@ class Net(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def _trained_state() -> dict:
+    """The teacher's weights, trained once per machine and kept in the temporary folder: a recipe imports this
+    file afresh for every call of its factory, so an in-memory cache alone would train it again each time."""
+    import hashlib
+    import os
+    import tempfile
+    from pathlib import Path
+
+    key = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    cached = Path(tempfile.gettempdir()) / f"edgebundle-crops-teacher-{key}.pt"
+    if cached.is_file():
+        return torch.load(cached, weights_only=True)
+    state = _train()
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, cached)
+    return state
+
+
+def _train() -> dict:
     torch.manual_seed(0)
     net = Net()
     x, y = crops(960, seed=1234)  # crops the recipe's data never holds

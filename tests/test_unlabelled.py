@@ -120,3 +120,40 @@ def test_unlabelled_applies_to_images_and_text(tmp_path):
     d["data"] = {"kind": "digits", "unlabelled": {"path": "more"}}
     with pytest.raises(RecipeError, match="data.unlabelled applies to kinds"):
         recipe_from_dict(d, base_dir=tmp_path)
+
+
+@pytest.mark.skipif(not HAVE_PHOTOS, reason="scikit-image, Pillow and matplotlib ship the photos (edgebundle[real])")
+def test_a_student_that_holds_the_test_split_but_not_the_held_out_groups_is_rejected(tmp_path):
+    """The data: crops of 8 photo halves in one flat folder, so the test split holds new crops of the same 8
+    halves; data.unlabelled: crops of the 8 other halves, one folder each, half of them held out. The student
+    distilled on those agrees with the teacher on the test split and not on the 4 halves no stage saw: rejected,
+    the line naming distillation and the held-out groups."""
+    import shutil
+
+    from PIL import Image
+
+    from crops import __file__ as crops_file
+    from crops import crops
+    from edgebundle.pipeline.runner import run
+
+    shutil.copy(crops_file, tmp_path / "crops.py")
+    x, ids = crops(640, 3)
+    for i, (img, src) in enumerate(zip(x, ids)):
+        folder = tmp_path / ("photos" if src < 8 else f"more/src{src:02d}")
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = np.clip(img.transpose(1, 2, 0) * 128 + 127, 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(folder / f"{i}.png")
+    d = _recipe(tmp_path, unlabelled={"path": "more", "held_out": 0.5, "group_by": "folder"})
+    d["data"].update(group_by="auto", splits={"train": 0.5, "val": 0.2, "test": 0.3})
+    d["metric"] = {"name": "agreement", "min_confidence": 0.5}
+    d["stages"]["distill"] = {"epochs": 30}
+    d["targets"] = [{"name": "ort-cpu", "max_accuracy_drop": 10, "options": {"precision": "fp32"},
+                     "measure": {"iterations": 10}}]
+    res = run(recipe_from_dict(d, base_dir=tmp_path), output=tmp_path / "out", keep_rejected=True)
+    (b,) = res.bundles
+    acc = b.manifest["accuracy"]
+    assert acc["chain"][1]["held_out_vs_original"]["groups"] == 4
+    assert b.status == "rejected", acc
+    assert acc["target"] >= 90  # the test split alone would have shipped it
+    rejection = b.manifest["target"]["rejection"]
+    assert "distillation" in rejection and "held-out groups" in rejection and "does not generalize" in rejection

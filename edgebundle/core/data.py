@@ -119,7 +119,8 @@ def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
         hf = recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
         x, _, _ = sources.read_images(path, spec.image or ImageSpec(), recipe.inputs[0], hf, "auto")
         inputs: dict[str, Any] = {recipe.inputs[0].name: x}
-        groups = sources.image_groups(path, "folder" if spec.group_by == "folder" else "auto")
+        by = u.group_by if u.group_by != "auto" else spec.group_by
+        groups = sources.image_groups(path, "folder" if by == "folder" else "auto")
         fp = x.fingerprint
     else:
         text = (spec.text or TextSpec()).model_copy(update={"label_column": None})
@@ -130,7 +131,8 @@ def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
         inputs, _, _ = sources.read_text(path, text, recipe.inputs, folder)
         inputs = check_inputs(inputs, recipe.inputs, what="data.unlabelled")
         n = len(next(iter(inputs.values())))
-        groups = sources.text_groups(path, text) if spec.group_by == "document" else np.arange(n).astype(str)
+        by = u.group_by if u.group_by != "auto" else spec.group_by
+        groups = sources.text_groups(path, text) if by == "document" else np.arange(n).astype(str)
         fp = hashlib.sha256(b"".join(np.ascontiguousarray(inputs[k]).tobytes() for k in sorted(inputs))).hexdigest()
     whole = Split(inputs, None, np.asarray(groups))
     uniq = np.unique(whole.groups)

@@ -168,7 +168,11 @@ class UnlabelledSpec(Strict):
     path: Path = Field(description="kind images: an image folder; kind text: a .txt, .csv or .jsonl file")
     held_out: float = Field(0.2, ge=0, lt=1, description=(
         "share of its groups (image files, or folders with group_by folder; text rows, or documents) distillation "
-        "never sees: the student's out-of-distribution check against the original, in the manifest"))
+        "never sees: the student's out-of-distribution check against the original: a student over budget there "
+        "is rejected, even where the test split holds"))
+    group_by: Literal["auto", "folder", "document"] = Field("auto", description=(
+        "its groups: auto follows data.group_by (image files, or folders with group_by folder; text rows, or "
+        "documents); folder: images, one group per folder holding the files; document: text, paragraphs"))
 
 
 class DataSpec(Strict):

@@ -25,7 +25,7 @@ from edgebundle.targets import registry
 from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft, TargetInfo, check_bundle_places,
                                         check_output_folder,
                                         pack as pack_bundle, write_bundle)
-from edgebundle.pipeline.evaluate import (Evaluation, chain_for, check_resolvable, contract_for, evaluate,
+from edgebundle.pipeline.evaluate import (Evaluation, step_name, chain_for, check_resolvable, contract_for, evaluate,
                                           fp32_reference, original_reference, reference_latency, target_build, tried,
                                           verdict_summary)
 from edgebundle.pipeline.lock import target_lock
@@ -237,6 +237,12 @@ def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
         isa += (f" (its {v.confidence:.0%} interval's worst end" + (
             f"; {v.resolve_text()})" if v.resolve_with else ")"))
     how = tried(ev.built.quantization) if ev.built.precision == "int8" else f"{ev.built.precision}, nothing quantized"
+    if c is not None and not c.generalizes:
+        h = c.held_out
+        return (f"{spec.name}: {' + '.join(step_name(x) for x in c.steps)}: the student is at {h.line()} against the "
+                f"original on data.unlabelled's held-out groups, which no stage saw, and missed the budget there; "
+                f"on the test split the bundle is at {verdict_summary(c.decisive)}: the distilled student does not "
+                f"generalize beyond the inputs it learned from")
     if c is not None and c.reference == "original" and c.steps:
         return (f"{spec.name}: {ev.verdict.line()}{isa} against the original model missed the budget; "
                 f"{c.spent(ev.built.precision)}; tried: {how}")

@@ -4,7 +4,7 @@ runtime's fp32 latency and the PyTorch references) through the one measurement p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from edgebundle.core.modelio import import_object
 from edgebundle.core.recipe import MeasureSpec, Recipe, TargetSpec
 from edgebundle.core.session import OrtSession
 from edgebundle.pipeline.records import Prepared
+from edgebundle.stages.distill import HELD_OUT_FILE
 from edgebundle.targets.base import BuildContext, Built
 
 
@@ -81,7 +82,7 @@ def _changes_model(stage: str) -> bool:
     return s is not None and s.makes_model and s.role != "original"
 
 
-def _step_name(stage: str) -> str:
+def step_name(stage: str) -> str:
     """What the stage did, as its declaration says ('pruning'), else its name."""
     from edgebundle.stages import registry as stage_registry
 
@@ -144,11 +145,21 @@ class Chain:
     student_vs_original: Verdict | None
     bundle_vs_original: Verdict | None
     bundle_vs_student: Verdict
+    held_out: Verdict | None = None  # the distilled student against the original on data.unlabelled's held-out groups
 
     @property
     def decisive(self) -> Verdict:
-        return self.bundle_vs_original if self.reference == "original" and self.bundle_vs_original else \
+        """The bundle's verdict; one that held on the test split is still over budget when the distilled student
+        missed the budget on the held-out groups no stage saw (it does not generalize)."""
+        v = self.bundle_vs_original if self.reference == "original" and self.bundle_vs_original else \
             self.bundle_vs_student
+        if self.held_out is not None and not self.held_out.within and v.within:
+            return replace(v, within=False)
+        return v
+
+    @property
+    def generalizes(self) -> bool:
+        return self.held_out is None or self.held_out.within
 
     def spent(self, precision: str) -> str:
         """Which step spent the budget: 'pruning + distillation: cosine mean 0.8500 / min 0.6310 vs original
@@ -157,7 +168,7 @@ class Chain:
         if s is None or b is None:
             return ""
         over = " (over budget alone)" if not s.within else ""
-        return (f"{' + '.join(_step_name(x) for x in self.steps)}: {verdict_summary(s)} vs original{over}; "
+        return (f"{' + '.join(step_name(x) for x in self.steps)}: {verdict_summary(s)} vs original{over}; "
                 f"{precision}: {_more(s, b)}")
 
     def record(self) -> list[dict[str, Any]]:
@@ -173,6 +184,8 @@ class Chain:
         if self.steps:
             out.append({"step": "student fp32", "by": self.steps, "model": "student, fp32 ONNX",
                         "vs_original": row(self.student_vs_original)})
+        if self.held_out is not None:
+            out[-1]["held_out_vs_original"] = {**row(self.held_out), "groups": self.held_out.groups}
         out.append({"step": "bundle", "vs_original": row(self.bundle_vs_original) if self.steps
                     else row(self.bundle_vs_student), "vs_student_fp32": row(self.bundle_vs_student)})
         return out
@@ -187,7 +200,20 @@ def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | Non
         return Chain("original", [], None, None, bundle_vs_student)
     test = prepared.dataset.test
     return Chain(prepared.recipe.metric.reference, compressed_by(prepared), student_vs_original,
-                 contract.judge(original, bundle, test.labels, interval=True, groups=test.groups), bundle_vs_student)
+                 contract.judge(original, bundle, test.labels, interval=True, groups=test.groups), bundle_vs_student,
+                 held_out=held_out_verdict(prepared, contract))
+
+
+def held_out_verdict(prepared: Prepared, contract: Contract) -> Verdict | None:
+    """The distilled student against the original on data.unlabelled's held-out groups (saved by `distill`),
+    by the target's contract (top1 there is top-1 agreement: those inputs have no labels); None without them."""
+    art = next((a for a in prepared.lineage if a.stage == "distill"), None)
+    if art is None or not art.path(HELD_OUT_FILE).is_file():
+        return None
+    d = np.load(art.path(HELD_OUT_FILE))
+    if contract.metric == "top1":
+        contract = replace(contract, metric="agreement", spec=contract.spec.model_copy(update={"name": "agreement"}))
+    return contract.judge(d["original"], d["student"], None, interval=True, groups=d["groups"])
 
 
 def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:

@@ -19,6 +19,9 @@ from edgebundle.core.metrics import per_sample_cosine, resolve_name
 from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, predict
 
 
+HELD_OUT_FILE = "held_out.npz"  # the student's and the original's outputs on data.unlabelled's held-out groups
+
+
 @register_stage
 class Distill(StageBase):
     name = "distill"
@@ -79,11 +82,13 @@ class Distill(StageBase):
                                                    classes=classes)
         if ds.unlabelled is not None:
             metrics["unlabelled_inputs"] = len(ds.unlabelled)
-        if ds.held_out is not None:  # data.unlabelled's groups distillation never saw
-            metrics["student_vs_teacher"]["held_out"] = {
-                **vs_teacher(predict(s_model, ds.held_out, names), predict(t_model, ds.held_out, names),
-                             classes=classes),
-                "inputs": len(ds.held_out), "groups": ds.held_out.group_count()}
+        if ds.held_out is not None:  # data.unlabelled's groups distillation never saw: build judges them too
+            s_held, t_held = predict(s_model, ds.held_out, names), predict(t_model, ds.held_out, names)
+            np.savez(folder / HELD_OUT_FILE, student=s_held, original=t_held,
+                     groups=np.asarray(ds.held_out.groups).astype(str))
+            metrics["student_vs_teacher"]["held_out"] = {**vs_teacher(s_held, t_held, classes=classes),
+                                                         "inputs": len(ds.held_out),
+                                                         "groups": ds.held_out.group_count()}
         return metrics
 
 
