@@ -16,7 +16,7 @@ from torch import nn
 from edgebundle.core.data import run_outputs
 from edgebundle.core.errors import StageError
 from edgebundle.core.host import usable_cores
-from edgebundle.core.measure import interleaved_ratio
+from edgebundle.core.measure import interleaved_ratio, time_block
 from edgebundle.exporters.onnx import export
 from edgebundle.pipeline.evaluate import contract_for, measure_feeds
 from edgebundle.stages.base import StageContext
@@ -24,6 +24,9 @@ from edgebundle.stages.training import predict
 from edgebundle.targets import BuildContext, registry
 
 ROUNDS, PER_ROUND = 12, 5
+# each timed block at least this long: two sessions alternating in short blocks disturb each other (a runtime's
+# worker threads spin on after a run), which on 2 cores scattered one model against itself from 0.5x to 2x
+BLOCK_MS = 250.0
 
 
 class TargetPricer:
@@ -72,8 +75,10 @@ class TargetPricer:
     def price(self, model: nn.Module) -> dict[str, Any]:
         sess, (verdict, precision) = self._open(model)
         try:
+            base_ms = float(np.median(time_block(lambda: self.base.run(self.feeds), 5)))
+            per_round = max(PER_ROUND, int(np.ceil(BLOCK_MS / max(base_ms, 1e-3))))
             ratio, ci, p50, base_p50 = interleaved_ratio(lambda: sess.run(self.feeds), lambda: self.base.run(self.feeds),
-                                                         rounds=ROUNDS, per_round=PER_ROUND)
+                                                         rounds=ROUNDS, per_round=per_round)
         finally:
             sess.close()
             shutil.rmtree(self.tmp / f"c{self.count}", ignore_errors=True)
