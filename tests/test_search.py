@@ -125,3 +125,16 @@ def test_a_fixed_ratio_keeps_its_cache_key(default_run):
     assert set(prune.config["prune"]) & {"search_minutes", "search_ratios", "search_epochs", "depth_ratio"} == set()
     assert json.loads(json.dumps(prune.config))["prune"]["ratio"] == 0.5
     assert yaml.safe_load(yaml.safe_dump(default_dict()))["stages"]["prune"]["ratio"] == 0.5
+
+
+def test_the_kept_candidate_must_beat_the_timing_noise_and_hold_the_budget():
+    from edgebundle.stages.search import choose
+
+    def row(ratio, speedup, ci, within=True):
+        return {"candidate": {"ratio": ratio, "head_ratio": 0.0, "depth_ratio": 0.0}, "speedup": speedup,
+                "speedup_ci95": ci, "within": within}
+
+    unpruned = row(0.0, 1.02, [0.99, 1.06])
+    assert choose([unpruned, row(0.1, 1.05, [1.03, 1.08]), row(0.2, 1.3, [1.2, 1.4], within=False)])["ratio"] == 0.0
+    assert choose([unpruned, row(0.1, 1.12, [1.08, 1.15]), row(0.2, 1.3, [1.2, 1.4])])["ratio"] == 0.2
+    assert choose([unpruned, row(0.1, 1.12, [1.08, 1.15]), row(0.2, 1.3, [1.2, 1.4], within=False)])["ratio"] == 0.1
