@@ -192,6 +192,11 @@ def test_precision_auto_ships_the_faster_and_records_both(default_run, tmp_path)
     assert c["shipped"] == ("fp32" if c["decided"] == "slower" else "int8") == m["target"]["precision"]
     assert c["decided"] != "slower" or c["ci95"][0] > 1.05
     assert c["rounds"] >= 12 and "load_1m" in c["host_state"]
+    # one definition of "vs fp32 on the same runtime": the interleaved figure, in the manifest and the summary
+    sp = m["speedup"]
+    expected = 1.0 if c["shipped"] == "fp32" else 1 / c["int8_vs_fp32_interleaved"]
+    assert sp["vs_same_runtime_fp32"] == pytest.approx(expected) == sp["vs_same_runtime_fp32_interleaved"]
+    assert f"{expected:.2f}x" in res.output and "(interleaved)" in res.output  # the summary's last column
     if c["shipped"] == "fp32":
         assert any(n.startswith("precision auto: int8 within budget took") for n in m["notes"])
         assert not m["quantization"].get("format")  # the fp32 artifact carries no quantization record

@@ -35,6 +35,7 @@ from edgebundle.stages.registry import register_stage
 from edgebundle.stages.training import distill
 
 SEARCH_FILE = "search.json"
+PRICING = 2  # how candidates are priced: rows kept from another way of pricing are not reused
 HEAD_RATIOS = (0.25, 0.5)
 DEPTH_RATIOS = (0.33, 0.5)
 
@@ -131,7 +132,8 @@ class Search(StageBase):
     def _rows_file(self, ctx: StageContext) -> Path | None:
         if ctx.work is None:
             return None
-        key = hashlib.sha256(json.dumps([self.config(ctx), ctx.artifacts["teacher"].key, ctx.dataset.fingerprint],
+        key = hashlib.sha256(json.dumps([self.config(ctx), ctx.artifacts["teacher"].key, ctx.dataset.fingerprint,
+                                         PRICING],
                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
         return ctx.work / "search" / f"{key}.jsonl"
 
