@@ -181,7 +181,7 @@ def _search_rows(name: str, res) -> list[dict]:
         return []
     search = b.manifest["search"]
     out = [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
-            **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "status",
+            **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "summary", "status",
                                      "seconds", "why")}} for r in search["rows"]]
     held = (b.manifest["accuracy"].get("student_vs_teacher") or {}).get("held_out")
     if held:
@@ -250,7 +250,8 @@ def _search_table(rows: list[dict]) -> str:
                                                       f"{r['speedup_ci95'][1]:.2f}]")
         macs = "—" if r.get("macs_ratio") is None else f"{r['macs_ratio']:.2f}"
         lines.append(f"| {r['model']} | {r['label']}{' **(kept)**' if r['chosen'] else ''} | {macs} | {speed} | "
-                     f"{r.get('line') or r.get('why') or ''} | {r['status']} | {r.get('seconds') or '—'} |")
+                     f"{r.get('summary') or r.get('line') or r.get('why') or ''} | {r['status']} | "
+                     f"{r.get('seconds') or '—'} |")
     return ("\nStructure searches (prune ratio auto; each candidate pruned from the original, distilled briefly, built "
             "as the first target builds int8, judged on the validation split against the original, timed interleaved "
             "against the unpruned int8 model; the unpruned row's speed-up against itself is the timing's noise):\n\n"

@@ -18,7 +18,7 @@ from edgebundle.core.errors import StageError
 from edgebundle.core.host import usable_cores
 from edgebundle.core.measure import interleaved_ratio, time_block
 from edgebundle.exporters.onnx import export
-from edgebundle.pipeline.evaluate import contract_for, measure_feeds
+from edgebundle.pipeline.evaluate import contract_for, measure_feeds, verdict_summary
 from edgebundle.stages.base import StageContext
 from edgebundle.stages.training import predict
 from edgebundle.targets import BuildContext, registry
@@ -83,6 +83,7 @@ class TargetPricer:
             sess.close()
             shutil.rmtree(self.tmp / f"c{self.count}", ignore_errors=True)
         return {"within": bool(verdict.within), "value": round(float(verdict.value), 6), "line": verdict.line(),
+                "summary": verdict_summary(verdict),
                 "speedup": round(1 / ratio, 4), "speedup_ci95": [round(1 / ci[1], 4), round(1 / ci[0], 4)],
                 "p50_ms": round(p50, 4), "base_p50_ms": round(base_p50, 4), "precision": precision}
 

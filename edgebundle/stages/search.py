@@ -201,8 +201,8 @@ def _row_text(row: dict[str, Any]) -> str:
     if row["candidate"] == asdict(Candidate()):
         return (f"unpruned (the baseline, built twice: {row['speedup']:.2f}x is the timing's noise): {row['line']} "
                 f"vs original ({row['status']})")
-    return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model, {row['line']} vs original "
-            f"({row['status']})")
+    return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model, {row.get('summary') or row['line']} vs "
+            f"original ({row['status']})")
 
 
 def _outcome(out: dict[str, Any]) -> str:
