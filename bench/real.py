@@ -1,8 +1,9 @@
 """Real pretrained models, every target, judged by the accuracy contract: `python -m bench.real`.
 
-Runs the recipes in examples/real/ (EfficientNet-Lite1 with ImageNet weights on real photo crops;
-all-MiniLM-L6-v2 sentence embeddings on real English sentences, as is and pruned + distilled from its
-Hugging Face folder on a text file) through `edgebundle.run` with every
+Runs the recipes in examples/real/ (EfficientNet-Lite1 with ImageNet weights on real photo crops, as is and
+with its structure searched; all-MiniLM-L6-v2 sentence embeddings on real English sentences, as is, pruned +
+distilled from its Hugging Face folder on a text file, and with its structure searched, learning from
+standard-library docstrings too) through `edgebundle.run` with every
 target, keeping rejected bundles (`keep_rejected`) so their figures can be shown, then sets beside them,
 in the same process, what a user does by hand (bench/hand.py: ORT quantize_static or Optimum's dynamic
 config, nncf.quantize defaults) on the same exported fp32 model and calibration samples. Every candidate
@@ -11,7 +12,7 @@ and all are timed interleaved (ORT fp32, each runtime's own fp32, hand paths, bu
 bench/results/real.{json,md}: metric fp32 -> int8, p50 with IQR, speedup vs ORT fp32 and vs the same
 runtime's fp32, share of the host's measured int8 peak, size, tool seconds and status.
 
-Options: --only efficientnet_lite|minilm|minilm_pruned, --targets ort-cpu,openvino (default: every target of the recipe).
+Options: --only efficientnet_lite|efficientnet_lite_search|minilm|minilm_pruned|minilm_search, --targets ort-cpu,openvino (default: every target of the recipe).
 With --only, that model's rows replace its rows of the last results; the other model's stay.
 """
 
@@ -30,7 +31,7 @@ from edgebundle.pipeline.runner import run
 from edgebundle.stages.pruning import count
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
-MODELS = ("efficientnet_lite", "minilm", "minilm_pruned", "minilm_search")
+MODELS = ("efficientnet_lite", "efficientnet_lite_search", "minilm", "minilm_pruned", "minilm_search")
 
 
 def _open_bundle(path: Path, m: dict, threads: int):
