@@ -25,7 +25,7 @@ HELD_OUT_FILE = "held_out.npz"  # the student's and the original's outputs on da
 @register_stage
 class Distill(StageBase):
     name = "distill"
-    label = "distill (KL + CE)"
+    label = "distill (from the teacher)"
     after = ("prune",)
     compresses = "distillation"
     collective = True  # trains with DDP under torchrun

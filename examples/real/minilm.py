@@ -239,9 +239,11 @@ def export_folder(dest):
     section = {k: name for name, keys in SECTIONS.items() for k in keys.split()}
     labelled = [f"{s}\t{section[k]}" for k, s in topic_sentences() if k in section]
     (dest / "topics.txt").write_text("\n".join(labelled) + "\n", encoding="utf-8")
-    docs = docstring_sentences()  # 1600 of them, spread evenly: enough to learn from in minutes on 2 cores
-    docs = [docs[i] for i in np.linspace(0, len(docs) - 1, min(1600, len(docs))).round().astype(int)]
-    (dest / "docstrings.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    if not (dest / "docstrings.txt").is_file():  # written once: which docstrings a module exposes can follow what
+        # else the process imported (C accelerators replacing Python functions), and the file is data to cache on
+        docs = docstring_sentences()  # 1600 of them, spread evenly: enough to learn from in minutes on 2 cores
+        docs = [docs[i] for i in np.linspace(0, len(docs) - 1, min(1600, len(docs))).round().astype(int)]
+        (dest / "docstrings.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
     return target
 
 
