@@ -43,6 +43,7 @@ def test_the_search_keeps_a_structure_that_holds_and_refuses_one_that_does_not(d
     assert rows["ratio 0.25"]["within"] and rows["ratio 0.25"]["macs_ratio"] < 0.7
     assert not rows["ratio 0.8"]["within"] and rows["ratio 0.8"]["status"] == "over budget"
     assert "ratio 0.9" not in rows  # a family stops at its first candidate over budget
+    assert "ratio 0.25, importance fpgm" in rows  # the channels FPGM picks: a family of its own
     assert search["chosen"]["ratio"] in (0.0, 0.25)  # 0.25 when its speed-up is resolved, else unpruned
     assert bundle.manifest["accuracy"]["reference"] == "original"
     prune = next(a for a in res.prepared.lineage if a.stage == "prune")
@@ -78,15 +79,20 @@ def test_a_search_out_of_time_ships_the_unpruned_model_and_says_so(default_run, 
 def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path):
     from edgebundle.core.modelio import load_structured, save_structured
     from edgebundle.stages.pruning import block_list, kept_blocks, prune
-    from edgebundle.stages.search import families
+    from edgebundle.stages.search import Candidate, families
     from edgebundle.zoo import tiny_encoder
 
     assert kept_blocks(6, 0.5) == [0, 2, 5] and kept_blocks(6, 0.33) == [0, 2, 3, 5] and kept_blocks(2, 0.5) == [1]
     model = tiny_encoder(layers=4)
     ex = (torch.zeros(1, 32, dtype=torch.long),)
     assert block_list(model, ex) == ("layers", 4)
-    labels = [[c.label for c in f] for f in families(PruneStage(ratio="auto"), model, ex)]
-    assert labels[1] == ["head ratio 0.25", "head ratio 0.5"] and labels[2] == ["depth ratio 0.33", "depth ratio 0.5"]
+    labels = [[c.label for c in f] for f in families(PruneStage(ratio="auto", search_ratios=[0.2, 0.4]), model, ex)]
+    assert labels == [["ratio 0.2", "ratio 0.4"], ["ratio 0.2, importance fpgm", "ratio 0.4, importance fpgm"],
+                      ["head ratio 0.25", "head ratio 0.5"], ["depth ratio 0.33", "depth ratio 0.5"]]
+    fpgm = families(PruneStage(ratio="auto", importance="fpgm"), model, ex)
+    assert not any(c.importance for f in fpgm for c in f)  # the recipe's own importance is not tried twice
+    assert Candidate(ratio=0.2, importance="fpgm").config(PruneStage(ratio="auto")).importance == "fpgm"
+    assert Candidate(ratio=0.2).record() == {"ratio": 0.2, "head_ratio": 0.0, "depth_ratio": 0.0}
     x = torch.randint(0, 30, (3, 32))
     rep = prune(model, PruneStage(ratio=0.0, depth_ratio=0.5), ex, train=None, names=["tokens"])
     assert rep.blocks == {"layers": [0, 3]} and len(model.layers) == 2 and rep.macs_ratio < 0.75
