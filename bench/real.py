@@ -78,7 +78,7 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
     work = work_dir(root, name)
     sessions: dict[str, Any] = {"ORT fp32": OrtSession(fp32, threads=threads)}
     rows = {"ORT fp32": {"kind": "fp32", "size_bytes": fp32.stat().st_size}}
-    pruned = any(a.stage == "prune" for a in p.lineage)
+    pruned = p.made_by("prune") is not None
     if pruned:  # the unpruned model, exported the same way: what the speedups are against
         from edgebundle.exporters.onnx import export
 
@@ -88,7 +88,7 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
         rows["ORT fp32, unpruned"] = {"kind": "fp32", "size_bytes": teacher.stat().st_size}
         rows["ORT fp32"]["candidate_label"] = "ORT fp32, pruned student"
 
-    if any(a.stage == "search" for a in p.lineage):  # the unpruned model built as the first target builds int8
+    if p.made_by("search") is not None:  # the unpruned model built as the first target builds int8
         base = _unpruned_int8(p, root / f"{name}-unpruned")
         sessions["edgebundle ort-cpu, unpruned"] = base.base
         rows["edgebundle ort-cpu, unpruned"] = {"kind": "hand", "tool_s": None, "size_bytes": None}

@@ -277,9 +277,9 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
     if not v.within:
         notes.append(f"rejected: {_rejection(job.spec, ev).split(': ', 1)[1]}")
     recipe = job.prepared.recipe
-    search = next((a.metrics for a in job.prepared.lineage if a.stage == "search"), None)
+    search = job.prepared.made_by("search")
     if search:
-        notes.append(search["outcome"])
+        notes.append(search.metrics["outcome"])
     c = ev.chain
     if c is not None and c.steps and c.reference == "student" and c.student_vs_original is not None:
         s = c.student_vs_original
@@ -360,15 +360,19 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           interval_within_budget=v.worst_within, resolve_with=v.resolve_with,
                           decided_by="interval" if recipe.metric.confidence else "point estimate",
                           groups=v.groups, splits=prepared.dataset.splits,
-                          student_vs_teacher=next((a.metrics.get("student_vs_teacher") for a in prepared.lineage
-                                                   if a.stage == "distill"), None)),
+                          student_vs_teacher=(_metrics(prepared, "distill") or {}).get("student_vs_teacher")),
         latency=None if lat is None else lat.to_dict(),
         reference_latency={**reference, **({f"{caps.runtime}_fp32_student": same_rt} if same_rt else {})},
         speedup=_speedup(lat, reference, same_rt_p50, choice),
         host=fingerprint(),
         notes=_notes(job, ev, choice),
-        search=next((a.metrics for a in prepared.lineage if a.stage == "search"), None),
+        search=_metrics(prepared, "search"),
     )
+
+
+def _metrics(prepared: Prepared, stage: str) -> dict[str, Any] | None:
+    art = prepared.made_by(stage)
+    return None if art is None else art.metrics
 
 
 def _speedup(lat, reference: dict[str, Any], same_rt_p50: float | None, choice: dict | None) -> dict[str, float | None]:

@@ -207,7 +207,7 @@ def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | Non
 def held_out_verdict(prepared: Prepared, contract: Contract) -> Verdict | None:
     """The distilled student against the original on data.unlabelled's held-out groups (saved by `distill`),
     by the target's contract (top1 there is top-1 agreement: those inputs have no labels); None without them."""
-    art = next((a for a in prepared.lineage if a.stage == "distill"), None)
+    art = prepared.made_by("distill")
     if art is None or not art.path(HELD_OUT_FILE).is_file():
         return None
     d = np.load(art.path(HELD_OUT_FILE))

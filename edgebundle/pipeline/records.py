@@ -28,6 +28,10 @@ class Prepared:
     def input_names(self) -> list[str]:
         return [s.name for s in self.recipe.inputs]
 
+    def made_by(self, stage: str) -> Artifact | None:
+        """The lineage's artifact of `stage`, or None where that stage did not run."""
+        return next((a for a in self.lineage if a.stage == stage), None)
+
     def load_teacher(self) -> nn.Module:
         return load_structured(self.recipe.model, self.recipe.base_dir, self.teacher.folder,
                                self.recipe.limits.user_code_s)
