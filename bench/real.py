@@ -163,14 +163,16 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
 def _unpruned_int8(p, folder: Path):
     """The original model built as the recipe's first target builds its int8 artifact (the structure search's
     baseline), through the search's own pricer: `.base` is its open session."""
+    import torch
+
     from edgebundle.core.modelio import example_inputs
     from edgebundle.pipeline.pricing import TargetPricer
     from edgebundle.stages.base import StageContext
 
     folder.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(p.recipe, p.dataset, example_inputs(p.recipe.inputs), __import__("torch").device("cpu"), "",
+    ctx = StageContext(p.recipe, p.dataset, example_inputs(p.recipe.inputs), torch.device("cpu"), "",
                        artifacts={"teacher": p.teacher}, work=folder)
-    return TargetPricer(ctx)
+    return TargetPricer(ctx, p.load_teacher())
 
 
 def _search_rows(name: str, res) -> list[dict]:

@@ -100,12 +100,16 @@ def original_reference(prepared: Prepared) -> np.ndarray | None:
     and its fp32 export the reference."""
     if not compressed_by(prepared):
         return None
-    recipe = prepared.recipe
+    return judged_output(prepared.load_teacher(), prepared.dataset.test, prepared.recipe)
+
+
+def judged_output(model: nn.Module, split: Split, recipe: Recipe) -> np.ndarray:
+    """A PyTorch model's output the recipe's metric judges, on every input of `split`, in fp32."""
     idx = recipe.judged_output[0]
-    model = prepared.load_teacher().cpu().eval()
+    model = model.cpu().eval()
     outs = []
     with torch.inference_mode():
-        for feeds in iter_feeds(prepared.dataset.test, recipe.inputs, 64):
+        for feeds in iter_feeds(split, recipe.inputs, 64):
             y = model(*[torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in recipe.inputs])
             y = y[idx] if isinstance(y, (tuple, list)) else y
             outs.append(y.float().numpy())

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from edgebundle.core.data import run_outputs
@@ -18,9 +17,8 @@ from edgebundle.core.errors import StageError
 from edgebundle.core.host import usable_cores
 from edgebundle.core.measure import interleaved_ratio, time_block
 from edgebundle.exporters.onnx import export
-from edgebundle.pipeline.evaluate import contract_for, measure_feeds, verdict_summary
+from edgebundle.pipeline.evaluate import contract_for, judged_output, measure_feeds, verdict_summary
 from edgebundle.stages.base import StageContext
-from edgebundle.stages.training import predict
 from edgebundle.targets import BuildContext, registry
 
 ROUNDS, PER_ROUND = 12, 5
@@ -32,7 +30,7 @@ BLOCK_MS = 250.0
 class TargetPricer:
     """Opened once per search: the unpruned model's artifact stays open as the timing baseline."""
 
-    def __init__(self, ctx: StageContext) -> None:
+    def __init__(self, ctx: StageContext, original: nn.Module) -> None:
         recipe, ds = ctx.recipe, ctx.dataset
         self.ctx, self.spec = ctx, recipe.targets[0]
         self.target = self.spec.name  # what the search's table names
@@ -46,15 +44,13 @@ class TargetPricer:
         self.options = (options.model_copy(update={"precision": "int8"})
                         if getattr(options, "precision", None) in ("auto", "fp32") else options)
         self.threads = self.spec.threads or usable_cores()
-        self.idx = recipe.judged_output[0]
-        teacher = ctx.load(ctx.artifacts["teacher"])
-        self.original = _judged(teacher, ds.val, ctx.names, self.idx)
+        self.original = judged_output(original, ds.val, recipe)
         self.contract = contract_for(recipe, self.spec, ds.val.labels, self.original)
         self.calibration = ds.calibration(recipe.data, self.spec.calibration.samples)
         self.feeds = measure_feeds(ds.val, recipe, self.spec.measure.batch)
         self.tmp = Path(tempfile.mkdtemp(prefix=".search-", dir=ctx.work))
         self.count = 0
-        self.base, _ = self._open(teacher)
+        self.base, _ = self._open(original)
 
     def _open(self, model: nn.Module):
         """(open session, verdict on val) of `model` built as the target builds its int8 artifact."""
@@ -91,14 +87,3 @@ class TargetPricer:
         self.base.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-
-def _judged(model: nn.Module, split, names: list[str], idx: int) -> np.ndarray:
-    """The model's judged output (output number idx) on a split, in PyTorch fp32."""
-    if idx == 0:
-        return predict(model, split, names)
-    outs = []
-    with torch.inference_mode():
-        for i in range(0, len(split), 64):
-            xs = [torch.from_numpy(np.ascontiguousarray(split.inputs[n][i:i + 64])) for n in names]
-            outs.append(model.eval()(*xs)[idx].float().numpy())
-    return np.concatenate(outs)

@@ -35,7 +35,8 @@ class StageContext:
     source: str  # fingerprint of the model's source (factory file, kwargs, weights)
     artifacts: dict[str, Artifact] = field(default_factory=dict)  # by stage name
     student: Artifact | None = None  # the newest model artifact (teacher, then each model stage's output)
-    pricer: Callable[[StageContext], Pricer] | None = None  # set by the pipeline: candidates priced on a target
+    # set by the pipeline: (context, the original model) -> a Pricer of candidates on the first target
+    pricer: Callable[[StageContext, nn.Module], Pricer] | None = None
     work: Path | None = None  # the work folder (a stage's scratch files that outlive an interrupted run)
 
     @property
@@ -54,7 +55,7 @@ class Pricer(Protocol):
     target: str
 
     def price(self, model: nn.Module) -> dict[str, Any]:
-        """{'within', 'value', 'line', 'speedup', 'speedup_ci95', 'p50_ms', 'base_p50_ms', 'precision'}."""
+        """{'within', 'value', 'line', 'summary', 'speedup', 'speedup_ci95', 'p50_ms', 'base_p50_ms', 'precision'}."""
 
     def close(self) -> None: ...
 

@@ -15,6 +15,7 @@ Rows are kept in the work folder as they are priced, so an interrupted search re
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import time
@@ -121,14 +122,15 @@ class Search(StageBase):
         rows_file = self._rows_file(ctx)
         done = {json.dumps(r["candidate"], sort_keys=True): r for r in _read_rows(rows_file)}
         start = time.monotonic() - sum(r.get("seconds", 0.0) for r in done.values())
-        pricer = ctx.pricer(ctx)
+        pricer = ctx.pricer(ctx, teacher)
+        price = functools.partial(self._price, ctx, pricer, teacher, judged_metric(ctx))
         try:
-            rows = [self._row(ctx, pricer, teacher, Candidate(), done, rows_file, 0.0)]
+            rows = [self._row(price, Candidate(), done, rows_file, 0.0)]
             for family in families(cfg, teacher, ctx.example):
                 for cand in family:
                     over = time.monotonic() - start > cfg.search_minutes * 60
                     row = (_not_tried(cand, "search_minutes ran out") if over else
-                           self._row(ctx, pricer, teacher, cand, done, rows_file, time.monotonic() - start))
+                           self._row(price, cand, done, rows_file, time.monotonic() - start))
                     rows.append(row)
                     if not row.get("within"):
                         break  # stronger candidates of this family would not hold either
@@ -151,8 +153,9 @@ class Search(StageBase):
                                         sort_keys=True, default=str).encode()).hexdigest()[:16]
         return ctx.work / "search" / f"{key}.jsonl"
 
-    def _row(self, ctx: StageContext, pricer, teacher: nn.Module, cand: Candidate, done: dict, rows_file: Path | None,
-             elapsed: float) -> dict[str, Any]:
+    @staticmethod
+    def _row(price, cand: Candidate, done: dict, rows_file: Path | None, elapsed: float) -> dict[str, Any]:
+        """The candidate's row: kept from an interrupted search, or priced now (`price(cand)`) and kept."""
         key = json.dumps(cand.record(), sort_keys=True)
         if key in done:
             row = done[key]
@@ -160,7 +163,7 @@ class Search(StageBase):
             t0 = time.monotonic()
             row = {"candidate": cand.record(), "label": cand.label}
             try:
-                row.update(self._price(ctx, pricer, teacher, cand))
+                row.update(price(cand))
             except EdgeBundleError as e:
                 row.update(status="failed", within=False, why=str(e))
             row["seconds"] = round(time.monotonic() - t0, 1)
@@ -171,7 +174,8 @@ class Search(StageBase):
         progress.report("candidate", text=_row_text(row), elapsed_s=round(elapsed))
         return row
 
-    def _price(self, ctx: StageContext, pricer, teacher: nn.Module, cand: Candidate) -> dict[str, Any]:
+    @staticmethod
+    def _price(ctx: StageContext, pricer, teacher: nn.Module, metric: str, cand: Candidate) -> dict[str, Any]:
         recipe, ds = ctx.recipe, ctx.dataset
         student = copy.deepcopy(teacher)
         facts: dict[str, Any] = {}
@@ -185,7 +189,7 @@ class Search(StageBase):
                 short = d.model_copy(update={"epochs": recipe.stages.prune.search_epochs, "patience": None})
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
                     fit = distill(student, teacher, ds.distill_train, ds.val, ctx.names, short, seed=recipe.seed,
-                                  device=ctx.device, metric=judged_metric(ctx), specs=recipe.inputs)
+                                  device=ctx.device, metric=metric, specs=recipe.inputs)
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
             student = student.cpu().eval()
         facts.update(pricer.price(student))
