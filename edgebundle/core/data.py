@@ -115,30 +115,23 @@ def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
     if u is None:
         return None
     path = recipe.resolve(u.path)
+    by = u.group_by if u.group_by != "auto" else spec.group_by
     if spec.kind == "images":
-        hf = recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
-        x, _, _ = sources.read_images(path, spec.image or ImageSpec(), recipe.inputs[0], hf, "auto")
+        x, _, _ = sources.read_images(path, spec.image or ImageSpec(), recipe.inputs[0], _hf_folder(recipe), "auto")
         inputs: dict[str, Any] = {recipe.inputs[0].name: x}
-        by = u.group_by if u.group_by != "auto" else spec.group_by
         groups = sources.image_groups(path, "folder" if by == "folder" else "auto")
         fp = x.fingerprint
     else:
         text = (spec.text or TextSpec()).model_copy(update={"label_column": None})
-        hf = recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
-        folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else hf
-        if folder is None:
-            raise RecipeError("data.unlabelled (text) needs a tokenizer: data.text.tokenizer or model.hf")
-        inputs, _, _ = sources.read_text(path, text, recipe.inputs, folder)
+        inputs, _, _ = sources.read_text(path, text, recipe.inputs, _tokenizer_folder(recipe, text))
         inputs = check_inputs(inputs, recipe.inputs, what="data.unlabelled")
         n = len(next(iter(inputs.values())))
-        by = u.group_by if u.group_by != "auto" else spec.group_by
         groups = sources.text_groups(path, text) if by == "document" else np.arange(n).astype(str)
         fp = hashlib.sha256(b"".join(np.ascontiguousarray(inputs[k]).tobytes() for k in sorted(inputs))).hexdigest()
     whole = Split(inputs, None, np.asarray(groups))
     uniq = np.unique(whole.groups)
     rng = np.random.default_rng(recipe.data.seed + 1)
-    held = set(rng.permutation(uniq)[:int(round(u.held_out * len(uniq)))].tolist())
-    is_held = np.array([g in held for g in whole.groups])
+    is_held = np.isin(whole.groups, rng.permutation(uniq)[:int(round(u.held_out * len(uniq)))])
     if is_held.all():
         raise DataError(f"data.unlabelled {path}: held_out leaves nothing to learn from")
     out = whole.take(np.flatnonzero(~is_held))
@@ -398,7 +391,7 @@ def _source(recipe: Recipe) -> tuple[dict[str, np.ndarray], np.ndarray | None, l
     from edgebundle.core.recipe import ImageSpec, TextSpec
 
     spec = recipe.data
-    hf = recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
+    hf = _hf_folder(recipe)
     if spec.kind == "images":
         if len(recipe.inputs) != 1:
             raise RecipeError("data.kind images feeds a model with one input")
@@ -406,15 +399,26 @@ def _source(recipe: Recipe) -> tuple[dict[str, np.ndarray], np.ndarray | None, l
         x, labels, classes = sources.read_images(folder, spec.image or ImageSpec(), recipe.inputs[0], hf, spec.group_by)
         return {recipe.inputs[0].name: x}, labels, classes, sources.image_groups(folder, spec.group_by)
     text = spec.text or TextSpec()
-    folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else hf
     if spec.kind == "datasets":
+        folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else hf
         return (*sources.read_datasets(recipe.resolve(spec.path), spec.datasets, recipe.inputs,
                                        image=spec.image or ImageSpec(), tokenizer_folder=folder, hf_folder=hf), None)
-    if folder is None:
-        raise RecipeError("data.kind text needs a tokenizer: data.text.tokenizer (a local folder) or model.hf")
     path = recipe.resolve(spec.path)
     groups = sources.text_groups(path, text) if spec.group_by == "document" else None
-    return (*sources.read_text(path, text, recipe.inputs, folder), groups)
+    return (*sources.read_text(path, text, recipe.inputs, _tokenizer_folder(recipe, text)), groups)
+
+
+def _hf_folder(recipe: Recipe) -> Path | None:
+    """model.hf's folder, where the model comes from one (its image processor and tokenizer live there)."""
+    return recipe.resolve(recipe.model.hf) if getattr(recipe.model, "hf", None) is not None else None
+
+
+def _tokenizer_folder(recipe: Recipe, text) -> Path:
+    """Where kind text's tokenizer is: data.text.tokenizer, else model.hf's folder (a RecipeError without one)."""
+    folder = recipe.resolve(text.tokenizer) if text.tokenizer is not None else _hf_folder(recipe)
+    if folder is None:
+        raise RecipeError("data.kind text needs a tokenizer: data.text.tokenizer (a local folder) or model.hf")
+    return folder
 
 
 GROUPED_BY = {"function": "the data function's 'group'", "folder": "the .npz files' 'group'",
