@@ -8,6 +8,7 @@ dtype, finite values) before anything trains or calibrates on it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +66,10 @@ class Dataset:
     unlabelled: Split | None = None  # data.unlabelled's inputs distillation learns from (no labels)
     held_out: Split | None = None  # data.unlabelled's held-out groups: the out-of-distribution check
 
-    @property
+    @functools.cached_property
     def distill_train(self) -> Split:
         """What distillation learns from: the training split, and data.unlabelled's inputs after it (then
-        without labels: the teacher alone teaches)."""
+        without labels: the teacher alone teaches). Joined once: the search's candidates and distill share it."""
         if self.unlabelled is None:
             return self.train
         return Split({k: joined_rows(self.train.inputs[k], self.unlabelled.inputs[k]) for k in self.train.inputs},
