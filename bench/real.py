@@ -177,19 +177,15 @@ def _unpruned_int8(p, folder: Path):
 
 def _search_rows(name: str, res) -> list[dict]:
     """The structure search's table, as the manifest records it (judged on the validation split against the
-    original, timed interleaved against the unpruned int8 model), and the student on data.unlabelled's
-    held-out groups."""
+    original, timed interleaved against the unpruned int8 model). The student on data.unlabelled's held-out
+    groups is in the bundle rows' student_vs_teacher."""
     b = next((b for b in res.bundles if b.manifest and b.manifest.get("search")), None)
     if b is None:
         return []
     search = b.manifest["search"]
-    out = [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
-            **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "summary", "status",
-                                     "seconds", "why")}} for r in search["rows"]]
-    held = (b.manifest["accuracy"].get("student_vs_teacher") or {}).get("held_out")
-    if held:
-        out.append({"model": name, "kind": "held_out", **held})
-    return out
+    return [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
+             **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "summary",
+                                      "status", "seconds", "why")}} for r in search["rows"]]
 
 
 def work_dir(root: Path, name: str) -> Path:
@@ -203,7 +199,7 @@ def _summary(rows: list[dict], peak: float) -> str:
     lines = ["| model | candidate | accuracy: fp32 → int8 | p50 ms (IQR) | vs ORT fp32 | vs own fp32 | "
              "share of int8 peak | MiB | tool s | status |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["kind"] in ("reason", "search", "held_out"):
+        if r["kind"] in ("reason", "search"):
             continue
         if r["kind"] == "failed":
             why = (r["reason"] or "").split(": ", 1)[-1][:90]
