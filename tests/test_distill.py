@@ -92,7 +92,7 @@ def test_patience_stops_after_epochs_without_a_better_score_and_keeps_the_best()
     from edgebundle.core import progress
     from edgebundle.core.data import Split
     from edgebundle.core.recipe import DistillStage
-    from edgebundle.stages.base import without_unset
+    from edgebundle.stages.base import without_defaults
     from edgebundle.stages.training import _fit
 
     torch.manual_seed(0)
@@ -114,5 +114,5 @@ def test_patience_stops_after_epochs_without_a_better_score_and_keeps_the_best()
     assert fit.epochs == 5 and fit.history == [1.0, 2.0, 3.0, 2.5, 2.9] and fit.best_epoch == 2
     assert torch.equal(model.weight, weights[2])
     assert seen == [("epoch", e, 30, b) for e, b in zip(range(1, 6), (1.0, 2.0, 3.0, 3.0, 3.0))]
-    assert "patience" not in without_unset(DistillStage(), "patience")
-    assert without_unset(DistillStage(patience=3), "patience")["patience"] == 3
+    assert "patience" not in without_defaults(DistillStage(), "patience")
+    assert without_defaults(DistillStage(patience=3), "patience")["patience"] == 3

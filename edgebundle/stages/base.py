@@ -66,22 +66,12 @@ def dump(cfg) -> dict[str, Any]:
 
 
 def without_defaults(cfg, *fields: str) -> dict[str, Any]:
-    """A config as it enters a cache key, without the named fields while they hold their defaults (fields
-    added later: work folders prepared before them stay valid)."""
+    """A config as it enters a cache key, without the named fields while they hold their defaults (None for
+    optional ones; fields added later: work folders prepared before them stay valid)."""
     d = dump(cfg)
     for f in fields:
         if f in d and getattr(cfg, f) == type(cfg).model_fields[f].get_default(call_default_factory=True):
             d.pop(f)
-    return d
-
-
-def without_unset(cfg, *fields: str) -> dict[str, Any]:
-    """A config as it enters a cache key, without the named fields while they are None (fields added later:
-    work folders prepared before them stay valid)."""
-    d = dump(cfg)
-    for f in fields:
-        if d.get(f) is None:
-            d.pop(f, None)
     return d
 
 

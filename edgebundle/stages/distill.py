@@ -13,7 +13,7 @@ from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import save_structured
 from edgebundle.core.recipe import Recipe
 from edgebundle.stages.registry import register_stage
-from edgebundle.stages.base import StageBase, StageContext, without_unset
+from edgebundle.stages.base import StageBase, StageContext, without_defaults
 from edgebundle.stages.pruning import count
 from edgebundle.core.metrics import per_sample_cosine, resolve_name
 from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, predict
@@ -38,9 +38,7 @@ class Distill(StageBase):
         return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        d = without_unset(ctx.recipe.stages.distill, "patience")
-        if d.get("augment") == "none":  # the key before `augment` existed
-            d.pop("augment")
+        d = without_defaults(ctx.recipe.stages.distill, "patience", "augment")
         if d.get("loss") == "auto":  # the key before `loss` existed: those work folders stay valid
             d.pop("loss")
             kind = self._loss(ctx)

@@ -10,7 +10,7 @@ from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import build_model, save_structured
 from edgebundle.core.recipe import EnsembleSpec, Recipe
 from edgebundle.stages.registry import register_stage
-from edgebundle.stages.base import StageBase, StageContext, dump, model_key, without_unset
+from edgebundle.stages.base import StageBase, StageContext, dump, model_key, without_defaults
 from edgebundle.stages.pruning import count
 from edgebundle.stages.training import accuracy, predict, train_supervised
 
@@ -39,7 +39,7 @@ class Teacher(StageBase):
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
-        return {"model": model_key(r.model), "train": without_unset(r.stages.train, "patience") if trains(r) else None,
+        return {"model": model_key(r.model), "train": without_defaults(r.stages.train, "patience") if trains(r) else None,
                 "seed": r.seed, "inputs": [dump(i) for i in r.inputs]}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
