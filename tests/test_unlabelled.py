@@ -157,3 +157,29 @@ def test_a_student_that_holds_the_test_split_but_not_the_held_out_groups_is_reje
     assert acc["target"] >= 90  # the test split alone would have shipped it
     rejection = b.manifest["target"]["rejection"]
     assert "distillation" in rejection and "held-out groups" in rejection and "does not generalize" in rejection
+
+
+def test_bad_unlabelled_inputs_are_one_line_each(tmp_path):
+    """A folder that is not there, a file where a folder belongs, an unreadable image, a held-out share that
+    leaves nothing to learn from: each one DataError naming it, before any work."""
+    from PIL import Image
+
+    from edgebundle.core.errors import DataError
+
+    rng = np.random.default_rng(0)
+    for name in ("photos", "one"):
+        (tmp_path / name).mkdir()
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "one" / "0.png")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_text("not an image")
+    for unlabelled, message in (({"path": "missing"}, "image folder not found"),
+                                ({"path": "photos/0.png"}, "is a file, not a folder"),
+                                ({"path": "broken"}, "cannot read image"),
+                                ({"path": "one", "held_out": 0.9}, "held_out leaves nothing to learn from")):
+        d = {"version": 1, "model": {"factory": "crops.py:teacher"},
+             "inputs": [{"name": "image", "shape": [1, 3, 24, 24]}],
+             "data": {"kind": "images", "path": "photos", "unlabelled": unlabelled}}
+        with pytest.raises(DataError, match=message):
+            load_dataset(recipe_from_dict(d, base_dir=tmp_path))
