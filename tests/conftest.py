@@ -16,7 +16,16 @@ torch.set_num_threads(2)
 
 
 def default_dict() -> dict:
-    return yaml.safe_load(default_recipe_text())
+    """The embedded default with `precision: int8` on both targets: the tests exercise the int8 path, which
+    the default's `precision: auto` ships only where int8 is faster on the host running them."""
+    d = yaml.safe_load(default_recipe_text())
+    for t in d["targets"]:
+        t.setdefault("options", {})["precision"] = "int8"
+    return d
+
+
+def default_recipe():
+    return recipe_from_dict(default_dict(), base_dir=Path.cwd(), source="(embedded default, int8)")
 
 
 def make_recipe(base_dir: Path, **overrides):
@@ -51,13 +60,13 @@ def prepared_copy(default_run, tmp_path: Path, **changes):
 
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
-    """RunResult of the embedded default recipe (trains teacher, prunes, distills, exports, ORT int8)."""
-    from edgebundle.core.recipe import load_recipe
+    """RunResult of the embedded default recipe with int8 forced (trains teacher, prunes, distills, exports,
+    ORT and OpenVINO int8)."""
     from edgebundle.pipeline.runner import run
 
     out = tmp_path_factory.mktemp("default") / "bundles"
     events = []
-    result = run(load_recipe(None), output=out, on_event=lambda kind, stage, **k: events.append((kind, stage, k)))
+    result = run(default_recipe(), output=out, on_event=lambda kind, stage, **k: events.append((kind, stage, k)))
     return SimpleNamespace(prepared=result.prepared, bundles=result.bundles, output=out, events=events)
 
 

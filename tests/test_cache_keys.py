@@ -14,6 +14,7 @@ from pathlib import Path
 from edgebundle.pipeline import cache
 from edgebundle.core.data import load_dataset
 from edgebundle.core.modelio import source_fingerprint
+from conftest import default_recipe
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "cache_payloads.json"
 
@@ -41,9 +42,7 @@ def _payloads(recipe, work: Path) -> list[dict]:
 
 
 def test_stage_cache_payloads_are_pinned(default_run):
-    from edgebundle.core.recipe import load_recipe
-
-    got = _payloads(load_recipe(None), default_run.output / ".work")
+    got = _payloads(default_recipe(), default_run.output / ".work")
     if os.environ.get("EDGEBUNDLE_PIN_CACHE_KEYS"):
         GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
     assert got == json.loads(GOLDEN.read_text())

@@ -88,15 +88,26 @@ def test_recipe_command_prints_loadable_default(tmp_path):
     from edgebundle.core.recipe import load_recipe
 
     assert load_recipe(p).name == "digits-cnn"
+    # the printed recipe asks for the real default: int8 only where it is faster (a copy ships no slower int8)
+    assert [t.options["precision"] for t in load_recipe(p).targets] == ["auto", "auto"]
 
 
-def test_readme_main_command_runs(default_run):
-    """`edgebundle run` (the README's first command), as a real process, reusing the session's cache."""
-    res = subprocess.run([sys.executable, "-m", "edgebundle.cli", "run", "-o", str(default_run.output)],
+def test_readme_main_command_runs(default_run, tmp_path):
+    """`edgebundle run` (the README's first command), as a real process, reusing the session's stage cache
+    (the embedded default asks for precision auto: each target builds both and ships the faster)."""
+    import json
+    import shutil
+
+    out = tmp_path / "bundles"
+    shutil.copytree(default_run.output / ".work", out / ".work", ignore=shutil.ignore_patterns(".lock*"))
+    res = subprocess.run([sys.executable, "-m", "edgebundle.cli", "run", "-o", str(out)],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "(cached)" in res.stdout and "ort-cpu" in res.stdout and "openvino" in res.stdout
-    assert (default_run.output / "ort-cpu" / "manifest.json").is_file()
+    for target in ("ort-cpu", "openvino"):
+        m = json.loads((out / target / "manifest.json").read_text())
+        assert m["target"]["precision"] in ("int8", "fp32")
+        assert m["quantization"]["precision_choice"]["asked"] == "auto"
 
 
 def test_a_run_logged_to_a_file_shows_each_stage_and_epoch_as_it_happens(tmp_path):

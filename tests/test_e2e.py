@@ -66,11 +66,11 @@ def test_manifest_records_lineage_io_and_quantization(default_run):
 
 
 def test_unchanged_recipe_does_no_work(default_run, tmp_path):
-    from edgebundle.core.recipe import load_recipe
+    from conftest import default_recipe
     from edgebundle.pipeline.runner import prepare
 
     events = []
-    prepare(load_recipe(None), default_run.output / ".work",
+    prepare(default_recipe(), default_run.output / ".work",
             on_event=lambda kind, stage, **k: events.append((kind, stage, k.get("cached"))))
     starts = [(s, c) for kind, s, c in events if kind == "start"]
     assert starts == [("teacher", True), ("prune", True), ("distill", True), ("export", True),

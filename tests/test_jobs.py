@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from edgebundle.cli import app
 from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import verify_files
-from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import PREPARED_FILE, build, load_prepared, prepare
+
+from conftest import default_recipe
 
 runner = CliRunner()
 
@@ -24,8 +25,14 @@ runner = CliRunner()
 def moved_work(default_run, tmp_path_factory):
     """The default's work folder, prepared by the CLI (all stages cached) and then moved elsewhere,
     as a CI artifact would be."""
+    import yaml
+
+    from conftest import default_dict
+
     work = default_run.output / ".work"
-    r = runner.invoke(app, ["prepare", "-o", str(work)])
+    recipe = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(default_dict()))  # the default as the session ran it (int8)
+    r = runner.invoke(app, ["prepare", str(recipe), "-o", str(work)])
     assert r.exit_code == 0, r.output
     dest = tmp_path_factory.mktemp("ci-artifact") / "work"
     shutil.copytree(work, dest, ignore=shutil.ignore_patterns(".prepare.lock"))
@@ -71,7 +78,7 @@ def test_build_refuses_a_changed_work_folder(moved_work, tmp_path):
 def test_build_needs_a_prepared_folder_and_the_same_recipe(moved_work, tmp_path):
     r = runner.invoke(app, ["build", str(tmp_path), "-t", "ort-cpu"])
     assert r.exit_code == 2 and "is not a prepared work folder" in r.output
-    changed = load_recipe(None).model_copy(update={"seed": 1})
+    changed = default_recipe().model_copy(update={"seed": 1})
     with pytest.raises(Exception, match="differs from the one prepared"):
         load_prepared(moved_work, changed)
 
