@@ -61,6 +61,11 @@ def test_qat_starts_on_the_post_training_grid_and_keeps_the_best_epoch(prepared)
     # a contract already met ties at every epoch: the distillation loss on the validation inputs decides
     tied = qat_pt2e(model, _xnnpack(True), ds.train, cal, val, specs, epochs=2, **dict(kw, score=lambda out: 0.0))
     assert tied.history == [0.0] * 3 and tied.best_epoch + 1 == int(np.argmin(tied.distill_loss))
+    # patience: a score that peaks at the first epoch stops the fine-tune two epochs later, that epoch kept
+    scores = iter([50.0, 90.0] + [80.0 - i for i in range(20)])
+    early = qat_pt2e(model, _xnnpack(True), ds.train, cal, val, specs, epochs=10, patience=2,
+                     **dict(kw, score=lambda out: next(scores)))
+    assert early.epochs_run == 3 and early.history == [50.0, 90.0, 80.0, 79.0] and early.best_epoch == 0
 
 
 def test_the_qat_switch_reads_yaml_on_and_off_and_refuses_anything_else():

@@ -57,6 +57,8 @@ class QatOptions(BaseModel):
     temperature: float = Field(2.0, gt=0, description="softens logits for the KL loss of class outputs")
     samples: int = Field(512, ge=2, le=10_000_000, description="at most this many training inputs")
     val_samples: int = Field(128, ge=1, le=10_000_000, description="validation inputs that pick the best epoch")
+    patience: int | None = Field(None, ge=1, le=1000, description=(
+        "stop after this many epochs without a better validation score (the best epoch is kept); unset: every epoch"))
 
     @field_validator("enabled", mode="before")
     @classmethod
@@ -72,6 +74,7 @@ class QatResult:
     history: list[float] = field(default_factory=list)  # validation scores: the start, then each epoch
     distill_loss: list[float] = field(default_factory=list)  # validation distillation loss, likewise
     seconds: float = 0.0
+    epochs_run: int = 0  # fewer than asked where patience stopped it
 
 
 def _tensors(split: Split, names: list[str], rows: np.ndarray):
@@ -120,11 +123,13 @@ def capture(model, split: Split, specs: list[InputSpec]):
 
 def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Split, specs: list[InputSpec], *,
              val_reference: np.ndarray, score: Callable[[np.ndarray], float], output: int = 0, loss: str,
-             epochs: int, lr: float, batch_size: int, temperature: float, seed: int) -> QatResult:
+             epochs: int, lr: float, batch_size: int, temperature: float, seed: int,
+             patience: int | None = None) -> QatResult:
     """Fine-tune `model` (eval mode, fp32) under `quantizer`'s fake quantization to match its own fp32
     outputs on `train` (output number `output` of several). On `validation`, whose fp32 outputs are
     `val_reference`, `score(outputs)` rates the fake-quantized model (higher is better) and the distillation
-    loss breaks ties. Returns the best epoch's converted model."""
+    loss breaks ties. With `patience`, stops after that many epochs without a better (score, loss). Returns the
+    best epoch's converted model."""
     import torch
     from torchao.quantization.pt2e import (allow_exported_model_train_eval, disable_fake_quant, disable_observer,
                                            enable_fake_quant, move_exported_model_to_eval)
@@ -174,5 +179,7 @@ def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Spl
         if (s, -lo) > best[0]:
             best = ((s, -lo), epoch, copy.deepcopy(prepared.state_dict()))
         progress.report("epoch", epoch=epoch + 1, epochs=epochs, metric="qat val score", value=s, best=best[0][0])
+        if patience is not None and epoch - best[1] >= patience:
+            break
     prepared.load_state_dict(best[2])
-    return QatResult(convert_pt2e(prepared), best[1], history, losses, time.perf_counter() - t0)
+    return QatResult(convert_pt2e(prepared), best[1], history, losses, time.perf_counter() - t0, len(history) - 1)

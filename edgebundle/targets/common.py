@@ -55,9 +55,11 @@ def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str,
     loss = loss_for_metric(contract.metric)
     r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
                  score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
-                 epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed)
+                 epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed,
+                 patience=q.patience)
     record = {"tool": tool, "loss": loss, "teacher": "the fp32 student",
-              "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs, "lr": q.lr,
+              "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs,
+              **({"patience": q.patience} if q.patience is not None else {}), "epochs_run": r.epochs_run, "lr": q.lr,
               "batch_size": q.batch_size, "best_epoch": r.best_epoch,
               "val_loss_by_epoch": [round(-h, 6) for h in r.history],
               "val_distill_loss_by_epoch": [round(x, 6) for x in r.distill_loss], "seconds": round(r.seconds, 1)}
