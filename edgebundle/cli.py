@@ -386,10 +386,10 @@ def explain(
         raise typer.Exit(2)
     kept = set((q.get("accuracy_budget") or {}).get("excluded_nodes") or [])
     t = Table(title=f"int8 error per layer: {m.target.name} (lower SQNR = more damage)")
-    for col in ("layer", "op", "weight SQNR dB", "input SQNR dB", "kept in float"):
+    for col in ("PyTorch module", "ONNX node", "op", "weight SQNR dB", "input SQNR dB", "kept in float"):
         t.add_column(col)
     for r in rows[:top]:
-        t.add_row(r["node"], r["op"], str(r["weight_sqnr_db"]), str(r["input_sqnr_db"]),
+        t.add_row(r.get("module") or "-", r["node"], r["op"], str(r["weight_sqnr_db"]), str(r["input_sqnr_db"]),
                   "yes" if r["node"] in kept else "")
     console.print(t)
     b = q.get("accuracy_budget")
@@ -488,9 +488,8 @@ def targets() -> None:
     """List the targets, what each needs and whether it is available here."""
     from edgebundle.targets import registry
 
-    t = Table(title="targets")
-    for col in ("name", "precisions", "runtime", "needs GPU", "extra", "available here"):
-        t.add_column(col)
+    cols = ("name", "precisions", "runtime", "needs GPU", "extra", "available here")
+    rows = []
     for name in registry.names():
         e = registry.lookup(name)
         target = e.factory()
@@ -498,7 +497,16 @@ def targets() -> None:
         pending = target.pending_reason(None)
         c = e.capabilities
         here = (f"no: {why}" if why else f"partly: builds a pending bundle ({pending})" if pending else "yes")
-        t.add_row(name, ", ".join(c.precisions), c.runtime, "yes" if c.needs_gpu else "no", c.extra or "-", esc(here))
+        rows.append((name, ", ".join(c.precisions), c.runtime, "yes" if c.needs_gpu else "no", c.extra or "-", here))
+    if not console.is_terminal:  # piped or logged: whole lines, one per target (a table would cut the hints)
+        for row in (cols, *rows):
+            sys.stdout.write("\t".join(row) + "\n")
+        return
+    t = Table(title="targets")
+    for col in cols:
+        t.add_column(col)
+    for row in rows:
+        t.add_row(*row[:-1], esc(row[-1]))
     console.print(t)
 
 

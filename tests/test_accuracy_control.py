@@ -58,7 +58,12 @@ def test_over_budget_keeps_the_fewest_sensitive_layers_in_float(harsh):
 def test_explain_shows_the_table(default_run):
     r = runner.invoke(app, ["explain", str(default_run.bundles[0].path)])
     assert r.exit_code == 0, r.output
-    assert "SQNR" in r.output and default_run.bundles[0].manifest["quantization"]["layer_errors"][0]["node"] in r.output
+    rows = default_run.bundles[0].manifest["quantization"]["layer_errors"]
+    assert "SQNR" in r.output and rows[0]["node"] in r.output
+    # each layer named by the student's own module (from the exporter's metadata), as a user knows it
+    modules = dict(default_run.prepared.load_student().named_modules())
+    assert all(row["module"] in modules for row in rows) and rows[0]["module"] in r.output
+    assert {row["module"] for row in rows} >= {"features.0", "classifier"}
     r = runner.invoke(app, ["explain", str(default_run.bundles[1].path)])  # openvino: no ORT table
     assert r.exit_code == 2 and "no per-layer error table" in r.output
 

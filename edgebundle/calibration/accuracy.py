@@ -55,11 +55,34 @@ def layer_sensitivity(fp32: Path, int8: Path, split: Split, specs: list[InputSpe
         a = act.get(n.input[0], {})
         local = a.get("qdq_err")  # the noise quantizing this layer's input adds by itself
         vals = [v for v in (w, local) if v is not None and np.isfinite(v)]
-        rows.append({"node": n.name, "op": n.op_type, "weight_sqnr_db": _r(w), "input_sqnr_db": _r(local),
+        rows.append({"node": n.name, **({"module": m} if (m := torch_module(n)) else {}), "op": n.op_type,
+                     "weight_sqnr_db": _r(w), "input_sqnr_db": _r(local),
                      "input_vs_fp32_sqnr_db": _r(a.get("xmodel_err")),  # accumulated from all layers before
                      "sensitivity_db": _r(min(vals)) if vals else None})
     rows.sort(key=lambda r: (r["sensitivity_db"] is None, r["sensitivity_db"] if r["sensitivity_db"] is not None else 0))
     return rows
+
+
+def torch_module(node) -> str | None:
+    """The PyTorch module an ONNX node came from (`features.0`), from the metadata torch.onnx's dynamo exporter
+    writes on each node (`pkg.torch.onnx.name_scopes`: the module path, then the op); None without it. A conv
+    with its batch norm folded in carries the norm's scope: named by the block holding both."""
+    import ast
+
+    meta = {p.key: p.value for p in node.metadata_props}
+    try:
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        classes = ast.literal_eval(meta.get("pkg.torch.onnx.class_hierarchy", "[]"))
+    except (ValueError, SyntaxError):
+        return None
+    if not isinstance(scopes, list) or len(scopes) < 2 or not all(isinstance(x, str) for x in scopes):
+        return None
+    modules = [x for x in scopes[:-1] if x]  # the last scope is the op itself; the first the model ('')
+    if not modules:
+        return None
+    folded = (node.op_type == "Conv" and len(classes) == len(scopes) and len(modules) > 1
+              and "BatchNorm" in str(classes[-2]))
+    return modules[-2] if folded else modules[-1]
 
 
 def _r(x: float | None) -> float | None:
