@@ -94,6 +94,37 @@ def test_an_image_folder_feeds_a_whole_run(tmp_path):
     meta = json.loads((data_art / "artifact.json").read_text())
     assert meta["metrics"]["classes"] == [f"class{k}" for k in range(10)]
     assert prepared["recipe"]["data"]["kind"] == "images"
+    with np.load(data_art / "test.npz") as z:  # the photos' bytes, not their decoded rows
+        assert "packed:image:bytes" in z.files and "input:image" not in z.files
+
+
+def test_an_image_folder_is_stored_in_the_work_folder_as_its_files_not_as_decoded_floats(tmp_path):
+    """The data stage keeps an image split as the image files' bytes (a JPEG crop is a fraction of its float32
+    row), or as the cropped pixels in a lossless PNG where the file is larger than them; both decode to the
+    very rows the source gave."""
+    from edgebundle.core.data import Split
+    from edgebundle.core.sources import PACKED_FILE, PACKED_PIXELS, read_images
+    from edgebundle.stages.data import load_split, save_split
+
+    china, flower = _photos()
+    for i in range(6):
+        _save(china[i * 40:i * 40 + 200, i * 50:i * 50 + 200], tmp_path / "photos" / f"{i}.jpg")
+    _save(flower, tmp_path / "photos" / "big.png")  # 800 KB: larger than its 96 x 96 crop
+    rows, _, _ = read_images(tmp_path / "photos", ImageSpec(resize=110, mean=[0.5] * 3, std=[0.25] * 3),
+                             InputSpec(name="image", shape=[1, 3, 96, 96]))
+    split = Split({"image": rows}, None, np.arange(7)).take(np.array([6, 0, 3, 5])).materialized()
+    assert isinstance(split.inputs["image"], np.ndarray)  # made in memory, its lazy rows kept for storing
+    save_split(split, tmp_path / "test.npz")
+    with np.load(tmp_path / "test.npz") as z:
+        assert "input:image" not in z.files
+        assert z["packed:image:kind"].tolist() == [PACKED_PIXELS, PACKED_FILE, PACKED_FILE, PACKED_FILE]
+    floats = split.inputs["image"].nbytes
+    assert (tmp_path / "test.npz").stat().st_size < floats / 3
+    back = load_split(tmp_path / "test.npz")
+    np.testing.assert_array_equal(back.inputs["image"], split.inputs["image"])
+    assert back.groups.tolist() == ["6", "0", "3", "5"]
+    save_split(back.take(np.array([1, 0])), tmp_path / "again.npz")  # a stored split stores compactly again
+    np.testing.assert_array_equal(load_split(tmp_path / "again.npz").inputs["image"], split.inputs["image"][[1, 0]])
 
 
 def _tokenizer_folder(tmp_path):

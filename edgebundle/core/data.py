@@ -31,6 +31,7 @@ class Split:
     inputs: dict[str, np.ndarray | LazyRows]
     labels: np.ndarray | None
     groups: np.ndarray | None = None  # one id per input: inputs of one source (photo, video, document); None: each its own
+    made_from: dict[str, LazyRows] | None = None  # materialized inputs' lazy rows, kept to store them compactly
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
@@ -38,13 +39,21 @@ class Split:
     def take(self, idx: np.ndarray) -> Split:
         return Split({k: v.view(idx) if isinstance(v, LazyRows) else v[idx] for k, v in self.inputs.items()},
                      None if self.labels is None else self.labels[idx],
-                     None if self.groups is None else self.groups[idx])
+                     None if self.groups is None else self.groups[idx],
+                     None if self.made_from is None else {k: v.view(idx) for k, v in self.made_from.items()})
 
     def materialized(self) -> Split:
         """The same split with every lazy input made (in memory)."""
-        if not any(isinstance(v, LazyRows) for v in self.inputs.values()):
+        lazy = {k: v for k, v in self.inputs.items() if isinstance(v, LazyRows)}
+        if not lazy:
             return self
-        return Split({k: np.asarray(v) for k, v in self.inputs.items()}, self.labels, self.groups)
+        return Split({k: np.asarray(v) for k, v in self.inputs.items()}, self.labels, self.groups,
+                     {**(self.made_from or {}), **lazy})
+
+    def lazy(self, name: str) -> LazyRows | None:
+        """Input `name`'s rows as made on access, where they came from a lazy source (made or not yet)."""
+        v = self.inputs[name]
+        return v if isinstance(v, LazyRows) else (self.made_from or {}).get(name)
 
     def group_count(self) -> int:
         """Independent sources among the inputs (the inputs themselves where no groups were given)."""

@@ -10,12 +10,15 @@ import numpy as np
 class LazyRows:
     """An input's rows, made on access by `make(row_numbers)` (e.g. decoding those image files): indexing
     with an int, a slice or an index array makes just those rows; `view` selects rows without making any;
-    `np.asarray` makes them all. `fingerprint` stands for the content (the files' bytes and preprocessing)."""
+    `np.asarray` makes them all. `fingerprint` stands for the content (the files' bytes and preprocessing).
+    `pack(row_numbers)`, where given, stores those rows more compactly than the made arrays (an image's file
+    bytes instead of its decoded float32 pixels): arrays that the source's `unpack` turns back into rows."""
 
     def __init__(self, make: Callable[[np.ndarray], np.ndarray], sample_shape: tuple[int, ...], dtype,
-                 rows: np.ndarray, fingerprint: str) -> None:
+                 rows: np.ndarray, fingerprint: str,
+                 pack: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None) -> None:
         self.make, self.sample_shape, self.dtype = make, tuple(sample_shape), np.dtype(dtype)
-        self.rows, self.fingerprint = np.asarray(rows, np.int64), fingerprint
+        self.rows, self.fingerprint, self.pack = np.asarray(rows, np.int64), fingerprint, pack
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -34,7 +37,11 @@ class LazyRows:
         return self.make(self.rows[np.asarray(key) if not isinstance(key, slice) else key])
 
     def view(self, idx) -> LazyRows:
-        return LazyRows(self.make, self.sample_shape, self.dtype, self.rows[idx], self.fingerprint)
+        return LazyRows(self.make, self.sample_shape, self.dtype, self.rows[idx], self.fingerprint, self.pack)
+
+    def packed(self) -> dict[str, np.ndarray] | None:
+        """These rows in the source's compact form, or None where the source has none."""
+        return None if self.pack is None else self.pack(self.rows)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self.make(self.rows) if len(self.rows) else np.empty(self.shape, self.dtype)

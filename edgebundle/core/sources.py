@@ -68,10 +68,10 @@ def _processor_defaults(hf_folder: Path | None) -> dict[str, Any]:
 
 def _image_transform(spec: ImageSpec, inp: InputSpec, hf_folder: Path | None):
     """(sample shape, transform: PIL image -> one row, the settings as text for hashing) for `inp`."""
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise RecipeError("image data needs Pillow: pip install edgebundle[images]") from e
+    import importlib.util
+
+    if importlib.util.find_spec("PIL") is None:
+        raise RecipeError("image data needs Pillow: pip install edgebundle[images]")
     nhwc = spec.layout == "NHWC"
     if len(inp.shape) != 4:
         raise RecipeError(f"image data: input '{inp.name}' has shape {inp.shape}; images need 4 "
@@ -85,20 +85,32 @@ def _image_transform(spec: ImageSpec, inp: InputSpec, hf_folder: Path | None):
     std = np.asarray(d["std"] if d["std"] is not None else [1.0] * c, np.float32)
     if len(mean) != c or len(std) != c:
         raise RecipeError(f"data.image: mean and std need {c} values (one per channel)")
-    resize = d["resize"] or min(h, w)
+    settings = json.dumps([d["resize"] or min(h, w), mean.tolist(), std.tolist(), nhwc, c, h, w])
+    sample, pixels, normalize = _image_codec(settings)
+    return sample, lambda im: normalize(pixels(im)), settings
 
-    def transform(im) -> np.ndarray:
-        im = _upright_8bit(im)
-        im = im.convert("RGB" if c == 3 else "L")
+
+def _image_codec(settings: str):
+    """(sample shape, pixels: PIL image -> uint8 H x W x C (upright, resized so the shorter side is `resize`,
+    center-cropped), normalize: those pixels -> one float32 row (0..1, mean/std, channels first unless NHWC))
+    from the settings `_image_transform` hashes: what packed rows need to decode on another machine."""
+    from PIL import Image
+
+    resize, mean, std, nhwc, c, h, w = json.loads(settings)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def pixels(im) -> np.ndarray:
+        im = _upright_8bit(im).convert("RGB" if c == 3 else "L")
         s = resize / min(im.size)
         im = im.resize((max(w, round(im.size[0] * s)), max(h, round(im.size[1] * s))), Image.Resampling.BILINEAR)
         left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
-        a = (np.asarray(im.crop((left, top, left + w, top + h)), np.float32) / 255.0).reshape(h, w, c)
-        a = (a - mean) / std
+        return np.asarray(im.crop((left, top, left + w, top + h)), np.uint8).reshape(h, w, c)
+
+    def normalize(u8: np.ndarray) -> np.ndarray:
+        a = (u8.astype(np.float32) / 255.0 - mean) / std
         return a if nhwc else a.transpose(2, 0, 1)
 
-    settings = json.dumps([resize, mean.tolist(), std.tolist(), nhwc, c, h, w])
-    return ((h, w, c) if nhwc else (c, h, w)), transform, settings
+    return ((h, w, c) if nhwc else (c, h, w)), pixels, normalize
 
 
 def _upright_8bit(im):
@@ -113,14 +125,75 @@ def _upright_8bit(im):
     return im
 
 
-def _lazy_images(n: int, open_row, sample, transform, fingerprint: str) -> LazyRows:
+PACKED_FILE, PACKED_PIXELS = 0, 1  # a packed row holds its image file's bytes, or its cropped pixels as PNG
+
+
+def _pack_images(rows: np.ndarray, open_row, file_bytes, settings: str) -> dict[str, np.ndarray]:
+    """Image rows as the bytes to decode them again: the image file itself where it is no larger than the
+    cropped pixels (a JPEG crop is a fraction of its decoded float32 row), otherwise the cropped uint8 pixels
+    as a lossless PNG (a 12-megapixel photo, or an image with no file: a data set's column)."""
+    import io
+
+    from PIL import Image
+
+    (_, pixels, _), blobs, kinds = _image_codec(settings), [], []
+    _, _, _, _, c, h, w = json.loads(settings)
+    for r in rows:
+        b = file_bytes(int(r)) if file_bytes is not None else None
+        if b is None or len(b) > h * w * c:
+            buf = io.BytesIO()
+            u8 = pixels(open_row(int(r)))
+            Image.fromarray(u8[:, :, 0] if c == 1 else u8, "L" if c == 1 else "RGB").save(buf, "PNG")
+            b, kind = buf.getvalue(), PACKED_PIXELS
+        else:
+            kind = PACKED_FILE
+        blobs.append(np.frombuffer(b, np.uint8))
+        kinds.append(kind)
+    return {"codec": np.asarray("images"), "settings": np.asarray(settings), "kind": np.asarray(kinds, np.uint8),
+            "offsets": np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64),
+            "bytes": np.concatenate(blobs) if blobs else np.empty(0, np.uint8)}
+
+
+def unpack_images(arrays: dict[str, np.ndarray], fingerprint: str) -> LazyRows:
+    """Rows packed by `_pack_images`, decoded on access exactly as from the source (same Pillow)."""
+    import io
+
+    from PIL import Image
+
+    settings = str(arrays["settings"])
+    sample, pixels, normalize = _image_codec(settings)
+    kinds, offsets, data = arrays["kind"], arrays["offsets"], arrays["bytes"]
+    _, _, _, _, c, h, w = json.loads(settings)
+
+    def make(rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *sample), np.float32)
+        for i, r in enumerate(rows):
+            with Image.open(io.BytesIO(data[offsets[r]:offsets[r + 1]].tobytes())) as im:
+                im.load()
+                u8 = pixels(im) if kinds[r] == PACKED_FILE else np.asarray(im, np.uint8).reshape(h, w, c)
+            out[i] = normalize(u8)
+        return out
+
+    return LazyRows(make, sample, np.float32, np.arange(len(kinds)), fingerprint,
+                    pack=lambda rows: _repack(arrays, rows))
+
+
+def _repack(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    offsets, data = arrays["offsets"], arrays["bytes"]
+    blobs = [data[offsets[r]:offsets[r + 1]] for r in rows]
+    return {**arrays, "kind": arrays["kind"][rows], "offsets": np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64),
+            "bytes": np.concatenate(blobs) if blobs else np.empty(0, np.uint8)}
+
+
+def _lazy_images(n: int, open_row, sample, transform, fingerprint: str, settings: str, file_bytes=None) -> LazyRows:
     def make(rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), *sample), np.float32)
         for i, r in enumerate(rows):
             out[i] = transform(open_row(int(r)))
         return out
 
-    return LazyRows(make, sample, np.float32, np.arange(n), fingerprint)
+    return LazyRows(make, sample, np.float32, np.arange(n), fingerprint,
+                    pack=lambda rows: _pack_images(rows, open_row, file_bytes, settings))
 
 
 def image_groups(folder: Path, by: str) -> np.ndarray:
@@ -171,7 +244,8 @@ def read_images(folder: Path, spec: ImageSpec, inp: InputSpec, hf_folder: Path |
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise unreadable(files[r], e) from e
 
-    rows = _lazy_images(len(files), open_row, sample, transform, digest.hexdigest())
+    rows = _lazy_images(len(files), open_row, sample, transform, digest.hexdigest(), settings,
+                        file_bytes=lambda r: files[r].read_bytes())
     return rows, None if labels is None else np.asarray(labels, np.int64), classes
 
 
@@ -400,7 +474,7 @@ def read_datasets(path: Path, spec: DatasetsSpec, inputs: list[InputSpec], *, im
         sample, transform, settings = _image_transform(image, inputs[0], hf_folder)
         images = ds.select_columns([spec.image_column])
         fp = f"{_folder_digest(path)}:{split}:{spec.image_column}:{settings}"
-        rows = _lazy_images(len(ds), lambda r: images[r][spec.image_column], sample, transform, fp)
+        rows = _lazy_images(len(ds), lambda r: images[r][spec.image_column], sample, transform, fp, settings)
         return {inputs[0].name: rows}, labels, classes
     missing = [i.name for i in inputs if i.name not in spec.columns]
     if missing:
