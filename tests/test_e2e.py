@@ -60,7 +60,9 @@ def test_manifest_records_lineage_io_and_quantization(default_run):
     assert m["inputs"] == [{"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
     assert m["outputs"][0]["name"] == "logits"
     q = m["quantization"]
-    assert q["format"] == "QDQ" and q["activations"] == "uint8" and q["weights"] == "int8" and q["per_channel"]
+    assert q["format"] == "QDQ" and q["activations"] == "uint8" and q["per_channel"]
+    # weights auto: int8, or on a CPU without VNNI 8-bit uint8 where 7-bit int8 gave up more (recorded why)
+    assert q["weights"] == "int8" or (q["weights"] == "uint8" and q["weights_auto"]["chose"] == "uint8")
     assert q["calibration"] == {"method": "minmax", "samples": 128}
     assert m["schema_version"] == 2 and m["recipe"]["name"] == "digits-cnn"
 

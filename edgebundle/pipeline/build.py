@@ -154,6 +154,8 @@ class _Job:
         if ev.built.precision != "int8" and mode != "native":
             record.update(judged_on="native", how=f"{ev.built.precision}: no int8 arithmetic to reproduce; judged "
                                                   f"on this host's {host}")
+        elif ev.built.isa_neutral and mode != "native":  # nothing to reproduce: emulating MiniLM took ~1700x
+            record.update(judged_on="native", how=f"{ev.built.isa_neutral}: judged natively on this host's {host}")
         elif mode == "emulated":
             from edgebundle.pipeline.emulated import emulated_outputs
 

@@ -61,6 +61,7 @@ class Built:
     status: str = "complete"  # "pending": the runtime's own artifact could not be built on this machine
     eval_file: str | None = None  # pending: an ONNX file ONNX Runtime CPU evaluates accuracy with
     fp32_file: str | None = None  # the same runtime's fp32 artifact, for "vs fp32 on the same runtime"
+    isa_neutral: str | None = None  # int8 whose integer arithmetic is the same on every x86 ISA: why (no emulation)
 
 
 def int8_if_auto(opt):

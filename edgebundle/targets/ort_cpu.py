@@ -15,6 +15,7 @@ falls back to static QDQ with accuracy control.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,7 +39,10 @@ class OrtCpuOptions(BaseModel):
     precision: Literal["auto", "int8", "fp32"] = "auto"  # auto: int8 unless fp32 is faster here (the runner measures both)
     quant_format: Literal["qdq", "qoperator"] = "qdq"
     activations: Literal["uint8", "int8"] = "uint8"
-    weights: Literal["int8", "uint8"] = "int8"
+    weights: Literal["auto", "int8", "uint8"] = Field("auto", description=(
+        "auto: int8; where the deployment ISA lacks VNNI (7-bit int8 weights there) and full 7-bit int8 misses "
+        "the budget on validation inputs, 8-bit uint8 weights (u8 x u8 kernels: exact on every ISA) when they "
+        "do better"))
     per_channel: bool = True
     reduce_range: bool | Literal["auto"] = "auto"  # auto: 7-bit weights where the deployment ISA lacks VNNI
     isa: ISA = Field("host", description=(
@@ -75,6 +79,39 @@ class OrtCpuOptions(BaseModel):
         return self
 
 
+# ORT's 7-bit weights lie in [-64, 64]: AVX2's u8 x s8 multiply-add (vpmaddubsw) sums two products into 16 bits,
+# at most 2 x 255 x 64 = 32640 < 32767, so it never saturates and the integer results are VNNI's; float ops
+# (normalization, activations) differ by rounding only (all-MiniLM-L6-v2 under qemu -cpu Haswell: 4.5e-8 at most)
+SATURATION_FREE = ("7-bit weights (reduce_range): each u8 x s8 pair sum stays within 16 bits (2 x 255 x 64 = "
+                   "32640), so CPUs with and without VNNI compute the same integers")
+# u8 x u8 kernels widen both to 16 bits and sum pairs into 32 (vpmaddwd): exact on every x86 ISA
+WIDENED = ("uint8 weights (u8 x u8): products are widened to 16 bits and summed in 32, exact on every x86 ISA, so "
+           "CPUs with and without VNNI compute the same integers")
+
+
+def _dynamic_quantize(src: Path, path: Path, opt: OrtCpuOptions, reduce_range: bool, **nodes) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # DefaultTensorType: the types of fused com.microsoft ops' outputs, which ONNX shape inference does not
+    # know (without it, a smoothed fused graph fails to quantize)
+    quantize_dynamic(str(src), str(path), per_channel=opt.per_channel, reduce_range=reduce_range,
+                     weight_type=QuantType.QUInt8 if opt.weights == "uint8" else QuantType.QInt8,
+                     extra_options={"DefaultTensorType": 1}, **nodes)
+
+
+def _spent(control: dict[str, Any]) -> tuple[bool, int, float]:
+    """How much a post-training int8 form gave up on validation inputs, least first: over budget, layers kept
+    float, the loss reached."""
+    b = control.get("accuracy_budget") or {}
+    return (not b.get("within_budget", True), len(b.get("excluded_nodes") or []),
+            float(b.get("drop_reached", b.get("drop_full_int8", 0.0)) or 0.0))
+
+
+def _budget_summary(control: dict[str, Any]) -> dict[str, Any]:
+    over, floats, loss = _spent(control)
+    return {"within_budget": not over, "layers_kept_float": floats, "val_loss": round(loss, 6)}
+
+
 def _needs_reduce_range(opt: OrtCpuOptions) -> bool:
     if opt.reduce_range != "auto":
         return bool(opt.reduce_range)
@@ -98,7 +135,8 @@ class OrtCpuTarget(TargetBase):
     def pending_reason(self, options: OrtCpuOptions | None = None) -> str | None:
         return None  # builds and times its own artifact on this machine
 
-    temporary = ("fused.onnx", "preprocessed.onnx", "qat.onnx")
+    temporary = ("fused.onnx", "preprocessed.onnx", "qat.onnx", "pristine.onnx", "preprocessed.u8.onnx",
+                 "model.u8.onnx")
 
     def start(self, ctx: BuildContext, opt: OrtCpuOptions) -> Work:
         """Transformer fusions first (kept when they fused anything): the fp32 and int8 builds start from it."""
@@ -121,7 +159,6 @@ class OrtCpuTarget(TargetBase):
 
         opt, src = work.opt, work.state["src"]
         pre, out = ctx.workdir / "preprocessed.onnx", ctx.workdir / "model.onnx"
-        work.state["reduce_range"] = reduce_range = _needs_reduce_range(opt)
         reader = SplitReader(ctx.calibration, ctx.recipe.inputs)
         mode = opt.mode if opt.mode != "auto" else (
             "dynamic" if work.state["fusion"].get("Attention") or attention_matmuls(src) else "static")
@@ -130,24 +167,28 @@ class OrtCpuTarget(TargetBase):
                              "dynamically (options.mode: static, or qat: auto)")
         try:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            mode, control, qat = self._post_training(pre, out, reader, mode, work, ctx)
+            mode, control, qat = self._int8_forms(pre, out, reader, mode, work, ctx)
+            opt, reduce_range = work.opt, work.state["reduce_range"]
             shipped = self._qat_step(pre, out, qat, control, work, ctx)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise StageError(f"onnxruntime.quantization failed: {type(e).__name__}: {e}") from e
         if shipped is not None:
             return Built("model.onnx", ("model.onnx",), "int8", shipped, work.runtime)
         common = {"per_channel": opt.per_channel, "reduce_range": reduce_range}
+        u8 = mode == "dynamic" or opt.activations == "uint8"
+        neutral = (WIDENED if u8 and opt.weights == "uint8" else
+                   SATURATION_FREE if u8 and reduce_range and opt.weights == "int8" else None)
         if mode == "dynamic":
             quant = {"tool": "onnxruntime.quantization.quantize_dynamic", "mode": "dynamic", "format": "QOperator",
-                     "activations": "uint8 (per inference)", "weights": "int8", **common, **control}
-            return Built("model.onnx", ("model.onnx",), "int8", quant, work.runtime)
+                     "activations": "uint8 (per inference)", "weights": opt.weights, **common, **control}
+            return Built("model.onnx", ("model.onnx",), "int8", quant, work.runtime, isa_neutral=neutral)
         cal = ctx.spec.calibration
         quant = {"tool": "onnxruntime.quantization.quantize_static", "mode": "static",
                  "format": opt.quant_format.upper(), "activations": opt.activations, "weights": opt.weights,
                  **common, "calibration": {"method": cal.method, "samples": reader.count,
                                            **({"percentile": cal.percentile} if cal.method == "percentile" else {})},
                  **control}
-        return Built("model.onnx", ("model.onnx",), "int8", quant, work.runtime)
+        return Built("model.onnx", ("model.onnx",), "int8", quant, work.runtime, isa_neutral=neutral)
 
     def _post_training(self, pre: Path, out: Path, reader: SplitReader, mode: str, work: Work,
                        ctx: BuildContext) -> tuple[str, dict[str, Any], tuple[str, str | None]]:
@@ -167,6 +208,45 @@ class OrtCpuTarget(TargetBase):
             self._quantize(pre, out, reader, opt, cal, reduce_range, [])
             control = {**self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx),
                        **({"dynamic_over_budget": fell_back} if control else {})}
+        return mode, control, qat
+
+    def _int8_forms(self, pre: Path, out: Path, reader: SplitReader, mode: str, work: Work, ctx: BuildContext
+                    ) -> tuple[str, dict[str, Any], tuple[str, str | None]]:
+        """Post-training int8 (`_post_training`) with weights auto resolved: int8, except where the deployment
+        ISA lacks VNNI (int8 weights get 7 bits there) and 7-bit int8 needed layers kept float or missed the
+        budget on validation inputs: then 8-bit uint8 weights (u8 x u8 kernels widen to 16 bits, exact on every
+        ISA) go through the same path, and the form with fewer float layers within budget stands (on
+        all-MiniLM-L6-v2 for AVX2: cosine min 0.985 with 2 MatMuls float -> 0.993 all int8). `work.opt` ends
+        resolved."""
+        opt = work.opt
+        s8 = opt.model_copy(update={"weights": "int8"}) if opt.weights == "auto" else opt
+        forms = [s8, opt.model_copy(update={"weights": "uint8"})] if opt.weights == "auto" and \
+            _needs_reduce_range(s8) else [s8]
+        if len(forms) > 1:
+            shutil.copyfile(pre, ctx.workdir / "pristine.onnx")  # smoothing may rewrite `pre`
+        results = []
+        for i, o in enumerate(forms):
+            p, q = (pre, out) if i == 0 else (ctx.workdir / "preprocessed.u8.onnx", ctx.workdir / "model.u8.onnx")
+            if i:
+                shutil.copyfile(ctx.workdir / "pristine.onnx", p)
+            work.opt, work.state["reduce_range"] = o, _needs_reduce_range(o)
+            results.append((o, p, q, *self._post_training(p, q, reader, mode, work, ctx)))
+            over, floats, _ = _spent(results[-1][4])
+            if not over and not floats:  # every layer int8 within budget: nothing to win
+                break
+        best = min(results, key=lambda r: _spent(r[4]))
+        o, p, q, mode, control, qat = best
+        work.opt, work.state["reduce_range"] = o, _needs_reduce_range(o)
+        if q != out:
+            os.replace(q, out)
+            os.replace(p, pre)
+        if len(results) > 1:
+            control["weights_auto"] = {
+                "why": "the deployment ISA has no VNNI: int8 weights get 7 bits (reduce_range); 7-bit int8 needed "
+                       "layers kept float or missed the budget on validation inputs, so 8-bit uint8 weights were tried",
+                "tried": [{"weights": r[0].weights + (" (7-bit)" if _needs_reduce_range(r[0]) else ""),
+                           **_budget_summary(r[4])} for r in results],
+                "chose": o.weights}
         return mode, control, qat
 
     @staticmethod
@@ -223,15 +303,10 @@ class OrtCpuTarget(TargetBase):
         (quantized alone, on up to 32 validation samples), and the 1, 2, 3, ... (beyond 8: doubling) most
         damaging stay float until the budget holds: on all-MiniLM-L6-v2 int8 everywhere reached cosine min
         0.982 and four MatMuls kept float reached 0.991."""
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         from edgebundle.calibration.accuracy import budget_record, keep_float_until_within
 
         def quantize(path: Path, src: Path = pre, **nodes) -> None:
-            # DefaultTensorType: the types of fused com.microsoft ops' outputs, which ONNX shape inference
-            # does not know (without it, a smoothed fused graph fails to quantize)
-            quantize_dynamic(str(src), str(path), per_channel=opt.per_channel, reduce_range=reduce_range,
-                             weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": 1}, **nodes)
+            _dynamic_quantize(src, path, opt, reduce_range, **nodes)
 
         contract, val = ctx.val_contract(), ctx.validation
         smoothing = OrtCpuTarget._smooth(pre, opt, ctx, quantize)
