@@ -95,6 +95,16 @@ def _outputs(model, split: Split, specs: list[InputSpec], batch_size: int, outpu
     return torch.cat(outs)
 
 
+def _epoch(model, opt, train: Split, names: list[str], order: np.ndarray, batch_size: int, loss_of) -> None:
+    """One pass over `train` in `order`, a step per batch on `loss_of(outputs, row numbers)`."""
+    for i in range(0, len(order), batch_size):
+        rows = order[i:i + batch_size]
+        value = loss_of(model(*_tensors(train, names, rows)), rows)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+
+
 def fake_quant_config(config):
     """A PT2E QuantizationConfig for QAT made from a post-training one: each (static) observer wrapped in a
     FakeQuantize, so training sees the quantization grid the PTQ observers choose."""
@@ -164,15 +174,9 @@ def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Spl
     history, losses = [s], [lo]
     best: tuple[tuple[float, float], int, dict] = ((s, -lo), -1, copy.deepcopy(prepared.state_dict()))
     for epoch in range(epochs):
-        order = gen.permutation(len(train))
-        for i in range(0, len(order), batch_size):
-            rows = order[i:i + batch_size]
-            out = prepared(*_tensors(train, names, rows))
-            out = out[output] if isinstance(out, (tuple, list)) else out
-            value = soft_loss(loss, out, reference[torch.from_numpy(rows)], temperature)
-            opt.zero_grad(set_to_none=True)
-            value.backward()
-            opt.step()
+        _epoch(prepared, opt, train, names, gen.permutation(len(train)), batch_size,
+               lambda out, rows: soft_loss(loss, out[output] if isinstance(out, (tuple, list)) else out,
+                                           reference[torch.from_numpy(rows)], temperature))
         s, lo = rate()
         history.append(s)
         losses.append(lo)
