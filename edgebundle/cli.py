@@ -526,12 +526,17 @@ QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "nncf")
 
 
 def quiet_third_parties() -> None:
-    """Keep the tool's own lines readable: the loggers above at ERROR, and Hugging Face's per-load progress
-    bars ("Loading weights" for every model load) off. Called before any of them is imported."""
+    """Keep the tool's own lines readable: the loggers above at ERROR, NNCF's progress bars and Hugging Face's
+    per-load progress bars ("Loading weights" for every model load) off. Called before any of them is imported."""
     import logging
+
+    import rich
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # NNCF draws its progress bars ("Statistics collection", "Applying Bias correction") on rich's global
+    # console; the tool's own output goes through its own consoles above
+    rich.get_console().quiet = True
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

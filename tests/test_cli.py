@@ -104,6 +104,7 @@ def test_readme_main_command_runs(default_run, tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "(cached)" in res.stdout and "ort-cpu" in res.stdout and "openvino" in res.stdout
+    assert "Statistics collection" not in res.stdout + res.stderr  # NNCF's bars stay out unless --debug
     for target in ("ort-cpu", "openvino"):
         m = json.loads((out / target / "manifest.json").read_text())
         assert m["target"]["precision"] in ("int8", "fp32")
