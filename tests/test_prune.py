@@ -56,12 +56,17 @@ def test_prune_stage_leaves_its_input_artifact_untouched(prepared):
 
 
 def test_round_to_auto_keeps_simd_friendly_widths():
-    """auto rounds to multiples of 8 where every layer keeps >= 8 channels, and never empties a tiny layer."""
+    """auto rounds to multiples of 16 where every layer keeps >= 16 channels, of 8 where every one keeps >= 8,
+    and never empties a tiny layer."""
     import edgebundle.zoo as zoo
 
     torch.manual_seed(0)
-    model = zoo.digits_cnn(width=40).eval()  # 40 * (1 - 0.3) = 28: not a multiple of 8
+    model = zoo.digits_cnn(width=40).eval()  # 40 * (1 - 0.3) = 28: not a multiple of 16
     rep = prune(model, PruneStage(ratio=0.3), EXAMPLE, train=None, names=["image"])
+    assert rep.round_to == 16
+    assert all(after % 16 == 0 for name, (before, after) in rep.layers.items() if name not in rep.ignored)
+    model = zoo.digits_cnn(width=24).eval()  # 24 * (1 - 0.5) = 12: at least 8, under 16
+    rep = prune(model, PruneStage(ratio=0.5), EXAMPLE, train=None, names=["image"])
     assert rep.round_to == 8
     assert all(after % 8 == 0 for name, (before, after) in rep.layers.items() if name not in rep.ignored)
     tiny = factories.tiny_cnn().eval()  # 8-channel layers: 4 after pruning, so no rounding

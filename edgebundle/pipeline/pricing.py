@@ -27,6 +27,13 @@ ROUNDS, PER_ROUND = 12, 5
 BLOCK_MS = 250.0
 
 
+def _int8_form(q: dict[str, Any]) -> dict[str, Any]:
+    """What the candidate's int8 build gave up to its accuracy control (layers kept float: they time as
+    float, so its speed-up is the structure's and theirs together), and whether QAT made it."""
+    kept = len((q.get("accuracy_budget") or {}).get("excluded_nodes") or [])
+    return {**({"layers_kept_float": kept} if kept else {}), **({"qat": True} if q.get("qat") else {})}
+
+
 class TargetPricer:
     """Opened once per search: the unpruned model's artifact stays open as the timing baseline."""
 
@@ -66,10 +73,10 @@ class TargetPricer:
         sess = self.runtime.open(folder / "t" / built.model_file, threads=self.threads, runtime=built.runtime)
         out = run_outputs(sess, ds.val, recipe.inputs)[self.contract.output_index]
         verdict = self.contract.judge(self.original, out, ds.val.labels)
-        return sess, (verdict, built.precision)
+        return sess, (verdict, built)
 
     def price(self, model: nn.Module) -> dict[str, Any]:
-        sess, (verdict, precision) = self._open(model)
+        sess, (verdict, built) = self._open(model)
         try:
             base_ms = float(np.median(time_block(lambda: self.base.run(self.feeds), 5)))
             per_round = max(PER_ROUND, int(np.ceil(BLOCK_MS / max(base_ms, 1e-3))))
@@ -81,7 +88,8 @@ class TargetPricer:
         return {"within": bool(verdict.within), "value": round(float(verdict.value), 6), "line": verdict.line(),
                 "summary": verdict_summary(verdict),
                 "speedup": round(1 / ratio, 4), "speedup_ci95": [round(1 / ci[1], 4), round(1 / ci[0], 4)],
-                "p50_ms": round(p50, 4), "base_p50_ms": round(base_p50, 4), "precision": precision}
+                "p50_ms": round(p50, 4), "base_p50_ms": round(base_p50, 4), "precision": built.precision,
+                **_int8_form(built.quantization)}
 
     def close(self) -> None:
         self.base.close()

@@ -98,6 +98,12 @@ def _tradeoff(points: list[tuple[str, float, float]], metric: str = "top1") -> s
     return _png(fig)
 
 
+def _int8_form_text(r: dict) -> str:
+    parts = ([f"{r['layers_kept_float']} layers kept float"] if r.get("layers_kept_float") else []) + (
+        ["QAT"] if r.get("qat") else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _search_html(search: dict) -> list[str]:
     """The structure search's table and its speed-versus-fidelity plot."""
     e = html.escape
@@ -108,7 +114,8 @@ def _search_html(search: dict) -> list[str]:
                  if "speedup" in r else "n/a")
         rows.append(f"<tr><td class=l>{e(r['label'])}{' <b>(kept)</b>' if kept else ''}</td>"
                     f"<td>{_fmt(r.get('macs_ratio'), '.3f')}</td><td>{r.get('params', '')}</td>"
-                    f"<td>{speed}</td><td class=l>{e(r.get('summary') or r.get('line') or r.get('why', ''))}</td>"
+                    f"<td>{speed}</td><td class=l>{e(r.get('summary') or r.get('line') or r.get('why', ''))}"
+                    f"{e(_int8_form_text(r))}</td>"
                     f"<td class=l>{e(r.get('status', ''))}</td></tr>")
     pts = [(r["label"], r["speedup"], r["value"], r.get("within", False)) for r in search["rows"] if "speedup" in r]
     out = ["<h2>Structure search</h2>",

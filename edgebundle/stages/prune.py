@@ -11,7 +11,7 @@ from edgebundle.core.modelio import check_accepts, save_structured
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.base import StageBase, StageContext, without_defaults
-from edgebundle.stages.pruning import prune
+from edgebundle.stages.pruning import SIMD_ROUNDS, prune
 from edgebundle.stages.training import accuracy, predict
 
 
@@ -35,7 +35,10 @@ class Prune(StageBase):
         return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        return {"prune": without_defaults(self._cfg(ctx), *SEARCH_FIELDS, "depth_ratio")}
+        cfg = self._cfg(ctx)
+        # round_to auto's widths enter the key: when they change, auto prunes differently
+        return {"prune": without_defaults(cfg, *SEARCH_FIELDS, "depth_ratio"),
+                **({"round_to_auto": list(SIMD_ROUNDS)} if cfg.round_to == "auto" and cfg.enabled else {})}
 
     @staticmethod
     def _cfg(ctx: StageContext) -> PruneStage:

@@ -131,16 +131,18 @@ def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[s
     return sorted(found)
 
 
-SIMD_ROUND = 8
+# channel multiples int8 kernels work in: ORT's AVX-512 kernels take 16 channels at a time, and EfficientNet-Lite1
+# pruned by 10 % (FPGM) ran its int8 at 0.89x the unpruned model's speed rounded to 8, 1.20x rounded to 16
+SIMD_ROUNDS = (16, 8)
 
 
 def resolve_round_to(cfg: PruneStage, widths: dict[str, int], ignored: list[str]) -> int | None:
-    """`round_to: auto` is 8 when every prunable layer keeps at least 8 channels after pruning (so rounding
-    down never empties a layer), else no rounding."""
+    """`round_to: auto` is 16 when every prunable layer keeps at least 16 channels after pruning, else 8 when
+    every one keeps at least 8 (so rounding down never empties a layer), else no rounding."""
     if cfg.round_to != "auto":
         return cfg.round_to
     kept = [w * (1 - cfg.ratio) for n, w in widths.items() if n not in ignored]
-    return SIMD_ROUND if kept and min(kept) >= SIMD_ROUND else None
+    return next((r for r in SIMD_ROUNDS if kept and min(kept) >= r), None)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from edgebundle.core.errors import EdgeBundleError, StageError
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.distill import judged_metric
-from edgebundle.stages.pruning import attention_modules, block_list, prune
+from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, block_list, prune
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.training import distill
 
@@ -109,7 +109,8 @@ class Search(StageBase):
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
         return {"prune": dump(r.stages.prune), "distill": dump(r.stages.distill), "seed": r.seed,
-                "target": dump(r.targets[0]), "export": dump(r.stages.export), "metric": dump(r.metric)}
+                "target": dump(r.targets[0]), "export": dump(r.stages.export), "metric": dump(r.metric),
+                "round_to_auto": list(SIMD_ROUNDS)}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.artifacts["teacher"]]
@@ -219,8 +220,9 @@ def _row_text(row: dict[str, Any]) -> str:
     if row["candidate"] == Candidate().record():
         return (f"unpruned (the baseline, built twice: {row['speedup']:.2f}x is the timing's noise): {row['line']} "
                 f"vs original ({row['status']})")
-    return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model, {row.get('summary') or row['line']} vs "
-            f"original ({row['status']})")
+    kept = f", {row['layers_kept_float']} layers kept float in int8" if row.get("layers_kept_float") else ""
+    return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model{kept}, {row.get('summary') or row['line']} "
+            f"vs original ({row['status']})")
 
 
 def _outcome(out: dict[str, Any]) -> str:
