@@ -40,9 +40,9 @@ class OrtCpuOptions(BaseModel):
     quant_format: Literal["qdq", "qoperator"] = "qdq"
     activations: Literal["uint8", "int8"] = "uint8"
     weights: Literal["auto", "int8", "uint8"] = Field("auto", description=(
-        "auto: int8; where the deployment ISA lacks VNNI (7-bit int8 weights there) and full 7-bit int8 misses "
-        "the budget on validation inputs, 8-bit uint8 weights (u8 x u8 kernels: exact on every ISA) when they "
-        "do better"))
+        "auto: int8; where the deployment ISA lacks VNNI (7-bit int8 weights there) and 7-bit int8 needs layers "
+        "kept float or misses the budget on validation inputs, 8-bit uint8 weights (u8 x u8 kernels: exact on "
+        "every ISA) when they give up less"))
     per_channel: bool = True
     reduce_range: bool | Literal["auto"] = "auto"  # auto: 7-bit weights where the deployment ISA lacks VNNI
     isa: ISA = Field("host", description=(
