@@ -86,3 +86,22 @@ def test_accuracy_control_chooses_on_validation_and_the_verdict_is_on_the_test_s
     assert m["accuracy"]["judged_samples"] == len(ds.test) != len(ds.val)
     val_ids = {x.tobytes() for x in ds.val.inputs["image"]}
     assert not any(x.tobytes() in val_ids for x in ds.test.inputs["image"])
+
+
+def test_resolvability_is_checked_on_the_outputs_the_verdict_uses(prepared):
+    """With metric.reference student the verdict counts the fp32 student's confident inputs, so the check that
+    there are enough of them (before any build) is on the student's outputs, not the original's: a student
+    confident on none used to pass it and crash (or read 100 % on zero inputs) at the verdict."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from edgebundle.pipeline.build import verdict_reference
+
+    student, original = np.zeros((4, 10)), np.ones((4, 10))
+    metric = prepared.recipe.metric
+    as_original = SimpleNamespace(recipe=SimpleNamespace(metric=metric.model_copy(update={"reference": "original"})))
+    as_student = SimpleNamespace(recipe=SimpleNamespace(metric=metric.model_copy(update={"reference": "student"})))
+    assert verdict_reference(as_original, student, original) is original
+    assert verdict_reference(as_student, student, original) is student
+    assert verdict_reference(as_original, student, None) is student  # nothing compressed: the export is the original

@@ -73,7 +73,7 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     if original is True:
         original = original_reference(prepared)
     if contract is None:
-        contract = _contract(prepared, spec, ref_out if original is None else original)
+        contract = _contract(prepared, spec, verdict_reference(prepared, ref_out, original))
     job = _Job(prepared, spec, entry, target, options, contract, ref_out, threads, stage, original=original)
     verdicts: list[Evaluation] = []
 
@@ -392,6 +392,14 @@ def _speedup(lat, reference: dict[str, Any], same_rt_p50: float | None, choice: 
             "vs_same_runtime_fp32_interleaved": interleaved}
 
 
+def verdict_reference(prepared: Prepared, student: np.ndarray, original: np.ndarray | None) -> np.ndarray:
+    """The outputs a bundle's verdict is judged against (and so whose confident inputs it counts): the original
+    model's where compression ran and metric.reference is original, else the fp32 student's."""
+    if original is not None and prepared.recipe.metric.reference == "original":
+        return original
+    return student
+
+
 def _contract(prepared: Prepared, spec: TargetSpec, judged: np.ndarray) -> Contract:
     """The target's contract, checked resolvable on the test split (bad input otherwise)."""
     labels = prepared.dataset.test.labels
@@ -408,7 +416,7 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
     refs: dict[tuple, dict] = {}
     fp32_test = fp32_reference(prepared)
     original = original_reference(prepared)
-    judged = fp32_test[prepared.recipe.judged_output[0]] if original is None else original
+    judged = verdict_reference(prepared, fp32_test[prepared.recipe.judged_output[0]], original)
     # bad input before any target builds: the metric, its function, enough judged inputs
     contracts = {spec.name: _contract(prepared, spec, judged) for spec in specs}
     for spec in specs:
