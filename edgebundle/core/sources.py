@@ -149,8 +149,12 @@ def _pack_images(rows: np.ndarray, open_row, file_bytes, settings: str) -> dict[
             kind = PACKED_FILE
         blobs.append(np.frombuffer(b, np.uint8))
         kinds.append(kind)
-    return {"codec": np.asarray("images"), "settings": np.asarray(settings), "kind": np.asarray(kinds, np.uint8),
-            "offsets": np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64),
+    return {"codec": np.asarray("images"), "settings": np.asarray(settings), **_blobs(np.asarray(kinds, np.uint8), blobs)}
+
+
+def _blobs(kinds: np.ndarray, blobs: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed rows' kinds and bytes, one buffer with each row's start (`offsets`, one more than rows)."""
+    return {"kind": kinds, "offsets": np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64),
             "bytes": np.concatenate(blobs) if blobs else np.empty(0, np.uint8)}
 
 
@@ -180,9 +184,7 @@ def unpack_images(arrays: dict[str, np.ndarray], fingerprint: str) -> LazyRows:
 
 def _repack(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
     offsets, data = arrays["offsets"], arrays["bytes"]
-    blobs = [data[offsets[r]:offsets[r + 1]] for r in rows]
-    return {**arrays, "kind": arrays["kind"][rows], "offsets": np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64),
-            "bytes": np.concatenate(blobs) if blobs else np.empty(0, np.uint8)}
+    return {**arrays, **_blobs(arrays["kind"][rows], [data[offsets[r]:offsets[r + 1]] for r in rows])}
 
 
 def _lazy_images(n: int, open_row, sample, transform, fingerprint: str, settings: str, file_bytes=None) -> LazyRows:
