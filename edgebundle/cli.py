@@ -262,24 +262,72 @@ def build(
                                           "paths must resolve in this checkout"),
     pack: bool = PACK,
     keep_rejected: bool = KEEP_REJECTED,
+    device: Optional[str] = typer.Option(None, "--device", help="also measure and judge each bundle on this device: "
+                                         "ssh://user@host[:port] or local; over budget there: rejected"),
     debug: bool = DEBUG,
     progress_mode: ProgressMode = PROGRESS,
 ) -> None:
     """Build target bundles from a prepared work folder (the per-target job on that target's machine).
 
     Exit codes as for `run`: 1 when a target missed its budget or failed, 2 for bad input."""
-    from edgebundle.core.recipe import load_recipe
+    from edgebundle.core.recipe import DeviceSpec, load_recipe
     from edgebundle.pipeline.build import build as build_targets
 
     try:
         r = load_recipe(recipe) if recipe is not None else None
+        dev = DeviceSpec.from_url(device) if device else None
         with _display(progress_mode) as on_event:
             bundles = build_targets(work, targets=target or None, output=output, recipe=r,
-                                    on_event=on_event, pack=pack, keep_rejected=keep_rejected)
+                                    on_event=on_event, pack=pack, keep_rejected=keep_rejected, device=dev)
     except EdgeBundleError as e:
         _fail(e, debug)
     _print_bundles(bundles)
     raise typer.Exit(_target_lines(bundles, debug))
+
+
+@app.command()
+def measure(
+    bundle: Path = typer.Argument(..., help="a bundle folder (OUT/<target>)"),
+    device: str = typer.Option(..., "--device", help="ssh://user@host[:port], adb://SERIAL (with --runner) or local"),
+    work: Optional[Path] = typer.Option(None, "--work", help="the work folder the bundle was built from: its test "
+                                        "split runs on the device and is judged by the bundle's contract"),
+    identity_file: Optional[Path] = typer.Option(None, "--identity-file", "-i", help="ssh: the key to log in with"),
+    ssh_option: Optional[list[str]] = typer.Option(None, "--ssh-option", help="ssh: an -o option (repeatable)"),
+    python: str = typer.Option("python3", "--python", help="the device's Python"),
+    bench_runner: Optional[str] = typer.Option(None, "--runner", help="adb: the runtime's benchmark binary on the "
+                                               "device (executor_runner, onnxruntime_perf_test, benchmark_model)"),
+    debug: bool = DEBUG,
+) -> None:
+    """Measure a bundle on a device and add the measurement to its manifest (it still verifies).
+
+    Exit 0: measured (and within budget where judged); 1: over budget on the device; 2: bad input or the device
+    could not be reached."""
+    from edgebundle.core.recipe import DeviceSpec
+    from edgebundle.pipeline.remeasure import measure_bundle
+
+    try:
+        spec = DeviceSpec.from_url(device, runner=bench_runner)
+        spec = spec.model_copy(update={"identity_file": identity_file, "ssh_options": list(ssh_option or []),
+                                       "python": python})
+        done = measure_bundle(bundle, spec, work=work)
+    except EdgeBundleError as e:
+        _fail(e, debug)
+    r = done.record
+    lat = r["latency"]
+    fp = r["fingerprint"]
+    figure = (f"p50 {lat['p50_ms']:.3f} ms [{lat['p50_ci95_ms'][0]:.3f}, {lat['p50_ci95_ms'][1]:.3f}], "
+              f"{lat['threads']} threads" if lat.get("p50_ci95_ms") else f"mean {lat['mean_ms']:.3f} ms ({r['how']})")
+    console.print(f"[green]measured[/] {done.bundle} on {esc(r['device'])} ({esc(str(fp.get('cpu')))}, "
+                  f"{fp.get('machine')}; {r['figure']} figure): {esc(figure)}", highlight=False)
+    acc = r.get("accuracy")
+    if acc is None:
+        console.print(f"  [yellow]note:[/] {esc(r['note'])}")
+        raise typer.Exit(0)
+    if not acc["within_budget"]:
+        err_console.print(f"[bold red]rejected:[/] {esc(bundle.name)}: on device {esc(r['device'])} "
+                          f"{esc(acc['line'])} missed the budget", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(f"  on the device: {esc(acc['line'])}", highlight=False)
 
 
 def _size(text: str) -> int:
@@ -437,6 +485,8 @@ def check(
     per_round: int = typer.Option(20, min=1, help="inferences per model per round"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
     junit: Optional[Path] = typer.Option(None, help="also write a JUnit XML report here"),
+    device: Optional[str] = typer.Option(None, "--device", help="gate on both bundles' newest measurements on this "
+                                         "device (its name in their manifests' devices records)"),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Did CANDIDATE get slower or less accurate than BASELINE? Exit 0 = no, 1 = regression, 2 = error."""
@@ -444,7 +494,8 @@ def check(
 
     try:
         res = run_check(candidate, baseline, tolerance=_fraction(tolerance), accuracy_tolerance=accuracy_tolerance,
-                        allow_different_host=allow_different_host, rounds=rounds, per_round=per_round)
+                        allow_different_host=allow_different_host, rounds=rounds, per_round=per_round,
+                        device=device)
         if junit is not None:
             try:
                 junit.write_text(junit_xml(res))

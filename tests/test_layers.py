@@ -1,7 +1,7 @@
 """The package's layers, enforced: each module imports only from its own package or from a lower layer,
 never sideways into another package of its own layer, and no import circle exists. Function-level imports
-count too. Layers, bottom up: core (and the model zoo), then calibration and exporters, then stages and
-targets, then pipeline, then the CLI."""
+count too. Layers, bottom up: core (and the model zoo), then calibration and exporters, then stages,
+targets and devices, then pipeline, then the CLI."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import edgebundle
 
 ROOT = Path(edgebundle.__file__).resolve().parent
-RANK = {"core": 0, "zoo": 0, "__init__": 0, "calibration": 1, "exporters": 1, "stages": 2, "targets": 2,
+RANK = {"core": 0, "zoo": 0, "__init__": 0, "calibration": 1, "exporters": 1, "stages": 2, "targets": 2, "devices": 2,
         "pipeline": 3, "cli": 4, "__main__": 4}
 
 

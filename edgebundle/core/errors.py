@@ -56,3 +56,7 @@ def not_a_folder(path, what: str) -> str:
     if p.exists():
         return f"{what} {p} is a file, not a folder (give the folder that holds the files)"
     return f"{what} not found: {p}"
+
+
+class DeviceError(EdgeBundleError):
+    """A device cannot be reached, or a command on it failed or ran out of time; the message names the device."""

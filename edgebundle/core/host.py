@@ -9,41 +9,16 @@ import os
 import platform
 from importlib import metadata
 
-ISA_FLAGS = (
-    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp",
-    "sve", "i8mm",
-)
+from edgebundle.core.device_runner import cpuinfo, hardware, usable_cores
+
 TOOLS = ("edgebundle", "torch", "onnx", "onnxruntime", "onnxscript", "torch-pruning", "numpy",
          "openvino", "nncf", "tensorrt")
 
-
-@functools.lru_cache(maxsize=1)
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                    model = val.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(val.split())
-    except OSError:
-        pass
-    return model, frozenset(flags)
+_cpuinfo = functools.lru_cache(maxsize=1)(cpuinfo)
 
 
 def cpu_flags() -> frozenset[str]:
     return _cpuinfo()[1]
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def tool_versions() -> dict[str, str]:
@@ -57,23 +32,22 @@ def tool_versions() -> dict[str, str]:
 
 
 def fingerprint() -> dict:
-    """CPU model, cores, ISA flags, OS and library versions, plus a short id of the hardware part."""
-    model, flags = _cpuinfo()
-    hw = {
-        "cpu": model,
-        "machine": platform.machine(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "isa": sorted(flags & set(ISA_FLAGS)),
-    }
-    hw_id = hashlib.sha256(json.dumps(hw, sort_keys=True).encode()).hexdigest()[:16]
+    """CPU model, cores, ISA flags, OS and library versions, plus a short id of the hardware part (the same
+    record the device runner makes of a device)."""
+    hw = hardware()
     return {
         **hw,
-        "id": hw_id,
+        "id": hardware_id(hw),
         "os": f"{platform.system()} {platform.release()}",
         "python": platform.python_version(),
         "versions": tool_versions(),
     }
+
+
+def hardware_id(hw: dict) -> str:
+    """The short id of a fingerprint's hardware part: two figures with the same id ran on the same kind of CPU."""
+    keys = ("cpu", "machine", "logical_cores", "usable_cores", "isa")
+    return hashlib.sha256(json.dumps({k: hw.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _proc_stat() -> tuple[int, int] | None:

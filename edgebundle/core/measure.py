@@ -13,10 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgebundle.core import device_runner as protocol
 from edgebundle.core.recipe import MeasureSpec
 
-WARMUP_WINDOW = 10
-STABLE_WITHIN = 0.05
 BOOTSTRAP_RESAMPLES = 2000
 RATIO_BOOTSTRAP = 4000  # resamples for the CI of an interleaved ratio
 MIN_BLOCK_MS = 20.0
@@ -56,31 +55,15 @@ def bootstrap_median_ci(samples: np.ndarray, *, resamples: int = BOOTSTRAP_RESAM
     return float(lo), float(hi)
 
 
-def _time_once(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter_ns()
-    fn()
-    return (time.perf_counter_ns() - t0) / 1e6
-
-
 def time_block(fn: Callable[[], Any], n: int) -> np.ndarray:
-    """Milliseconds of `n` back-to-back calls: the one timing loop (measure, check's rounds, the benches)."""
-    out = np.empty(n)
-    for i in range(n):
-        out[i] = _time_once(fn)
-    return out
+    """Milliseconds of `n` back-to-back calls: the one timing loop (measure, check's rounds, the benches, and
+    the device runner, whose loop it is)."""
+    return np.array(protocol.time_block(fn, n))
 
 
 def warm_up(fn: Callable[[], Any], spec: MeasureSpec) -> tuple[int, bool]:
     """Run until two consecutive windows' medians agree within 5 %; returns (iterations, stable)."""
-    done, prev = 0, None
-    while done < spec.warmup_max:
-        window = time_block(fn, WARMUP_WINDOW)
-        done += WARMUP_WINDOW
-        med = float(np.median(window))
-        if done >= spec.warmup_min and prev is not None and abs(med / prev - 1) <= STABLE_WITHIN:
-            return done, True
-        prev = med
-    return done, False
+    return protocol.warm_up(fn, spec.warmup_min, spec.warmup_max)
 
 
 def summarize(samples_ms: np.ndarray, *, batch: int, threads: int, warmup: int = 0, stable: bool = True
@@ -106,13 +89,7 @@ def measure(fn: Callable[[], Any], spec: MeasureSpec, *, threads: int) -> Latenc
 
     with HostWatch() as watch:
         warm, stable = warm_up(fn, spec)
-        samples = []
-        start = time.perf_counter()
-        for _ in range(spec.iterations):
-            samples.append(_time_once(fn))
-            if (spec.time_budget_s is not None and time.perf_counter() - start > spec.time_budget_s
-                    and len(samples) >= 10):
-                break
+        samples = protocol.timed(fn, spec.iterations, spec.time_budget_s)
     stats = summarize(np.array(samples), batch=spec.batch, threads=threads, warmup=warm, stable=stable)
     return dataclasses.replace(stats, host_state=watch.state)
 

@@ -386,6 +386,72 @@ class MeasureSpec(Strict):
     time_budget_s: float | None = Field(None, gt=0, description="stop early when this much time is spent")
 
 
+class DeviceSpec(Strict):
+    """The machine a target's bundle is measured and judged on: this one (`local`), one reached over SSH (the
+    user's own OpenSSH client, so ~/.ssh/config, agents and jump hosts work), or a phone over adb."""
+
+    ssh: str | None = Field(None, min_length=1, description="user@host, or a Host of ~/.ssh/config")
+    port: int | None = Field(None, ge=1, le=65535)
+    identity_file: Path | None = None
+    ssh_options: list[str] = Field(default_factory=list, description=(
+        "extra `-o` options for ssh and scp, e.g. StrictHostKeyChecking=accept-new"))
+    adb: str | None = Field(None, min_length=1, description="the device's serial (adb devices)")
+    runner: str | None = Field(None, description=(
+        "adb: the runtime's benchmark binary on the device (executor_runner, onnxruntime_perf_test, benchmark_model)"))
+    local: bool = False
+    python: str = Field("python3", min_length=1, description="the device's Python (ssh, local)")
+    workdir: str = Field("/tmp/edgebundle", min_length=1, description="a folder on the device for the files")
+    timeout_s: float = Field(900.0, gt=0, le=24 * 3600, description="time limit of each command on the device")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.@:-]+$", description=(
+        "the name its records carry (check --device NAME); default: the address"))
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> DeviceSpec:
+        kinds = [k for k, v in (("ssh", self.ssh), ("adb", self.adb), ("local", self.local or None)) if v]
+        if len(kinds) != 1:
+            raise ValueError("a device is one of {ssh: user@host}, {adb: SERIAL} or {local: true}"
+                             + (f"; got {', '.join(kinds)}" if kinds else ""))
+        if self.adb and not self.runner:
+            raise ValueError("an adb device needs `runner:` (the runtime's benchmark binary on the device, e.g. "
+                             "/data/local/tmp/executor_runner)")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "ssh" if self.ssh else "adb" if self.adb else "local"
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.ssh:
+            return self.ssh + (f":{self.port}" if self.port else "")
+        return self.adb if self.adb else "local"
+
+    @classmethod
+    def from_url(cls, url: str, runner: str | None = None) -> DeviceSpec:
+        """`ssh://user@host[:port]`, `adb://SERIAL` (with `runner`, the benchmark binary on it) or `local` (the
+        --device option)."""
+        import re
+
+        m = re.fullmatch(r"ssh://(?P<where>[^:/\s]+)(?::(?P<port>\d+))?/?", url)
+        try:
+            if m:
+                return cls(ssh=m["where"], port=int(m["port"]) if m["port"] else None)
+            if url.startswith("adb://") and len(url) > 6:
+                if not runner:
+                    raise RecipeError(f"--device {url}: an adb device needs the runtime's benchmark binary on it "
+                                      "(--runner /data/local/tmp/executor_runner, or device: {adb: SERIAL, runner: "
+                                      "PATH} in the recipe)")
+                return cls(adb=url[6:].rstrip("/"), runner=runner, workdir="/data/local/tmp/edgebundle")
+            if url == "local":
+                return cls(local=True)
+        except ValidationError as e:
+            raise RecipeError(f"--device {url}: {e.errors()[0]['msg']}") from e
+        raise RecipeError(f"--device {url}: not a device address; use ssh://user@host[:port], adb://SERIAL or "
+                          "local")
+
+
 class TargetSpec(Strict):
     name: str
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op threads; default: usable cores")
@@ -395,6 +461,8 @@ class TargetSpec(Strict):
         "the budget of drop metrics (top1, agreement: points below fp32; a metric function: its own units)"))
     options: dict[str, Any] = Field(default_factory=dict, description=(
         "target-specific: validated by the target (edgebundle.targets.registry.check_targets) before any work"))
+    device: DeviceSpec | None = Field(None, description=(
+        "measure and judge the bundle on this device as well (ssh, adb or local); its verdict gates the bundle"))
 
 
 class LimitsSpec(Strict):

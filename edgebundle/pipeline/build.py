@@ -17,10 +17,11 @@ import numpy as np
 
 import edgebundle
 from edgebundle.core import progress
-from edgebundle.core.errors import BundleError, DataError, EdgeBundleError, RecipeError, TargetUnavailable
+from edgebundle.core.errors import (BundleError, DataError, DeviceError, EdgeBundleError, RecipeError,
+                                    TargetUnavailable)
 from edgebundle.core.host import contention_text, fingerprint, usable_cores
 from edgebundle.core.metrics import Contract, cosine
-from edgebundle.core.recipe import Recipe, TargetSpec
+from edgebundle.core.recipe import DeviceSpec, Recipe, TargetSpec
 from edgebundle.targets import registry
 from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft, TargetInfo, check_bundle_places,
                                         check_output_folder,
@@ -53,7 +54,7 @@ def _preflight(spec: TargetSpec, recipe: Recipe | None = None):
 def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event: Event = _noop,
                  reference: dict[str, Any] | None = None, fp32_test: list[np.ndarray] | None = None,
                  contract: Contract | None = None, keep_rejected: bool = False,
-                 original: np.ndarray | None | bool = True) -> BundleResult:
+                 original: np.ndarray | None | bool = True, device: DeviceSpec | None = None) -> BundleResult:
     """Build one target's bundle from prepared artifacts: calibrate, judge, measure, write atomically.
 
     A bundle that misses the recipe's accuracy budget on the test split is not written where a good one
@@ -76,11 +77,22 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
         contract = _contract(prepared, spec, verdict_reference(prepared, ref_out, original))
     job = _Job(prepared, spec, entry, target, options, contract, ref_out, threads, stage, original=original)
     verdicts: list[Evaluation] = []
+    device = device or spec.device
+    on_device: list[str] = []  # the rejection line of a bundle over budget on its device
 
     def fill(tmp: Path) -> ManifestDraft:
         ev, choice = job.build_and_evaluate(tmp)
         verdicts.append(ev)
-        return _manifest(job, ev, choice, reference)
+        draft = _manifest(job, ev, choice, reference)
+        if device is not None and ev.verdict.within and ev.built.status == "complete":
+            on_event("note", stage, text=f"{spec.name}: measuring on device {device.label} ({device.kind})")
+            rec = job.on_device(tmp, ev.built, device)
+            draft.devices = [rec]
+            if rec["accuracy"] is not None and not rec["accuracy"]["within_budget"]:
+                line = _device_rejection(spec, rec, ev)
+                on_device.append(line)
+                draft.target.status, draft.target.rejection = "rejected", line
+        return draft
 
     with progress.listening(lambda kind, **info: on_event(kind, stage, **info)):  # QAT's epochs
         path = write_bundle(output, spec.name, fill, rejected_name=f"{spec.name}.rejected" if keep_rejected else None)
@@ -88,11 +100,23 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     ev = verdicts[-1]
     if ev.isa and ev.isa["judged_on"] == "host" and ev.isa["deployment"] != ev.isa["build_host"]:
         on_event("note", stage, text=f"{spec.name}: int8 {ev.isa['how']}")
-    if not ev.verdict.within:
+    if not ev.verdict.within or on_device:
         on_event("done", stage, cached=False, status="rejected")
-        return BundleResult(spec.name, path, manifest, status="rejected", reason=_rejection(spec, ev))
+        return BundleResult(spec.name, path, manifest, status="rejected",
+                            reason=on_device[0] if on_device else _rejection(spec, ev))
     on_event("done", stage, cached=False)
     return BundleResult(spec.name, path, manifest, status=manifest["target"]["status"])
+
+
+def job_for(prepared: Prepared, spec: TargetSpec) -> _Job:
+    """A target's job as `build` makes it (contract, references), to judge an artifact built before."""
+    entry, target, options = _preflight(spec)
+    threads = spec.threads or usable_cores()
+    ref_out = fp32_reference(prepared, threads)[prepared.recipe.judged_output[0]]
+    original = original_reference(prepared)
+    contract = _contract(prepared, spec, verdict_reference(prepared, ref_out, original))
+    return _Job(prepared, spec, entry, target, options, contract, ref_out, threads, f"build:{spec.name}",
+                original=original)
 
 
 @dataclass
@@ -163,15 +187,37 @@ class _Job:
             outs = emulated_outputs(self.spec.name, tmp / ev.built.model_file, ev.built.runtime, self.threads,
                                     self.prepared.dataset.test, recipe.inputs, cpu_model)
             out = outs[self.contract.output_index]
-            test = self.prepared.dataset.test
-            chain = chain_for(self.contract, self.prepared, self.original, self.student_vs_original, out,
-                              self.contract.judge(self.ref_out, out, test.labels, interval=True, groups=test.groups))
+            chain = self.chain_of(out)
             record["emulator"] = f"qemu-x86_64 -cpu {cpu_model}"
             record["on_build_host"] = {"value": ev.verdict.value, "within_budget": ev.verdict.within,
                                        **({"cosine_mean": ev.verdict.details["cosine_mean"]}
                                           if "cosine_mean" in ev.verdict.details else {})}
             ev = dataclasses.replace(ev, outputs=out, verdict=chain.decisive, chain=chain)
         return dataclasses.replace(ev, isa=record)
+
+    def chain_of(self, out: np.ndarray):
+        """The end-to-end chain (and so the decisive verdict) of a bundle whose test-split output is `out`."""
+        test = self.prepared.dataset.test
+        return chain_for(self.contract, self.prepared, self.original, self.student_vs_original, out,
+                         self.contract.judge(self.ref_out, out, test.labels, interval=True, groups=test.groups))
+
+    def on_device(self, folder: Path, built: Built, device: DeviceSpec, build_host: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+        """The built artifact measured on `device` and its outputs there judged by this job's contract: a record
+        (its figure is the build host's where the device is the same kind of machine as `build_host`, this one)."""
+        from edgebundle.pipeline.evaluate import measure_feeds
+        from edgebundle.pipeline.ondevice import Artifact, judge_outputs, record, run_on_device
+
+        recipe, test = self.prepared.recipe, self.prepared.dataset.test
+        art = Artifact(folder, tuple(built.files), built.model_file, self.entry.capabilities.runtime,
+                       dict(built.runtime), self.spec.threads)
+        run = run_on_device(device, art, self.spec.measure, measure_feeds(test, recipe, self.spec.measure.batch),
+                            test=test, recipe=recipe)
+        verdict = None if run.outputs is None else judge_outputs(run, self.contract.output_index,
+                                                                 lambda out: self.chain_of(out).decisive)
+        note = None if verdict is not None else (f"accuracy not judged on the device: {device.runner} runs its own "
+                                                 "inputs, not the test split")
+        return record(run, verdict, build_host or fingerprint(), note)
 
     def _precision_auto(self, tmp: Path, ev: Evaluation) -> tuple[Evaluation, dict | None]:
         """precision auto: int8 within budget that is not faster than fp32 on the same runtime ships fp32."""
@@ -250,6 +296,13 @@ def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
                 f"{c.spent(ev.built.precision)}; tried: {how}")
     vs = " against the fp32 student (metric.reference: student)" if c is not None and c.steps else ""
     return f"{spec.name}: {ev.verdict.line()}{isa}{vs} missed the budget; tried: {how}"
+
+
+def _device_rejection(spec: TargetSpec, rec: dict[str, Any], ev: Evaluation) -> str:
+    fp = rec["fingerprint"]
+    what = f"{fp.get('cpu')}, {fp.get('machine')}" + (f", {rec['figure']}" if rec["figure"] != "device" else "")
+    return (f"{spec.name}: on device {rec['device']} ({what}) {rec['accuracy']['line']} missed the budget; on this "
+            f"host it is at {verdict_summary(ev.verdict)}: the device's own kernels lose what this host's keep")
 
 
 def _io(fp32_path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -409,7 +462,7 @@ def _contract(prepared: Prepared, spec: TargetSpec, judged: np.ndarray) -> Contr
 
 
 def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_event: Event,
-               pack: bool = False, keep_rejected: bool = False) -> list[BundleResult]:
+               pack: bool = False, keep_rejected: bool = False, device: DeviceSpec | None = None) -> list[BundleResult]:
     """Every target in turn. A target that fails or misses its budget is that target's result (status
     'failed' or 'rejected' with one line); the others go on. Bad input (RecipeError, DataError) stops all."""
     results = []
@@ -428,8 +481,9 @@ def _build_all(prepared: Prepared, specs: list[TargetSpec], output: Path, on_eve
                 refs[k] = reference_latency(prepared, spec.measure, threads)
                 on_event("done", "reference", cached=False)
             res = build_target(prepared, spec, output, on_event=on_event, reference=refs[k], fp32_test=fp32_test,
-                               contract=contracts[spec.name], keep_rejected=keep_rejected, original=original)
-        except (RecipeError, DataError, BundleError):
+                               contract=contracts[spec.name], keep_rejected=keep_rejected, original=original,
+                               device=device)
+        except (RecipeError, DataError, BundleError, DeviceError):
             raise
         except EdgeBundleError as e:
             res = BundleResult(spec.name, None, None, status="failed", reason=f"{spec.name}: {e}", error=e)
@@ -460,7 +514,7 @@ def _select(recipe: Recipe, targets: list[str] | None, output: Path) -> list[Tar
 
 def build(work: Path, *, targets: list[str] | None = None, output: Path | None = None,
           recipe: Recipe | None = None, on_event: Event = _noop, pack: bool = False,
-          keep_rejected: bool = False) -> list[BundleResult]:
+          keep_rejected: bool = False, device: DeviceSpec | None = None) -> list[BundleResult]:
     """Build bundles from a prepared work folder: the per-target job, run on that target's machine.
 
     Several `build`s (different targets) may run at once against one work folder and one output
@@ -472,6 +526,6 @@ def build(work: Path, *, targets: list[str] | None = None, output: Path | None =
     with contextlib.ExitStack() as locks:
         for spec in selected:
             locks.enter_context(target_lock(output, spec.name))
-        return _build_all(prepared, selected, output, on_event, pack, keep_rejected)
+        return _build_all(prepared, selected, output, on_event, pack, keep_rejected, device)
 
 

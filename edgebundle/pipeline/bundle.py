@@ -116,6 +116,8 @@ class ManifestDraft(_M):
     speedup: dict[str, float | None]
     host: dict[str, Any]
     notes: list[str] = Field(default_factory=list)
+    # measurements on devices (edgebundle measure --device, build --device): one record each, newest last
+    devices: list[dict[str, Any]] | None = None
     # prune ratio auto: the structure search's table (candidate, MACs, parameters, speed-up against the unpruned
     # model on the first target, verdict on the validation split against the original, kept or refused)
     search: dict[str, Any] | None = None
@@ -237,23 +239,11 @@ def _write_locked(output: Path, name: str, fill: Callable[[Path], ManifestDraft 
                 files[p.name] = {"sha256": digest, "bytes": nbytes}
                 gz += gzbytes
         size = {"raw_bytes": sum(f["bytes"] for f in files.values()), "gzip_bytes": gz}
-        manifest = Manifest.model_validate({**manifest, "files": files, "size": size})
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            f.write(manifest.model_dump_json(indent=1))
-            f.flush()
-            os.fsync(f.fileno())
-        sums = {**{n: e.sha256 for n, e in manifest.files.items()}, MANIFEST: sha256_file(tmp / MANIFEST)}
-        (tmp / SUMS).write_text("".join(f"{h}  {n}\n" for n, h in sorted(sums.items())), encoding="utf-8")
-        old = None
+        _write_manifest(tmp, Manifest.model_validate({**manifest, "files": files, "size": size}))
         why = replaceable_problem(final)
         if why:  # checked before the build started too; a folder may have appeared since
             raise BundleError(f"refusing to replace {final}: {why}; move it away or choose another output folder")
-        if final.exists():
-            old = output / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         why = {errno.ENOSPC: "disk full", errno.EFBIG: "file size limit reached", errno.EDQUOT: "disk quota exceeded"
@@ -262,6 +252,66 @@ def _write_locked(output: Path, name: str, fill: Callable[[Path], ManifestDraft 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return final
+
+
+def _write_manifest(folder: Path, manifest: Manifest) -> None:
+    """manifest.json and SHA256SUMS (the files' hashes from the manifest, the manifest's own) into `folder`."""
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        f.write(manifest.model_dump_json(indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    sums = {**{n: e.sha256 for n, e in manifest.files.items()}, MANIFEST: sha256_file(folder / MANIFEST)}
+    (folder / SUMS).write_text("".join(f"{h}  {n}\n" for n, h in sorted(sums.items())), encoding="utf-8")
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` where `final` is expected, the old one (if any) moved aside first."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def add_records(folder: Path, key: str, records: list[dict[str, Any]], *, reject: str | None = None) -> Path:
+    """Append records to a list of a written bundle's manifest (a device measurement) and rewrite it as the
+    writer does: the artifact files hard-linked (or copied) into a new folder with the new manifest and
+    SHA256SUMS, swapped in whole. The bundle must verify before; it verifies after. With `reject` (the line
+    saying why) the bundle becomes status rejected and moves to <name>.rejected: where it was, nothing is left.
+    Returns where the bundle is."""
+    folder = Path(folder)
+    final = folder.parent / f"{folder.name}.rejected" if reject else folder
+    why = replaceable_problem(final) if reject else None
+    if why:
+        raise BundleError(f"cannot move the rejected bundle to {final}: {why}")
+    bad = verify_files(folder)
+    if bad:
+        raise IntegrityError(f"bundle {folder} changed since it was written: {', '.join(bad)}; not adding to it", bad)
+    m = read_manifest(folder)
+    data = m.model_dump(mode="json")
+    data[key] = [*(data.get(key) or []), *records]
+    if reject:
+        data["target"].update(status="rejected", rejection=reject)
+    new = Manifest.model_validate(data)
+    with target_lock(folder.parent, folder.name):
+        tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.mkdir()
+            for name in new.files:
+                try:
+                    os.link(folder / name, tmp / name)
+                except OSError:
+                    shutil.copy2(folder / name, tmp / name)
+            _write_manifest(tmp, new)
+            _swap_in(tmp, final)
+            if final != folder:
+                shutil.rmtree(folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 

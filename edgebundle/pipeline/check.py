@@ -120,10 +120,13 @@ def is_latency_regression(ratio: float, ci95: tuple[float, float], tolerance: fl
 
 
 def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_tolerance: float = 0.5,
-          allow_different_host: bool = False, rounds: int = 60, per_round: int = 20) -> CheckResult:
+          allow_different_host: bool = False, rounds: int = 60, per_round: int = 20,
+          device: str | None = None) -> CheckResult:
     cand, base = _side(candidate), _side(baseline)
     cm, bm = cand.manifest, base.manifest
     _comparable(cm, bm)
+    if device is not None:
+        return _on_device(cm, bm, device, tolerance, accuracy_tolerance, allow_different_host)
     notes: list[str] = []
     different = _different_hosts(cand, base, allow_different_host, notes)
     if cand.has_model and base.has_model:
@@ -148,6 +151,57 @@ def check(candidate: Path, baseline: Path, *, tolerance: float = 0.05, accuracy_
         candidate_interval=cm.accuracy.interval, baseline_interval=bm.accuracy.interval,
         candidate_groups=cm.accuracy.groups, baseline_groups=bm.accuracy.groups,
     )
+
+
+def device_record(m: Manifest, side: str, device: str) -> dict[str, Any]:
+    """The newest measurement of a bundle on `device` (BundleError when it has none)."""
+    recs = [r for r in (m.devices or []) if r.get("device") == device]
+    if not recs:
+        have = sorted({r.get("device") for r in (m.devices or [])})
+        raise BundleError(f"the {side} {m.target.name} bundle has no measurement on device {device} ("
+                          + (f"it has: {', '.join(have)}" if have else "it has none")
+                          + "); measure it there: edgebundle measure BUNDLE --device ...")
+    return recs[-1]
+
+
+def _on_device(cm: Manifest, bm: Manifest, device: str, tolerance: float, accuracy_tolerance: float,
+               allow_different: bool) -> CheckResult:
+    """check --device NAME: both bundles' newest records on that device, their recorded samples compared (they
+    were taken at different moments: the weaker comparison, said so) and the candidate's verdict there."""
+    c, b = device_record(cm, "candidate", device), device_record(bm, "baseline", device)
+    notes = [f"device {device}: recorded samples compared (candidate taken {c['taken']}, baseline {b['taken']}), "
+             "not interleaved"]
+    if c["fingerprint"].get("id") != b["fingerprint"].get("id"):
+        if not allow_different:
+            raise BundleError(f"device {device} is not the same hardware in both records (candidate "
+                              f"{c['fingerprint'].get('id')}, baseline {b['fingerprint'].get('id')}); pass "
+                              "--allow-different-host to compare anyway")
+        notes.append("the two records come from different hardware (--allow-different-host): unreliable")
+    for side, r in (("candidate", c), ("baseline", b)):
+        if r["figure"] != "device":
+            notes.append(f"the {side}'s record on {device} is a figure of the {r['figure']}, not of a device")
+    for side, r in (("candidate", c), ("baseline", b)):
+        if not r["latency"].get("samples_ms"):
+            raise BundleError(f"the {side}'s record on {device} has no per-iteration samples ({r['how']}): "
+                              "nothing to compare with an interval")
+    cs, bs = np.array(c["latency"]["samples_ms"]), np.array(b["latency"]["samples_ms"])
+    ratio, ci = recorded_ratio(cs, bs)
+    ca, ba = ((c["accuracy"] or {}).get("value"), (b["accuracy"] or {}).get("value"))
+    acc_reg = bool(c["accuracy"] and not c["accuracy"]["within_budget"])
+    if ca is not None and ba is not None:
+        acc_reg = acc_reg or accuracy_worse_by(cm.accuracy.metric, ca, ba, cm.accuracy.details) > accuracy_tolerance
+    elif c["accuracy"] is None:
+        notes.append(f"the candidate's accuracy was not judged on {device} (measure it with --work)")
+    latency_reg = is_latency_regression(ratio, ci, tolerance)
+    return CheckResult(
+        regression=latency_reg or acc_reg, latency_regression=latency_reg, accuracy_regression=acc_reg,
+        mode=f"device {device}", ratio=ratio, ratio_ci95=ci, tolerance=tolerance,
+        candidate_p50_ms=float(np.median(cs)), baseline_p50_ms=float(np.median(bs)), rounds=len(bs),
+        candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance, target=cm.target.name,
+        different_host=c["fingerprint"].get("id") != b["fingerprint"].get("id"), notes=notes,
+        accuracy_reference=cm.accuracy.against or "fp32 export",
+        candidate_interval=(c["accuracy"] or {}).get("interval"), baseline_interval=(b["accuracy"] or {}).get("interval"),
+        candidate_groups=(c["accuracy"] or {}).get("groups"), baseline_groups=(b["accuracy"] or {}).get("groups"))
 
 
 def _comparable(cm: Manifest, bm: Manifest) -> None:

@@ -196,6 +196,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
     if points:
         parts += ["<h2>Accuracy vs latency</h2>",
                   f'<figure><img alt="accuracy vs latency" src="data:image/png;base64,{_tradeoff(points, bundles[0][1].accuracy.metric)}"></figure>']
+    parts += _devices_html(bundles)
     search = next((m.search for _, m in bundles if m.search), None)
     if search:
         parts += _search_html(search)
@@ -205,6 +206,40 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
                   for n, png in figures]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _devices_html(bundles: list[tuple[Path, Manifest]]) -> list[str]:
+    """Every bundle's newest measurement on each device, side by side with the build host's figure; a figure of
+    the build host or of an emulator is labelled so, never shown as a device's."""
+    e = html.escape
+    rows = []
+    for path, m in bundles:
+        newest: dict[str, dict] = {}
+        for r in m.devices or []:
+            newest[r["device"]] = r
+        for name, r in newest.items():
+            lat, acc, fp = r["latency"], r.get("accuracy"), r["fingerprint"]
+            there = (f"{lat['p50_ms']:.4f} ms [{lat['p50_ci95_ms'][0]:.4f}, {lat['p50_ci95_ms'][1]:.4f}]"
+                     if lat.get("p50_ci95_ms") else f"mean {lat['mean_ms']:.4f} ms")
+            verdict = (e(r.get("note") or "not judged") if acc is None
+                       else f"{'within' if acc['within_budget'] else '<b>over budget</b>:'} {e(acc['line'])}")
+            host = f"{m.latency['p50_ms']:.4f} ms" if m.latency else "not measured"
+            rows.append(f"<tr><td class=l>{e(path.name)}</td><td class=l>{e(name)} ({e(r['kind'])})<br>"
+                        f"<span class=small>{e(str(fp.get('cpu')))}, {e(str(fp.get('machine')))}, "
+                        f"{fp.get('usable_cores')} cores, {e(', '.join(f'{k} {v}' for k, v in fp.get('runtime', {}).items()))}"
+                        f"</span></td><td class=l>{e(r['figure'])}</td>"
+                        f"<td>{e(there)}</td><td>{host}</td>"
+                        f"<td class=l>{verdict}</td><td class=l>{e(r['taken'])}</td></tr>")
+    if not rows:
+        return []
+    return ["<h2>Measured on devices</h2>",
+            "<p class=small>Each bundle's newest measurement per device (edgebundle measure / build --device): the "
+            "device runner timed the artifact there with the host's protocol and ran the test split on the device's "
+            "own kernels. <i>figure</i> says whose figure it is: a device's, the build host's (the same machine "
+            "kind), or an emulator's.</p>",
+            "<table><thead><tr><th class=l>bundle</th><th class=l>device</th><th class=l>figure</th>"
+            "<th>p50 there [95% CI]</th><th>p50 on the build host</th><th class=l>accuracy there</th>"
+            "<th class=l>taken</th></tr></thead><tbody>", *rows, "</tbody></table>"]
 
 
 def _row(path: Path, m: Manifest, metric: str, figures: list, points: list, notes: list) -> str:

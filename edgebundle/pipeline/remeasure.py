@@ -1,0 +1,70 @@
+"""`edgebundle measure BUNDLE --device ...`: an existing bundle measured again on a device, judged there when the
+work folder it was built from is at hand, and the measurement added to its manifest as a record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgebundle.core.errors import BundleError, IntegrityError
+from edgebundle.core.recipe import DeviceSpec, Recipe
+from edgebundle.pipeline.bundle import add_records, read_manifest, verify_files
+from edgebundle.targets.base import Built
+
+
+@dataclass(frozen=True)
+class Measured:
+    bundle: Path
+    record: dict[str, Any]
+
+    @property
+    def within(self) -> bool | None:
+        acc = self.record.get("accuracy")
+        return None if acc is None else bool(acc["within_budget"])
+
+
+def measure_bundle(bundle: Path, device: DeviceSpec, *, work: Path | None = None) -> Measured:
+    """Measure `bundle` on `device`; with `work` (the work folder it was built from) its test split runs there
+    too and is judged by the bundle's contract. The record is added to the manifest (the bundle still verifies)."""
+    from edgebundle.pipeline.check import _feeds
+    from edgebundle.pipeline.ondevice import Artifact, record, run_on_device
+
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"not a bundle folder: {bundle}")
+    bad = verify_files(bundle)
+    if bad:
+        raise IntegrityError(f"bundle {bundle} changed since it was written: {', '.join(bad)}", bad)
+    m = read_manifest(bundle)
+    recipe = Recipe.model_validate(m.recipe["json"])
+    spec = recipe.target(m.target.name)
+    built = Built(model_file=m.model_file, files=tuple(m.files), precision=m.target.precision,
+                  runtime=dict(m.target.runtime))
+    if work is None:
+        art = Artifact(bundle, built.files, built.model_file, m.target.capabilities.get("runtime", ""),
+                       built.runtime, spec.threads)
+        run = run_on_device(device, art, spec.measure, _feeds(m, spec.measure.batch))
+        rec = record(run, None, m.host, note="accuracy not judged on the device: give the work folder the bundle "
+                                            "was built from (--work) to run its test split there")
+    else:
+        from edgebundle.pipeline.build import job_for
+        from edgebundle.pipeline.prepare import load_prepared
+        from edgebundle.pipeline.records import recipe_digest
+
+        prepared = load_prepared(Path(work))
+        if recipe_digest(prepared.recipe) != m.recipe.get("sha256"):
+            raise BundleError(f"bundle {bundle} was built from another recipe than the work folder {work}'s "
+                              "(recipe sha256 differs): its test split is not the one the bundle was judged on")
+        rec = job_for(prepared, spec).on_device(bundle, built, device, m.host)
+    acc = rec.get("accuracy")
+    reject = None
+    if acc is not None and not acc["within_budget"]:
+        reject = (f"{m.target.name}: on device {rec['device']} ({rec['fingerprint'].get('cpu')}, "
+                  f"{rec['fingerprint'].get('machine')}) {acc['line']} missed the budget")
+    where = add_records(bundle, "devices", [rec], reject=reject)
+    if (where.parent / "report.html").is_file():  # the report beside it shows every device
+        from edgebundle.pipeline.report import write_report
+
+        write_report(where.parent)
+    return Measured(where, rec)
