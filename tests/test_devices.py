@@ -159,6 +159,36 @@ def test_measure_over_ssh_judges_on_the_device_and_adds_a_record_each_time(defau
     assert "Measured on devices" in page and sshd.label in page
 
 
+def test_build_with_an_ssh_device_in_the_recipe(default_run, tmp_path, sshd):
+    """A target's `device: {ssh: ...}` in the recipe: the bundle carries the far side's record (latency, the
+    contract's verdict there, its fingerprint and runtime), verifies, and check --device compares on it."""
+    device = sshd.model_dump(mode="json", exclude_defaults=True)
+    recipe, work = _with_device(default_run, tmp_path, device)
+    (b,) = build(work, recipe=load_recipe(recipe), output=tmp_path / "out")
+    assert b.status == "complete", b.reason
+    (rec,) = b.manifest["devices"]
+    assert rec["kind"] == "ssh" and rec["device"] == sshd.label and rec["accuracy"]["within_budget"]
+    assert rec["fingerprint"]["runtime"]["onnxruntime"] and rec["latency"]["samples_ms"]
+    assert not verify_files(b.path)
+    from edgebundle.pipeline.check import check
+
+    res = check(b.path, b.path, device=sshd.label)
+    assert res.candidate_accuracy == res.baseline_accuracy and not res.accuracy_regression
+
+
+def test_device_failures_are_one_line_each(default_run, tmp_path, sshd):
+    """Authentication refused (a key the server does not know) and a command past the device's time limit:
+    one line naming the device, exit 2, the bundle as it was."""
+    bundle = tmp_path / "ort-cpu"
+    shutil.copytree(default_run.output / "ort-cpu", bundle)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
+    with pytest.raises(DeviceError, match=r"device .*127\.0\.0\.1.*Permission denied"):
+        measure_bundle(bundle, sshd.model_copy(update={"identity_file": tmp_path / "stranger"}))
+    with pytest.raises(DeviceError, match="ran past its time limit of 0.5 s"):
+        measure_bundle(bundle, sshd.model_copy(update={"timeout_s": 0.5}), work=default_run.output / ".work")
+    assert read_manifest(bundle).devices is None and not verify_files(bundle)
+
+
 def test_a_device_without_the_runtime_is_one_line(default_run, tmp_path, sshd):
     bundle = tmp_path / "ort-cpu"
     shutil.copytree(default_run.output / "ort-cpu", bundle)
