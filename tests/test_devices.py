@@ -5,6 +5,7 @@ in the manifest, the bundle still verifiable, and a bundle over budget on the de
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from edgebundle.pipeline.remeasure import measure_bundle
 
 from conftest import prepared_copy
 
+ARM64_PYTHON = Path(os.environ.get("EDGEBUNDLE_ARM64_PYTHON")
+                    or Path.home() / ".cache" / "edgebundle" / "arm64" / "python.sh")  # made by .ci/arm64-python.sh
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
 runner = CliRunner()
 
@@ -56,6 +59,18 @@ def test_device_addresses():
             DeviceSpec.from_url(bad)
     with pytest.raises(ValueError, match="one of"):
         DeviceSpec(ssh="a@b", local=True)
+
+
+def _work_for(bundle: Path, default_run, tmp_path: Path) -> Path:
+    """A copy of the default's work folder prepared for the bundle's own recipe (other tests prepare other
+    recipes into the shared one): every stage a cache hit."""
+    from edgebundle.core.recipe import Recipe
+    from edgebundle.pipeline.runner import prepare
+
+    work = tmp_path / "work"
+    shutil.copytree(default_run.output / ".work", work, ignore=shutil.ignore_patterns(".lock*"))
+    prepare(Recipe.model_validate(read_manifest(bundle).recipe["json"]), work)
+    return work
 
 
 def _with_device(default_run, tmp_path, device: dict):
@@ -113,7 +128,7 @@ def sshd(tmp_path_factory):
 def test_measure_over_ssh_judges_on_the_device_and_adds_a_record_each_time(default_run, tmp_path, sshd):
     bundle = tmp_path / "b" / "ort-cpu"
     shutil.copytree(default_run.output / "ort-cpu", bundle)
-    work = default_run.output / ".work"
+    work = _work_for(bundle, default_run, tmp_path)
     first = measure_bundle(bundle, sshd, work=work)
     assert first.within is True and first.record["kind"] == "ssh"
     assert first.record["fingerprint"]["runtime"]["onnxruntime"]
@@ -184,8 +199,8 @@ def test_device_failures_are_one_line_each(default_run, tmp_path, sshd):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "stranger")], check=True)
     with pytest.raises(DeviceError, match=r"device .*127\.0\.0\.1.*Permission denied"):
         measure_bundle(bundle, sshd.model_copy(update={"identity_file": tmp_path / "stranger"}))
-    with pytest.raises(DeviceError, match="ran past its time limit of 0.5 s"):
-        measure_bundle(bundle, sshd.model_copy(update={"timeout_s": 0.5}), work=default_run.output / ".work")
+    with pytest.raises(DeviceError, match="ran past its time limit of 0.05 s"):
+        measure_bundle(bundle, sshd.model_copy(update={"timeout_s": 0.05}))
     assert read_manifest(bundle).devices is None and not verify_files(bundle)
 
 
@@ -280,3 +295,22 @@ def test_an_adb_device_that_is_not_connected_is_one_line(default_run, tmp_path):
     res = runner.invoke(app, ["measure", str(bundle), "--device", "adb://EB-NOT-CONNECTED"])
     assert res.exit_code == 2 and "--runner" in res.output
     subprocess.run(["adb", "kill-server"], capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(not ARM64_PYTHON.is_file(), reason=f"no arm64 Python under qemu at {ARM64_PYTHON} (made by "
+                                                       ".ci/arm64-python.sh as root)")
+def test_a_bundle_judged_on_arm_kernels_under_emulation(default_run, tmp_path):
+    """The default's ort-cpu int8 bundle run by onnxruntime's aarch64 kernels (an arm64 Python under
+    qemu-aarch64 as the device's interpreter): its test split judged there by the bundle's contract, the
+    record an emulator's figure on aarch64, never a device's."""
+    bundle = tmp_path / "ort-cpu"
+    shutil.copytree(default_run.output / "ort-cpu", bundle)
+    work = _work_for(bundle, default_run, tmp_path)
+    arm = DeviceSpec(local=True, python=str(ARM64_PYTHON), workdir=str(tmp_path / "arm"), name="arm64-qemu")
+    done = measure_bundle(bundle, arm, work=work)
+    rec = done.record
+    assert rec["fingerprint"]["machine"] == "aarch64" and rec["figure"] == "emulator"
+    assert rec["fingerprint"]["runtime"]["onnxruntime"]
+    assert rec["accuracy"]["samples"] == len(default_run.prepared.dataset.test)
+    assert done.within, rec["accuracy"]["line"]
+    assert not verify_files(bundle)

@@ -162,10 +162,20 @@ def _open_executorch(path, threads, settings):
     return run, metadata.version("executorch")
 
 
+X86_FLAGS = frozenset({"sse4_2", "avx", "avx2"})
+
+
+def emulated(hw):
+    """Whether this Python runs under a user-mode emulator: an ARM interpreter that reads an x86 host's
+    /proc/cpuinfo (qemu-user passes the host's through), or a CPU model that names QEMU."""
+    arm = hw["machine"] in ("aarch64", "arm64", "armv7l", "armv8l")
+    return bool((arm and X86_FLAGS & set(cpuinfo()[1])) or "qemu" in str(hw["cpu"]).lower())
+
+
 def describe(runtime, version):
     hw = hardware()
     return {**hw, "os": "%s %s" % (platform.system(), platform.release()), "python": platform.python_version(),
-            "hostname": platform.node(), "runtime": {runtime: version}}
+            "hostname": platform.node(), "runtime": {runtime: version}, "emulator": emulated(hw)}
 
 
 def _batches(inputs, names):

@@ -136,8 +136,11 @@ def figure_kind(spec: DeviceSpec, description: dict[str, Any], build_host: dict[
     """'device', or 'build host' where the device is the machine kind the bundle was built on, or 'emulator'
     where the device runs under one (its Python started by qemu, or a CPU that says so): such a figure is
     labelled so and never shown as a device figure."""
+    import platform
+
+    other_arch = spec.kind == "local" and description.get("machine") != platform.machine()  # only emulated here
     if ("qemu" in spec.python.lower() or "qemu" in str(description.get("cpu", "")).lower()
-            or description.get("emulator")):
+            or description.get("emulator") or other_arch):
         return "emulator"
     if build_host and description.get("id") == build_host.get("id"):
         return "build host"

@@ -54,8 +54,9 @@ def measure_bundle(bundle: Path, device: DeviceSpec, *, work: Path | None = None
 
         prepared = load_prepared(Path(work))
         if recipe_digest(prepared.recipe) != m.recipe.get("sha256"):
-            raise BundleError(f"bundle {bundle} was built from another recipe than the work folder {work}'s "
-                              "(recipe sha256 differs): its test split is not the one the bundle was judged on")
+            raise BundleError(f"bundle {bundle} was built from another recipe than the one last prepared in {work} "
+                              "(recipe sha256 differs): prepare the bundle's recipe into it again (unchanged stages "
+                              "are reused), so that its test split is the one the bundle was judged on")
         rec = job_for(prepared, spec).on_device(bundle, built, device, m.host)
     acc = rec.get("accuracy")
     reject = None
