@@ -157,10 +157,12 @@ def record(run: DeviceRun, verdict: Any | None, build_host: dict[str, Any] | Non
         acc = {"metric": verdict.metric, "value": verdict.value, "reference_value": verdict.reference,
                "drop": verdict.drop, "within_budget": verdict.within, "samples": verdict.samples,
                "budget": verdict.budget, "line": verdict.line(),
-               "interval": list(verdict.interval) if verdict.interval else None, "groups": verdict.groups}
+               "interval": list(verdict.interval) if verdict.interval else None, "groups": verdict.groups,
+               "details": verdict.details}
     runtime = ", ".join(f"{k} {v}" for k, v in desc.get("runtime", {}).items())
     how = (f"{s.runner} over adb, {desc.get('benchmark')}" if s.kind == "adb" else
-           f"edgebundle's device runner over {s.kind} ({s.python if s.kind != 'local' else 'this Python'}), "
+           f"edgebundle's device runner over {s.kind} "
+           f"({'this Python' if s.kind == 'local' and s.python == 'python3' else s.python}), "
            f"{runtime}, {run.latency.threads} threads")
     return {
         "device": s.label, "kind": s.kind, "figure": figure_kind(s, desc, build_host),
