@@ -3,6 +3,7 @@ work folder it was built from is at hand, and the measurement added to its manif
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,13 @@ def measure_bundle(bundle: Path, device: DeviceSpec, *, work: Path | None = None
                                             "was built from (--work) to run its test split there")
     else:
         from edgebundle.pipeline.build import job_for
-        from edgebundle.pipeline.prepare import load_prepared
+        from edgebundle.pipeline.prepare import PREPARED_FILE, load_prepared
         from edgebundle.pipeline.records import recipe_digest
 
         prepared = load_prepared(Path(work))
-        if recipe_digest(prepared.recipe) != m.recipe.get("sha256"):
+        # the digest recorded when it was prepared (a later edgebundle may dump the same recipe differently)
+        recorded = json.loads((Path(work) / PREPARED_FILE).read_text()).get("recipe_sha256")
+        if m.recipe.get("sha256") not in (recorded, recipe_digest(prepared.recipe)):
             raise BundleError(f"bundle {bundle} was built from another recipe than the one last prepared in {work} "
                               "(recipe sha256 differs): prepare the bundle's recipe into it again (unchanged stages "
                               "are reused), so that its test split is the one the bundle was judged on")

@@ -37,7 +37,7 @@ from edgebundle.calibration.qat import QatOptions
 
 BOOKKEEPING = ("getitem",)
 HOST_NOTE = ("latency measured with executorch.runtime (XNNPACK) on this x86 host, not on a phone; measure the "
-             "same .pte on the device with ExecuTorch's executor_runner or its Android/iOS benchmark app")
+             "same .pte on the device: `edgebundle measure BUNDLE --device adb://SERIAL --runner executor_runner`")
 
 
 class ExecutorchOptions(BaseModel):

@@ -32,7 +32,8 @@ from edgebundle.targets.registry import Capabilities, register_target
 
 CONFIG = "required_operators.config"
 HOST_NOTE = ("latency measured with onnxruntime on this x86 host, not on a phone; measure the same .ort on the "
-             "device with onnxruntime_perf_test (or an app built against the reduced ORT Mobile package)")
+             "device: `edgebundle measure BUNDLE --device adb://SERIAL --runner onnxruntime_perf_test` (or an ARM "
+             "board with Python: --device ssh://user@host --work WORK, which also judges it on the ARM kernels)")
 
 
 class OrtMobileOptions(OrtCpuOptions):
