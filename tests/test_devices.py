@@ -93,6 +93,19 @@ def test_build_with_a_local_device_records_its_measurement(default_run, tmp_path
     assert not verify_files(b.path)
 
 
+@pytest.mark.openvino
+def test_an_openvino_bundle_measured_on_a_device(default_run, tmp_path):
+    """The runner opens OpenVINO's IR (model.xml + .bin) with the bundle's own settings and its verdict on the
+    device is the host's: the same artifact on the same kernels."""
+    bundle = tmp_path / "openvino"
+    shutil.copytree(default_run.output / "openvino", bundle)
+    work = _work_for(bundle, default_run, tmp_path)
+    done = measure_bundle(bundle, DeviceSpec(local=True, workdir=str(tmp_path / "dev")), work=work)
+    rec = done.record
+    assert "openvino" in rec["fingerprint"]["runtime"] and done.within
+    assert rec["accuracy"]["value"] == pytest.approx(read_manifest(bundle).accuracy.target)
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     """An OpenSSH server on 127.0.0.1 with a key of its own, run by this user (skips where sshd is missing)."""
