@@ -5,6 +5,7 @@ the aarch64 kernels and is judged by the bundle's own contract. Latency under em
 figure, not an ARM device's: it is recorded, never compared.
 
     python -m bench.arm BUNDLE:WORK [BUNDLE:WORK ...]   # writes bench/results/arm.{json,md}
+    python -m bench.arm --render                        # arm.md again from arm.json
 
 Each bundle is copied first (the record goes into the copy's manifest).
 """
@@ -57,6 +58,20 @@ def main(pairs: list[str]) -> None:
             scratch = Path(tmp) / str(i)
             scratch.mkdir()
             rows.append(one(Path(bundle), Path(work), scratch))
+    write("arm", {"rows": rows}, render(rows))
+
+
+def _also(details: dict | None, metric: str) -> str:
+    """What the verdict's line leaves out: cosine mean, or agreement on all inputs (near-ties included)."""
+    d = details or {}
+    if metric == "cosine":
+        return f"mean {d.get('cosine_mean', float('nan')):.5f}"
+    if metric == "agreement":
+        return f"all inputs {d.get('agreement_all', float('nan')):.1f} %"
+    return ""
+
+
+def render(rows: list[dict]) -> str:
     md = ["Bundles judged on onnxruntime's aarch64 kernels (qemu-aarch64 -cpu neoverse-n1, an emulator: its "
           "latency is no ARM figure), whole test split, by each bundle's contract; beside it the verdict on "
           "the x86 host that built it.\n",
@@ -64,11 +79,24 @@ def main(pairs: list[str]) -> None:
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = (lambda v: f"min {v:.4f}") if r["metric"] == "cosine" else (lambda v: f"{v:.2f} %")
-        md.append(f"| {r['recipe']} | {r['target']} | {r['precision']} | {r['budget']} | {fmt(r['x86']['value'])}"
-                  f" ({'within' if r['x86']['within'] else 'over'}) | {fmt(r['arm']['value'])} "
-                  f"({'within' if r['arm']['within'] else 'over'}) | {r['arm']['samples']} | {r['seconds'] / 60:.1f} |")
-    write("arm", {"rows": rows}, "\n".join(md) + "\n")
+        x86, arm = r["x86"], r["arm"]
+        md.append(f"| {r['recipe']} | {r['target']} | {r['precision']} | {r['budget']} | {fmt(x86['value'])}, "
+                  f"{_also(x86['details'], r['metric'])} ({'within' if x86['within'] else 'over'}) | "
+                  f"{fmt(arm['value'])}, {_also(arm['details'], r['metric'])} "
+                  f"({'within' if arm['within'] else 'over'}) | {arm['samples']} | {r['seconds'] / 60:.1f} |")
+    return "\n".join(md) + "\n"
+
+
+def rerender() -> None:
+    """bench/results/arm.md again from arm.json (the table's layout changed, the measurements did not)."""
+    import json
+
+    from bench.common import RESULTS
+
+    data = json.loads((RESULTS / "arm.json").read_text())
+    md = (RESULTS / "arm.md").read_text()
+    (RESULTS / "arm.md").write_text(md.split("\n\n", 1)[0] + "\n\n" + render(data["rows"]))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    rerender() if sys.argv[1:] == ["--render"] else main(sys.argv[1:])
