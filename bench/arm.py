@@ -7,6 +7,9 @@ figure, not an ARM device's: it is recorded, never compared.
     python -m bench.arm BUNDLE:WORK [BUNDLE:WORK ...]   # writes bench/results/arm.{json,md}
     python -m bench.arm --render                        # arm.md again from arm.json
 
+The rows in bench/results/arm.md: examples/real/efficientnet_lite_mobile.yaml prepared and built (ort-mobile),
+and examples/real/minilm.yaml built for `isa: avx2` (ort-cpu, uint8 weights), each with its work folder.
+
 Each bundle is copied first (the record goes into the copy's manifest).
 """
 
