@@ -85,6 +85,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "openvino: needs openvino and nncf")
     config.addinivalue_line("markers", "tensorrt: needs the tensorrt Python package (pip install edgebundle[tensorrt])")
     config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with CUDA")
+    config.addinivalue_line("markers", "litert: needs litert-torch and ai-edge-litert (pip install edgebundle[litert])")
     config.addinivalue_line("markers", "slow: 8 s or more on 2 cores; `pytest -m 'not slow'` is the quick subset")
 
 
@@ -116,6 +117,8 @@ def pytest_collection_modifyitems(config, items):
         reasons["openvino"] = "openvino/nncf not installed"
     if _missing("tensorrt"):
         reasons["tensorrt"] = "tensorrt not installed (pip install edgebundle[tensorrt] on a machine with NVIDIA's index)"
+    if _missing("litert_torch") or _missing("ai_edge_litert"):
+        reasons["litert"] = "litert-torch / ai-edge-litert not installed (pip install edgebundle[litert])"
     if not torch.cuda.is_available():
         reasons["gpu"] = "no NVIDIA GPU with CUDA on this machine"
     for item in items:

@@ -2,7 +2,7 @@
 
 It is copied to the device (over SSH, or into a folder on this machine) and run there with the device's own
 Python: `python3 device_runner.py job.json`. It needs only numpy and the bundle's runtime (onnxruntime,
-openvino or executorch), never edgebundle. It opens the artifact with the session settings the bundle was
+openvino, executorch or ai_edge_litert), never edgebundle. It opens the artifact with the session settings the bundle was
 built with, warms it up until two windows agree, times the iterations, runs every batch of `inputs.npz`
 (the test split, in order) and writes `result.json` (the device's fingerprint, the raw timings) and
 `outputs.npz` beside the job. The host summarizes the timings and judges the outputs against its contract.
@@ -26,7 +26,7 @@ ISA_FLAGS = (
 )
 WARMUP_WINDOW = 10
 STABLE_WITHIN = 0.05
-RUNTIMES = ("onnxruntime", "openvino", "executorch")
+RUNTIMES = ("onnxruntime", "openvino", "executorch", "ai_edge_litert")
 
 
 def cpuinfo():
@@ -172,6 +172,56 @@ def emulated(hw):
     return bool((arm and X86_FLAGS & set(cpuinfo()[1])) or "qemu" in str(hw["cpu"]).lower())
 
 
+class LitertRunner:
+    """A LiteRT interpreter fed batch 1: a larger batch one sample at a time, int8 inputs quantized and int8
+    outputs dequantized with the model's own scales (the litert target's session runs through it too)."""
+
+    def __init__(self, interp, input_names=()):
+        import re
+
+        def position(d):  # 'serving_default_args_1:0' -> 1: forward's argument order
+            m = re.search(r"args_(\d+)", d["name"])
+            return (int(m.group(1)) if m else 0, d["name"])
+
+        self.interp = interp
+        self.inputs = sorted(interp.get_input_details(), key=position)
+        self.outputs = interp.get_output_details()
+        self.input_names = list(input_names) or [d["name"] for d in self.inputs]
+
+    def _one(self, row):
+        import numpy as np
+
+        for d, x in zip(self.inputs, row):
+            scale, zero = d["quantization"]
+            if d["dtype"] == np.int8 and scale:
+                x = np.clip(np.round(x / scale + zero), -128, 127)
+            self.interp.set_tensor(d["index"], np.ascontiguousarray(x.astype(d["dtype"])))
+        self.interp.invoke()
+        outs = []
+        for d in self.outputs:
+            y = self.interp.get_tensor(d["index"])
+            scale, zero = d["quantization"]
+            outs.append((y.astype(np.float32) - zero) * scale if d["dtype"] == np.int8 and scale else y.copy())
+        return outs
+
+    def __call__(self, feeds):
+        import numpy as np
+
+        names = self.input_names if all(n in feeds for n in self.input_names) else list(feeds)
+        rows = [self._one([feeds[k][i:i + 1] for k in names]) for i in range(len(feeds[names[0]]))]
+        return [np.concatenate([r[j] for r in rows]) for j in range(len(rows[0]))]
+
+
+def _open_litert(path, threads, settings):
+    from importlib import metadata
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=path, num_threads=threads)
+    interp.allocate_tensors()
+    return LitertRunner(interp, settings.get("inputs") or []), metadata.version("ai-edge-litert")
+
+
 def describe(runtime, version):
     hw = hardware()
     return {**hw, "os": "%s %s" % (platform.system(), platform.release()), "python": platform.python_version(),
@@ -199,7 +249,8 @@ def run_job(job_path):
     runtime = job["runtime"]
     if runtime not in RUNTIMES:
         raise ValueError("this runner cannot run %r artifacts (it runs %s)" % (runtime, ", ".join(RUNTIMES)))
-    opener = {"onnxruntime": _open_onnxruntime, "openvino": _open_openvino, "executorch": _open_executorch}[runtime]
+    opener = {"onnxruntime": _open_onnxruntime, "openvino": _open_openvino, "executorch": _open_executorch,
+              "ai_edge_litert": _open_litert}[runtime]
     threads = int(job.get("threads") or usable_cores())  # none given: every core this device lets us use
     run, version = opener(os.path.join(folder, job["model_file"]), threads, job.get("settings") or {})
     with np.load(os.path.join(folder, "inputs.npz")) as inputs:

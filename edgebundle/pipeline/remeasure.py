@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgebundle.core.errors import BundleError, IntegrityError
-from edgebundle.core.recipe import DeviceSpec, Recipe
+from edgebundle.core.recipe import DeviceSpec, Recipe, TargetSpec
 from edgebundle.pipeline.bundle import add_records, read_manifest, verify_files
 from edgebundle.targets.base import Built
 
@@ -38,8 +38,9 @@ def measure_bundle(bundle: Path, device: DeviceSpec, *, work: Path | None = None
     if bad:
         raise IntegrityError(f"bundle {bundle} changed since it was written: {', '.join(bad)}", bad)
     m = read_manifest(bundle)
-    recipe = Recipe.model_validate(m.recipe["json"])
-    spec = recipe.target(m.target.name)
+    built_by = next((e for e in reversed(m.lineage) if e.get("stage") == f"build:{m.target.name}"), None)
+    spec = (TargetSpec.model_validate(built_by["config"]) if built_by  # the spec it was built with
+            else Recipe.model_validate(m.recipe["json"]).target(m.target.name))
     built = Built(model_file=m.model_file, files=tuple(m.files), precision=m.target.precision,
                   runtime=dict(m.target.runtime))
     if work is None:

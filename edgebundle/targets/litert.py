@@ -1,0 +1,170 @@
+"""LiteRT (TensorFlow Lite) target for Android: a `.tflite` converted from the PyTorch student by
+`litert-torch` (no TensorFlow), int8 by PT2E with litert-torch's quantizer, run by `ai_edge_litert`'s
+interpreter with the XNNPACK delegate.
+
+The student is captured with `torch.export` at batch 1 (what a phone runs) and converted with
+`litert_torch.convert`; int8 is `prepare_pt2e` / `convert_pt2e(fold_quantize=False)` with
+`litert_torch.quantize.pt2e_quantizer.PT2EQuantizer` (symmetric int8, per-channel weights, calibrated on the
+recipe's calibration split sample by sample) and converted with `QuantConfig(pt2e_quantizer=...)`, which
+makes a real int8 model (int8 tensors, int8 input and output with their scales; without it the converter
+keeps float ops between quantize/dequantize pairs). The session quantizes inputs and dequantizes outputs
+with the model's own scales, so the contract judges float outputs like every target's. `model.fp32.tflite`
+is written beside the int8 model for the same-runtime comparison.
+
+Latency measured here is an x86 XNNPACK figure, not a phone figure: measure the `.tflite` on the phone with
+`edgebundle measure BUNDLE --device adb://SERIAL --runner benchmark_model`.
+
+Optional extra: `pip install edgebundle[litert]` (litert-torch, ai-edge-litert), imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgebundle.core.errors import StageError, TargetUnavailable
+from edgebundle.core.session import SessionBase
+from edgebundle.targets.base import BuildContext, Built, TargetBase, Work
+from edgebundle.targets.registry import Capabilities, register_target
+
+HOST_NOTE = ("latency measured with ai_edge_litert's interpreter (XNNPACK) on this x86 host, not on a phone; measure "
+             "the same .tflite on the device: `edgebundle measure BUNDLE --device adb://SERIAL --runner benchmark_model`")
+
+
+class LitertOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    precision: Literal["auto", "int8", "fp32"] = "auto"  # auto: int8 unless fp32 is faster here (the runner measures both)
+    per_channel: bool = Field(True, description="int8 weights per output channel (else per tensor)")
+    also_fp32: bool = Field(True, description="also write model.fp32.tflite, for the same-runtime comparison")
+
+
+def _missing() -> str | None:
+    for module, package in (("litert_torch", "litert-torch"), ("ai_edge_litert", "ai-edge-litert")):
+        if importlib.util.find_spec(module) is None:
+            return f"the {package} package is not installed (pip install edgebundle[litert])"
+    return None
+
+
+def _convert(model, example: tuple, out: Path, quant_config=None) -> None:
+    import litert_torch
+
+    try:
+        edge = litert_torch.convert(model, example, **({"quant_config": quant_config} if quant_config else {}))
+        edge.export(str(out))
+    except Exception as e:  # the converter raises ValueError/RuntimeError of its own with MLIR text
+        raise StageError(f"litert-torch cannot convert the student: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from e
+
+
+def _int8(ctx: BuildContext, model, example: tuple, names: list[str], per_channel: bool) -> None:
+    """PT2E int8 with litert-torch's quantizer, calibrated at batch 1, converted as a real int8 model."""
+    import torch
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=per_channel))
+    prepared = prepare_pt2e(torch.export.export(model, example).module(), quantizer)
+    with torch.no_grad():
+        for i in range(len(ctx.calibration)):
+            prepared(*(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[k][i:i + 1])) for k in names))
+    _convert(convert_pt2e(prepared, fold_quantize=False), example, ctx.workdir / "model.tflite",
+             QuantConfig(pt2e_quantizer=quantizer))
+
+
+def tensor_dtypes(path: Path) -> dict[str, int]:
+    """How many of the model's tensors have each dtype (int8 bundles hold int8 tensors)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    counts: dict[str, int] = {}
+    for t in Interpreter(model_path=str(path)).get_tensor_details():
+        name = np.dtype(t["dtype"]).name
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+@register_target("litert", capabilities=Capabilities(precisions=("int8", "fp32"), extra="litert",
+                                                      runtime="ai_edge_litert"),
+                 options=LitertOptions)
+class LitertTarget(TargetBase):
+    def unavailable_reason(self, options: LitertOptions | None = None) -> str | None:
+        return _missing()
+
+    def pending_reason(self, options: LitertOptions | None = None) -> str | None:
+        return None  # converts and times its own artifact on this machine
+
+    def start(self, ctx: BuildContext, opt: LitertOptions) -> Work:
+        import torch
+
+        if ctx.load_model is None:
+            raise StageError("the litert target starts from the PyTorch student; none was given")
+        names = [s.name for s in ctx.recipe.inputs]
+        model = ctx.load_model().cpu().eval()
+        example = tuple(torch.from_numpy(np.ascontiguousarray(ctx.calibration.inputs[n][:1])) for n in names)
+        work = Work(opt, {"delegate": "XNNPACK", "batch": 1, "inputs": names},
+                    {"model": model, "names": names, "example": example, "files": []})
+        if opt.precision == "fp32" or opt.also_fp32:
+            name = "model.tflite" if opt.precision == "fp32" else "model.fp32.tflite"
+            _convert(model, example, ctx.workdir / name)
+            work.state["files"].append(name)
+        return work
+
+    def fp32(self, ctx: BuildContext, work: Work) -> Built:
+        return self._built(work, {})
+
+    def int8(self, ctx: BuildContext, work: Work) -> Built:
+        opt = work.opt
+        _int8(ctx, work.state["model"], work.state["example"], work.state["names"], opt.per_channel)
+        work.state["files"].insert(0, "model.tflite")
+        dtypes = tensor_dtypes(ctx.workdir / "model.tflite")
+        if not dtypes.get("int8"):
+            raise StageError(f"litert-torch's int8 conversion holds no int8 tensors ({dtypes}): not an int8 model")
+        quant = {"tool": "PT2E (torchao prepare_pt2e/convert_pt2e) + litert-torch PT2EQuantizer, converted with "
+                         "QuantConfig(pt2e_quantizer)",
+                 "scheme": f"int8 symmetric, {'per-channel' if opt.per_channel else 'per-tensor'} weights, static "
+                           "activations, int8 input and output",
+                 "calibration": {"method": "observers (litert-torch quantizer)", "samples": len(ctx.calibration)},
+                 "tensor_dtypes": dtypes}
+        return self._built(work, quant)
+
+    @staticmethod
+    def _built(work: Work, quant: dict[str, Any]) -> Built:
+        files = work.state["files"]
+        return Built("model.tflite", tuple(files), work.opt.precision, quant, work.runtime, notes=(HOST_NOTE,),
+                     fp32_file="model.fp32.tflite" if "model.fp32.tflite" in files else None)
+
+    def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "LitertSession":
+        return LitertSession(model_path, threads=threads, input_names=runtime.get("inputs", []))
+
+
+class LitertSession(SessionBase):
+    """ai_edge_litert's interpreter (XNNPACK by default) at batch 1, through the device runner's LitertRunner: a
+    larger batch is fed one sample at a time; int8 inputs are quantized and int8 outputs dequantized with the
+    model's own scales."""
+
+    def __init__(self, model_path: Path, *, threads: int, input_names: list[str]) -> None:
+        why = _missing()
+        if why:
+            raise TargetUnavailable(why)
+        from ai_edge_litert.interpreter import Interpreter
+
+        from edgebundle.core.device_runner import LitertRunner
+
+        try:
+            interp = Interpreter(model_path=str(model_path), num_threads=threads)
+            interp.allocate_tensors()
+        except Exception as e:  # the interpreter raises ValueError/RuntimeError for bad files
+            raise StageError(f"ai_edge_litert cannot load {model_path.name}: {e}") from e
+        self.runner = LitertRunner(interp, input_names)
+        self.input_names = self.runner.input_names
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.runner(feeds)
+
+    def close(self) -> None:
+        self.runner = None
