@@ -23,6 +23,7 @@ class AdbDevice:
 
     def __init__(self, spec: DeviceSpec) -> None:
         self.spec = spec
+        self.reached = False  # whether a push got as far as making the job's folder
 
     def _adb(self, *args: str, what: str, timeout: float | None = None) -> Ran:
         return call(["adb", "-s", self.spec.adb, *args], what=what, device=self.spec.label,
@@ -31,6 +32,7 @@ class AdbDevice:
     def push(self, files: list[Path], remote_dir: str) -> None:
         checked(self._adb("shell", f"mkdir -p {shlex.quote(remote_dir)}", what="connecting (adb shell)"),
                 what="connecting (adb shell)", device=self.spec.label)
+        self.reached = True  # from here on there is a folder to clean up
         for f in files:
             checked(self._adb("push", str(f), f"{remote_dir}/", what="copying files to it (adb push)",
                               timeout=self.spec.timeout_s), what="copying files to it (adb push)",

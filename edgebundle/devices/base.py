@@ -26,6 +26,7 @@ class Ran:
 class Device(Protocol):
     spec: DeviceSpec
     kind: str  # "local" | "ssh" | "adb"
+    reached: bool  # whether a push got as far as making its folder there (what `remove` then cleans up)
 
     def push(self, files: list[Path], remote_dir: str) -> None:
         """Copy local files into `remote_dir` on the device (created if missing)."""

@@ -14,6 +14,7 @@ from edgebundle.devices.base import Ran, call
 
 class LocalDevice:
     kind = "local"
+    reached = True  # this machine
 
     def __init__(self, spec: DeviceSpec) -> None:
         self.spec = spec

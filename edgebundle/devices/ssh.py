@@ -17,6 +17,7 @@ class SshDevice:
 
     def __init__(self, spec: DeviceSpec) -> None:
         self.spec = spec
+        self.reached = False  # whether a push got as far as making the job's folder
 
     def _options(self, port_flag: str) -> list[str]:
         s = self.spec
@@ -36,6 +37,7 @@ class SshDevice:
     def push(self, files: list[Path], remote_dir: str) -> None:
         checked(self._ssh(f"mkdir -p {shlex.quote(remote_dir)}", what="mkdir", timeout=CONNECT_TIMEOUT_S * 4),
                 what="connecting (ssh)", device=self.spec.label)
+        self.reached = True  # from here on there is a folder to clean up
         self._scp([str(f) for f in files], f"{self.spec.ssh}:{remote_dir}/", what="copying files to it (scp)")
 
     def _scp(self, sources: list[str], dest: str, *, what: str) -> None:

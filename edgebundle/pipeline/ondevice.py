@@ -86,7 +86,8 @@ def run_on_device(spec: DeviceSpec, art: Artifact, measure: MeasureSpec, feeds: 
                 raise DeviceError(f"device {spec.label}: the runner failed: {ran.last_line()}")
             device.pull([f"{remote}/result.json"] + ([f"{remote}/outputs.npz"] if batches else []), tmp)
         finally:
-            device.remove(remote)
+            if device.reached:  # a device never reached is not asked again (one timeout, not two)
+                device.remove(remote)
         result = json.loads((tmp / "result.json").read_text(encoding="utf-8"))
         outputs = None
         if batches:
@@ -119,7 +120,8 @@ def _benchmark_on_adb(spec: DeviceSpec, art: Artifact, measure: MeasureSpec, fee
             raise DeviceError(f"device {spec.label}: {spec.runner} failed: {ran.last_line()}")
         out = parse_benchmark(ran.stdout + "\n" + ran.stderr, spec.runner)
     finally:
-        device.remove(remote)
+        if device.reached:
+            device.remove(remote)
     batch = len(next(iter(feeds.values())))
     if out.samples_ms:
         lat = summarize(np.array(out.samples_ms), batch=batch, threads=art.threads or 0)
