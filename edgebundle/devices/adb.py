@@ -12,18 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgebundle.core.errors import DeviceError
-from edgebundle.core.recipe import DeviceSpec
-from edgebundle.devices.base import Ran, call, checked
+from edgebundle.devices.base import Ran, Remote, call, checked
 
 ADB_TIMEOUT_S = 60
 
 
-class AdbDevice:
+class AdbDevice(Remote):
     kind = "adb"
-
-    def __init__(self, spec: DeviceSpec) -> None:
-        self.spec = spec
-        self.reached = False  # whether a push got as far as making the job's folder
 
     def _adb(self, *args: str, what: str, timeout: float | None = None) -> Ran:
         return call(["adb", "-s", self.spec.adb, *args], what=what, device=self.spec.label,

@@ -57,3 +57,13 @@ def checked(ran: Ran, *, what: str, device: str) -> Ran:
     if ran.returncode != 0:
         raise DeviceError(f"device {device}: {what} failed: {ran.last_line()}")
     return ran
+
+
+class Remote:
+    """What a device reached over a connection starts with: its spec, and not yet reached."""
+
+    kind = "remote"
+
+    def __init__(self, spec: DeviceSpec) -> None:
+        self.spec = spec
+        self.reached = False  # whether a push got as far as making the job's folder

@@ -6,18 +6,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from edgebundle.core.recipe import DeviceSpec
-from edgebundle.devices.base import Ran, call, checked
+from edgebundle.devices.base import Ran, Remote, call, checked
 
 CONNECT_TIMEOUT_S = 15
 
 
-class SshDevice:
+class SshDevice(Remote):
     kind = "ssh"
-
-    def __init__(self, spec: DeviceSpec) -> None:
-        self.spec = spec
-        self.reached = False  # whether a push got as far as making the job's folder
 
     def _options(self, port_flag: str) -> list[str]:
         s = self.spec
