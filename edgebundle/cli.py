@@ -418,6 +418,7 @@ def explain(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Per-layer int8 error table (SQNR vs fp32) and what accuracy control kept in float."""
+    from edgebundle.calibration.accuracy import layers_kept_float
     from edgebundle.pipeline.bundle import read_manifest
 
     try:
@@ -432,7 +433,7 @@ def explain(
         err_console.print(f"[bold red]error:[/] {esc(str(bundle))} has no per-layer error table (target "
                           f"{m.target.name}, precision {m.target.precision}{why})", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
-    kept = set((q.get("accuracy_budget") or {}).get("excluded_nodes") or [])
+    kept = set(layers_kept_float(q))
     t = Table(title=f"int8 error per layer: {m.target.name} (lower SQNR = more damage)")
     for col in ("PyTorch module", "ONNX node", "op", "weight SQNR dB", "input SQNR dB", "kept in float"):
         t.add_column(col)

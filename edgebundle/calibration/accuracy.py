@@ -99,6 +99,12 @@ def budget_record(v: Verdict) -> dict[str, Any]:
             "drop_reached": _r6(v.loss), "within_budget": v.within, "judged_samples": v.samples}
 
 
+def layers_kept_float(quantization: dict[str, Any]) -> list[str]:
+    """The nodes a quantization record's accuracy control kept in float (its `accuracy_budget.excluded_nodes`;
+    none where no control ran)."""
+    return list((quantization.get("accuracy_budget") or {}).get("excluded_nodes") or [])
+
+
 def _r6(x: float) -> float:
     return round(float(x), 6) if np.isfinite(x) else float(x)
 

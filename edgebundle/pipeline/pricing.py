@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from edgebundle.calibration.accuracy import layers_kept_float
 from edgebundle.core.data import run_outputs
 from edgebundle.core.errors import StageError
 from edgebundle.core.host import usable_cores
@@ -30,7 +31,7 @@ BLOCK_MS = 250.0
 def _int8_form(q: dict[str, Any]) -> dict[str, Any]:
     """What the candidate's int8 build gave up to its accuracy control (layers kept float: they time as
     float, so its speed-up is the structure's and theirs together), and whether QAT made it."""
-    kept = len((q.get("accuracy_budget") or {}).get("excluded_nodes") or [])
+    kept = len(layers_kept_float(q))
     return {**({"layers_kept_float": kept} if kept else {}), **({"qat": True} if q.get("qat") else {})}
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edgebundle.calibration.accuracy import layers_kept_float
 from edgebundle.calibration.qat import QatOptions
 from edgebundle.calibration.readers import SplitReader
 from edgebundle.core.errors import StageError
@@ -103,7 +104,7 @@ def _spent(control: dict[str, Any]) -> tuple[bool, int, float]:
     """How much a post-training int8 form gave up on validation inputs, least first: over budget, layers kept
     float, the loss reached."""
     b = control.get("accuracy_budget") or {}
-    return (not b.get("within_budget", True), len(b.get("excluded_nodes") or []),
+    return (not b.get("within_budget", True), len(layers_kept_float(control)),
             float(b.get("drop_reached", b.get("drop_full_int8", 0.0)) or 0.0))
 
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgebundle.calibration.accuracy import layers_kept_float
 from edgebundle.calibration.readers import SplitReader
 from edgebundle.core.session import SessionBase
 from edgebundle.core.errors import StageError, TargetUnavailable
@@ -120,7 +121,7 @@ def quantize_for_tensorrt(fp32: Path, out: Path, ctx: BuildContext) -> dict[str,
         raise StageError(f"onnxruntime.quantization (TensorRT Q/DQ) failed: {type(e).__name__}: {e}") from e
     finally:
         pre.unlink(missing_ok=True)
-    if "accuracy_budget" in control and control["accuracy_budget"]["excluded_nodes"]:
+    if layers_kept_float(control):
         control["accuracy_budget"]["latency_cost"] = "not measured: needs the TensorRT engine on a GPU"
     return {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ (TensorRT explicit quantization)",
             "activations": "int8 symmetric, per tensor", "weights": "int8 symmetric, per channel",
@@ -372,7 +373,7 @@ class TensorRtTarget:
         quant: dict[str, Any] = {}
         if opt.precision == "int8":
             quant = quantize_for_tensorrt(ctx.fp32_onnx, qdq, ctx)
-            kept_float = set(quant.get("accuracy_budget", {}).get("excluded_nodes", []))
+            kept_float = set(layers_kept_float(quant))
             problems = qdq_problems(onnx.load(str(qdq)), kept_float)
             if problems:
                 raise StageError("the Q/DQ model breaks TensorRT's placement rules: " + "; ".join(problems[:5]))
