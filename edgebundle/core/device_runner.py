@@ -102,7 +102,10 @@ def timed(fn, iterations, time_budget_s=None):
     return samples
 
 
-def _open_onnxruntime(path, threads, settings):
+def ort_session(path, threads, level="all"):
+    """An ONNX Runtime CPU session with the settings every figure of the tool is measured with (the host's
+    OrtSession opens through it too): `threads` intra-op threads, one inter-op, sequential, `level` graph
+    optimisation."""
     import onnxruntime as ort
 
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -113,26 +116,41 @@ def _open_onnxruntime(path, threads, settings):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = levels[settings.get("graph_optimization", "all")]
+    so.graph_optimization_level = levels[level]
     so.log_severity_level = 3
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _open_onnxruntime(path, threads, settings):
+    import onnxruntime as ort
+
+    sess = ort_session(path, threads, settings.get("graph_optimization", "all"))
     return lambda feeds: sess.run(None, feeds), ort.__version__
+
+
+def ov_config(device, threads, hint="latency", precision="f32", dynamic_group=None):
+    """The OpenVINO compile settings a bundle is measured with (the host's OvSession uses them too): the
+    latency or throughput hint; on a CPU, the thread count, the inference precision and the dynamic
+    quantization group size the bundle was judged with."""
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    config = {hints.performance_mode: hints.PerformanceMode.LATENCY if hint == "latency"
+              else hints.PerformanceMode.THROUGHPUT}
+    if device.startswith("CPU"):
+        config[props.inference_num_threads] = threads
+        config[hints.inference_precision] = precision  # f32 unless bf16 was asked for (a measured choice)
+        if dynamic_group is not None:  # the group size the bundle was judged with (int8 weights only)
+            config[hints.dynamic_quantization_group_size] = int(dynamic_group)
+    return config
 
 
 def _open_openvino(path, threads, settings):
     import openvino as ov
-    import openvino.properties as props
-    import openvino.properties.hint as hints
 
     device = settings.get("device", "CPU")
-    config = {hints.performance_mode: hints.PerformanceMode.LATENCY if settings.get("performance_hint", "latency")
-              == "latency" else hints.PerformanceMode.THROUGHPUT}
-    if device.startswith("CPU"):
-        config[props.inference_num_threads] = threads
-        config[hints.inference_precision] = settings.get("inference_precision_hint", "f32")
-        group = settings.get("dynamic_quantization_group_size")
-        if group is not None:
-            config[hints.dynamic_quantization_group_size] = int(group)
+    config = ov_config(device, threads, settings.get("performance_hint", "latency"),
+                       settings.get("inference_precision_hint", "f32"), settings.get("dynamic_quantization_group_size"))
     compiled = ov.Core().compile_model(path, device, config)
     request = compiled.create_infer_request()
 

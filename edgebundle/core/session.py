@@ -13,16 +13,10 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import onnxruntime as ort
 
+from edgebundle.core.device_runner import ort_session
 from edgebundle.core.errors import StageError
 
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 
 class SessionBase:
@@ -46,14 +40,8 @@ class SessionBase:
 
 class OrtSession(SessionBase):
     def __init__(self, model_path: Path, *, threads: int, level: str = "all") -> None:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = _OPT_LEVELS[level]
-        so.log_severity_level = 3
         try:
-            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+            self.sess = ort_session(model_path, threads, level)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise StageError(f"onnxruntime cannot load {model_path.name}: {e}") from e
         self.input_names = [i.name for i in self.sess.get_inputs()]

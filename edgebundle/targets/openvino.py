@@ -476,20 +476,15 @@ class OvSession(SessionBase):
     def __init__(self, model_path: Path, *, threads: int, device: str = "CPU", hint: str = "latency",
                  precision: str = "f32", dynamic_group: int | None = None) -> None:
         ov = _ov()
-        import openvino.properties as props
         import openvino.properties.hint as hints
+
+        from edgebundle.core.device_runner import ov_config
 
         core = ov.Core()
         problem = _device_problem(core, device)
         if problem:
             raise TargetUnavailable(problem)
-        config = {hints.performance_mode: hints.PerformanceMode.LATENCY if hint == "latency"
-                  else hints.PerformanceMode.THROUGHPUT}
-        if device.startswith("CPU"):
-            config[props.inference_num_threads] = threads
-            config[hints.inference_precision] = precision  # f32 unless bf16 was asked for (a measured choice)
-            if dynamic_group is not None:  # the group size the bundle was judged with (int8 weights only)
-                config[hints.dynamic_quantization_group_size] = dynamic_group
+        config = ov_config(device, threads, hint, precision, dynamic_group)
         try:
             self.compiled = core.compile_model(str(model_path), device, config)
         except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
