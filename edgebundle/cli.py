@@ -323,9 +323,8 @@ def measure(
     if acc is None:
         console.print(f"  [yellow]note:[/] {esc(r['note'])}")
         raise typer.Exit(0)
-    if not acc["within_budget"]:
-        err_console.print(f"[bold red]rejected:[/] {esc(bundle.name)}: on device {esc(r['device'])} "
-                          f"{esc(acc['line'])} missed the budget", highlight=False, soft_wrap=True)
+    if done.rejection:
+        err_console.print(f"[bold red]rejected:[/] {esc(done.rejection)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print(f"  on the device: {esc(acc['line'])}", highlight=False)
 

@@ -61,21 +61,12 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     is expected: it is discarded (status 'rejected' in the result), or with `keep_rejected` written to
     OUT/<target>.rejected with `status: rejected` in its manifest.
     """
-    recipe = prepared.recipe
-    entry, target, options = _preflight(spec)
-    threads = spec.threads or usable_cores()
+    checked = _preflight(spec)
     stage = f"build:{spec.name}"
     on_event("start", stage, cached=False)
     if reference is None:
-        reference = reference_latency(prepared, spec.measure, threads)
-    if fp32_test is None:
-        fp32_test = fp32_reference(prepared, threads)
-    ref_out = fp32_test[recipe.judged_output[0]]
-    if original is True:
-        original = original_reference(prepared)
-    if contract is None:
-        contract = _contract(prepared, spec, verdict_reference(prepared, ref_out, original))
-    job = _Job(prepared, spec, entry, target, options, contract, ref_out, threads, stage, original=original)
+        reference = reference_latency(prepared, spec.measure, spec.threads or usable_cores())
+    job = job_for(prepared, spec, checked=checked, fp32_test=fp32_test, original=original, contract=contract)
     verdicts: list[Evaluation] = []
     device = device or spec.device
     on_device: list[str] = []  # the rejection line of a bundle over budget on its device
@@ -89,7 +80,9 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
             rec = job.on_device(tmp, ev.built, device)
             draft.devices = [rec]
             if rec["accuracy"] is not None and not rec["accuracy"]["within_budget"]:
-                line = _device_rejection(spec, rec, ev)
+                from edgebundle.pipeline.ondevice import rejection
+
+                line = rejection(spec.name, rec, verdict_summary(ev.verdict))
                 on_device.append(line)
                 draft.target.status, draft.target.rejection = "rejected", line
         return draft
@@ -108,13 +101,21 @@ def build_target(prepared: Prepared, spec: TargetSpec, output: Path, *, on_event
     return BundleResult(spec.name, path, manifest, status=manifest["target"]["status"])
 
 
-def job_for(prepared: Prepared, spec: TargetSpec) -> _Job:
-    """A target's job as `build` makes it (contract, references), to judge an artifact built before."""
-    entry, target, options = _preflight(spec)
+def job_for(prepared: Prepared, spec: TargetSpec, *, checked: tuple | None = None,
+            fp32_test: list[np.ndarray] | None = None, original: np.ndarray | None | bool = True,
+            contract: Contract | None = None) -> _Job:
+    """A target's job (its contract, the fp32 and original references), as `build_target` makes it and as an
+    artifact built before is judged by; what the caller already has (the preflight's entry, target and
+    options, the fp32 outputs on the test split, the original's, the contract) is not computed again."""
+    entry, target, options = checked or _preflight(spec)
     threads = spec.threads or usable_cores()
-    ref_out = fp32_reference(prepared, threads)[prepared.recipe.judged_output[0]]
-    original = original_reference(prepared)
-    contract = _contract(prepared, spec, verdict_reference(prepared, ref_out, original))
+    if fp32_test is None:
+        fp32_test = fp32_reference(prepared, threads)
+    ref_out = fp32_test[prepared.recipe.judged_output[0]]
+    if original is True:
+        original = original_reference(prepared)
+    if contract is None:
+        contract = _contract(prepared, spec, verdict_reference(prepared, ref_out, original))
     return _Job(prepared, spec, entry, target, options, contract, ref_out, threads, f"build:{spec.name}",
                 original=original)
 
@@ -213,8 +214,7 @@ class _Job:
                        dict(built.runtime), self.spec.threads)
         run = run_on_device(device, art, self.spec.measure, measure_feeds(test, recipe, self.spec.measure.batch),
                             test=test, recipe=recipe)
-        verdict = None if run.outputs is None else judge_outputs(run, self.contract.output_index,
-                                                                 lambda out: self.chain_of(out).decisive)
+        verdict = judge_outputs(run, self.contract.output_index, lambda out: self.chain_of(out).decisive)
         note = None if verdict is not None else (f"accuracy not judged on the device: {device.runner} runs its own "
                                                  "inputs, not the test split")
         return record(run, verdict, build_host or fingerprint(), note)
@@ -296,13 +296,6 @@ def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
                 f"{c.spent(ev.built.precision)}; tried: {how}")
     vs = " against the fp32 student (metric.reference: student)" if c is not None and c.steps else ""
     return f"{spec.name}: {ev.verdict.line()}{isa}{vs} missed the budget; tried: {how}"
-
-
-def _device_rejection(spec: TargetSpec, rec: dict[str, Any], ev: Evaluation) -> str:
-    fp = rec["fingerprint"]
-    what = f"{fp.get('cpu')}, {fp.get('machine')}" + (f", {rec['figure']}" if rec["figure"] != "device" else "")
-    return (f"{spec.name}: on device {rec['device']} ({what}) {rec['accuracy']['line']} missed the budget; on this "
-            f"host it is at {verdict_summary(ev.verdict)}: the device's own kernels lose what this host's keep")
 
 
 def _io(fp32_path: Path) -> dict[str, list[dict[str, Any]]]:

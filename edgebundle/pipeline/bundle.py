@@ -287,16 +287,16 @@ def add_records(folder: Path, key: str, records: list[dict[str, Any]], *, reject
     why = replaceable_problem(final) if reject else None
     if why:
         raise BundleError(f"cannot move the rejected bundle to {final}: {why}")
-    bad = verify_files(folder)
-    if bad:
-        raise IntegrityError(f"bundle {folder} changed since it was written: {', '.join(bad)}; not adding to it", bad)
-    m = read_manifest(folder)
-    data = m.model_dump(mode="json")
-    data[key] = [*(data.get(key) or []), *records]
-    if reject:
-        data["target"].update(status="rejected", rejection=reject)
-    new = Manifest.model_validate(data)
-    with target_lock(folder.parent, folder.name):
+    with target_lock(folder.parent, folder.name):  # no build replaces it while it is read and rewritten
+        bad = verify_files(folder)
+        if bad:
+            raise IntegrityError(f"bundle {folder} changed since it was written: {', '.join(bad)}; not adding to it",
+                                 bad)
+        data = read_manifest(folder).model_dump(mode="json")
+        data[key] = [*(data.get(key) or []), *records]
+        if reject:
+            data["target"].update(status="rejected", rejection=reject)
+        new = Manifest.model_validate(data)
         tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             tmp.mkdir()

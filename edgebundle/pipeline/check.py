@@ -169,28 +169,29 @@ def _on_device(cm: Manifest, bm: Manifest, device: str, tolerance: float, accura
     """check --device NAME: both bundles' newest records on that device, their recorded samples compared (they
     were taken at different moments: the weaker comparison, said so) and the candidate's verdict there."""
     c, b = device_record(cm, "candidate", device), device_record(bm, "baseline", device)
+    c_acc, b_acc = c["accuracy"] or {}, b["accuracy"] or {}  # {}: not judged there (measured without --work)
     notes = [f"device {device}: recorded samples compared (candidate taken {c['taken']}, baseline {b['taken']}), "
              "not interleaved"]
-    if c["fingerprint"].get("id") != b["fingerprint"].get("id"):
+    different = c["fingerprint"].get("id") != b["fingerprint"].get("id")
+    if different:
         if not allow_different:
             raise BundleError(f"device {device} is not the same hardware in both records (candidate "
                               f"{c['fingerprint'].get('id')}, baseline {b['fingerprint'].get('id')}); pass "
                               "--allow-different-host to compare anyway")
         notes.append("the two records come from different hardware (--allow-different-host): unreliable")
     for side, r in (("candidate", c), ("baseline", b)):
-        if r["figure"] != "device":
-            notes.append(f"the {side}'s record on {device} is a figure of the {r['figure']}, not of a device")
-    for side, r in (("candidate", c), ("baseline", b)):
         if not r["latency"].get("samples_ms"):
             raise BundleError(f"the {side}'s record on {device} has no per-iteration samples ({r['how']}): "
                               "nothing to compare with an interval")
+        if r["figure"] != "device":
+            notes.append(f"the {side}'s record on {device} is a figure of the {r['figure']}, not of a device")
     cs, bs = np.array(c["latency"]["samples_ms"]), np.array(b["latency"]["samples_ms"])
     ratio, ci = recorded_ratio(cs, bs)
-    ca, ba = ((c["accuracy"] or {}).get("value"), (b["accuracy"] or {}).get("value"))
-    acc_reg = bool(c["accuracy"] and not c["accuracy"]["within_budget"])
+    ca, ba = c_acc.get("value"), b_acc.get("value")
+    acc_reg = bool(c_acc) and not c_acc["within_budget"]
     if ca is not None and ba is not None:
         acc_reg = acc_reg or accuracy_worse_by(cm.accuracy.metric, ca, ba, cm.accuracy.details) > accuracy_tolerance
-    elif c["accuracy"] is None:
+    elif not c_acc:
         notes.append(f"the candidate's accuracy was not judged on {device} (measure it with --work)")
     latency_reg = is_latency_regression(ratio, ci, tolerance)
     return CheckResult(
@@ -198,10 +199,9 @@ def _on_device(cm: Manifest, bm: Manifest, device: str, tolerance: float, accura
         mode=f"device {device}", ratio=ratio, ratio_ci95=ci, tolerance=tolerance,
         candidate_p50_ms=float(np.median(cs)), baseline_p50_ms=float(np.median(bs)), rounds=len(bs),
         candidate_accuracy=ca, baseline_accuracy=ba, accuracy_tolerance=accuracy_tolerance, target=cm.target.name,
-        different_host=c["fingerprint"].get("id") != b["fingerprint"].get("id"), notes=notes,
-        accuracy_reference=cm.accuracy.against or "fp32 export",
-        candidate_interval=(c["accuracy"] or {}).get("interval"), baseline_interval=(b["accuracy"] or {}).get("interval"),
-        candidate_groups=(c["accuracy"] or {}).get("groups"), baseline_groups=(b["accuracy"] or {}).get("groups"))
+        different_host=different, notes=notes, accuracy_reference=cm.accuracy.against or "fp32 export",
+        candidate_interval=c_acc.get("interval"), baseline_interval=b_acc.get("interval"),
+        candidate_groups=c_acc.get("groups"), baseline_groups=b_acc.get("groups"))
 
 
 def _comparable(cm: Manifest, bm: Manifest) -> None:

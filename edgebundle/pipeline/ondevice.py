@@ -179,7 +179,19 @@ def record(run: DeviceRun, verdict: Any | None, build_host: dict[str, Any] | Non
 
 
 def judge_outputs(run: DeviceRun, output_index: int, judge: Callable[[np.ndarray], Any]) -> Any:
-    if run.outputs is None or len(run.outputs) <= output_index:
-        raise DeviceError(f"device {run.spec.label}: the runner returned {0 if run.outputs is None else len(run.outputs)}"
-                          f" output(s); the metric judges number {output_index + 1}")
+    """The verdict on the device's outputs, or None where the run brought none back (a benchmark binary)."""
+    if run.outputs is None:
+        return None
+    if len(run.outputs) <= output_index:
+        raise DeviceError(f"device {run.spec.label}: the runner returned {len(run.outputs)} output(s); the metric "
+                          f"judges number {output_index + 1}")
     return judge(run.outputs[output_index])
+
+
+def rejection(target: str, rec: dict[str, Any], on_host: str | None = None) -> str:
+    """The one line of a bundle over budget on its device (and where it stands on the build host, if known)."""
+    fp = rec["fingerprint"]
+    what = f"{fp.get('cpu')}, {fp.get('machine')}" + (f", {rec['figure']}" if rec["figure"] != "device" else "")
+    line = f"{target}: on device {rec['device']} ({what}) {rec['accuracy']['line']} missed the budget"
+    return line + (f"; on this host it is at {on_host}: the device's own kernels lose what this host's keep"
+                   if on_host else "")

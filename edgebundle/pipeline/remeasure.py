@@ -18,6 +18,7 @@ from edgebundle.targets.base import Built
 class Measured:
     bundle: Path
     record: dict[str, Any]
+    rejection: str | None = None  # over budget on the device: the line (the bundle moved to <target>.rejected)
 
     @property
     def within(self) -> bool | None:
@@ -29,7 +30,7 @@ def measure_bundle(bundle: Path, device: DeviceSpec, *, work: Path | None = None
     """Measure `bundle` on `device`; with `work` (the work folder it was built from) its test split runs there
     too and is judged by the bundle's contract. The record is added to the manifest (the bundle still verifies)."""
     from edgebundle.pipeline.check import _feeds
-    from edgebundle.pipeline.ondevice import Artifact, record, run_on_device
+    from edgebundle.pipeline.ondevice import Artifact, record, rejection, run_on_device
 
     bundle = Path(bundle)
     if not bundle.is_dir():
@@ -63,13 +64,10 @@ def measure_bundle(bundle: Path, device: DeviceSpec, *, work: Path | None = None
                               "are reused), so that its test split is the one the bundle was judged on")
         rec = job_for(prepared, spec).on_device(bundle, built, device, m.host)
     acc = rec.get("accuracy")
-    reject = None
-    if acc is not None and not acc["within_budget"]:
-        reject = (f"{m.target.name}: on device {rec['device']} ({rec['fingerprint'].get('cpu')}, "
-                  f"{rec['fingerprint'].get('machine')}) {acc['line']} missed the budget")
+    reject = rejection(m.target.name, rec) if acc is not None and not acc["within_budget"] else None
     where = add_records(bundle, "devices", [rec], reject=reject)
     if (where.parent / "report.html").is_file():  # the report beside it shows every device
         from edgebundle.pipeline.report import write_report
 
         write_report(where.parent)
-    return Measured(where, rec)
+    return Measured(where, rec, reject)
