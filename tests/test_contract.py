@@ -33,6 +33,20 @@ def test_agreement_is_judged_on_confident_inputs_and_reports_top5():
     assert c.needed_samples() == 100  # one flip in fewer than 100 inputs exceeds a 1-point budget
 
 
+def test_agreement_on_no_confident_input_is_not_within_any_budget():
+    """Nothing judged is not 'agreement 100 %': inputs where the fp32 model is never confident (a validation
+    slice, an out-of-distribution check) give a verdict that is not within, and says why."""
+    ref = np.array([[0.1, 0.0, 0.05], [0.2, 0.21, 0.0]])
+    c = Contract("agreement", MetricSpec(name="agreement", min_confidence=0.5), max_drop=100.0)
+    for interval in (False, True):
+        v = c.judge(ref, ref.copy(), None, interval=interval)
+        assert v.samples == 0 and not v.within
+    c = Contract("agreement", MetricSpec(name="agreement", min_confidence=0.5, confidence=0.95), max_drop=100.0)
+    v = c.judge(ref, ref.copy(), None, interval=True)
+    assert not v.within and not v.worst_within
+    assert "no input where the fp32 model is confident" in v.line()
+
+
 def test_cosine_budget_holds_the_minimum_and_the_mean():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((50, 16))

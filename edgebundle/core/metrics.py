@@ -113,6 +113,9 @@ class Verdict:
     def line(self) -> str:
         """The verdict in a few words: 'agreement 97.50 % [95.1, 98.8] on 80 confident inputs (budget: ...)'."""
         of = f" from {self.groups} groups" if self.groups is not None else ""
+        if self.metric == "agreement" and self.samples == 0:
+            return (f"agreement: no input where the fp32 model is confident (top-1 probability >= "
+                    f"{self.details.get('min_confidence')}), nothing judged (budget: {self.budget})")
         return (f"{self.metric} {_fmt(self.metric, self.value)}{self.interval_text()} on {self.samples} inputs{of} "
                 f"(budget: {self.budget})")
 
@@ -257,13 +260,14 @@ class Contract:
             top5 = np.argpartition(-outputs.reshape(n, -1), k - 1, axis=1)[:, :k]
             kept5 = (top5 == _top1(reference)[:, None]).any(axis=1)
             judged = int(confident.sum())
-            agree = float(same[confident].mean() * 100.0) if judged else 100.0
+            # no confident input: nothing judged, and nothing judged is not within any budget
+            agree = float(same[confident].mean() * 100.0) if judged else 0.0
             drop = 100.0 - agree
             details = {"confident_inputs": judged, "all_inputs": n, "min_confidence": s.min_confidence,
                        "agreement_all": float(same.mean() * 100.0),
                        "fp32_top1_in_top5_all": float(kept5.mean() * 100.0)}
-            return Verdict(m, agree, 100.0, drop, drop <= self.max_drop + 1e-9, self.budget, judged, drop, details,
-                           self.max_drop)
+            return Verdict(m, agree, 100.0, drop, judged > 0 and drop <= self.max_drop + 1e-9, self.budget, judged,
+                           drop, details, self.max_drop)
         if m == "cosine":
             c = per_sample_cosine(outputs, reference)
             finite = np.isfinite(c)
@@ -405,6 +409,8 @@ def _take(labels: np.ndarray | None, i: np.ndarray) -> np.ndarray | None:
 
 def _worst_within(v: Verdict, c: Contract, iv: tuple[float, float], worst_drop: float | None) -> bool:
     s = c.spec
+    if v.metric == "agreement" and v.samples == 0:
+        return False  # nothing judged
     if worst_drop is not None:
         return bool(worst_drop <= c.max_drop + 1e-9)
     if v.metric == "cosine":  # the minimum is already the worst judged input; the mean has an interval
