@@ -46,8 +46,8 @@ def _own_fp32(path: Path, m: dict, fp32: Path, threads: int):
     from edgebundle.targets import registry
 
     entry = registry.lookup(m["target"]["name"])
-    own = path / "model.fp32.pte"
-    src = own if own.is_file() else (fp32 if entry.capabilities.opens_onnx else None)
+    own = next((f for f in sorted(path.glob("model.fp32.*")) if f.name != m["model_file"]), None)  # .pte, .tflite
+    src = own if own is not None else (fp32 if entry.capabilities.opens_onnx else None)
     return None if src is None else entry.factory().open(src, threads=threads, runtime=m["target"]["runtime"])
 
 
