@@ -41,3 +41,22 @@ def test_litert_int8_bundle_of_the_default_holds_int8_tensors_within_budget(prep
 def test_litert_is_listed_with_its_extra():
     entry = registry.lookup("litert")
     assert entry.capabilities.extra == "litert" and "int8" in entry.capabilities.precisions
+
+
+def test_litert_token_model_ships_dynamic_int8_first(tmp_path):
+    """A model fed token ids (the BERT-like example encoder, trained, not pruned): activations auto tries the
+    dynamic form first (int8 weights, activations quantized per inference: XNNPACK's fast path for
+    transformers), judged on validation inputs; the bundle holds int8 tensors and its budget on the test split."""
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.pipeline.runner import run
+
+    recipe = load_recipe("examples/encoder.yaml")
+    stages = recipe.stages.model_copy(update={"prune": recipe.stages.prune.model_copy(update={"enabled": False}),
+                                              "distill": recipe.stages.distill.model_copy(update={"enabled": False})})
+    recipe = recipe.model_copy(update={"stages": stages, "targets": [TargetSpec(
+        name="litert", measure={"iterations": 20}, options={"precision": "int8"})]})
+    b = run(recipe, output=tmp_path / "out").bundles[0]
+    assert b.status == "complete", b.reason
+    q = b.manifest["quantization"]
+    assert q["activations"] == "dynamic" and q["activations_tried_on_val"][0]["activations"] == "dynamic"
+    assert q["tensor_dtypes"]["int8"] > 0 and b.manifest["accuracy"]["within_budget"]

@@ -72,6 +72,17 @@ def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
         return run_split(sess, ctx.validation, ctx.recipe.inputs, output=ctx.val_contract().output_index)
 
 
+def judge_on_val(ctx: BuildContext, session) -> Any:
+    """A target's own session's verdict on (up to 64 of) the validation inputs against the fp32 ONNX model:
+    how a target picks between its int8 forms without touching the test split. Closes the session."""
+    from edgebundle.core.data import run_outputs
+
+    part = ctx.val_head(64)
+    with session as sess:
+        out = run_outputs(sess, part.validation, ctx.recipe.inputs)[ctx.val_contract().output_index]
+    return part.judge(val_outputs(ctx.fp32_onnx, part), out)
+
+
 def p50_ms(model: Path, ctx: BuildContext) -> float:
     """Batch-1 median latency, the price of the layers accuracy control keeps in float."""
     from edgebundle.core.measure import measure

@@ -122,13 +122,9 @@ def _ptq(ctx: BuildContext, fp32_ep, example, names: list[str], *, dynamic: bool
 
 def _judge_on_val(ctx: BuildContext, pte: Path, names: list[str]):
     """The .pte's verdict on (up to 64 of) the validation inputs against the fp32 ONNX model."""
-    from edgebundle.core.data import run_outputs
-    from edgebundle.targets.common import val_outputs
+    from edgebundle.targets.common import judge_on_val
 
-    part = ctx.val_head(64)
-    with ExecutorchSession(pte, names) as sess:
-        out = run_outputs(sess, part.validation, ctx.recipe.inputs)[ctx.val_contract().output_index]
-    return part.judge(val_outputs(ctx.fp32_onnx, part), out)
+    return judge_on_val(ctx, ExecutorchSession(pte, names))
 
 
 def _qat(ctx: BuildContext, model, q: QatOptions, example) -> tuple[dict[str, Any], dict[str, Any]]:
