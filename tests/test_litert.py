@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from edgebundle.core.recipe import TargetSpec
 from edgebundle.pipeline.build import build_target
@@ -29,6 +31,8 @@ def test_litert_int8_bundle_of_the_default_holds_int8_tensors_within_budget(prep
     assert "int8" in dtypes and m["quantization"]["tensor_dtypes"]["int8"] > 0
     assert (res.path / "model.fp32.tflite").is_file() and m["latency"]["p50_ms"] > 0
     assert any("not on a phone" in n for n in m["notes"])
+    d = m["target"]["runtime"]["delegation"]  # XNNPACK takes the whole small CNN: every node, every multiply-accumulate
+    assert d["delegated_compute"] == 1.0 and d["macs"] > 0 and d["partitions"] >= 1
 
     # the device runner opens the .tflite too (here: this machine as the device; latency only without the work)
     from edgebundle.core.recipe import DeviceSpec
@@ -60,3 +64,35 @@ def test_litert_token_model_ships_dynamic_int8_first(tmp_path):
     q = b.manifest["quantization"]
     assert q["activations"] == "dynamic" and q["activations_tried_on_val"][0]["activations"] == "dynamic"
     assert q["tensor_dtypes"]["int8"] > 0 and b.manifest["accuracy"]["within_budget"]
+
+
+class _WithConv3d(nn.Module):
+    """Most of its multiply-accumulates in a 3-D convolution, which LiteRT's XNNPACK delegate does not take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c3 = nn.Conv3d(1, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c3(x.unsqueeze(2).expand(-1, -1, 4, -1, -1)))
+        return self.head(y.mean((2, 3, 4)))
+
+
+def test_undelegated_compute_fails_the_floor_and_names_the_op(prepared, tmp_path):
+    """The delegation record counts what ran outside XNNPACK by compute: the CONV_3D node (beside the
+    BROADCAST_TO feeding it) is one of a few, but holds most of the multiply-accumulates, so the build fails
+    with a line naming it."""
+    from edgebundle.core.errors import StageError
+    from edgebundle.targets.base import BuildContext
+    from edgebundle.targets.litert import LitertOptions, LitertTarget, delegation
+
+    r = prepared.recipe
+    ctx = BuildContext(r, TargetSpec(name="litert"), LitertOptions(precision="fp32", also_fp32=False),
+                       prepared.onnx.path("model.fp32.onnx"), prepared.dataset.calibration(r.data).head(8),
+                       prepared.dataset.val, tmp_path, threads=2, load_model=lambda: _WithConv3d().eval())
+    with pytest.raises(StageError, match=r"XNNPACK took only \d+% of the model's multiply-accumulates.*CONV_3D x1"):
+        LitertTarget().build(ctx)
+    d = delegation(tmp_path / "model.tflite")
+    assert "CONV_3D x1" in d["non_delegated_ops"] and d["delegated_nodes"] > d["nodes"] / 2
+    assert 0 < d["non_delegated_macs"] < d["macs"] and d["delegated_compute"] < 0.5

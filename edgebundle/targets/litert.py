@@ -56,6 +56,9 @@ class LitertOptions(BaseModel):
     per_channel: bool = Field(True, description="static int8 weights per output channel (else per tensor); the "
                               "dynamic form's weights are always per channel")
     also_fp32: bool = Field(True, description="also write model.fp32.tflite, for the same-runtime comparison")
+    min_delegated_compute: float = Field(0.95, ge=0, le=1, description="fail below this share of the model's "
+                                         "multiply-accumulates (convolutions, fully connected, batch matmul) "
+                                         "run by XNNPACK rather than LiteRT's own kernels")
 
 
 def _missing() -> str | None:
@@ -131,6 +134,90 @@ def _int8(ctx: BuildContext, model, example: tuple, names: list[str], per_channe
             "QuantConfig(pt2e_quantizer)")
 
 
+MAC_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "CONV_3D", "TRANSPOSE_CONV")
+
+
+def delegation(path: Path) -> dict[str, Any]:
+    """What XNNPACK took of the .tflite: the interpreter's nodes before the default delegate is applied (at
+    allocation) and the DELEGATE nodes after it. A node ran on XNNPACK when a tensor it makes leaves a delegate
+    partition or stays inside one (made and used only by delegated nodes); it fell back to LiteRT's own kernels
+    when what it makes enters a partition or the graph's output from outside (see _delegated_nodes). The share
+    of the multiply-accumulates (convolutions, fully connected, batch matmul) delegated is what the floor
+    judges: one large op left out is slow whatever the node count says."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=str(path), num_threads=1)
+    nodes = interp._get_ops_details()  # the model's own ops: the default delegate is applied at allocation
+    interp.allocate_tensors()
+    kernels = [o for o in interp._get_ops_details()[len(nodes):] if o["op_name"] == "DELEGATE"]
+    outputs = {int(d["index"]) for d in interp.get_output_details()}
+    delegated = _delegated_nodes(nodes, kernels, outputs)
+    shapes = {int(t["index"]): [int(x) for x in t["shape"]] for t in interp.get_tensor_details()}
+    macs = {o["index"]: _macs(o, shapes) for o in nodes}
+    total, left_macs = sum(macs.values()), sum(v for i, v in macs.items() if i not in delegated)
+    left: dict[str, int] = {}
+    for o in nodes:
+        if o["index"] not in delegated:
+            left[o["op_name"]] = left.get(o["op_name"], 0) + 1
+    return {"delegate": "XNNPACK", "nodes": len(nodes), "delegated_nodes": len(delegated),
+            "partitions": len(kernels), "delegated_fraction": len(delegated) / len(nodes) if nodes else 1.0,
+            "non_delegated_ops": sorted(f"{k} x{v}" for k, v in left.items()), "macs": total,
+            "non_delegated_macs": left_macs, "delegated_compute": 1.0 - left_macs / total if total else 1.0}
+
+
+def _delegated_nodes(nodes: list[dict], kernels: list[dict], outputs: set[int]) -> set[int]:
+    """Indices of the nodes the delegate kernels replaced, from the tensors the kernels take and give: a
+    partition's inputs come from outside it, its outputs from inside; a tensor neither takes nor gives is
+    internal to one side, so its maker and users are on the same side (resolved until nothing changes)."""
+    k_in = {int(t) for k in kernels for t in k["inputs"]}
+    k_out = {int(t) for k in kernels for t in k["outputs"]}
+    side: dict[int, bool] = {}
+    made = {int(t): o["index"] for o in nodes for t in o["outputs"]}
+    users: dict[int, list[int]] = {}
+    for o in nodes:
+        for t in o["inputs"]:
+            users.setdefault(int(t), []).append(o["index"])
+    for o in nodes:
+        outs = {int(t) for t in o["outputs"]}
+        if outs & k_out:
+            side[o["index"]] = True
+        elif outs & (k_in | outputs) or not kernels:
+            side[o["index"]] = False
+    changed = True
+    while changed:
+        changed = False
+        for t, maker in made.items():
+            if t in k_in or t in k_out or t in outputs:
+                continue  # crosses a boundary: says nothing about the two sides
+            group = [maker, *users.get(t, [])]
+            known = {side[i] for i in group if i in side}
+            if len(known) == 1:
+                value = known.pop()
+                for i in group:
+                    if i not in side:
+                        side[i], changed = value, True
+    return {i for i, d in side.items() if d}
+
+
+def _macs(op: dict, shapes: dict[int, list[int]]) -> int:
+    """Multiply-accumulates of one LiteRT op from its tensors' shapes (0 for ops without a weight product)."""
+    name = op["op_name"]
+    if name not in MAC_OPS:
+        return 0
+    ins = [shapes.get(int(t), []) for t in op["inputs"] if int(t) >= 0]
+    out = shapes.get(int(op["outputs"][0]), [])
+    if len(ins) < 2 or not out:
+        return 0
+    w, n_out = ins[1], int(np.prod(out))
+    if name == "DEPTHWISE_CONV_2D":  # weights [1, kh, kw, channels]
+        return n_out * int(np.prod(w[1:3]))
+    if name in ("CONV_2D", "CONV_3D"):  # weights [out, kh, kw, in] / [kd, kh, kw, in, out]
+        return n_out * (int(np.prod(w[1:])) if name == "CONV_2D" else int(np.prod(w[:-1])))
+    if name == "TRANSPOSE_CONV":  # inputs: output shape, weights [out, kh, kw, in], input
+        return int(np.prod(ins[2])) * int(np.prod(w[:3])) if len(ins) > 2 else 0
+    return n_out * (w[-1] if name == "FULLY_CONNECTED" else ins[0][-1])  # FC: [out, in]; BMM: [.., m, k]
+
+
 def tensor_dtypes(path: Path) -> dict[str, int]:
     """How many of the model's tensors have each dtype (int8 bundles hold int8 tensors)."""
     from ai_edge_litert.interpreter import Interpreter
@@ -169,7 +256,7 @@ class LitertTarget(TargetBase):
         return work
 
     def fp32(self, ctx: BuildContext, work: Work) -> Built:
-        return self._built(work, {})
+        return self._built(ctx, work, {})
 
     def int8(self, ctx: BuildContext, work: Work) -> Built:
         """int8 in the form `activations` names; under auto, each form in turn judged on validation inputs
@@ -202,12 +289,20 @@ class LitertTarget(TargetBase):
                     if mode == "static" else {}),
                  **({"activations_tried_on_val": tried} if tried else {}),
                  "tensor_dtypes": dtypes}
-        return self._built(work, quant)
+        return self._built(ctx, work, quant)
 
     @staticmethod
-    def _built(work: Work, quant: dict[str, Any]) -> Built:
-        files = work.state["files"]
-        return Built("model.tflite", tuple(files), work.opt.precision, quant, work.runtime, notes=(HOST_NOTE,),
+    def _built(ctx: BuildContext, work: Work, quant: dict[str, Any]) -> Built:
+        """The Built record, once XNNPACK took enough of the model's compute (else a StageError naming what it
+        left to LiteRT's own kernels); the delegation is recorded in the manifest's runtime."""
+        files, opt = work.state["files"], work.opt
+        info = delegation(ctx.workdir / "model.tflite")
+        if info["delegated_compute"] < opt.min_delegated_compute:
+            raise StageError(f"XNNPACK took only {info['delegated_compute']:.0%} of the model's multiply-accumulates "
+                             f"(below min_delegated_compute {opt.min_delegated_compute:.0%}); left to LiteRT's own "
+                             f"kernels: {', '.join(info['non_delegated_ops'])}")
+        return Built("model.tflite", tuple(files), opt.precision, quant, {**work.runtime, "delegation": info},
+                     notes=(HOST_NOTE,),
                      fp32_file="model.fp32.tflite" if "model.fp32.tflite" in files else None)
 
     def open(self, model_path: Path, *, threads: int, runtime: dict[str, Any]) -> "LitertSession":
