@@ -96,3 +96,15 @@ def test_undelegated_compute_fails_the_floor_and_names_the_op(prepared, tmp_path
     d = delegation(tmp_path / "model.tflite")
     assert "CONV_3D x1" in d["non_delegated_ops"] and d["delegated_nodes"] > d["nodes"] / 2
     assert 0 < d["non_delegated_macs"] < d["macs"] and d["delegated_compute"] < 0.5
+
+
+def test_litert_qat_on_ships_the_distilled_int8_program(prepared, tmp_path):
+    """options.qat on: the static int8 program's weights fine-tuned under its own fake quantization against the
+    fp32 student, converted by litert-torch like post-training int8: int8 tensors, the QAT record, the budget."""
+    res = build_target(prepared, TargetSpec(name="litert", measure={"iterations": 20}, options={
+        "precision": "int8", "qat": {"enabled": "on", "epochs": 1, "samples": 64, "val_samples": 32}}),
+        tmp_path / "out")
+    assert res.status == "complete", res.reason
+    q = res.manifest["quantization"]
+    assert q["qat"]["epochs_run"] >= 1 and q["activations"] == "static" and q["tensor_dtypes"]["int8"] > 0
+    assert q["activations_tried_on_val"][-1]["qat"] and res.manifest["accuracy"]["within_budget"]

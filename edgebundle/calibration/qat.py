@@ -134,12 +134,13 @@ def capture(model, split: Split, specs: list[InputSpec]):
 def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Split, specs: list[InputSpec], *,
              val_reference: np.ndarray, score: Callable[[np.ndarray], float], output: int = 0, loss: str,
              epochs: int, lr: float, batch_size: int, temperature: float, seed: int,
-             patience: int | None = None) -> QatResult:
+             patience: int | None = None, fold_quantize: bool = True) -> QatResult:
     """Fine-tune `model` (eval mode, fp32) under `quantizer`'s fake quantization to match its own fp32
     outputs on `train` (output number `output` of several). On `validation`, whose fp32 outputs are
     `val_reference`, `score(outputs)` rates the fake-quantized model (higher is better) and the distillation
     loss breaks ties. With `patience`, stops after that many epochs without a better (score, loss). Returns the
-    best epoch's converted model."""
+    best epoch's converted model (`fold_quantize` as convert_pt2e takes it: litert-torch's converter needs
+    the weights' quantize ops kept)."""
     import torch
     from torchao.quantization.pt2e import (allow_exported_model_train_eval, disable_fake_quant, disable_observer,
                                            enable_fake_quant, move_exported_model_to_eval)
@@ -186,4 +187,5 @@ def qat_pt2e(model, quantizer, train: Split, calibration: Split, validation: Spl
         if patience is not None and epoch - best[1] >= patience:
             break
     prepared.load_state_dict(best[2])
-    return QatResult(convert_pt2e(prepared), best[1], history, losses, time.perf_counter() - t0, len(history) - 1)
+    return QatResult(convert_pt2e(prepared, fold_quantize=fold_quantize), best[1], history, losses,
+                     time.perf_counter() - t0, len(history) - 1)

@@ -41,7 +41,7 @@ def calibration_extra_options(cal, feeds: int) -> dict[str, Any]:
 
 
 def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str,
-                val_reference: np.ndarray | None = None) -> tuple[Any, dict[str, Any]]:
+                val_reference: np.ndarray | None = None, fold_quantize: bool = True) -> tuple[Any, dict[str, Any]]:
     """Quantization-aware distillation (calibration.qat) of the PyTorch student `model` under `quantizer`,
     epochs picked on `q.val_samples` validation inputs by the target's contract: (QatResult, manifest record).
     `val_reference`: the fp32 outputs on the validation split, when the caller has them (else computed)."""
@@ -56,7 +56,7 @@ def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str,
     r = qat_pt2e(model, quantizer, train, ctx.calibration, part.validation, ctx.recipe.inputs, val_reference=ref,
                  score=lambda out: -part.judge(ref, out).loss, output=contract.output_index, loss=loss,
                  epochs=q.epochs, lr=q.lr, batch_size=q.batch_size, temperature=q.temperature, seed=ctx.recipe.seed,
-                 patience=q.patience)
+                 patience=q.patience, fold_quantize=fold_quantize)
     record = {"tool": tool, "loss": loss, "teacher": "the fp32 student",
               "train_samples": len(train), "val_samples": len(part.validation), "epochs": q.epochs,
               **({"patience": q.patience} if q.patience is not None else {}), "epochs_run": r.epochs_run, "lr": q.lr,

@@ -29,6 +29,7 @@ Optional extra: `pip install edgebundle[litert]` (litert-torch, ai-edge-litert),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgebundle.calibration.qat import QatOptions
 from edgebundle.core.errors import StageError, TargetUnavailable
 from edgebundle.core.session import SessionBase
 from edgebundle.targets.base import BuildContext, Built, TargetBase, Work
@@ -56,6 +58,7 @@ class LitertOptions(BaseModel):
     per_channel: bool = Field(True, description="static int8 weights per output channel (else per tensor); the "
                               "dynamic form's weights are always per channel")
     also_fp32: bool = Field(True, description="also write model.fp32.tflite, for the same-runtime comparison")
+    qat: QatOptions = QatOptions()
     min_delegated_compute: float = Field(0.95, ge=0, le=1, description="fail below this share of the model's "
                                          "multiply-accumulates (convolutions, fully connected, batch matmul) "
                                          "run by XNNPACK rather than LiteRT's own kernels")
@@ -218,6 +221,27 @@ def _macs(op: dict, shapes: dict[int, list[int]]) -> int:
     return n_out * (w[-1] if name == "FULLY_CONNECTED" else ins[0][-1])  # FC: [out, in]; BMM: [.., m, k]
 
 
+def _qat(ctx: BuildContext, model, opt: LitertOptions, example: tuple) -> tuple[str, dict[str, Any]]:
+    """Static int8 by quantization-aware distillation from the fp32 student (edgebundle.calibration.qat) under
+    litert-torch's quantizer, its observers as frozen fake quantizers; converted as the static form is."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    from litert_torch.quantize.quant_config import QuantConfig
+
+    from edgebundle.calibration.qat import fake_quant_config
+    from edgebundle.targets.common import qat_program
+
+    # is_qat off: it only adds litert-torch's conv + BatchNorm annotators, which fail against torchao 0.18's pattern
+    # matcher ("Expected `mod` to be an instance of `torch.nn.Module`"); BatchNorm is folded before QAT anyway
+    config = dataclasses.replace(fake_quant_config(get_symmetric_quantization_config(is_per_channel=opt.per_channel)),
+                                 is_qat=False)
+    quantizer = PT2EQuantizer().set_global(config)
+    tool = ("PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e) + litert-torch PT2EQuantizer's observers as frozen "
+            "fake quantizers, converted with QuantConfig(pt2e_quantizer)")
+    r, record = qat_program(ctx, model, opt.qat, quantizer, tool, fold_quantize=False)
+    _convert(r.model, example, ctx.workdir / "model.tflite", QuantConfig(pt2e_quantizer=quantizer))
+    return tool, record
+
+
 def tensor_dtypes(path: Path) -> dict[str, int]:
     """How many of the model's tensors have each dtype (int8 bundles hold int8 tensors)."""
     from ai_edge_litert.interpreter import Interpreter
@@ -259,23 +283,10 @@ class LitertTarget(TargetBase):
         return self._built(ctx, work, {})
 
     def int8(self, ctx: BuildContext, work: Work) -> Built:
-        """int8 in the form `activations` names; under auto, each form in turn judged on validation inputs
-        until one holds the budget (the last one tried ships, and the contract judges it on the test split)."""
-        from edgebundle.targets.common import judge_on_val
-
-        opt, names = work.opt, work.state["names"]
-        tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
-        order = ([opt.activations] if opt.activations != "auto" else
-                 ["dynamic", "static"] if tokens else ["static"])
-        tried: list[dict[str, Any]] = []
-        for mode in order:
-            tool = _int8(ctx, work.state["model"], work.state["example"], names, opt.per_channel, mode == "dynamic")
-            if len(order) == 1:
-                break
-            v = judge_on_val(ctx, LitertSession(ctx.workdir / "model.tflite", threads=ctx.threads, input_names=names))
-            tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within})
-            if v.within:
-                break
+        """int8 in the form `activations` names (under auto, each form judged on validation inputs in turn),
+        or by quantization-aware distillation (`qat`); the contract then judges it on the test split."""
+        opt = work.opt
+        mode, tool, tried, qat_record = self._forms(ctx, work)
         work.state["files"].insert(0, "model.tflite")
         dtypes = tensor_dtypes(ctx.workdir / "model.tflite")
         if not dtypes.get("int8"):
@@ -288,8 +299,49 @@ class LitertTarget(TargetBase):
                  **({"calibration": {"method": "observers (litert-torch quantizer)", "samples": len(ctx.calibration)}}
                     if mode == "static" else {}),
                  **({"activations_tried_on_val": tried} if tried else {}),
+                 **({"qat": qat_record} if qat_record else {}),
                  "tensor_dtypes": dtypes}
         return self._built(ctx, work, quant)
+
+    @staticmethod
+    def _forms(ctx: BuildContext, work: Work) -> tuple[str, str, list[dict[str, Any]], dict[str, Any] | None]:
+        """model.tflite in the first form that holds the budget on validation inputs, QAT (static) when asked
+        or when post-training int8 missed it: (activations, tool, what was tried, the QAT record)."""
+        from edgebundle.targets.common import judge_on_val
+
+        opt, names, example = work.opt, work.state["names"], work.state["example"]
+        tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
+        order = ([opt.activations] if opt.activations != "auto" else
+                 ["dynamic", "static"] if tokens else ["static"])
+        qat = opt.qat.enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
+        if opt.qat.enabled == "on" and qat == "off":
+            raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
+                             "work folder trains on its calibration inputs: set data.calibration_split train)")
+        if qat == "on":
+            order = []  # QAT instead of post-training int8
+        elif opt.activations == "dynamic":
+            qat = "off"  # QAT fine-tunes the static program
+        judge = lambda: judge_on_val(ctx, LitertSession(ctx.workdir / "model.tflite", threads=ctx.threads,  # noqa: E731
+                                                        input_names=names))
+        tried: list[dict[str, Any]] = []
+        mode, tool, within = "static", "", False
+        for mode in order:
+            tool = _int8(ctx, work.state["model"], example, names, opt.per_channel, mode == "dynamic")
+            if len(order) == 1 and qat == "off":
+                break
+            v = judge()
+            within = v.within
+            tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within})
+            if v.within:
+                break
+        qat_record = None
+        if qat == "on" or (qat == "auto" and not within):
+            mode = "static"
+            tool, qat_record = _qat(ctx, work.state["model"], opt, example)
+            v = judge()
+            tried.append({"activations": "static", "qat": True, "val_value": round(float(v.value), 6),
+                          "within_budget": v.within})
+        return mode, tool, tried, qat_record
 
     @staticmethod
     def _built(ctx: BuildContext, work: Work, quant: dict[str, Any]) -> Built:
