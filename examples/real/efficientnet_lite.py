@@ -121,6 +121,41 @@ def data(n=600, seed=0, groups=True):
         yield {"image": batch, **({"group": photo} if groups else {})}
 
 
+HELDOUT = ("brick", "camera", "cell", "clock_motion", "coins", "grass", "gravel", "hubble_deep_field", "ihc",
+           "microaneurysms", "moon", "page", "retina", "text", "color")
+
+
+def heldout(per_photo=40, seed=7, size=IMAGE_SIZE):
+    """Crops of photos that no example uses (scikit-image's other pictures, grey ones as RGB, plus matplotlib's
+    sample pack photo): an out-of-distribution check beside a recipe's test split. Returns
+    ``{"image": (N, 3, size, size) float32, "group": (N,) photo index, "names": [photo names]}``."""
+    import os
+    import matplotlib.cbook
+    import skimage
+    import skimage.io
+    from PIL import Image
+
+    folder = os.path.join(os.path.dirname(skimage.__file__), "data")
+    files = {f.rsplit(".", 1)[0]: os.path.join(folder, f) for f in os.listdir(folder)}
+    imgs, names = [], []
+    for name in HELDOUT:
+        if name in files:
+            a = np.asarray(skimage.io.imread(files[name]))
+            imgs.append(np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3])
+            names.append(name)
+    with Image.open(matplotlib.cbook.get_sample_data("Minduka_Present_Blue_Pack.png")) as im:
+        imgs.append(np.asarray(im.convert("RGB")))
+        names.append("Minduka_Present_Blue_Pack")
+    rng = np.random.default_rng(seed)
+    crops, group = [], []
+    for g, img in enumerate(imgs):
+        img = np.ascontiguousarray(img, dtype=np.uint8)
+        for _ in range(per_photo):
+            crops.append(_random_resized_crop(img, rng, size))
+            group.append(g)
+    return {"image": np.stack(crops), "group": np.array(group), "names": names}
+
+
 def export_folder(dest, n=1200, seed=0, max_side=480):
     """Write ``n`` random crops of the photos as ``dest/photos/<k>-<photo>/crop-NNNN.jpg`` (quality 92); returns
     the folder. Written into a temporary folder and renamed into place, so a half-written folder is never seen."""

@@ -1,0 +1,155 @@
+"""int8 on the deployment ISA, held out: `python -m bench.isa`.
+
+Builds the photo-folder EfficientNet-Lite1 example (examples/real/efficientnet_lite_folder.yaml: 8 photo
+folders, split by photo) with `isa: avx2` on both x86 CPU targets, so each bundle is built for an AVX2 CPU and
+judged on AVX2 arithmetic (natively on an AVX2 host, under `qemu-x86_64 -cpu Haswell` on a larger one). Then
+every bundle, and beside them what a user gets by hand (ORT `quantize_static` u8/s8 per-channel, NNCF
+defaults), is judged on crops of 16 photos no example uses (efficientnet_lite.heldout), on the build host's
+ISA and on AVX2 (emulated where the host has more): top-1 agreement with the fp32 model on the crops where it
+is confident, the interval drawn by photo. QEMU reproduces AVX2 int8 numerics exactly, not its timing: the
+p50 column is the build host's, never an AVX2 figure. Writes bench/results/isa.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.common import write
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
+THREADS = 2
+
+
+def _heldout():
+    from edgebundle.core.data import Split
+
+    sys.path.insert(0, str(EXAMPLES))
+    h = __import__("efficientnet_lite").heldout()
+    return Split({"image": h["image"]}, None, h["group"]), h["names"]
+
+
+def _verdicts(contract, ref: np.ndarray, split, native: np.ndarray, avx2: np.ndarray | None) -> dict[str, Any]:
+    out = {}
+    for isa, o in (("native", native), ("avx2", avx2)):
+        if o is None:
+            continue
+        v = contract.judge(ref, o, None, interval=True, groups=split.groups)
+        out[isa] = {"value": v.value, "interval": v.interval, "within": v.within, "confident": v.samples,
+                    "groups": v.groups, "agreement_all": v.details["agreement_all"], "line": v.line()}
+    return out
+
+
+def _outputs(target: str, model: Path, runtime: dict[str, Any], split, inputs, emulate: bool) -> tuple:
+    """The artifact's logits on `split`: natively, and under qemu -cpu Haswell when asked."""
+    from edgebundle.core.data import run_outputs
+    from edgebundle.pipeline.emulated import emulated_outputs
+    from edgebundle.targets import registry
+
+    with registry.lookup(target).factory().open(model, threads=THREADS, runtime=runtime) as s:
+        native = run_outputs(s, split, inputs)[0]
+    avx2 = emulated_outputs(target, model, runtime, THREADS, split, inputs, "Haswell")[0] if emulate else None
+    return native, avx2
+
+
+def _hand(p, work: Path) -> list[tuple[str, str, Path, dict]]:
+    """The hand paths' artifacts: (label, the target that opens it, model file, runtime)."""
+    import openvino as ov
+
+    from bench import hand
+
+    fp32 = p.onnx.path("model.fp32.onnx")
+    calib = [{"image": p.dataset.train.inputs["image"][i:i + 1]}
+             for i in range(min(p.recipe.data.calibration_samples, len(p.dataset.train)))]
+    ort = hand.ort_static(fp32, work / "static.onnx", calib)
+    ov.save_model(hand.nncf_defaults(fp32, calib), str(work / "nncf.xml"))
+    return [("ORT int8 by hand: quantize_static QDQ u8/s8 per-channel", "ort-cpu", ort, {}),
+            ("OpenVINO int8 by hand: nncf.quantize defaults", "openvino", work / "nncf.xml", {})]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from edgebundle.core.host import fingerprint
+    from edgebundle.core.isa import host_isa, qemu
+    from edgebundle.core.recipe import TargetSpec, load_recipe
+    from edgebundle.core.session import OrtSession
+    from edgebundle.core.data import run_outputs
+    from edgebundle.pipeline.evaluate import contract_for
+    from edgebundle.pipeline.runner import run
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="output folder (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    host = host_isa()
+    emulate = host != "avx2"
+    if emulate and qemu() is None:
+        raise SystemExit("qemu-x86_64 is needed on a host with more than AVX2 (apt-get install qemu-user)")
+    if not (EXAMPLES / "photos").is_dir():
+        sys.path.insert(0, str(EXAMPLES))
+        __import__("efficientnet_lite").export_folder(EXAMPLES)
+    recipe = load_recipe(EXAMPLES / "efficientnet_lite_folder.yaml")
+    recipe = recipe.model_copy(update={"targets": [t.model_copy(update={"options": {**t.options, "isa": "avx2"}})
+                                                   for t in recipe.targets]})
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as td:
+        root = args.out or Path(td)
+        res = run(recipe, output=root / "bundles", keep_rejected=True)
+        p = res.prepared
+        split, names = _heldout()
+        with OrtSession(p.onnx.path("model.fp32.onnx"), threads=THREADS) as s:
+            ref = run_outputs(s, split, recipe.inputs)[0]
+        contract = contract_for(recipe, TargetSpec(name="ort-cpu"), None, ref)
+        rows = []
+        for b in res.bundles:
+            if b.manifest is None:
+                rows.append({"candidate": f"edgebundle {b.target}", "status": b.status, "reason": b.reason})
+                continue
+            m = b.manifest
+            native, avx2 = _outputs(b.target, b.path / m["model_file"], m["target"]["runtime"], split,
+                                    recipe.inputs, emulate and m["target"]["precision"] == "int8")
+            rows.append({"candidate": f"edgebundle {b.target}", "status": b.status, "reason": b.reason,
+                         "precision": m["target"]["precision"], "scheme": m["quantization"].get("scheme"),
+                         "test_split": {"value": m["accuracy"]["target"], "within": m["accuracy"]["within_budget"],
+                                        "interval": m["accuracy"].get("interval"), "isa": m["accuracy"].get("isa")},
+                         "p50_ms": m["latency"]["p50_ms"], "heldout": _verdicts(contract, ref, split, native, avx2)})
+        work = root / "hand"
+        work.mkdir(parents=True, exist_ok=True)
+        for label, target, model, runtime in _hand(p, work):
+            native, avx2 = _outputs(target, model, runtime, split, recipe.inputs, emulate)
+            rows.append({"candidate": label, "status": "hand", "heldout": _verdicts(contract, ref, split, native, avx2)})
+    h = fingerprint()
+    payload = {"host": h, "host_isa": host, "avx2_by": "qemu-x86_64 -cpu Haswell" if emulate else "native",
+               "heldout_photos": names, "heldout_crops": len(split), "rows": rows,
+               "seconds": time.perf_counter() - t0}
+    write("isa", payload, _markdown(payload))
+
+
+def _markdown(payload: dict[str, Any]) -> str:
+    lines = ["| candidate | shipped | test split (judged on AVX2) | held out, build host's ISA | held out, AVX2 | "
+             "p50 ms (build host) | status |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "—" if v is None else (  # noqa: E731
+        f"{v['value']:.1f} % [{v['interval'][0]:.1f}, {v['interval'][1]:.1f}] of {v['confident']} confident, "
+        f"{v['groups']} photos (all crops {v['agreement_all']:.1f} %)")
+    for r in payload["rows"]:
+        held, test = r.get("heldout", {}), r.get("test_split")
+        shipped = r.get("precision", "—") + (f": {r['scheme']}" if r.get("scheme") else "")
+        test_text = "—" if test is None else (f"{test['value']:.2f} % on {(test['isa'] or {}).get('deployment', '?')}"
+                                              f" ({(test['isa'] or {}).get('judged_on', '?')})")
+        p50 = "—" if r.get("p50_ms") is None else f"{r['p50_ms']:.2f}"
+        lines.append(f"| {r['candidate']} | {shipped} | {test_text} | {fmt(held.get('native'))} | "
+                     f"{fmt(held.get('avx2'))} | {p50} | {r['status']} |")
+    return (f"Build host ISA: {payload['host_isa']} ({payload['host']['cpu']}); AVX2 verdicts by "
+            f"{payload['avx2_by']} (exact int8 numerics, not timing). Held out: {payload['heldout_crops']} crops of "
+            f"{len(payload['heldout_photos'])} photos no example uses ({', '.join(payload['heldout_photos'])}); "
+            "agreement with the fp32 model on the crops where it is confident (top-1 probability >= 0.5), 95 % "
+            "interval drawn by photo. Bundles: examples/real/efficientnet_lite_folder.yaml with `isa: avx2`.\n\n"
+            + "\n".join(lines) + f"\n\nWall time: {payload['seconds'] / 60:.1f} min.\n")
+
+
+if __name__ == "__main__":
+    main()
