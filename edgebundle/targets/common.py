@@ -11,6 +11,7 @@ import numpy as np
 
 from edgebundle.calibration.qat import QatOptions
 from edgebundle.calibration.readers import iter_feeds, run_split
+from edgebundle.core.errors import StageError
 from edgebundle.core.session import OrtSession
 from edgebundle.targets.base import BuildContext
 
@@ -70,6 +71,24 @@ def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
     """The model's judged output on the validation split."""
     with OrtSession(model, threads=ctx.threads) as sess:
         return run_split(sess, ctx.validation, ctx.recipe.inputs, output=ctx.val_contract().output_index)
+
+
+def pt2e_plan(ctx: BuildContext, activations: str, qat_enabled: str, for_tokens: list[str]) -> tuple[list[str], str]:
+    """A PT2E target's int8 plan: the post-training forms to try in turn (`activations`, or under auto static,
+    and `for_tokens` for models fed token ids) and the QAT switch (on | auto | off). QAT on replaces
+    post-training int8; it fine-tunes the static program, so dynamic activations turn it off; without training
+    inputs it cannot run (on: a StageError)."""
+    tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
+    order = [activations] if activations != "auto" else (list(for_tokens) if tokens else ["static"])
+    qat = qat_enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
+    if qat_enabled == "on" and qat == "off":
+        raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
+                         "work folder trains on its calibration inputs: set data.calibration_split train)")
+    if qat == "on":
+        order = []  # QAT instead of post-training int8
+    elif activations == "dynamic":
+        qat = "off"  # QAT fine-tunes the static program
+    return order, qat
 
 
 def judge_on_val(ctx: BuildContext, session) -> Any:

@@ -180,18 +180,10 @@ class ExecutorchTarget(TargetBase):
     def int8(self, ctx: BuildContext, work: Work) -> Built:
         """PT2E int8: static (and dynamic for token-id models) judged on val in turn; QAT when asked or when
         post-training int8 missed the budget."""
+        from edgebundle.targets.common import pt2e_plan
+
         opt, names, example = work.opt, work.state["names"], work.state["example"]
-        tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
-        order = ([opt.activations] if opt.activations != "auto" else
-                 ["static", "dynamic"] if tokens else ["static"])
-        qat = opt.qat.enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
-        if opt.qat.enabled == "on" and qat == "off":
-            raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
-                             "work folder trains on its calibration inputs: set data.calibration_split train)")
-        if qat == "on":
-            order = []  # QAT instead of post-training int8
-        elif opt.activations == "dynamic":
-            qat = "off"  # QAT fine-tunes the static program
+        order, qat = pt2e_plan(ctx, opt.activations, opt.qat.enabled, ["static", "dynamic"])
         tried: list[dict[str, Any]] = []
         mode, within, info = "static", False, work.state["fp32_info"]
         for mode in order:

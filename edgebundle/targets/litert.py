@@ -307,20 +307,10 @@ class LitertTarget(TargetBase):
     def _forms(ctx: BuildContext, work: Work) -> tuple[str, str, list[dict[str, Any]], dict[str, Any] | None]:
         """model.tflite in the first form that holds the budget on validation inputs, QAT (static) when asked
         or when post-training int8 missed it: (activations, tool, what was tried, the QAT record)."""
-        from edgebundle.targets.common import judge_on_val
+        from edgebundle.targets.common import judge_on_val, pt2e_plan
 
         opt, names, example = work.opt, work.state["names"], work.state["example"]
-        tokens = any(s.dtype in ("int64", "int32") for s in ctx.recipe.inputs)
-        order = ([opt.activations] if opt.activations != "auto" else
-                 ["dynamic", "static"] if tokens else ["static"])
-        qat = opt.qat.enabled if ctx.train is not None and len(ctx.train) >= 2 else "off"
-        if opt.qat.enabled == "on" and qat == "off":
-            raise StageError("qat enabled 'on' needs training inputs and this build has none (a build from a "
-                             "work folder trains on its calibration inputs: set data.calibration_split train)")
-        if qat == "on":
-            order = []  # QAT instead of post-training int8
-        elif opt.activations == "dynamic":
-            qat = "off"  # QAT fine-tunes the static program
+        order, qat = pt2e_plan(ctx, opt.activations, opt.qat.enabled, ["dynamic", "static"])
         judge = lambda: judge_on_val(ctx, LitertSession(ctx.workdir / "model.tflite", threads=ctx.threads,  # noqa: E731
                                                         input_names=names))
         tried: list[dict[str, Any]] = []
