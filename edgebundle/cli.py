@@ -577,8 +577,9 @@ QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "nncf")
 
 
 def quiet_third_parties() -> None:
-    """Keep the tool's own lines readable: the loggers above at ERROR, NNCF's progress bars and Hugging Face's
-    per-load progress bars ("Loading weights" for every model load) off. Called before any of them is imported."""
+    """Keep the tool's own lines readable: the loggers above at ERROR, NNCF's progress bars, Hugging Face's
+    per-load progress bars ("Loading weights" for every model load) and litert-torch's converter notes off.
+    Called before any of them is imported."""
     import logging
 
     import rich
@@ -590,6 +591,10 @@ def quiet_third_parties() -> None:
     rich.get_console().quiet = True
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow huggingface_hub's
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # litert-torch's converter: its progress lines (rich, on stdout) and the root logger's warning that 64-bit
+    # token ids become 32-bit model inputs (the litert session feeds the model's own dtype)
+    os.environ.setdefault("LITERT_TORCH_SHOW_PROGRESS", "n")
+    logging.getLogger().addFilter(lambda record: "enable_x64=False downcasts" not in record.getMessage())
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ Optional extra: `pip install edgebundle[litert]` (litert-torch, ai-edge-litert),
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -75,42 +74,11 @@ def _convert(model, example: tuple, out: Path, quant_config=None) -> None:
     import litert_torch
 
     try:
-        with _quiet_converter():
-            edge = litert_torch.convert(model, example, **({"quant_config": quant_config} if quant_config else {}))
-            edge.export(str(out))
+        edge = litert_torch.convert(model, example, **({"quant_config": quant_config} if quant_config else {}))
+        edge.export(str(out))
     except Exception as e:  # the converter raises ValueError/RuntimeError of its own with MLIR text
         raise StageError(f"litert-torch cannot convert the student: {type(e).__name__}: "
                          f"{' '.join(str(e).split())[:300]}") from e
-
-
-@contextlib.contextmanager
-def _quiet_converter():
-    """litert-torch's notes that are not the user's business: its progress lines (rich, on stdout) and the
-    root logger's warning that 64-bit token ids become 32-bit model inputs (the session feeds the model's own
-    dtype). Shown with the CLI's --debug."""
-    import logging
-
-    if logging.getLogger().isEnabledFor(logging.DEBUG):
-        yield
-        return
-    from litert_torch import _config
-
-    drop = _Drop("enable_x64=False downcasts")
-    shown, _config.config.show_progress = _config.config.show_progress, False
-    logging.getLogger().addFilter(drop)
-    try:
-        yield
-    finally:
-        logging.getLogger().removeFilter(drop)
-        _config.config.show_progress = shown
-
-
-class _Drop:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def filter(self, record) -> bool:
-        return self.text not in record.getMessage()
 
 
 def _int8(ctx: BuildContext, model, example: tuple, names: list[str], per_channel: bool, dynamic: bool) -> str:
