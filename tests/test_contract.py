@@ -281,6 +281,19 @@ def test_intervals_of_top1_cosine_and_snr_bracket_their_point_estimates():
         assert v.interval[0] <= point <= v.interval[1], (metric, v.interval, point)
 
 
+def test_snr_of_exact_outputs_has_an_infinite_interval_not_a_crash():
+    """An fp32 bundle whose outputs equal the reference (OpenVINO fp32 of a small MLP): every resampled SNR is
+    +inf and a percentile between two of them is inf - inf; the interval is +inf and the verdict holds (the
+    NaN it was made a build fail)."""
+    import numpy as np
+
+    from edgebundle.core.metrics import Contract, MetricSpec
+
+    ref = np.random.default_rng(0).standard_normal((200, 10)).astype(np.float32)
+    exact = Contract("snr", MetricSpec(name="snr", min_snr_db=30), 1.0).judge(ref, ref.copy(), None, interval=True)
+    assert exact.within and exact.interval == (float("inf"), float("inf"))
+
+
 def test_precision_auto_makes_the_same_choice_on_a_loaded_host(tmp_path):
     """A model whose int8 is clearly faster, built at load 0 and beside CPU hogs of three times the cores (bounded
     in time): the same precision ships (a loaded host once timed such a model at 1.01x and shipped fp32), and

@@ -364,6 +364,8 @@ def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.nd
         sig, noise = (r ** 2).sum(axis=1), ((o - r) ** 2).sum(axis=1)
         iv = _bootstrap(lambda i: 10.0 * math.log10(sig[i].sum() / noise[i].sum()) if noise[i].sum() > 0
                         else float("inf"), n, conf, groups=groups)
+        # exact resamples are +inf; a percentile between two of them interpolates inf - inf = NaN: it is +inf
+        iv = tuple(float("inf") if math.isnan(x) else x for x in iv)
     elif v.metric == "mse":
         e = ((outputs.astype(np.float64) - reference.astype(np.float64)) ** 2).reshape(n, -1).mean(axis=1)
         iv = _bootstrap(lambda i: e[i].mean(), n, conf, groups=groups)
@@ -437,7 +439,7 @@ def _resolve_with(v: Verdict, c: Contract, iv: tuple[float, float], worst_drop: 
         margin = s.max_mse - v.value
     else:
         return None
-    if margin <= 0 or half <= 0:
+    if not (math.isfinite(margin) and math.isfinite(half)) or margin <= 0 or half <= 0:
         return None
     return int(math.ceil((v.groups if v.groups is not None else v.samples) * (half / margin) ** 2))
 

@@ -166,30 +166,34 @@ class _Job:
         return self._precision_auto(tmp, ev)
 
     def _on_deployment_isa(self, tmp: Path, ev: Evaluation) -> Evaluation:
-        """x86 CPU targets (options.isa): int8 judged on the deployment ISA's arithmetic, natively, under
-        qemu-x86_64 where the host has more, or on the host's ISA where it cannot be reproduced (said so)."""
-        from edgebundle.core.isa import deployment, host_isa, how_to_judge
+        """x86 CPU targets (options.isa): int8 judged on the deployment ISA's arithmetic, natively, with the
+        runtime's kernels capped at it (oneDNN: OpenVINO) or under qemu-x86_64 where the host has more, or on
+        the host's ISA where it cannot be reproduced (said so)."""
+        from edgebundle.core.isa import cap_env, deployment, host_isa, how_to_judge
 
         isa = getattr(self.options, "isa", None)
         if isa is None or ev.built.status == "pending":
             return ev
         host, dep = host_isa(), deployment(isa)
-        mode, cpu_model, how = how_to_judge(isa)
+        mode, how_arg, how = how_to_judge(isa, self.entry.capabilities.isa_cap)
         record: dict[str, Any] = {"deployment": dep, "asked": isa, "build_host": host, "judged_on": mode, "how": how}
         if ev.built.precision != "int8" and mode != "native":
             record.update(judged_on="native", how=f"{ev.built.precision}: no int8 arithmetic to reproduce; judged "
                                                   f"on this host's {host}")
         elif ev.built.isa_neutral and mode != "native":  # nothing to reproduce: emulating MiniLM took ~1700x
             record.update(judged_on="native", how=f"{ev.built.isa_neutral}: judged natively on this host's {host}")
-        elif mode == "emulated":
+        elif mode in ("emulated", "capped"):
             from edgebundle.pipeline.emulated import emulated_outputs
 
             recipe = self.prepared.recipe
+            env = cap_env(isa) if mode == "capped" else None
             outs = emulated_outputs(self.spec.name, tmp / ev.built.model_file, ev.built.runtime, self.threads,
-                                    self.prepared.dataset.test, recipe.inputs, cpu_model)
+                                    self.prepared.dataset.test, recipe.inputs,
+                                    how_arg if mode == "emulated" else None, env=env)
             out = outs[self.contract.output_index]
             chain = self.chain_of(out)
-            record["emulator"] = f"qemu-x86_64 -cpu {cpu_model}"
+            record["emulator" if mode == "emulated" else "kernel_cap"] = (
+                f"qemu-x86_64 -cpu {how_arg}" if mode == "emulated" else ", ".join(f"{k}={v}" for k, v in env.items()))
             record["on_build_host"] = {"value": ev.verdict.value, "within_budget": ev.verdict.within,
                                        **({"cosine_mean": ev.verdict.details["cosine_mean"]}
                                           if "cosine_mean" in ev.verdict.details else {})}
@@ -231,7 +235,10 @@ class _Job:
         # the two p50s were taken one after the other: on a busy host that decides nothing. The choice rests on
         # int8 and fp32 timed interleaved (alternating rounds), measured until the ratio's interval excludes
         # 1 +- 5 % or a time budget ends: load widens the interval and so lengthens the test, it does not flip it
-        d = self._interleaved_decision(tmp, ev.built)
+        d = self._interleaved_decision(tmp, ev.built, ev.isa)
+        if ev.isa and ev.isa["judged_on"] == "capped":
+            choice["timed_on"] = (f"{ev.isa['deployment']} kernels ({ev.isa['kernel_cap']}) on this "
+                                  f"{ev.isa['build_host']} host: the deployment ISA's code, not its CPU")
         choice.update(int8_vs_fp32_interleaved=round(d.ratio, 4), ci95=[round(d.ci95[0], 4), round(d.ci95[1], 4)],
                       rounds=d.rounds, seconds=round(d.seconds, 1), decided=d.outcome, host_state=d.host_state)
         if d.outcome == "undecided":  # ship the smaller artifact, and say why
@@ -255,13 +262,21 @@ class _Job:
         return ev, choice
 
 
-    def _interleaved_decision(self, tmp: Path, built: Built):
-        """int8 against fp32 on the same runtime, timed in alternating rounds in this process until decided."""
-        from edgebundle.core.measure import sequential_ratio
+    def _interleaved_decision(self, tmp: Path, built: Built, isa: dict[str, Any] | None = None):
+        """int8 against fp32 on the same runtime, timed in alternating rounds until decided: in this process,
+        or in a child with the kernels capped at the deployment ISA where the verdict was judged so."""
+        from edgebundle.core.measure import Decision, sequential_ratio
         from edgebundle.pipeline.evaluate import measure_feeds
 
         feeds = measure_feeds(self.prepared.dataset.test, self.prepared.recipe, self.spec.measure.batch)
         fp32 = tmp / built.fp32_file if built.fp32_file else self.prepared.onnx.path("model.fp32.onnx")
+        if isa and isa["judged_on"] == "capped":
+            from edgebundle.core.isa import cap_env
+            from edgebundle.pipeline.emulated import capped_ratio
+
+            d = capped_ratio(self.spec.name, tmp / built.model_file, fp32, built.runtime, self.threads, feeds,
+                             cap_env(isa["deployment"]))
+            return Decision(**{**d, "ci95": tuple(d["ci95"])})
         open_ = self.target.open
         with open_(tmp / built.model_file, threads=self.threads, runtime=built.runtime) as q, \
                 open_(fp32, threads=self.threads, runtime=built.runtime) as f:
@@ -269,12 +284,13 @@ class _Job:
 
 
 def _on_isa(ev: Evaluation) -> str:
-    """' on avx2 (qemu-x86_64 -cpu Haswell; on this host's avx512-vnni: within budget)' for an emulated verdict."""
+    """' on avx2 (qemu-x86_64 -cpu Haswell; on this host's avx512-vnni: within budget)' for a verdict drawn
+    under an emulator or a kernel cap."""
     i = ev.isa
-    if not i or i["judged_on"] != "emulated":
+    if not i or i["judged_on"] not in ("emulated", "capped"):
         return ""
     host = "within budget" if i["on_build_host"]["within_budget"] else "also over budget"
-    return f" on {i['deployment']} ({i['emulator']}; on this host's {i['build_host']}: {host})"
+    return f" on {i['deployment']} ({i.get('emulator') or i['kernel_cap']}; on this host's {i['build_host']}: {host})"
 
 
 def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
@@ -312,8 +328,9 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
     notes = list(ev.built.notes)
     lat, same_rt, v = ev.latency, ev.same_runtime, ev.verdict
     if choice and choice["shipped"] == "fp32":
+        where = f" on {choice['timed_on'].split(':')[0]}" if choice.get("timed_on") else ""
         notes.append(f"precision auto: int8 within budget took {choice['int8_vs_fp32_interleaved']:.2f}x the time of "
-                     f"fp32 on the same runtime (95 % CI {choice['ci95'][0]:.2f}-{choice['ci95'][1]:.2f}, "
+                     f"fp32 on the same runtime{where} (95 % CI {choice['ci95'][0]:.2f}-{choice['ci95'][1]:.2f}, "
                      f"{choice['rounds']} interleaved rounds); shipped fp32, the faster")
     elif choice and choice.get("undecided_under_load"):
         notes.append(f"precision auto: undecided under load: int8/fp32 {choice['int8_vs_fp32_interleaved']:.2f}x "
@@ -404,7 +421,8 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           output_cosine_vs_fp32=cosine(ev.outputs, job.ref_out),
                           reference=ev.chain.reference if ev.chain else "student",
                           chain=ev.chain.record() if ev.chain else None, isa=ev.isa,
-                          interval=list(v.interval) if v.interval else None, confidence=v.confidence,
+                          interval=list(v.interval) if v.interval and np.isfinite(v.interval).all() else None,
+                          confidence=v.confidence,
                           interval_within_budget=v.worst_within, resolve_with=v.resolve_with,
                           decided_by="interval" if recipe.metric.confidence else "point estimate",
                           groups=v.groups, splits=prepared.dataset.splits,

@@ -66,7 +66,8 @@ class Accuracy(_M):
     reference: str | None = None
     chain: list[dict[str, Any]] | None = None  # original -> student fp32 -> bundle, the metric at each step
     # x86 CPU targets: the ISA the bundle is built for, the build host's, and how the verdict was reached on it
-    # (judged_on: native | emulated (qemu-x86_64) | host (the deployment ISA could not be reproduced here))
+    # (judged_on: native | capped (the runtime's kernels capped at it: kernel_cap) | emulated (qemu-x86_64) |
+    # host (the deployment ISA could not be reproduced here))
     isa: dict[str, Any] | None = None
     interval: list[float] | None = None  # the verdict value's confidence interval (cosine: of the mean)
     confidence: float | None = None  # its level

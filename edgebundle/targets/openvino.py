@@ -77,7 +77,12 @@ class OpenVinoOptions(BaseModel):
     isa: ISA = Field("host", description=(
         "the x86 instruction set the bundle will run on (host | avx2 | avx512 | avx512-vnni): without VNNI, "
         "NNCF's overflow_fix is enabled for every layer (7-bit weights against 16-bit saturation) and the "
-        "bundle is judged on that ISA, natively or under qemu-x86_64 where the host has more"))
+        "bundle is judged on that ISA: natively, or where the host has more with oneDNN's kernels capped at it "
+        "(ONEDNN_MAX_CPU_ISA: the same outputs as qemu-x86_64 -cpu Haswell for AVX2, at native speed), and "
+        "precision auto times int8 against fp32 under the same cap"))
+    overflow_fix: Literal["auto", "enable", "first_layer", "disable"] = Field("auto", description=(
+        "NNCF's overflow fix (7-bit weights): auto enables it for every layer where the deployment ISA has no "
+        "VNNI and leaves NNCF's default (first_layer) elsewhere"))
     accuracy_control: bool = False
     accuracy_control_iterations: int = Field(12, ge=1, le=1000, description=(
         "NNCF accuracy control reverts layers to float one ranking at a time; its own default never stops "
@@ -204,7 +209,7 @@ def fp_layers(model) -> list[str]:
 
 
 @register_target("openvino", capabilities=Capabilities(precisions=("int8", "fp32"), runtime="openvino",
-                                                        opens_onnx=True), options=OpenVinoOptions)
+                                                        opens_onnx=True, isa_cap="onednn"), options=OpenVinoOptions)
 class OpenVinoTarget(TargetBase):
     def unavailable_reason(self, options: OpenVinoOptions | None = None) -> str | None:
         try:
@@ -286,14 +291,18 @@ class OpenVinoTarget(TargetBase):
         cal_items = list(iter_feeds(ctx.calibration, ctx.recipe.inputs, 1))
         transformer = opt.model_type == "transformer" or (opt.model_type == "auto" and attention_ops(model) > 0)
         estimator, cal_desc = range_estimator(ctx.spec.calibration)
-        if not has_vnni(deployment(opt.isa)):
+        fix = opt.overflow_fix
+        if fix == "auto" and not has_vnni(deployment(opt.isa)):
             # without VNNI, u8 x s8 pairs saturate in 16 bits: NNCF's overflow fix (7-bit weights) on every
             # layer, not only the first (its default)
+            fix = "enable"
+            quant["overflow_fix"] = f"enable (deployment ISA {deployment(opt.isa)} has no VNNI)"
+        if fix != "auto":
             from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
             estimator = estimator or AdvancedQuantizationParameters()
-            estimator.overflow_fix = OverflowFix.ENABLE
-            quant["overflow_fix"] = f"enable (deployment ISA {deployment(opt.isa)} has no VNNI)"
+            estimator.overflow_fix = OverflowFix({"first_layer": "first_layer_only"}.get(fix, fix))
+            quant.setdefault("overflow_fix", fix)
         scope = opt.ignored_scope
         kwargs = dict(
             advanced_parameters=estimator,

@@ -24,6 +24,7 @@ class Capabilities:
     extra: str | None = None  # pip extra that installs the runtime, if optional
     runtime: str = ""  # the Python package the target runs on
     opens_onnx: bool = False  # `open` also runs a plain fp32 .onnx (for "vs fp32 on the same runtime")
+    isa_cap: str | None = None  # "onednn": the runtime's kernels can be capped at a deployment ISA (core.isa)
 
 
 @dataclass(frozen=True)
