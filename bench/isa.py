@@ -7,7 +7,9 @@ every bundle, and beside them what a user gets by hand (ORT `quantize_static` u8
 defaults), is judged on crops of 16 photos no example uses (efficientnet_lite.heldout), on the build host's
 ISA and on AVX2 (emulated where the host has more): top-1 agreement with the fp32 model on the crops where it
 is confident, the interval drawn by photo. QEMU reproduces AVX2 int8 numerics exactly, not its timing: the
-p50 column is the build host's, never an AVX2 figure. Writes bench/results/isa.{json,md}.
+p50 column is the build host's, never an AVX2 figure. OpenVINO's kernels can be capped at AVX2 (oneDNN's
+ONEDNN_MAX_CPU_ISA, in a child process): its candidates and its fp32 model are also timed interleaved there,
+the AVX2 code on the build host's cores (not an AVX2 CPU). Writes bench/results/isa.{json,md}.
 """
 
 from __future__ import annotations
@@ -47,15 +49,66 @@ def _verdicts(contract, ref: np.ndarray, split, native: np.ndarray, avx2: np.nda
 
 
 def _outputs(target: str, model: Path, runtime: dict[str, Any], split, inputs, emulate: bool) -> tuple:
-    """The artifact's logits on `split`: natively, and under qemu -cpu Haswell when asked."""
+    """The artifact's logits on `split`: natively, and on AVX2 arithmetic when asked (OpenVINO: oneDNN capped at
+    AVX2, the outputs qemu gives; others under qemu -cpu Haswell)."""
     from edgebundle.core.data import run_outputs
+    from edgebundle.core.isa import cap_env
     from edgebundle.pipeline.emulated import emulated_outputs
     from edgebundle.targets import registry
 
     with registry.lookup(target).factory().open(model, threads=THREADS, runtime=runtime) as s:
         native = run_outputs(s, split, inputs)[0]
-    avx2 = emulated_outputs(target, model, runtime, THREADS, split, inputs, "Haswell")[0] if emulate else None
+    capped = registry.lookup(target).capabilities.isa_cap == "onednn"
+    avx2 = emulated_outputs(target, model, runtime, THREADS, split, inputs, None if capped else "Haswell",
+                            env=cap_env("avx2") if capped else None)[0] if emulate else None
     return native, avx2
+
+
+def _capped_times(models: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 60) -> dict[str, Any]:
+    """Each OpenVINO model timed interleaved (one run of each per round, batch 1) in a child whose oneDNN is
+    capped at AVX2: p50 ms per model, and each round's ratio to the first model (OpenVINO fp32)."""
+    import json
+    import os
+    import subprocess
+
+    from edgebundle.core.isa import cap_env
+
+    with tempfile.TemporaryDirectory() as td:
+        spec = Path(td) / "spec.json"
+        np.savez(Path(td) / "in.npz", **feeds)
+        spec.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "rounds": rounds}))
+        env = {**os.environ, **cap_env("avx2"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        subprocess.run([sys.executable, "-m", "bench.isa", "--time-child", td], check=True, env=env)
+        return json.loads((Path(td) / "out.json").read_text())
+
+
+def _time_child(folder: Path) -> None:
+    import json
+
+    from edgebundle.targets import registry
+
+    spec = json.loads((folder / "spec.json").read_text())
+    with np.load(folder / "in.npz") as d:
+        feeds = {k: d[k] for k in d.files}
+    target = registry.lookup("openvino").factory()
+    sessions = {k: target.open(Path(v), threads=THREADS, runtime={}) for k, v in spec["models"].items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    try:
+        for s in sessions.values():
+            for _ in range(10):
+                s.run(feeds)
+        for _ in range(spec["rounds"]):
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s.run(feeds)
+                times[k].append((time.perf_counter() - t) * 1e3)
+    finally:
+        for s in sessions.values():
+            s.close()
+    base = np.array(times[next(iter(times))])
+    out = {k: {"p50_ms": float(np.median(v)), "p25_75_ms": [float(np.percentile(v, 25)), float(np.percentile(v, 75))],
+               "vs_first": float(np.median(base / np.array(v)))} for k, v in times.items()}
+    (folder / "out.json").write_text(json.dumps(out))
 
 
 def _bundles(recipe, out: Path, reuse: bool):
@@ -105,9 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="output folder (default: a temporary folder)")
     ap.add_argument("--reuse", action="store_true", help="judge the bundles already in --out/bundles (built by "
                     "an earlier run) instead of building them again")
+    ap.add_argument("--time-child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--per-photo", type=int, default=12, help="held-out crops per photo (default 12: 192 crops; "
                     "OpenVINO under qemu takes about 1.5 s a crop here)")
     args = ap.parse_args(argv)
+    if args.time_child:
+        return _time_child(args.time_child)
     host = host_isa()
     emulate = host != "avx2"
     if emulate and qemu() is None:
@@ -133,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             m = b.manifest
             # int8 whose integers cannot differ between ISAs (the manifest says judged natively) is not emulated
-            emulated = (m["accuracy"].get("isa") or {}).get("judged_on") == "emulated"
+            emulated = (m["accuracy"].get("isa") or {}).get("judged_on") in ("emulated", "capped")
             native, avx2 = _outputs(b.target, b.path / m["model_file"], m["target"]["runtime"], split,
                                     recipe.inputs, emulate and emulated)
             rows.append({"candidate": f"edgebundle {b.target}", "status": b.status, "reason": b.reason,
@@ -145,17 +201,31 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         for label, target, model, runtime in _hand(p, work):
             native, avx2 = _outputs(target, model, runtime, split, recipe.inputs, emulate)
-            rows.append({"candidate": label, "status": "hand", "heldout": _verdicts(contract, ref, split, native, avx2)})
+            rows.append({"candidate": label, "status": "hand", "heldout": _verdicts(contract, ref, split, native, avx2),
+                         **({"model": str(model)} if target == "openvino" else {})})
+        capped = None
+        if host in ("avx512", "avx512-vnni", "avx-vnni"):
+            ov_models = {"OpenVINO fp32": p.onnx.path("model.fp32.onnx")}
+            for b in bundles:
+                if b.target == "openvino" and b.manifest is not None:
+                    ov_models["edgebundle openvino"] = b.path / b.manifest["model_file"]
+            ov_models.update({r["candidate"]: Path(r["model"]) for r in rows if r.get("model")})
+            capped = _capped_times(ov_models, {"image": split.inputs["image"][:1]})
+            for r in rows:
+                r["avx2_kernels"] = capped.get(r["candidate"])
     h = fingerprint()
-    payload = {"host": h, "host_isa": host, "avx2_by": "qemu-x86_64 -cpu Haswell" if emulate else "native",
-               "heldout_photos": names, "heldout_crops": len(split), "rows": rows,
+    payload = {"host": h, "host_isa": host, "avx2_by": "qemu-x86_64 -cpu Haswell (ONNX Runtime), oneDNN capped at "
+               "AVX2 (OpenVINO: the same outputs)" if emulate else "native",
+               "heldout_photos": names, "heldout_crops": len(split), "rows": rows, "avx2_kernels": capped,
                "seconds": time.perf_counter() - t0}
     write("isa", payload, _markdown(payload))
 
 
 def _markdown(payload: dict[str, Any]) -> str:
     lines = ["| candidate | shipped | test split (judged on AVX2) | held out, build host's ISA | held out, AVX2 | "
-             "p50 ms (build host) | status |", "|---|---|---|---|---|---|---|"]
+             "p50 ms (build host) | AVX2 kernels: p50 ms, speed vs OpenVINO fp32 | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    cap = lambda k: "—" if not k else f"{k['p50_ms']:.2f}, {k['vs_first']:.2f}x"  # noqa: E731
     fmt = lambda v: "—" if v is None else (  # noqa: E731
         f"{v['value']:.1f} % [{v['interval'][0]:.1f}, {v['interval'][1]:.1f}] of {v['confident']} confident, "
         f"{v['groups']} photos (all crops {v['agreement_all']:.1f} %)")
@@ -169,14 +239,20 @@ def _markdown(payload: dict[str, Any]) -> str:
         avx2 = fmt(held.get("avx2")) if held.get("avx2") or r["status"] == "hand" or r.get("precision") != "int8" \
             else neutral
         lines.append(f"| {r['candidate']} | {shipped} | {test_text} | {fmt(held.get('native'))} | "
-                     f"{avx2} | {p50} | {r['status']} |")
+                     f"{avx2} | {p50} | {cap(r.get('avx2_kernels'))} | {r['status']} |")
+    fp32 = (payload.get("avx2_kernels") or {}).get("OpenVINO fp32")
+    if fp32:
+        lines.append(f"| OpenVINO fp32 | fp32 | — | — | — | — | {fp32['p50_ms']:.2f}, 1.00x | reference |")
     return (f"Build host ISA: {payload['host_isa']} ({payload['host']['cpu']}); AVX2 verdicts by "
             f"{payload['avx2_by']} (exact int8 numerics, not timing). Held out: {payload['heldout_crops']} crops of "
             f"{len(payload['heldout_photos'])} photos no example uses ({', '.join(payload['heldout_photos'])}); "
             "agreement with the fp32 model on the crops where it is confident (top-1 probability >= 0.5), 95 % "
             "interval drawn by photo. Bundles: examples/real/efficientnet_lite_folder.yaml with `isa: avx2`.\n\n"
             + "\n".join(lines) + "\n\nThe p50 is the one the bundle's build recorded on the build host (not an AVX2 "
-            "figure; a build beside other jobs records a slower one). "
+            "figure; a build beside other jobs records a slower one). AVX2 kernels: OpenVINO models timed "
+            "interleaved, batch 1, 2 threads, in one process whose oneDNN is capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2): "
+            "the AVX2 code on the build host's cores, not an AVX2 CPU's; speed is the median of per-round "
+            "ratios to OpenVINO fp32 under the same cap. "
             f"Wall time: {payload['seconds'] / 60:.1f} min.\n")
 
 
