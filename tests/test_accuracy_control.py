@@ -53,6 +53,21 @@ def test_over_budget_keeps_the_fewest_sensitive_layers_in_float(harsh):
     assert b["excluded_nodes"] == ranked[:n]  # the most sensitive ones, in order
     assert b["latency_cost"]["p50_full_int8_ms"] > 0
     assert [a["excluded"] for a in b["attempts"]][0] == 1
+    # every attempt timed: the int8 Pareto of what was tried (nothing float, then each attempt)
+    pts = built.quantization["forms_tried"]["points"]
+    assert [p["layers_kept_float"] for p in pts] == [0] + [a["excluded"] for a in b["attempts"]]
+    assert all(p["p50_ms"] > 0 for p in pts) and pts[-1]["within_budget"] and not pts[0]["within_budget"]
+    front = [p for p in pts if p["pareto"]]
+    assert pts[-1] in front or any(p["within_budget"] for p in front)  # the closest point is never dominated
+    assert min(pts, key=lambda p: p["p50_ms"]) in front  # nor the fastest
+
+
+def test_pareto_marks_points_no_other_beats_on_both_axes():
+    from edgebundle.calibration.accuracy import pareto
+
+    pts = pareto([{"p50_ms": 1.0, "val_loss": 5.0}, {"p50_ms": 2.0, "val_loss": 1.0},
+                  {"p50_ms": 2.5, "val_loss": 3.0}, {"p50_ms": 3.0, "val_loss": 1.0}, {"p50_ms": None, "val_loss": 0.0}])
+    assert [p["pareto"] for p in pts] == [True, True, False, False, False]
 
 
 def test_explain_shows_the_table(default_run):
@@ -86,3 +101,35 @@ def test_tensorrt_qdq_model_gets_accuracy_control_and_keeps_the_placement_rules(
     flagged = qdq_problems(model)  # without the exemption, exactly the float layers are reported
     assert sorted(p.split(":")[0] for p in flagged) == sorted(b["excluded_nodes"])
     assert "not measured" in b["latency_cost"]
+
+
+def test_validation_inputs_that_judge_nothing_steer_nothing(prepared, tmp_path):
+    """agreement on validation inputs where the fp32 model is never confident judges nothing, which is not within
+    any budget: accuracy control chased it once and kept every layer float (EfficientNet-Lite1's photo split for
+    AVX2: all 65 layers, 1.8x slower, shipped as int8). Now nothing steers on such a slice: no layer float, no
+    second form, and the record says why; the test split decides."""
+    import numpy as np
+
+    from edgebundle.core.data import run_outputs
+    from edgebundle.core.session import OrtSession
+
+    r = prepared.recipe
+    with OrtSession(prepared.onnx.path("model.fp32.onnx"), threads=2) as s:
+        logits = run_outputs(s, prepared.dataset.val, r.inputs)[0]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    top = (p / p.sum(1, keepdims=True)).max(1).max()
+    assert top < 0.9999  # room for a threshold no validation input reaches
+    from edgebundle.core.metrics import Contract, MetricSpec
+
+    contract = Contract("agreement", MetricSpec(name="agreement", min_confidence=float(top) + 1e-5), 1.0)
+    spec = r.targets[0].model_copy(update={"name": "ort-cpu", "max_accuracy_drop": 1.0,
+                                           "calibration": CalibrationSpec(method="percentile", percentile=95.0)})
+    entry = registry.lookup("ort-cpu")
+    ctx = BuildContext(r, spec, entry.options_model.model_validate({}), prepared.onnx.path("model.fp32.onnx"),
+                       prepared.dataset.calibration(r.data).head(16), prepared.dataset.val, tmp_path, threads=2,
+                       contract=contract)
+    built = entry.factory().build(ctx)
+    b = built.quantization["accuracy_budget"]
+    assert b["judged_samples"] == 0 and not b["attempts"] and not b["excluded_nodes"]
+    assert "judge nothing" in b["not_steered"] and "the test split decides" in b["not_steered"]
+    assert "qat" not in built.quantization  # QAT is not started for a loss nobody saw: post-training int8 stands

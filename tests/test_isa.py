@@ -109,6 +109,17 @@ def test_weights_auto_takes_8_bit_uint8_where_7_bit_int8_gives_up_more_for_a_cpu
     isa = b.manifest["accuracy"]["isa"]
     assert isa["judged_on"] == "native" and "u8 x u8" in isa["how"]
     assert b.manifest["accuracy"]["target"] >= 38.5
+    # every point tried, each timed here and marked on the Pareto front; the choice says what it rests on
+    ft = q["forms_tried"]
+    forms = {p["form"] for p in ft["points"]}
+    assert forms == {"static int8, int8 weights (7-bit)", "static int8, uint8 weights"}, forms
+    assert all(p["p50_ms"] > 0 for p in ft["points"]) and any(p["pareto"] for p in ft["points"])
+    assert ft["chosen"] == "static int8, uint8 weights" and ft["deployment_isa"] == "avx2"
+    assert ("not the deployment ISA avx2" in ft["chosen_by"]) == (host_isa() != "avx2")
+    from edgebundle.pipeline.report import write_report
+
+    html = write_report(tmp_path / "out").read_text()
+    assert "int8 forms tried" in html and "static int8, uint8 weights" in html
 
 
 CAPS_AVX2 = host_isa() in ("avx512", "avx512-vnni", "avx-vnni")

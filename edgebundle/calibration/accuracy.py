@@ -99,6 +99,24 @@ def budget_record(v: Verdict) -> dict[str, Any]:
             "drop_reached": _r6(v.loss), "within_budget": v.within, "judged_samples": v.samples}
 
 
+def not_steered(v: Verdict) -> str:
+    """Why nothing was kept float on a validation slice that judges nothing (manifest text)."""
+    return (f"the validation inputs judge nothing ({v.line()}): no layer kept float for a loss that cannot be "
+            "seen there; the test split decides")
+
+
+def pareto(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`points` (each with `p50_ms` and `val_loss`, the verdict's loss: lower is closer) marked `pareto`: no
+    other point is both at least as fast and at least as close, and strictly better in one."""
+    def beats(a, b) -> bool:
+        return (a["p50_ms"] <= b["p50_ms"] and a["val_loss"] <= b["val_loss"]
+                and (a["p50_ms"] < b["p50_ms"] or a["val_loss"] < b["val_loss"]))
+
+    timed = [p for p in points if p.get("p50_ms") is not None and p.get("val_loss") is not None]
+    return [{**p, "pareto": any(p is t for t in timed) and not any(beats(q, p) for q in timed if q is not p)}
+            for p in points]
+
+
 def layers_kept_float(quantization: dict[str, Any]) -> list[str]:
     """The nodes a quantization record's accuracy control kept in float (its `accuracy_budget.excluded_nodes`;
     none where no control ran)."""
@@ -110,16 +128,18 @@ def _r6(x: float) -> float:
 
 
 def keep_float_until_within(ranked: list[str], quantize: Callable[[list[str]], None], judge: Callable[[], Verdict],
-                            first: Verdict, info: dict[str, Any]) -> Verdict:
+                            first: Verdict, info: dict[str, Any], price: Callable[[], float] | None = None) -> Verdict:
     """Re-quantize with the 1, 2, 3, ... (beyond 8: doubling) first nodes of `ranked` (most damaging first)
     kept in float, `judge()` after each, until the budget holds or all are float. Records the attempts and
-    the outcome in `info` (a `budget_record`); `first` is the verdict with nothing kept float."""
+    the outcome in `info` (a `budget_record`); `first` is the verdict with nothing kept float; `price()`, when
+    given, times each attempt's model (its p50 in ms)."""
     k, exclude, v = 1, [], first
     while ranked:
         exclude = ranked[:k]
         quantize(exclude)
         v = judge()
-        info["attempts"].append({"excluded": len(exclude), "drop": _r6(v.loss), "value": _r6(v.value)})
+        info["attempts"].append({"excluded": len(exclude), "drop": _r6(v.loss), "value": _r6(v.value),
+                                 "within_budget": v.within, **({"p50_ms": _r6(price())} if price else {})})
         if v.within or k >= len(ranked):
             break
         k = min(k + 1 if k < 8 else 2 * k, len(ranked))
@@ -148,11 +168,16 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     v = contract.judge(ref, outputs(out), split.labels)
     info = budget_record(v)
     result["accuracy_budget"] = info
-    if v.within or not control:
+    if v.judged_nothing:
+        info["not_steered"] = not_steered(v)
+    if v.within or not control or v.judged_nothing:
         return result
     full_ms = p50_ms(out) if p50_ms else None
+    if full_ms is not None:
+        info["p50_full_int8_ms"] = _r6(full_ms)
     ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
-    keep_float_until_within(ranked, quantize, lambda: contract.judge(ref, outputs(out), split.labels), v, info)
+    keep_float_until_within(ranked, quantize, lambda: contract.judge(ref, outputs(out), split.labels), v, info,
+                            price=(lambda: p50_ms(out)) if p50_ms else None)
     if p50_ms:
         kept_ms = p50_ms(out)
         info["latency_cost"] = {"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,

@@ -110,6 +110,12 @@ class Verdict:
     groups: int | None = None  # independent groups among the judged inputs, where the data gives groups
     point_within: bool | None = None  # the point estimate's own verdict (with an interval: `within` may be its worst end's)
 
+    @property
+    def judged_nothing(self) -> bool:
+        """No input the metric judges (agreement: the fp32 model confident on none). Not within any budget, and
+        no ground to steer on: a quantization choice drawn from such a slice is left to the test split."""
+        return self.metric == "agreement" and self.samples == 0
+
     def line(self) -> str:
         """The verdict in a few words: 'agreement 97.50 % [95.1, 98.8] on 80 confident inputs (budget: ...)'."""
         of = f" from {self.groups} groups" if self.groups is not None else ""

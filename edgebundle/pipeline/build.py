@@ -363,12 +363,27 @@ def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
         notes.append(f"int8 {ev.isa['how']}: the verdict holds for {ev.isa['build_host']} CPUs, not shown for "
                      f"{ev.isa['deployment']}")
     notes += _group_notes(job, v)
+    unsteered = _find_key(ev.built.quantization, "not_steered") if ev.built.precision == "int8" else None
+    if unsteered:
+        notes.append(f"int8 not steered on validation inputs: {unsteered} (a validation split with inputs the "
+                     "metric judges lets accuracy control and the form choices work)")
     asked = job.spec.calibration.samples or recipe.data.calibration_samples
     got = len(job.prepared.dataset.calibration(recipe.data, asked))
     if ev.built.precision == "int8" and got < asked:
         notes.append(f"calibration used {got} samples, fewer than the {asked} asked for: the "
                      f"{recipe.data.calibration_split} split has only {got}")
     return notes
+
+
+def _find_key(record: Any, key: str) -> Any:
+    """The first value under `key` anywhere in a nested manifest record, or None."""
+    if isinstance(record, dict):
+        if key in record:
+            return record[key]
+        record = list(record.values())
+    if isinstance(record, list):
+        return next((f for f in (_find_key(x, key) for x in record) if f is not None), None)
+    return None
 
 
 def _group_notes(job: _Job, v) -> list[str]:

@@ -130,15 +130,48 @@ def _search_html(search: dict) -> list[str]:
     return out
 
 
-def _speed_fidelity(points: list[tuple[str, float, float, bool]]) -> str:
+def _forms_html(bundles: list[tuple[Path, Manifest]]) -> list[str]:
+    """Each int8 target's forms tried (post-training forms and the layers accuracy control kept float): metric on
+    validation inputs against p50 on the build host, the Pareto front marked, and what was chosen."""
+    e = html.escape
+    out: list[str] = []
+    for _, m in bundles:
+        q = m.quantization or {}
+        ft = q.get("forms_tried") or (q.get("post_training") or {}).get("forms_tried")
+        if not ft or len(ft["points"]) < 2:
+            continue
+        if not out:
+            out.append("<h2>int8 forms tried</h2>")
+        name = m.target.name
+        rows = [f"<tr><td class=l>{e(p['form'])}</td><td>{p['layers_kept_float']}</td><td>{p['val_value']:.6g}</td>"
+                f"<td>{_fmt(p.get('p50_ms'), '.3f', ' ms')}</td>"
+                f"<td class=l>{'within' if p.get('within_budget') else 'over'}{', Pareto' if p.get('pareto') else ''}"
+                "</td></tr>" for p in ft["points"]]
+        pts = [(f"{p['layers_kept_float']}f", p["p50_ms"], p["val_value"], bool(p.get("within_budget")))
+               for p in ft["points"] if p.get("p50_ms") is not None]
+        out += [f"<h3>{e(name)}</h3><p class=small>Shipped: {e(ft['chosen'])}, {e(ft['chosen_by'])}; p50 timed on this "
+                f"host ({e(ft['timed_on'])}), built for {e(ft['deployment_isa'])}.</p>",
+                "<table><thead><tr><th class=l>form</th><th>layers float</th><th>validation metric</th><th>p50</th>"
+                "<th class=l>budget</th></tr></thead><tbody>", *rows, "</tbody></table>"]
+        if pts:
+            out.append(f'<figure><img alt="int8 forms {e(name)}" src="data:image/png;base64,'
+                       f'{_speed_fidelity(pts, "p50 on the build host (ms)", f"{name}: int8 forms (x: over budget)", "validation metric vs fp32")}">'
+                       "</figure>")
+    return out
+
+
+def _speed_fidelity(points: list[tuple[str, float, float, bool]],
+                    xlabel: str = "speed-up vs the unpruned int8 model (interleaved)",
+                    title: str = "structure search: speed vs fidelity (x: over budget)",
+                    ylabel: str = "validation metric vs original") -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, speed, value, within in points:
         ax.scatter([speed], [value], s=40, marker="o" if within else "x", color="tab:blue" if within else "tab:red")
         ax.annotate(label, (speed, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("speed-up vs the unpruned int8 model (interleaved)")
-    ax.set_ylabel("validation metric vs original")
-    ax.set_title("structure search: speed vs fidelity (x: over budget)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     return _png(fig)
 
@@ -200,6 +233,7 @@ def render(bundles: list[tuple[Path, Manifest]]) -> str:
     search = next((m.search for _, m in bundles if m.search), None)
     if search:
         parts += _search_html(search)
+    parts += _forms_html(bundles)
     if figures:
         parts.append("<h2>Latency distributions</h2>")
         parts += [f'<figure><img alt="latency histogram {e(n)}" src="data:image/png;base64,{png}"></figure>'

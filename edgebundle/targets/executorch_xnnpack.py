@@ -191,10 +191,10 @@ class ExecutorchTarget(TargetBase):
             if len(order) == 1 and qat == "off":
                 break
             v = _judge_on_val(ctx, ctx.workdir / "model.pte", names)
-            within = v.within
+            within = v.within or v.judged_nothing  # nothing judged on val: the test split decides
             tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within,
                           "delegated_fraction": round(info["delegated_fraction"], 4)})
-            if v.within:
+            if within:
                 break
         qat_record = None
         if qat == "on" or (qat == "auto" and not within):

@@ -288,9 +288,9 @@ class LitertTarget(TargetBase):
             if len(order) == 1 and qat == "off":
                 break
             v = judge()
-            within = v.within
+            within = v.within or v.judged_nothing  # nothing judged on val: the test split decides
             tried.append({"activations": mode, "val_value": round(float(v.value), 6), "within_budget": v.within})
-            if v.within:
+            if within:
                 break
         qat_record = None
         if qat == "on" or (qat == "auto" and not within):

@@ -342,7 +342,11 @@ class OpenVinoTarget(TargetBase):
                                                       opt.inference_precision), val.labels)
             attempts.append({"step": step, "val_drop": round(v.loss, 6), "value": round(v.value, 6),
                              "within_budget": v.within})
-            if v.within:
+            if v.judged_nothing:  # no confident val input: nothing to escalate for; the test split decides
+                from edgebundle.calibration.accuracy import not_steered
+
+                attempts[-1]["not_steered"] = not_steered(v)
+            if v.within or v.judged_nothing:
                 break
         return quantized, attempts
 
@@ -386,7 +390,7 @@ class OpenVinoTarget(TargetBase):
             v = ctx.judge(ref, out)
             attempts.append({"step": f"dynamic activations, group {group}", "group_size": group,
                              "val_drop": round(v.loss, 6), "value": round(v.value, 6), "within_budget": v.within})
-            if v.within:
+            if v.within or v.judged_nothing:
                 break
         return compressed, group, {
             "tool": "nncf.compress_weights (INT8_ASYM) + OpenVINO CPU dynamic quantization",

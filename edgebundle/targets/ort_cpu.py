@@ -22,13 +22,13 @@ from typing import Any, Literal
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edgebundle.calibration.accuracy import layers_kept_float
+from edgebundle.calibration.accuracy import layers_kept_float, pareto
 from edgebundle.calibration.qat import QatOptions
 from edgebundle.calibration.readers import SplitReader
 from edgebundle.core.errors import StageError
 from edgebundle.core.session import OrtSession
 from edgebundle.core.host import cpu_flags
-from edgebundle.core.isa import ISA, VNNI_FLAGS, has_vnni
+from edgebundle.core.isa import ISA, VNNI_FLAGS, deployment, has_vnni, host_isa
 from edgebundle.exporters.graph import attention_matmuls, attention_shape, weighted_matmuls
 from edgebundle.targets.base import BuildContext, Built, TargetBase, Work
 from edgebundle.targets.common import calibrate_method, calibration_extra_options, p50_ms, qat_program, val_outputs
@@ -108,9 +108,54 @@ def _spent(control: dict[str, Any]) -> tuple[bool, int, float]:
             float(b.get("drop_reached", b.get("drop_full_int8", 0.0)) or 0.0))
 
 
+def _unsteered(control: dict[str, Any]) -> bool:
+    """Whether the validation inputs judged nothing (agreement: no confident input), so nothing steered on them."""
+    return "not_steered" in (control.get("accuracy_budget") or {})
+
+
 def _budget_summary(control: dict[str, Any]) -> dict[str, Any]:
     over, floats, loss = _spent(control)
     return {"within_budget": not over, "layers_kept_float": floats, "val_loss": round(loss, 6)}
+
+
+def _form_name(opt: OrtCpuOptions, mode: str) -> str:
+    return f"{mode} int8, {opt.weights} weights" + (" (7-bit)" if _needs_reduce_range(opt) else "")
+
+
+def _form_points(name: str, control: dict[str, Any], model: Path, ctx: BuildContext) -> list[dict[str, Any]]:
+    """What a post-training form tried, each a point of the int8 Pareto: nothing float, then each accuracy-control
+    attempt, with its metric and loss on validation inputs and its p50 on this host (the last one timed now
+    where the control did not)."""
+    b = control.get("accuracy_budget") or {}
+    if "value_full_int8" not in b:
+        return []
+    first = {"form": name, "layers_kept_float": 0, "val_value": b["value_full_int8"], "val_loss": b["drop_full_int8"],
+             "within_budget": not b["attempts"] and b["within_budget"], "p50_ms": b.get("p50_full_int8_ms")}
+    pts = [first] + [{"form": name, "layers_kept_float": a["excluded"], "val_value": a["value"], "val_loss": a["drop"],
+                      "within_budget": a.get("within_budget"), "p50_ms": a.get("p50_ms")} for a in b["attempts"]]
+    if pts[-1]["p50_ms"] is None:
+        pts[-1]["p50_ms"] = round(p50_ms(model, ctx), 6)
+    return pts
+
+
+def _choose_form(results: list[tuple], points: list[dict[str, Any]], opt: OrtCpuOptions) -> tuple:
+    """The post-training form that stands: the fastest within budget where this host's timing is the
+    deployment ISA's, else the one that gave up least (within budget, fewest layers float, smallest loss)."""
+    within = [r for r in results if not _spent(r[4])[0]]
+    if deployment(opt.isa) == host_isa() and len(within) > 1:
+        return min(within, key=lambda r: [p for p in points if p["form"] == _form_name(r[0], r[3])][-1]["p50_ms"])
+    return min(results, key=lambda r: _spent(r[4]))
+
+
+def _forms_record(points: list[dict[str, Any]], best: tuple, forms: int, opt: OrtCpuOptions) -> dict[str, Any]:
+    """The manifest's `quantization.forms_tried`: every point tried (Pareto marked) and why the chosen stands."""
+    host, dep = host_isa(), deployment(opt.isa)
+    why = "the only form" if forms == 1 else (
+        f"the fastest within budget on validation inputs (timed on this host, the deployment ISA {host})"
+        if dep == host else f"the fewest layers kept float within budget (this host's {host} timing is not the "
+                            f"deployment ISA {dep}'s)")
+    return {"points": pareto(points), "chosen": _form_name(best[0], best[3]), "chosen_by": why,
+            "timed_on": host, "deployment_isa": dep}
 
 
 def _needs_reduce_range(opt: OrtCpuOptions) -> bool:
@@ -200,7 +245,7 @@ class OrtCpuTarget(TargetBase):
         control: dict[str, Any] = {}
         if mode == "dynamic":
             control = self._dynamic(pre, out, opt, reduce_range, ctx)
-            if not control["accuracy_budget"]["within_budget"] and opt.accuracy_control:
+            if not control["accuracy_budget"]["within_budget"] and opt.accuracy_control and not _unsteered(control):
                 mode, fell_back = "static", {**control["accuracy_budget"],
                                              **({"smooth_quant": control["smooth_quant"]}
                                                 if "smooth_quant" in control else {})}
@@ -225,18 +270,21 @@ class OrtCpuTarget(TargetBase):
             _needs_reduce_range(s8) else [s8]
         if len(forms) > 1:
             shutil.copyfile(pre, ctx.workdir / "pristine.onnx")  # smoothing may rewrite `pre`
-        results = []
+        results, points = [], []
         for i, o in enumerate(forms):
             p, q = (pre, out) if i == 0 else (ctx.workdir / "preprocessed.u8.onnx", ctx.workdir / "model.u8.onnx")
             if i:
                 shutil.copyfile(ctx.workdir / "pristine.onnx", p)
             work.opt, work.state["reduce_range"] = o, _needs_reduce_range(o)
             results.append((o, p, q, *self._post_training(p, q, reader, mode, work, ctx)))
+            points += _form_points(_form_name(o, results[-1][3]), results[-1][4], q, ctx)
             over, floats, _ = _spent(results[-1][4])
-            if not over and not floats:  # every layer int8 within budget: nothing to win
+            if (not over and not floats) or _unsteered(results[-1][4]):  # nothing to win, or nothing to see
                 break
-        best = min(results, key=lambda r: _spent(r[4]))
+        best = _choose_form(results, points, opt)
         o, p, q, mode, control, qat = best
+        if points:
+            control["forms_tried"] = _forms_record(points, best, len(results), opt)
         work.opt, work.state["reduce_range"] = o, _needs_reduce_range(o)
         if q != out:
             os.replace(q, out)
@@ -257,7 +305,8 @@ class OrtCpuTarget(TargetBase):
         quantization record when its model replaced `out`, else None (`control` then records what was tried)."""
         opt = work.opt
         b = control.get("accuracy_budget") or {}
-        missed = bool(b.get("attempts")) or not b.get("within_budget", True)  # full int8 over budget on val
+        # full int8 over budget on val (not where val judged nothing: no loss seen there to fine-tune away)
+        missed = (bool(b.get("attempts")) or not b.get("within_budget", True)) and "not_steered" not in b
         if qat[0] == "on" or (qat[0] == "auto" and missed):
             try:
                 shipped, tried = _qat_candidate(ctx, opt.qat, pre, out, ptq=b if qat[0] == "auto" else None)
@@ -304,7 +353,7 @@ class OrtCpuTarget(TargetBase):
         (quantized alone, on up to 32 validation samples), and the 1, 2, 3, ... (beyond 8: doubling) most
         damaging stay float until the budget holds: on all-MiniLM-L6-v2 int8 everywhere reached cosine min
         0.982 and four MatMuls kept float reached 0.991."""
-        from edgebundle.calibration.accuracy import budget_record, keep_float_until_within
+        from edgebundle.calibration.accuracy import budget_record, keep_float_until_within, not_steered
 
         def quantize(path: Path, src: Path = pre, **nodes) -> None:
             _dynamic_quantize(src, path, opt, reduce_range, **nodes)
@@ -315,7 +364,9 @@ class OrtCpuTarget(TargetBase):
         ref = val_outputs(pre, ctx)
         v = contract.judge(ref, val_outputs(out, ctx), val.labels)
         info = budget_record(v)
-        if v.within or not opt.accuracy_control:
+        if v.judged_nothing:
+            info["not_steered"] = not_steered(v)
+        if v.within or not opt.accuracy_control or v.judged_nothing:
             return {"accuracy_budget": info, **smoothing}
         part = ctx.val_head(32)
         part_ref = val_outputs(pre, part)
@@ -329,8 +380,10 @@ class OrtCpuTarget(TargetBase):
             one.unlink(missing_ok=True)
         damage.sort(reverse=True)
         info["ranking"] = [{"node": n, "loss_alone": round(float(d), 6)} for d, n in damage]
+        info["p50_full_int8_ms"] = round(p50_ms(out, ctx), 6)
         keep_float_until_within([n for _, n in damage], lambda exclude: quantize(out, nodes_to_exclude=exclude),
-                                lambda: contract.judge(ref, val_outputs(out, ctx), val.labels), v, info)
+                                lambda: contract.judge(ref, val_outputs(out, ctx), val.labels), v, info,
+                                price=lambda: p50_ms(out, ctx))
         return {"accuracy_budget": info, **smoothing}
 
     @staticmethod
