@@ -145,3 +145,70 @@ def test_distilbert_heads_and_mlp_are_pruned_and_mpnet_heads_are_refused_in_one_
     with pytest.raises(RecipeError) as e:
         prune(mpnet, PruneStage(ratio=0.25, head_ratio=0.5), ex, train=None, names=["input_ids", "attention_mask"])
     assert "\n" not in str(e.value) and "MPNet" in str(e.value)
+
+
+class _Hidden(torch.nn.Module):
+    """An MLP whose hidden units carry a large mean (positive biases before the ReLU), a quarter of them constant:
+    what pruning a ReLU6 network's channels without compensation throws away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.fc1, self.fc2 = torch.nn.Linear(64, 32), torch.nn.Linear(32, 10)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.randn(32, 64, generator=g) * 0.3)
+            self.fc1.weight[::4] = 0.0  # units 0, 4, 8, ...: constant ReLU(bias)
+            self.fc1.bias.copy_(2.0 + torch.rand(32, generator=g))
+            self.fc2.weight.copy_(torch.randn(10, 32, generator=g))
+            self.fc2.bias.zero_()
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def _train_split(n: int = 256):
+    import numpy as np
+
+    from edgebundle.core.data import Split
+
+    return Split({"image": np.random.default_rng(1).standard_normal((n, 1, 8, 8)).astype(np.float32)}, None)
+
+
+def test_compensation_keeps_the_mean_output_of_the_layers_that_read_pruned_channels():
+    """A removed unit's mean on the training inputs goes into the bias of the layer that read it: the next layer's
+    mean output is kept exactly (it is linear), where plain removal shifts it."""
+    train = _train_split()
+    x = torch.from_numpy(train.inputs["image"])
+    ref = _Hidden().eval()(x).mean(0)
+    shifts = {}
+    for comp in (False, True):
+        model = _Hidden().eval()
+        prune(model, PruneStage(ratio=0.5, round_to=None, compensate=comp), EXAMPLE, train=train, names=["image"])
+        assert model.fc1.out_features == 16
+        shifts[comp] = float((model(x).detach().mean(0) - ref).abs().max())
+    assert shifts[True] < 1e-3 < shifts[False] / 100, shifts
+
+
+def test_activation_importance_removes_what_contributes_least_and_nothing_is_lost():
+    """activation importance ranks a unit by its spread on training inputs times the reader's weights on it: the
+    constant units go first, and compensated, the pruned model computes the same outputs on every input."""
+    train = _train_split()
+    x = torch.from_numpy(_train_split(64).inputs["image"] * 2)  # other inputs than those measured
+    ref = _Hidden().eval()(x)
+    model = _Hidden().eval()
+    prune(model, PruneStage(ratio=0.25, round_to=None, importance="activation"), EXAMPLE, train=train,
+          names=["image"])
+    assert model.fc1.out_features == 24 and bool((model.fc1.weight.abs().sum(1) > 0).all())  # constants gone
+    assert float((model(x) - ref).abs().max()) < 1e-4
+    with pytest.raises(RecipeError, match="activation"):
+        prune(_Hidden(), PruneStage(ratio=0.25, importance="activation"), EXAMPLE, train=None, names=["image"])
+
+
+def test_shared_false_keeps_the_channels_several_layers_read():
+    """The residual model's stream (read by the body and the head) keeps its width with shared: false; the body's
+    hidden channels (read by one conv) are pruned."""
+    model = factories.residual().eval()
+    prune(model, PruneStage(ratio=0.5, shared=False), EXAMPLE, train=_train_split(), names=["image"])
+    assert model.stem[0].out_channels == 16 and model.body[3].out_channels == 16
+    assert model.body[0].out_channels == 8
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)

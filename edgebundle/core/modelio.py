@@ -267,6 +267,8 @@ def load_structured(spec: ModelSpec | EnsembleSpec, base_dir: Path, folder: Path
             raise RecipeError(f"saved weights name '{key}' that model.factory does not build")
         if leaf in owner._parameters and owner._parameters[leaf] is not None:
             owner._parameters[leaf] = nn.Parameter(t.clone(), requires_grad=owner._parameters[leaf].requires_grad)
+        elif leaf in owner._parameters:  # a bias pruning's compensation gave a layer built without one
+            owner._parameters[leaf] = nn.Parameter(t.clone())
         elif leaf in owner._buffers:
             owner._buffers[leaf] = t.clone()
     model.load_state_dict(tensors, strict=True)

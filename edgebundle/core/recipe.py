@@ -243,7 +243,20 @@ class TrainStage(Strict):
 
 class PruneStage(Strict):
     enabled: bool = True
-    importance: Literal["magnitude", "taylor", "lamp", "fpgm"] = "magnitude"
+    importance: Literal["magnitude", "taylor", "lamp", "fpgm", "activation"] = Field("magnitude", description=(
+        "which channels go: weight norms (magnitude, lamp, fpgm), Taylor (labels), or activation: a channel's "
+        "contribution to the layers that read it, the norm of their weights on it times its spread on training "
+        "inputs (no labels). EfficientNet-Lite1, 10 % of the unshared channels, compensated, before any "
+        "distillation: magnitude kept 11 of 21 confident unseen crops, activation 19"))
+    shared: bool = Field(True, description=(
+        "also prune channels that several layers read (a residual stream: every block of a stage reads it); "
+        "false prunes only channels one layer reads (the hidden channels of MBConv or FFN blocks). EfficientNet-"
+        "Lite1, activation importance, compensated, before any distillation: 10 % of every channel kept 9 of 21 "
+        "confident unseen crops, 10 % of the unshared ones 19 (20 %: 0 and 8)"))
+    compensate: bool = Field(True, description=(
+        "where training inputs exist, a removed channel's mean on them is added to the bias of each layer that "
+        "read it (what it contributed on average stays; uncompensated, the ReLU6 channels EfficientNet loses "
+        "shift its blocks by up to 5 standard deviations)"))
     ratio: float | Literal["auto"] = Field(0.5, description=(
         "fraction of channels removed per prunable layer; auto: the structure is searched (stage `search`): "
         "candidates are pruned, briefly distilled, quantized for the first target, judged on the validation "

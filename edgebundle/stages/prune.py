@@ -54,7 +54,10 @@ class Prune(StageBase):
         return [ctx.artifacts["teacher"]]
 
     def extra(self, ctx: StageContext) -> str:
-        return ctx.dataset.fingerprint if ctx.recipe.stages.prune.importance == "taylor" else ""
+        """The data's fingerprint where the pruned model depends on the training inputs (Taylor gradients,
+        activation statistics, compensation)."""
+        p = ctx.recipe.stages.prune
+        return ctx.dataset.fingerprint if p.importance in ("taylor", "activation") or p.compensate else ""
 
     def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
         recipe, ds = ctx.recipe, ctx.dataset

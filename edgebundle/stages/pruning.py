@@ -75,7 +75,10 @@ def failing_layer(model: nn.Module, example: tuple[torch.Tensor, ...]) -> str | 
             h.remove()
 
 
-def _importance(name: str) -> tp.importance.Importance:
+def _importance(name: str, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
+                ) -> tp.importance.Importance:
+    if name == "activation":
+        return ActivationImportance(stats or {})
     if name == "magnitude":
         return tp.importance.MagnitudeImportance(p=2)
     if name == "taylor":
@@ -83,6 +86,98 @@ def _importance(name: str) -> tp.importance.Importance:
     if name == "lamp":
         return tp.importance.LAMPImportance(p=2)
     return tp.importance.FPGMImportance(p=2)
+
+
+def _reads_channels(layer: nn.Module, prune_fn) -> bool:
+    """Whether a dependency prunes the input channels of a layer that mixes them (a Linear, or a conv that is
+    not grouped): the layers whose weights on a channel say what it contributes."""
+    if prune_fn == tp.prune_linear_in_channels:  # bound methods: equal, not identical
+        return isinstance(layer, nn.Linear)
+    return (prune_fn == tp.prune_conv_in_channels and isinstance(layer, nn.modules.conv._ConvNd)
+            and layer.groups == 1 and not layer.transposed)
+
+
+def _readers(group) -> int:
+    """How many layers that mix channels (Linears, ungrouped convs) read the group's channels."""
+    return sum(1 for dep, _ in group if _reads_channels(dep.layer, dep.pruning_fn))
+
+
+def _channel_weights(layer: nn.Module) -> torch.Tensor:
+    """[input channels, outputs x kernel] weights of a Linear or an ungrouped conv."""
+    return layer.weight.data.transpose(0, 1).flatten(1)
+
+
+class ActivationImportance(tp.importance.GroupMagnitudeImportance):
+    """A channel's contribution to the layers that read it: the norm of their weights on it times its standard
+    deviation on training inputs (`stats`: layer -> per-input-channel mean and std). Data-aware and label-free;
+    with compensation (the mean stays, `compensate`) the spread is what removing the channel loses. Groups
+    that no measured layer reads fall back to weight magnitude."""
+
+    def __init__(self, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__(p=2, group_reduction="mean", normalizer="mean")
+        self.stats = stats
+
+    @torch.no_grad()
+    def __call__(self, group):
+        imps, roots = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer = dep.layer
+            if layer not in self.stats or not _reads_channels(layer, dep.pruning_fn):
+                continue
+            w = _channel_weights(layer)[idxs]
+            imps.append(w.norm(dim=1) * self.stats[layer][1][idxs])
+            roots.append(group[i].root_idxs)
+        if not imps:
+            return super().__call__(group)
+        return self._normalize(self._reduce(imps, roots), self.normalizer)
+
+
+def input_stats(model: nn.Module, train: Split, names: list[str], batches: int, batch_size: int
+                ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-input-channel mean and standard deviation of every Linear and conv over the first `batches` training
+    batches (convs: over batch and space; Linears: over every leading dimension)."""
+    sums: dict[nn.Module, list] = {}
+
+    def hook(m, args):
+        x = args[0].detach().double()
+        x = x.transpose(0, 1).flatten(1) if isinstance(m, nn.modules.conv._ConvNd) else x.reshape(-1, x.shape[-1]).T
+        s = sums.setdefault(m, [0.0, 0.0, 0])
+        s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + (x * x).sum(1), s[2] + x.shape[1]
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    order = [idx for idx in in_order(len(train), batch_size)[:batches] if len(idx) >= 1]
+    try:
+        with torch.no_grad():
+            for xs in training_batches(train, names, order):
+                model(*xs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for m, (a, b, n) in sums.items():
+        mean = a / n
+        out[m] = (mean.float(), (b / n - mean * mean).clamp_min(0).sqrt().float())
+    return out
+
+
+def compensate(group, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Before `group` is pruned: each layer that reads a removed channel gets that channel's mean contribution
+    (its weights on the channel, summed over the kernel, times the channel's mean on training inputs) added to
+    its bias, so the layer's average output stays. Returns the layers compensated."""
+    done = 0
+    with torch.no_grad():
+        for dep, idxs in group:
+            layer = dep.layer
+            if layer not in stats or not _reads_channels(layer, dep.pruning_fn) or not len(idxs):
+                continue
+            w = layer.weight.data.transpose(0, 1)[idxs]  # [removed, outputs, *kernel]
+            delta = (w.reshape(w.shape[0], w.shape[1], -1).sum(2) * stats[layer][0][idxs].to(w.dtype)[:, None]).sum(0)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(w.shape[1], dtype=w.dtype))
+            layer.bias.data += delta
+            done += 1
+    return done
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
@@ -282,6 +377,9 @@ def _check_prunable(cfg: PruneStage, modules: dict, attention: list, train: Spli
         raise RecipeError(f"stages.prune.ignore: no module named {', '.join(unknown)} (modules include: {sample})")
     if cfg.importance == "taylor" and (train is None or train.labels is None):
         raise RecipeError("stages.prune.importance 'taylor' needs labelled training data")
+    if cfg.importance == "activation" and (train is None or len(train) == 0):
+        raise RecipeError("stages.prune.importance 'activation' measures channels on training inputs and this "
+                          "recipe has none")
     if cfg.head_ratio > 0 and not attention:
         raise RecipeError("stages.prune.head_ratio: the model has no attention module edgebundle recognises "
                           "(a fused `qkv` Linear with `num_heads`, query/key/value Linears with "
@@ -298,10 +396,13 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
     # prune_head_dims is off, heads go whole).
     ratio_dict = ({p: max(cfg.ratio, 1e-6) for p in num_heads} if cfg.head_ratio > 0 and cfg.ratio == 0
                   else None)
+    data = train is not None and len(train) > 0
+    stats = input_stats(model, train, names, cfg.taylor_batches, batch_size) if data and (
+        cfg.compensate or cfg.importance == "activation") else {}
     pruner = tp.pruner.BasePruner(
         model,
         example[0] if len(example) == 1 else example,
-        importance=_importance(cfg.importance),
+        importance=_importance(cfg.importance, stats),
         pruning_ratio=cfg.ratio,
         iterative_steps=cfg.iterative_steps,
         global_pruning=cfg.global_pruning,
@@ -313,10 +414,18 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
         head_pruning_ratio=cfg.head_ratio,
         pruning_ratio_dict=ratio_dict,
     )
-    for _ in range(cfg.iterative_steps):
+    for step in range(cfg.iterative_steps):
         if cfg.importance == "taylor":
             _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
-        pruner.step()
+        if step and stats:  # channels moved: measure the pruned model again
+            stats.clear()
+            stats.update(input_stats(model, train, names, cfg.taylor_batches, batch_size))
+        for group in pruner.step(interactive=True):
+            if not cfg.shared and _readers(group) > 1:
+                continue  # a channel several layers read (a residual stream) stays
+            if cfg.compensate and stats:
+                compensate(group, stats)
+            group.prune()
         model.zero_grad(set_to_none=True)
     for a in attention:
         a.set_heads(pruner.num_heads[a.projections[0]])
