@@ -91,6 +91,8 @@ def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path
                       ["head ratio 0.25", "head ratio 0.5"], ["depth ratio 0.33", "depth ratio 0.5"]]
     fpgm = families(PruneStage(ratio="auto", importance="fpgm"), model, ex)
     assert not any(c.importance for f in fpgm for c in f)  # the recipe's own importance is not tried twice
+    act = families(PruneStage(ratio="auto", importance="activation"), model, ex)
+    assert not any(c.importance for f in act for c in f)  # a data-aware ranking stands alone
     assert Candidate(ratio=0.2, importance="fpgm").config(PruneStage(ratio="auto")).importance == "fpgm"
     assert Candidate(ratio=0.2).record() == {"ratio": 0.2, "head_ratio": 0.0, "depth_ratio": 0.0}
     x = torch.randint(0, 30, (3, 32))

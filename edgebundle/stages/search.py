@@ -71,8 +71,9 @@ def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]
     input's shape)."""
     ratios = sorted(set(cfg.search_ratios))
     out = [[Candidate(ratio=r) for r in ratios]]
-    if cfg.importance != "fpgm":  # which channels go matters as much as how many (EfficientNet-Lite1: magnitude
-        # at 5 % costs its confident crops, FPGM keeps 84 % of them): the geometric median's choice too
+    if cfg.importance in ("magnitude", "lamp"):  # which channels go matters as much as how many (EfficientNet-
+        # Lite1: magnitude at 5 % costs its confident crops, FPGM keeps 84 % of them): the geometric median's
+        # choice too, beside a weight-norm ranking (the data-aware ones, taylor and activation, stand alone)
         out.append([Candidate(ratio=r, importance="fpgm") for r in ratios])
     if attention_modules(model):
         out.append([Candidate(head_ratio=h) for h in HEAD_RATIOS])
