@@ -116,3 +116,33 @@ def test_patience_stops_after_epochs_without_a_better_score_and_keeps_the_best()
     assert seen == [("epoch", e, 30, b) for e, b in zip(range(1, 6), (1.0, 2.0, 3.0, 3.0, 3.0))]
     assert "patience" not in without_defaults(DistillStage(), "patience")
     assert without_defaults(DistillStage(patience=3), "patience")["patience"] == 3
+
+
+def test_batchnorm_statistics_stay_frozen_and_a_student_is_never_returned_worse_than_it_started(prepared):
+    """batchnorm frozen (auto's choice for a teacher that came with its weights): the running statistics the
+    student came with are kept while it learns (train, auto's choice where the recipe trained the teacher:
+    updated from the batches). And the weights distillation started from are a checkpoint: an lr that
+    only makes things worse returns the starting student (best_epoch -1)."""
+    r = prepared.recipe
+    ds, names = prepared.dataset, prepared.input_names
+    cpu = torch.device("cpu")
+
+    def stats(m):
+        return [b.running_mean.clone() for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+
+    pruned_art = next(a for a in prepared.lineage if a.stage == "prune")
+    for mode in ("frozen", "train"):
+        student = load_structured(r.model, r.base_dir, pruned_art.folder)  # not distilled yet: an epoch helps
+        before = stats(student)
+        cfg = r.stages.distill.model_copy(update={"epochs": 1, "batchnorm": mode})
+        fit = distill(student, prepared.load_teacher(), ds.train, ds.val, names, cfg, seed=0, device=cpu)
+        assert fit.best_epoch == 0, mode
+        same = all(torch.equal(a, b) for a, b in zip(before, stats(student)))
+        assert same == (mode == "frozen"), mode
+
+    student = prepared.load_student()
+    start = accuracy(predict(student, ds.val, names), ds.val.labels)
+    cfg = r.stages.distill.model_copy(update={"epochs": 2, "lr": 50.0})
+    fit = distill(student, prepared.load_teacher(), ds.train, ds.val, names, cfg, seed=0, device=cpu)
+    assert max(fit.history) < start and fit.best_epoch == -1 and fit.best_val_accuracy == start
+    assert accuracy(predict(student, ds.val, names), ds.val.labels) == start

@@ -64,7 +64,8 @@ class Distill(StageBase):
             return {"skipped": "the student is the original model (the structure search pruned nothing)"}
         metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         fit = distill(s_model, t_model, ds.distill_train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
-                      device=ctx.device, metric=metric, specs=recipe.inputs)
+                      device=ctx.device, metric=metric, specs=recipe.inputs,
+                      pretrained=not teacher.metrics.get("trained"))
         s_model = s_model.cpu().eval()
         save_structured(s_model, folder)
         macs, params = count(s_model, ctx.example)

@@ -191,7 +191,8 @@ class Search(StageBase):
                 short = d.model_copy(update={"epochs": recipe.stages.prune.search_epochs, "patience": None})
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
                     fit = distill(student, teacher, ds.distill_train, ds.val, ctx.names, short, seed=recipe.seed,
-                                  device=ctx.device, metric=metric, specs=recipe.inputs)
+                                  device=ctx.device, metric=metric, specs=recipe.inputs,
+                                  pretrained=not ctx.artifacts["teacher"].metrics.get("trained"))
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
             student = student.cpu().eval()
         facts.update(pricer.price(student))

@@ -111,9 +111,11 @@ def _fit(
     score: tuple[str, Callable[[nn.Module], float]] | None = None,
     patience: int | None = None,
     view: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
+    keep_start: bool = False, freeze_bn: bool = False,
 ) -> FitResult:
-    """Train `model` for up to `epochs`, keeping the checkpoint with the best validation score; with `patience`,
-    stop once that many epochs in a row did not beat it. Each epoch is reported (core.progress)."""
+    """Train `model` for up to `epochs`, keeping the best checkpoint on validation (`keep_start`: the starting
+    weights are one, best_epoch -1); `patience` stops after that many epochs without a better one; `freeze_bn`
+    keeps BatchNorm statistics. Each epoch is reported (core.progress)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
@@ -126,10 +128,10 @@ def _fit(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * max(1, (per_epoch + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    best = (-1.0, 0, None)
+    best = (score[1](model), -1, copy.deepcopy(model.state_dict())) if keep_start else (-1.0, 0, None)
     history = []
     for epoch in range(epochs):
-        model.train()
+        _train_mode(model, freeze_bn)
         if sampler is not None:
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), device=device)
@@ -151,6 +153,15 @@ def _fit(
     model.eval()
     return FitResult(best_val_accuracy=best[0], best_epoch=best[1], epochs=len(history), history=history,
                      metric=score[0])
+
+
+def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode, with BatchNorm layers left in eval mode (their running statistics kept) where asked."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _steps(net: nn.Module, train: Split, names: list[str], plan: list[torch.Tensor], loss_fn, ys, opt, sched,
@@ -203,8 +214,9 @@ def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
 
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
             cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True,
-            metric: str | None = None, specs: list[InputSpec] | None = None) -> FitResult:
-    """Knowledge distillation from a frozen teacher; its outputs are computed once up front.
+            metric: str | None = None, specs: list[InputSpec] | None = None, pretrained: bool = False) -> FitResult:
+    """Knowledge distillation from a frozen teacher; its outputs are computed once up front. `pretrained`: the
+    teacher came with its weights (batchnorm auto keeps their statistics then).
 
     The loss follows `distill_loss_for` (no labels needed except for the CE term of kl); the best checkpoint
     is the one with the best validation score in the same terms: accuracy on labels (kl with labels),
@@ -244,7 +256,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     try:
         return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                     weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
-                    ddp=ddp, score=(name, lambda m: val_score(student)), patience=cfg.patience, view=view)
+                    ddp=ddp, score=(name, lambda m: val_score(student)), patience=cfg.patience, view=view,
+                    keep_start=True, freeze_bn=cfg.batchnorm == "frozen" or (cfg.batchnorm == "auto" and pretrained))
     finally:
         if hidden is not None:
             hidden.close()
