@@ -118,12 +118,14 @@ def test_head_ratio_needs_attention():
 
 def test_hidden_state_distillation_brings_blocks_closer(tmp_path):
     """Head-only pruning keeps the widths, so block outputs compare directly: the hidden-state term must
-    bring the student's encoder layers closer to the teacher's than logit distillation alone."""
+    bring the student's encoder layers closer to the teacher's than logit distillation alone. Pruned without
+    compensation, so that both students have ground to make up (compensated, the pruned student's blocks start
+    so close that logit distillation keeps its starting weights)."""
     base = load_recipe("examples/encoder.yaml")
     distances = []
     for weight in (0.0, 10.0):
         st = base.stages.model_copy(update={
-            "prune": base.stages.prune.model_copy(update={"ratio": 0.0, "head_ratio": 0.5}),
+            "prune": base.stages.prune.model_copy(update={"ratio": 0.0, "head_ratio": 0.5, "compensate": False}),
             "distill": base.stages.distill.model_copy(update={"epochs": 10, "hidden_weight": weight})})
         prep = prepare(base.model_copy(update={"stages": st}), work=tmp_path / "work")
         lin = {a.stage: a for a in prep.lineage}
