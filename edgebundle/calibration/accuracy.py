@@ -92,11 +92,12 @@ def _r(x: float | None) -> float | None:
 def budget_record(v: Verdict) -> dict[str, Any]:
     """The manifest's `accuracy_budget` for a model as quantized, before any layer is kept in float.
     `drop_*` is the verdict's loss: points below fp32 (top1, agreement, functions), 1 - min cosine,
-    minus the SNR in dB, or the MSE."""
+    minus the SNR in dB, or the MSE. On a slice that judges nothing, `not_steered` says why nothing steers."""
     return {"metric": v.metric, "split": "val", "budget": v.budget,
             "max_drop": v.max_drop, "value_full_int8": _r6(v.value),
             "drop_full_int8": _r6(v.loss), "attempts": [], "excluded_nodes": [], "value_reached": _r6(v.value),
-            "drop_reached": _r6(v.loss), "within_budget": v.within, "judged_samples": v.samples}
+            "drop_reached": _r6(v.loss), "within_budget": v.within, "judged_samples": v.samples,
+            **({"not_steered": not_steered(v)} if v.judged_nothing else {})}
 
 
 def not_steered(v: Verdict) -> str:
@@ -168,8 +169,6 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     v = contract.judge(ref, outputs(out), split.labels)
     info = budget_record(v)
     result["accuracy_budget"] = info
-    if v.judged_nothing:
-        info["not_steered"] = not_steered(v)
     if v.within or not control or v.judged_nothing:
         return result
     full_ms = p50_ms(out) if p50_ms else None
@@ -179,7 +178,7 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     keep_float_until_within(ranked, quantize, lambda: contract.judge(ref, outputs(out), split.labels), v, info,
                             price=(lambda: p50_ms(out)) if p50_ms else None)
     if p50_ms:
-        kept_ms = p50_ms(out)
+        kept_ms = info["attempts"][-1]["p50_ms"] if info["attempts"] else full_ms  # the last attempt's, timed
         info["latency_cost"] = {"p50_full_int8_ms": full_ms, "p50_with_float_layers_ms": kept_ms,
                                 "ratio": kept_ms / full_ms}
     return result

@@ -161,23 +161,21 @@ def input_stats(model: nn.Module, train: Split, names: list[str], batches: int, 
     return out
 
 
-def compensate(group, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> int:
+def compensate(group, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Before `group` is pruned: each layer that reads a removed channel gets that channel's mean contribution
     (its weights on the channel, summed over the kernel, times the channel's mean on training inputs) added to
-    its bias, so the layer's average output stays. Returns the layers compensated."""
-    done = 0
+    its bias, so the layer's average output stays."""
     with torch.no_grad():
         for dep, idxs in group:
             layer = dep.layer
             if layer not in stats or not _reads_channels(layer, dep.pruning_fn) or not len(idxs):
                 continue
-            w = layer.weight.data.transpose(0, 1)[idxs]  # [removed, outputs, *kernel]
-            delta = (w.reshape(w.shape[0], w.shape[1], -1).sum(2) * stats[layer][0][idxs].to(w.dtype)[:, None]).sum(0)
+            outputs = layer.weight.shape[0]
+            w = _channel_weights(layer)[idxs].reshape(len(idxs), outputs, -1).sum(2)  # [removed, outputs]
+            delta = (w * stats[layer][0][idxs].to(w.dtype)[:, None]).sum(0)
             if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(w.shape[1], dtype=w.dtype))
+                layer.bias = nn.Parameter(torch.zeros(outputs, dtype=w.dtype))
             layer.bias.data += delta
-            done += 1
-    return done
 
 
 def _widths(model: nn.Module) -> dict[str, int]:

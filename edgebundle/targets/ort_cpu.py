@@ -353,7 +353,7 @@ class OrtCpuTarget(TargetBase):
         (quantized alone, on up to 32 validation samples), and the 1, 2, 3, ... (beyond 8: doubling) most
         damaging stay float until the budget holds: on all-MiniLM-L6-v2 int8 everywhere reached cosine min
         0.982 and four MatMuls kept float reached 0.991."""
-        from edgebundle.calibration.accuracy import budget_record, keep_float_until_within, not_steered
+        from edgebundle.calibration.accuracy import budget_record, keep_float_until_within
 
         def quantize(path: Path, src: Path = pre, **nodes) -> None:
             _dynamic_quantize(src, path, opt, reduce_range, **nodes)
@@ -364,8 +364,6 @@ class OrtCpuTarget(TargetBase):
         ref = val_outputs(pre, ctx)
         v = contract.judge(ref, val_outputs(out, ctx), val.labels)
         info = budget_record(v)
-        if v.judged_nothing:
-            info["not_steered"] = not_steered(v)
         if v.within or not opt.accuracy_control or v.judged_nothing:
             return {"accuracy_budget": info, **smoothing}
         part = ctx.val_head(32)
