@@ -212,3 +212,65 @@ def test_shared_false_keeps_the_channels_several_layers_read():
     assert model.stem[0].out_channels == 16 and model.body[3].out_channels == 16
     assert model.body[0].out_channels == 8
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+class _WideHidden(torch.nn.Module):
+    """A residual block whose 8-channel stream every layer reads and whose 64 hidden channels one conv reads, with
+    BatchNorm statistics that are not the identity (as a pretrained model's are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(64, 8, 1), torch.nn.BatchNorm2d(8))
+        self.head = torch.nn.Linear(8, 10)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(torch.relu(h + self.body(h)).mean((2, 3)))
+
+
+def test_round_to_auto_with_shared_false_looks_at_the_layers_it_prunes():
+    """The 8-channel stream would keep 5 channels if it were pruned (no rounding); with shared: false only the
+    64 hidden channels are, so auto rounds them to 16."""
+    rep = prune(_WideHidden().eval(), PruneStage(ratio=0.3), EXAMPLE, train=_train_split(), names=["image"])
+    assert rep.round_to is None
+    model = _WideHidden().eval()
+    rep = prune(model, PruneStage(ratio=0.3, shared=False), EXAMPLE, train=_train_split(), names=["image"])
+    assert rep.round_to == 16
+    assert model.body[0].out_channels < 64 and model.body[0].out_channels % 16 == 0
+    assert model.stem[0].out_channels == 8
+
+
+def test_recentring_keeps_the_moments_of_the_batchnorms_after_pruned_channels():
+    """Pruning half the hidden channels moves the input of the stream's BatchNorm; re-centred, that BatchNorm's
+    output keeps the original model's per-channel mean and variance on the training inputs (its statistics are
+    the original ones, shifted and scaled), where without it they move. The hidden BatchNorm keeps the original
+    statistics of the channels it kept."""
+    train = _train_split()
+    x = torch.from_numpy(train.inputs["image"][:128])
+
+    def moments(model):
+        out = {}
+        h = model.body[4].register_forward_hook(lambda m, a, o: out.update(mu=o.mean((0, 2, 3)), v=o.var((0, 2, 3))))
+        with torch.no_grad():
+            model(x)
+        h.remove()
+        return out["mu"], out["v"]
+
+    mu0, v0 = moments(_WideHidden().eval())
+    err = {}
+    for rec in (False, True):
+        model = _WideHidden().eval()
+        rep = prune(model, PruneStage(ratio=0.5, shared=False, round_to=None, compensate=False, recenter=rec,
+                                      importance="activation"), EXAMPLE, train=train, names=["image"])
+        assert model.body[0].out_channels == 32 and rep.recentred == (3 if rec else 0)
+        mu, v = moments(model)
+        err[rec] = float(max((mu - mu0).abs().max(), ((v / v0) - 1).abs().max()))
+    assert err[True] < 0.02 < err[False] / 10, err  # (variance: up to BatchNorm's eps)

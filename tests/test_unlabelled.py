@@ -183,3 +183,28 @@ def test_bad_unlabelled_inputs_are_one_line_each(tmp_path):
              "data": {"kind": "images", "path": "photos", "unlabelled": unlabelled}}
         with pytest.raises(DataError, match=message):
             load_dataset(recipe_from_dict(d, base_dir=tmp_path))
+
+
+def test_a_data_function_takes_its_unlabelled_inputs_from_a_function_of_its_own(tmp_path):
+    """kind function: data.unlabelled.function yields batches as data.function does, with its own groups (a
+    share of them held out); a path there, or a function for an image folder, is one line."""
+    import shutil
+
+    from crops import __file__ as crops_file
+
+    shutil.copy(crops_file, tmp_path / "crops.py")
+    d = _recipe(tmp_path, kind="function", function="crops.py:data", kwargs={"n": 96},
+                unlabelled={"function": "crops.py:data", "kwargs": {"n": 64, "seed": 7}, "held_out": 0.25})
+    for key in ("path", "image", "group_by"):
+        d["data"].pop(key)
+    ds = load_dataset(recipe_from_dict(d, base_dir=tmp_path))
+    assert len(ds.unlabelled) + len(ds.held_out) == 64
+    seen, held = set(ds.unlabelled.groups.tolist()), set(ds.held_out.groups.tolist())
+    assert len(held) == 4 and not (seen & held)  # a quarter of the function's 16 sources
+    assert len(ds.distill_train) == len(ds.train) + len(ds.unlabelled)
+    d["data"]["unlabelled"] = {"path": "more"}
+    with pytest.raises(RecipeError, match="kind 'function' takes unlabelled.function"):
+        recipe_from_dict(d, base_dir=tmp_path)
+    d = _recipe(tmp_path, unlabelled={"function": "crops.py:data"})
+    with pytest.raises(RecipeError, match="kind 'function' takes unlabelled.function"):
+        recipe_from_dict(d, base_dir=tmp_path)

@@ -124,9 +124,14 @@ def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
     spec, u = recipe.data, recipe.data.unlabelled
     if u is None:
         return None
-    path = recipe.resolve(u.path)
     by = u.group_by if u.group_by != "auto" else spec.group_by
-    if spec.kind == "images":
+    path = recipe.resolve(u.path) if u.path is not None else u.function
+    if spec.kind == "function":
+        inputs, _, groups = _function(u.function, recipe.inputs, recipe.base_dir, u.kwargs, recipe.limits.user_code_s)
+        inputs = check_inputs(inputs, recipe.inputs, what="data.unlabelled")
+        groups = groups if groups is not None and by != "none" else np.arange(len(next(iter(inputs.values()))))
+        fp = hashlib.sha256(b"".join(np.ascontiguousarray(inputs[k]).tobytes() for k in sorted(inputs))).hexdigest()
+    elif spec.kind == "images":
         x, _, _ = sources.read_images(path, spec.image or ImageSpec(), recipe.inputs[0], _hf_folder(recipe), "auto")
         inputs: dict[str, Any] = {recipe.inputs[0].name: x}
         groups = sources.image_groups(path, "folder" if by == "folder" else "auto")

