@@ -217,8 +217,9 @@ def _summary(rows: list[dict], peak: float) -> str:
             acc += f"; pruned student vs unpruned: cosine min {svt['cosine_min']:.3f}, mean {svt['cosine_mean']:.3f}"
             if svt.get("held_out"):
                 h = svt["held_out"]
-                acc += (f"; on {h['inputs']} held-out inputs of data.unlabelled: cosine min {h['cosine_min']:.3f}, "
-                        f"mean {h['cosine_mean']:.3f}")
+                acc += (f"; on {h['inputs']} held-out inputs ({h.get('groups', '?')} groups) of data.unlabelled: "
+                        f"cosine min {h['cosine_min']:.3f}, mean {h['cosine_mean']:.3f}"
+                        + (f", top-1 agreement {h['top1_agreement']:.1f} %" if "top1_agreement" in h else ""))
         t = r.get("timing")
         p50 = "—" if t is None else f"{t['p50_ms']:.2f} ({t['iqr_ms'][0]:.2f}–{t['iqr_ms'][1]:.2f})"
         x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
@@ -317,6 +318,10 @@ def main(argv: list[str] | None = None) -> None:
 
                 sys.path.insert(0, str(EXAMPLES))
                 __import__("minilm").export_folder(EXAMPLES)
+            if name == "efficientnet_lite_search" and not (EXAMPLES / "photo-corpus").is_dir():
+                from bench.corpus import build  # the photos it distils from (data.unlabelled)
+
+                build(EXAMPLES / "photo-corpus")
             recipe = load_recipe(EXAMPLES / f"{name}.yaml")
             t0 = time.perf_counter()
             started: dict[str, float] = {}
