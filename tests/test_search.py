@@ -42,6 +42,9 @@ def test_the_search_keeps_a_structure_that_holds_and_refuses_one_that_does_not(d
     assert rows["unpruned"]["within"]
     assert rows["ratio 0.25"]["within"] and rows["ratio 0.25"]["macs_ratio"] < 0.7
     assert not rows["ratio 0.8"]["within"] and rows["ratio 0.8"]["status"] == "over budget"
+    # its fp32 student already misses the budget: no int8 build spends minutes on it (nothing timed)
+    assert rows["ratio 0.8"]["fp32_over"] and "speedup" not in rows["ratio 0.8"]
+    assert "speedup" in rows["ratio 0.25"]
     assert "ratio 0.9" not in rows  # a family stops at its first candidate over budget
     assert "ratio 0.25, importance fpgm" in rows  # the channels FPGM picks: a family of its own
     assert search["chosen"]["ratio"] in (0.0, 0.25)  # 0.25 when its speed-up is resolved, else unpruned

@@ -77,6 +77,13 @@ class TargetPricer:
         return sess, (verdict, built)
 
     def price(self, model: nn.Module) -> dict[str, Any]:
+        fp32 = self.contract.judge(self.original, judged_output(model, self.ctx.dataset.val, self.ctx.recipe),
+                                   self.ctx.dataset.val.labels)
+        if not fp32.within:
+            # int8 cannot win back what the fp32 student lost: no int8 build (accuracy control and QAT would
+            # spend minutes keeping layers float for a budget already missed), no timing
+            return {"within": False, "value": round(float(fp32.value), 6), "line": fp32.line(),
+                    "summary": f"fp32 student {verdict_summary(fp32)}", "fp32_over": True}
         sess, (verdict, built) = self._open(model)
         try:
             base_ms = float(np.median(time_block(lambda: self.base.run(self.feeds), 5)))
