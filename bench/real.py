@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.path.insert(0, str(EXAMPLES))
                 __import__("minilm").export_folder(EXAMPLES)
             if name == "efficientnet_lite_search" and not (EXAMPLES / "photo-corpus").is_dir():
-                from bench.corpus import build  # the photos it distils from (data.unlabelled)
+                from bench.corpus import build  # its data: crops of these photos beside the example's 8
 
                 build(EXAMPLES / "photo-corpus")
             recipe = load_recipe(EXAMPLES / f"{name}.yaml")

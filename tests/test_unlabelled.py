@@ -208,3 +208,40 @@ def test_a_data_function_takes_its_unlabelled_inputs_from_a_function_of_its_own(
     d = _recipe(tmp_path, unlabelled={"function": "crops.py:data"})
     with pytest.raises(RecipeError, match="kind 'function' takes unlabelled.function"):
         recipe_from_dict(d, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("ref, pattern", [
+    ("bad.py:boom", r"data\.unlabelled\.function bad\.py:boom failed: ValueError: broken source"),
+    ("bad.py:wrong_keys", r"data\.unlabelled\.function batch has no 'image'"),
+    ("bad.py:missing", r"data\.unlabelled\.function"),
+])
+def test_a_broken_unlabelled_function_is_one_line_and_exit_2(tmp_path, ref, pattern):
+    """A data.unlabelled.function that raises, yields the wrong keys or is not there: one error line naming
+    data.unlabelled.function, exit 2, no bundle."""
+    import re
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from crops import __file__ as crops_file
+    from edgebundle.cli import app
+
+    shutil.copy(crops_file, tmp_path / "crops.py")
+    (tmp_path / "bad.py").write_text(
+        "import numpy as np\n\n"
+        "def boom():\n    raise ValueError('broken source')\n\n"
+        "def wrong_keys():\n    yield {'x': np.zeros((4, 3, 24, 24), np.float32)}\n")
+    d = _recipe(tmp_path, kind="function", function="crops.py:data", kwargs={"n": 96},
+                unlabelled={"function": ref})
+    for key in ("path", "image", "group_by"):
+        d["data"].pop(key)
+    d["output"] = str(tmp_path / "out")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml")])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.output, res.output
+    assert re.search(pattern, lines[0]), lines[0]
+    out = tmp_path / "out"
+    assert not out.exists() or {p.name for p in out.iterdir()} <= {".work", ".locks"}

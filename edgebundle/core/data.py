@@ -115,6 +115,10 @@ def joined_rows(a, b) -> LazyRows:
     return LazyRows(make, tuple(a.shape[1:]), a.dtype, np.arange(na + len(b)), fp)
 
 
+def _inputs_fingerprint(inputs: dict[str, np.ndarray]) -> str:
+    return hashlib.sha256(b"".join(np.ascontiguousarray(inputs[k]).tobytes() for k in sorted(inputs))).hexdigest()
+
+
 def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
     """data.unlabelled as (the part distillation sees, the held-out part, its fingerprint): the held-out part is a
     seeded share of its groups (files or folders, text rows or documents)."""
@@ -127,10 +131,11 @@ def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
     by = u.group_by if u.group_by != "auto" else spec.group_by
     path = recipe.resolve(u.path) if u.path is not None else u.function
     if spec.kind == "function":
-        inputs, _, groups = _function(u.function, recipe.inputs, recipe.base_dir, u.kwargs, recipe.limits.user_code_s)
+        inputs, _, groups = _function(u.function, recipe.inputs, recipe.base_dir, u.kwargs, recipe.limits.user_code_s,
+                                      what="data.unlabelled.function")
         inputs = check_inputs(inputs, recipe.inputs, what="data.unlabelled")
         groups = groups if groups is not None and by != "none" else np.arange(len(next(iter(inputs.values()))))
-        fp = hashlib.sha256(b"".join(np.ascontiguousarray(inputs[k]).tobytes() for k in sorted(inputs))).hexdigest()
+        fp = _inputs_fingerprint(inputs)
     elif spec.kind == "images":
         x, _, _ = sources.read_images(path, spec.image or ImageSpec(), recipe.inputs[0], _hf_folder(recipe), "auto")
         inputs: dict[str, Any] = {recipe.inputs[0].name: x}
@@ -142,7 +147,7 @@ def _unlabelled(recipe: Recipe) -> tuple[Split, Split | None, str] | None:
         inputs = check_inputs(inputs, recipe.inputs, what="data.unlabelled")
         n = len(next(iter(inputs.values())))
         groups = sources.text_groups(path, text) if by == "document" else np.arange(n).astype(str)
-        fp = hashlib.sha256(b"".join(np.ascontiguousarray(inputs[k]).tobytes() for k in sorted(inputs))).hexdigest()
+        fp = _inputs_fingerprint(inputs)
     whole = Split(inputs, None, np.asarray(groups))
     uniq = np.unique(whole.groups)
     rng = np.random.default_rng(recipe.data.seed + 1)
@@ -284,13 +289,15 @@ def _folder(path: Path, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], 
 
 
 def _function(ref: str, specs: list[InputSpec], base_dir: Path, kwargs: dict | None = None,
-              timeout_s: float | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
-    fn = import_object(ref, base_dir=base_dir, what="data.function", timeout_s=timeout_s)
-    with time_limit(timeout_s, f"data.function {ref}"):
-        return _read_batches(fn, ref, specs, kwargs)
+              timeout_s: float | None = None, what: str = "data.function"
+              ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """`what`: the recipe field errors name (data.function, data.unlabelled.function)."""
+    fn = import_object(ref, base_dir=base_dir, what=what, timeout_s=timeout_s)
+    with time_limit(timeout_s, f"{what} {ref}"):
+        return _read_batches(fn, ref, specs, kwargs, what)
 
 
-def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
+def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None, what: str = "data.function"
                   ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
     names = [s.name for s in specs]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
@@ -299,9 +306,9 @@ def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
     try:
         batches = iter(fn(**(kwargs or {})))
     except TypeError as e:
-        raise DataError(f"data.function {ref} cannot be called with {kwargs or 'no arguments'}: {e}") from e
+        raise DataError(f"{what} {ref} cannot be called with {kwargs or 'no arguments'}: {e}") from e
     except (Exception, SystemExit) as e:  # user code: any failure is the data's, in one line
-        raise DataError(f"data.function {ref} failed: {_what(e)}") from e
+        raise DataError(f"{what} {ref} failed: {_what(e)}") from e
     i = 0
     while True:
         try:
@@ -309,12 +316,12 @@ def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
         except StopIteration:
             break
         except (Exception, SystemExit) as e:  # a generator that raises midway
-            raise DataError(f"data.function {ref} failed after {i} batch(es): {_what(e)}") from e
+            raise DataError(f"{what} {ref} failed after {i} batch(es): {_what(e)}") from e
         i += 1
         if isinstance(batch, dict):
             for n in names:
                 if n not in batch:
-                    raise DataError(f"data.function batch has no '{n}' (keys: {', '.join(batch)})")
+                    raise DataError(f"{what} batch has no '{n}' (keys: {', '.join(batch)})")
                 parts[n].append(np.asarray(batch[n]))
             lab = next((batch[k] for k in LABEL_KEYS if k in batch), None)
             grp = next((batch[k] for k in GROUP_KEYS if k in batch), None)
@@ -327,13 +334,13 @@ def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None
             parts[names[0]].append(np.asarray(batch))
             lab = None
         else:
-            raise DataError("data.function must yield dicts keyed by input name for multi-input models")
+            raise DataError(f"{what} must yield dicts keyed by input name for multi-input models")
         if lab is not None:
             labels.append(np.asarray(lab))
     if not parts[names[0]]:
-        raise DataError(f"data.function {ref} yielded no batches")
-    inputs, y = _joined(parts, labels, f"data.function {ref}", "batch")
-    return inputs, y, _joined_groups(groups, parts, f"data.function {ref}", "batch")
+        raise DataError(f"{what} {ref} yielded no batches")
+    inputs, y = _joined(parts, labels, f"{what} {ref}", "batch")
+    return inputs, y, _joined_groups(groups, parts, f"{what} {ref}", "batch")
 
 
 def _what(e: BaseException) -> str:

@@ -54,8 +54,10 @@ class Pricer(Protocol):
 
     target: str
 
-    def price(self, model: nn.Module) -> dict[str, Any]:
-        """{'within', 'value', 'line', 'summary', 'speedup', 'speedup_ci95', 'p50_ms', 'base_p50_ms', 'precision'}."""
+    def price(self, model: nn.Module, check_fp32: bool = True) -> dict[str, Any]:
+        """{'within', 'value', 'line', 'summary', 'speedup', 'speedup_ci95', 'p50_ms', 'base_p50_ms', 'precision'};
+        `check_fp32`: a model whose fp32 outputs miss the budget is over budget without an int8 build
+        ({'within', 'value', 'line', 'summary', 'fp32_over'}); off for the unpruned model (the reference)."""
 
     def close(self) -> None: ...
 

@@ -199,8 +199,8 @@ class Recentring:
     its running statistics. While Torch-Pruning removes channels: which of the original channels each keeps.
     After (`apply`): one forward pass in which each BatchNorm, in order, takes statistics that standardize its
     moved input as the original ones standardized the original input (same output mean and variance on these
-    inputs; upstream layers already corrected). Pretrained statistics stay where pruning did not move them; re-estimating them from a few
-    training inputs instead loses what the original data taught them."""
+    inputs; upstream layers already corrected). Pretrained statistics stay where pruning did not move them;
+    re-estimating them from a few training inputs instead loses what the original data taught them."""
 
     def __init__(self, model: nn.Module, xs: list[torch.Tensor]) -> None:
         self.xs, self.layers = xs, _batchnorms(model)
@@ -299,13 +299,12 @@ def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[s
 SIMD_ROUNDS = (16, 8)
 
 
-def resolve_round_to(cfg: PruneStage, widths: dict[str, int] | list[int], ignored: list[str] = ()) -> int | None:
+def resolve_round_to(cfg: PruneStage, widths: dict[str, int], ignored: list[str]) -> int | None:
     """`round_to: auto` is 16 when every prunable layer keeps at least 16 channels after pruning, else 8 when
     every one keeps at least 8 (so rounding down never empties a layer), else no rounding."""
     if cfg.round_to != "auto":
         return cfg.round_to
-    ws = widths if isinstance(widths, list) else [w for n, w in widths.items() if n not in ignored]
-    kept = [w * (1 - cfg.ratio) for w in ws]
+    kept = [w * (1 - cfg.ratio) for n, w in widths.items() if n not in ignored]
     return next((r for r in SIMD_ROUNDS if kept and min(kept) >= r), None)
 
 

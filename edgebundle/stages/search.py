@@ -195,7 +195,7 @@ class Search(StageBase):
                                   pretrained=not ctx.artifacts["teacher"].metrics.get("trained"))
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
             student = student.cpu().eval()
-        facts.update(pricer.price(student))
+        facts.update(pricer.price(student, check_fp32=cand != Candidate()))
         facts["status"] = "within budget" if facts.get("within") else "over budget"
         return facts
 

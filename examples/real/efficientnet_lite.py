@@ -120,6 +120,11 @@ def _corpus(folder, max_side=480):
     return out
 
 
+def _all_photos(corpus):
+    """The 8 photos, then ``corpus``'s (a folder, or None)."""
+    return _load_photos() + (_corpus(corpus) if corpus else [])
+
+
 def _crops(imgs, n, batch_size, size, seed):
     rng = np.random.default_rng(seed)
     for start in range(0, n, batch_size):
@@ -133,13 +138,13 @@ def photos(n=600, batch_size=50, size=IMAGE_SIZE, seed=0, corpus=None):
     Crops cycle through the photos so each one is used equally often; ``corpus`` (a folder) adds its photos
     after the 8.
     """
-    yield from _crops(_load_photos() + (_corpus(corpus) if corpus else []), n, batch_size, size, seed)
+    yield from _crops(_all_photos(corpus), n, batch_size, size, seed)
 
 
 def data(n=600, seed=0, groups=True, corpus=None):
     """``n`` crops in batches of 50, as ``{"image": (50, 3, 240, 240) float32, "group": (50,) photo index}``
     (crops cycle through the photos: crop i is of photo i % the number of photos: the 8, then ``corpus``'s)."""
-    imgs = _load_photos() + (_corpus(corpus) if corpus else [])
+    imgs = _all_photos(corpus)
     for start, batch in zip(range(0, n, 50), _crops(imgs, n, 50, IMAGE_SIZE, seed)):
         photo = np.arange(start, start + len(batch)) % len(imgs)
         yield {"image": batch, **({"group": photo} if groups else {})}
