@@ -213,7 +213,7 @@ def bert_mini(num_classes: int = 2, max_len: int = 512) -> TinyEncoder:
     return TinyEncoder(vocab=30522, dim=256, heads=4, layers=4, mlp=1024, max_len=max_len, num_classes=num_classes)
 
 
-def token_task(n: int = 1200, seq: int = 32, vocab: int = 32, seed: int = 0):
+def token_task(n: int = 2400, seq: int = 32, vocab: int = 32, seed: int = 0):
     """A synthetic sequence task an encoder learns in seconds: is token 1 more frequent than token 2?
     Yields one batch: {"input_ids": int64 [n, seq], "labels": int64 [n]}."""
     import numpy as np

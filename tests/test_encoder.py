@@ -125,7 +125,7 @@ def test_hidden_state_distillation_brings_blocks_closer(tmp_path):
     distances = []
     for weight in (0.0, 10.0):
         st = base.stages.model_copy(update={
-            "prune": base.stages.prune.model_copy(update={"ratio": 0.0, "head_ratio": 0.5, "compensate": False}),
+            "prune": base.stages.prune.model_copy(update={"ratio": 0.0, "head_ratio": 0.5, "compensate": "none"}),
             "distill": base.stages.distill.model_copy(update={"epochs": 10, "hidden_weight": weight})})
         prep = prepare(base.model_copy(update={"stages": st}), work=tmp_path / "work")
         lin = {a.stage: a for a in prep.lineage}

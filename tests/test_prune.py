@@ -181,12 +181,33 @@ def test_compensation_keeps_the_mean_output_of_the_layers_that_read_pruned_chann
     x = torch.from_numpy(train.inputs["image"])
     ref = _Hidden().eval()(x).mean(0)
     shifts = {}
-    for comp in (False, True):
+    for comp in ("none", "mean", "least_squares"):
         model = _Hidden().eval()
         prune(model, PruneStage(ratio=0.5, round_to=None, compensate=comp), EXAMPLE, train=train, names=["image"])
         assert model.fc1.out_features == 16
         shifts[comp] = float((model(x).detach().mean(0) - ref).abs().max())
-    assert shifts[True] < 1e-3 < shifts[False] / 100, shifts
+    assert max(shifts["mean"], shifts["least_squares"]) < 1e-3 < shifts["none"] / 100, shifts
+
+
+def test_least_squares_refits_the_reader_so_kept_channels_carry_what_correlated_removed_ones_did():
+    """Half the hidden units are copies of the other half at a quarter of the weight (ReLU keeps the factor):
+    activation importance removes the copies (and the constant units). Mean compensation keeps only their average; the least-squares refit of the layer that
+    reads them gives their share to the units they copy, so outputs on other inputs stay (up to the ridge)."""
+    train = _train_split()
+    x = torch.from_numpy(_train_split(64).inputs["image"] * 2)  # other inputs than those measured
+    errors = {}
+    for comp in ("mean", "least_squares"):
+        model = _Hidden().eval()
+        with torch.no_grad():
+            model.fc1.weight[:16] = model.fc1.weight[16:] / 4
+            model.fc1.bias[:16] = model.fc1.bias[16:] / 4
+            model.fc2.weight[:, :16] = model.fc2.weight[:, 16:]
+        ref = model(x)
+        prune(model, PruneStage(ratio=0.5, round_to=None, importance="activation", compensate=comp), EXAMPLE,
+              train=train, names=["image"])
+        assert model.fc1.out_features == 16
+        errors[comp] = float((model(x) - ref).abs().max() / ref.abs().max())
+    assert errors["least_squares"] < 0.01 < errors["mean"], errors
 
 
 def test_activation_importance_removes_what_contributes_least_and_nothing_is_lost():

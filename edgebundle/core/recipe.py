@@ -264,10 +264,21 @@ class PruneStage(Strict):
         "false prunes only channels one layer reads (the hidden channels of MBConv or FFN blocks). EfficientNet-"
         "Lite1, activation importance, compensated, before any distillation: 10 % of every channel kept 9 of 21 "
         "confident unseen crops, 10 % of the unshared ones 19 (20 %: 0 and 8)"))
-    compensate: bool = Field(True, description=(
-        "where training inputs exist, a removed channel's mean on them is added to the bias of each layer that "
-        "read it (what it contributed on average stays; uncompensated, the ReLU6 channels EfficientNet loses "
-        "shift its blocks by up to 5 standard deviations)"))
+    compensate: Literal["least_squares", "mean", "none"] = Field("least_squares", description=(
+        "where training inputs exist, what a removed channel gave the layers that read it is given back. mean: "
+        "its mean contribution goes into each reader's bias (uncompensated, the ReLU6 channels EfficientNet "
+        "loses shift its blocks by up to 5 standard deviations). least_squares (default): a reader that mixes "
+        "channels per position (a Linear, a 1x1 conv) is refitted, its weights on the kept channels and its bias "
+        "the least-squares fit of its output before pruning on training inputs; other readers get the mean. "
+        "all-MiniLM-L6-v2, a quarter of the FFN channels, before any distillation, cosine to the original on "
+        "unseen sentences: mean 0.939 / min 0.675 with mean, 0.978 / 0.839 least squares. true: least_squares, "
+        "false: none"))
+
+    @field_validator("compensate", mode="before")
+    @classmethod
+    def _compensate_bool(cls, v: Any) -> Any:
+        return {True: "least_squares", False: "none"}.get(v, v) if isinstance(v, bool) else v
+
     recenter: bool = Field(True, description=(
         "where training inputs exist, each BatchNorm keeps its original statistics, moved so that it standardizes "
         "its pruned input as it standardized the original one (mean and variance on 64 training inputs; one pass, "

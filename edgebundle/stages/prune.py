@@ -37,11 +37,13 @@ class Prune(StageBase):
     def config(self, ctx: StageContext) -> dict[str, Any]:
         cfg = self._cfg(ctx)
         # round_to auto's widths enter the key: when they change, auto prunes differently
-        # (over the pruned layers only with shared: false); BatchNorm re-centring changed what a default prunes
+        # (over the pruned layers only with shared: false); BatchNorm re-centring and the least-squares refit
+        # changed what a default prunes
         auto = cfg.round_to == "auto" and cfg.enabled
         return {"prune": without_defaults(cfg, *SEARCH_FIELDS, "depth_ratio"),
                 **({"round_to_auto": list(SIMD_ROUNDS) + ([] if cfg.shared else ["pruned layers"])} if auto else {}),
-                **({"batchnorm": "recentred"} if cfg.recenter and cfg.enabled else {})}
+                **({"batchnorm": "recentred"} if cfg.recenter and cfg.enabled else {}),
+                **({"readers": "least-squares refit"} if cfg.compensate == "least_squares" and cfg.enabled else {})}
 
     @staticmethod
     def _cfg(ctx: StageContext) -> PruneStage:
@@ -60,7 +62,8 @@ class Prune(StageBase):
         """The data's fingerprint where the pruned model depends on the training inputs (Taylor gradients,
         activation statistics, compensation)."""
         p = ctx.recipe.stages.prune
-        return ctx.dataset.fingerprint if p.importance in ("taylor", "activation") or p.compensate or p.recenter \
+        return ctx.dataset.fingerprint if p.importance in ("taylor", "activation") or p.compensate != "none" \
+            or p.recenter \
             else ""
 
     def run(self, ctx: StageContext, folder: Path) -> dict[str, Any]:

@@ -133,17 +133,39 @@ class ActivationImportance(tp.importance.GroupMagnitudeImportance):
         return self._normalize(self._reduce(imps, roots), self.normalizer)
 
 
-def input_stats(model: nn.Module, train: Split, names: list[str], batches: int, batch_size: int
+def _pointwise(layer: nn.Module) -> bool:
+    """A layer that mixes channels the same way at every position: a Linear, or an ungrouped 1x1 conv."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return (isinstance(layer, nn.modules.conv._ConvNd) and layer.groups == 1 and not layer.transposed
+            and all(k == 1 for k in layer.kernel_size))
+
+
+# training rows (at least) that activation statistics and Gram matrices are measured on: all-MiniLM-L6-v2, a
+# quarter of the FFN channels refitted from 256 sentences: cosine mean 0.967 / min 0.746 on unseen sentences;
+# from 1200: 0.978 / 0.842
+STATS_ROWS = 1024
+# the widest input a least-squares refit takes (its Gram matrix, in float64, is that squared)
+MAX_GRAM_CHANNELS = 4096
+
+
+def input_stats(model: nn.Module, train: Split, names: list[str], batches: int, batch_size: int,
+                grams: dict[nn.Module, torch.Tensor] | None = None
                 ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """Per-input-channel mean and standard deviation of every Linear and conv over the first `batches` training
-    batches (convs: over batch and space; Linears: over every leading dimension)."""
+    batches (convs: over batch and space; Linears: over every leading dimension). With `grams`, also fills it
+    with each Linear's and 1x1 conv's mean outer product of its input with a constant 1 appended: E[x x^T]
+    over every position, (channels + 1) squared."""
     sums: dict[nn.Module, list] = {}
 
     def hook(m, args):
         x = args[0].detach().double()
         x = x.transpose(0, 1).flatten(1) if isinstance(m, nn.modules.conv._ConvNd) else x.reshape(-1, x.shape[-1]).T
-        s = sums.setdefault(m, [0.0, 0.0, 0])
+        s = sums.setdefault(m, [0.0, 0.0, 0, 0.0])
         s[0], s[1], s[2] = s[0] + x.sum(1), s[1] + (x * x).sum(1), s[2] + x.shape[1]
+        if grams is not None and _pointwise(m) and x.shape[0] <= MAX_GRAM_CHANNELS:
+            x1 = torch.cat([x, torch.ones(1, x.shape[1], dtype=x.dtype)])
+            s[3] = s[3] + x1 @ x1.T
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
     handles = [m.register_forward_pre_hook(hook) for m in layers]
@@ -156,27 +178,76 @@ def input_stats(model: nn.Module, train: Split, names: list[str], batches: int, 
         for h in handles:
             h.remove()
     out = {}
-    for m, (a, b, n) in sums.items():
+    for m, (a, b, n, g) in sums.items():
         mean = a / n
         out[m] = (mean.float(), (b / n - mean * mean).clamp_min(0).sqrt().float())
+        if grams is not None and torch.is_tensor(g):
+            grams[m] = g / n
     return out
 
 
-def compensate(group, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Before `group` is pruned: each layer that reads a removed channel gets that channel's mean contribution
-    (its weights on the channel, summed over the kernel, times the channel's mean on training inputs) added to
-    its bias, so the layer's average output stays."""
-    with torch.no_grad():
+class Compensation:
+    """What removed channels gave the layers that read them, given back before Torch-Pruning removes them.
+    `mean`: each reader's bias gets a removed channel's mean contribution (its weights on the channel, summed
+    over the kernel, times the channel's mean on training inputs), so the reader's average output stays.
+    `least_squares`: a reader that mixes channels per position (a Linear, a 1x1 conv) is refitted: its weights
+    on the kept channels and its bias become the least-squares fit of its output before the removal, on the
+    training inputs (from the Gram matrix of its inputs; the regression AIMET's channel pruning runs per conv);
+    the kept channels take over what the removed ones carried where they correlate. Other readers get the
+    mean. Readers are tracked by original channel, so a layer pruned by several groups stays consistent."""
+
+    # of the mean diagonal, on the kept channels' Gram matrix: only keeps the solve defined where kept channels are
+    # collinear (all-MiniLM-L6-v2, a quarter of the FFN refitted from 1024 sentences: cosine mean 0.9771 at 1e-8,
+    # 0.9770 at 1e-3; from 256: 0.967 at 1e-3, 0.904 at 1e-1)
+    RIDGE = 1e-8
+
+    def __init__(self, stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]],
+                 grams: dict[nn.Module, torch.Tensor]) -> None:
+        self.stats, self.grams = stats, grams
+        self.kept: dict[nn.Module, torch.Tensor] = {}  # reader -> the original input channels it still reads
+
+    @torch.no_grad()
+    def apply(self, group) -> None:
+        """Before `group.prune()`."""
         for dep, idxs in group:
             layer = dep.layer
-            if layer not in stats or not _reads_channels(layer, dep.pruning_fn) or not len(idxs):
+            if layer not in self.stats or not _reads_channels(layer, dep.pruning_fn) or not len(idxs):
                 continue
-            outputs = layer.weight.shape[0]
-            w = _channel_weights(layer)[idxs].reshape(len(idxs), outputs, -1).sum(2)  # [removed, outputs]
-            delta = (w * stats[layer][0][idxs].to(w.dtype)[:, None]).sum(0)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(torch.zeros(outputs, dtype=w.dtype))
-            layer.bias.data += delta
+            kept = self.kept.get(layer, torch.arange(_channel_weights(layer).shape[0]))
+            gone = torch.zeros(len(kept), dtype=torch.bool)
+            gone[torch.as_tensor(idxs)] = True
+            if layer in self.grams:
+                self._refit(layer, kept, gone)
+            else:
+                self._mean(layer, kept, gone)
+            self.kept[layer] = kept[~gone]
+
+    def _mean(self, layer: nn.Module, kept: torch.Tensor, gone: torch.Tensor) -> None:
+        outputs = layer.weight.shape[0]
+        w = _channel_weights(layer)[gone].reshape(int(gone.sum()), outputs, -1).sum(2)  # [removed, outputs]
+        delta = (w * self.stats[layer][0][kept[gone]].to(w.dtype)[:, None]).sum(0)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(outputs, dtype=w.dtype))
+        layer.bias.data += delta
+
+    def _refit(self, layer: nn.Module, kept: torch.Tensor, gone: torch.Tensor) -> None:
+        g = self.grams[layer]
+        rows = torch.cat([kept, torch.tensor([g.shape[0] - 1])])  # the channels it reads now, and the constant
+        stay = torch.cat([~gone, torch.tensor([True])])
+        g = g[rows][:, rows]
+        outputs = layer.weight.shape[0]
+        bias = layer.bias.data if layer.bias is not None else torch.zeros(outputs)
+        w = torch.cat([layer.weight.data.reshape(outputs, -1).T, bias[None]]).double()  # [inputs + 1, outputs]
+        gkk = g[stay][:, stay]
+        ridge = torch.full((len(gkk),), self.RIDGE * float(gkk.diagonal()[:-1].mean()), dtype=gkk.dtype)
+        ridge[-1] = 0  # the bias is not pulled to zero: the output's mean on these inputs stays exact
+        gkk = gkk + torch.diag(ridge)
+        fit = torch.zeros_like(w)
+        fit[stay] = torch.linalg.solve(gkk, g[stay] @ w)
+        layer.weight.data.copy_(fit[:-1].T.reshape(layer.weight.shape))
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(outputs, dtype=layer.weight.dtype))
+        layer.bias.data.copy_(fit[-1])
 
 
 # rows of training inputs one re-centring pass sees, as one batch (its activations are all in memory at once)
@@ -487,8 +558,11 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
     ratio_dict = ({p: max(cfg.ratio, 1e-6) for p in num_heads} if cfg.head_ratio > 0 and cfg.ratio == 0
                   else None)
     data = train is not None and len(train) > 0
-    stats = input_stats(model, train, names, cfg.taylor_batches, batch_size) if data and (
-        cfg.compensate or cfg.importance == "activation") else {}
+    grams: dict[nn.Module, torch.Tensor] = {}
+    batches = max(cfg.taylor_batches, -(-STATS_ROWS // batch_size))
+    measure = lambda: input_stats(model, train, names, batches, batch_size,  # noqa: E731
+                                  grams if cfg.compensate == "least_squares" else None)
+    stats = measure() if data and (cfg.compensate != "none" or cfg.importance == "activation") else {}
     pruner = tp.pruner.BasePruner(
         model,
         example[0] if len(example) == 1 else example,
@@ -510,13 +584,15 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
         if cfg.importance == "taylor":
             _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
         if step and stats:  # channels moved: measure the pruned model again
+            grams.clear()
             stats.clear()
-            stats.update(input_stats(model, train, names, cfg.taylor_batches, batch_size))
+            stats.update(measure())
+        compensation = Compensation(stats, grams) if cfg.compensate != "none" and stats else None
         for group in pruner.step(interactive=True):
             if not cfg.shared and _readers(group) > 1 or _empties(pruner, group):
                 continue  # a channel several layers read (a residual stream) stays, and no layer goes empty
-            if cfg.compensate and stats:
-                compensate(group, stats)
+            if compensation:
+                compensation.apply(group)
             if recentring:
                 recentring.removed(group)
             group.prune()
