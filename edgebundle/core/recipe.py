@@ -264,20 +264,21 @@ class PruneStage(Strict):
         "false prunes only channels one layer reads (the hidden channels of MBConv or FFN blocks). EfficientNet-"
         "Lite1, activation importance, compensated, before any distillation: 10 % of every channel kept 9 of 21 "
         "confident unseen crops, 10 % of the unshared ones 19 (20 %: 0 and 8)"))
-    compensate: Literal["least_squares", "mean", "none"] = Field("least_squares", description=(
-        "where training inputs exist, what a removed channel gave the layers that read it is given back. mean: "
-        "its mean contribution goes into each reader's bias (uncompensated, the ReLU6 channels EfficientNet "
-        "loses shift its blocks by up to 5 standard deviations). least_squares (default): a reader that mixes "
+    compensate: Literal["mean", "least_squares", "none"] = Field("mean", description=(
+        "where training inputs exist, what a removed channel gave the layers that read it is given back. mean "
+        "(default): its mean contribution goes into each reader's bias (uncompensated, the ReLU6 channels "
+        "EfficientNet loses shift its blocks by up to 5 standard deviations). least_squares: a reader that mixes "
         "channels per position (a Linear, a 1x1 conv) is refitted, its weights on the kept channels and its bias "
         "the least-squares fit of its output before pruning on training inputs; other readers get the mean. "
         "all-MiniLM-L6-v2, a quarter of the FFN channels, before any distillation, cosine to the original on "
-        "unseen sentences: mean 0.939 / min 0.675 with mean, 0.978 / 0.839 least squares. true: least_squares, "
-        "false: none"))
+        "unseen sentences: mean 0.939 / min 0.675 with mean, 0.977 / 0.835 with least_squares; EfficientNet-"
+        "Lite1, 20 / 30 % of the unshared channels, confident crops of unseen photos: 55 / 46 of 56 with mean, "
+        "50 / 40 with least_squares. true: mean, false: none"))
 
     @field_validator("compensate", mode="before")
     @classmethod
     def _compensate_bool(cls, v: Any) -> Any:
-        return {True: "least_squares", False: "none"}.get(v, v) if isinstance(v, bool) else v
+        return {True: "mean", False: "none"}.get(v, v) if isinstance(v, bool) else v
 
     recenter: bool = Field(True, description=(
         "where training inputs exist, each BatchNorm keeps its original statistics, moved so that it standardizes "
