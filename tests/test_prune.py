@@ -208,6 +208,8 @@ def test_least_squares_refits_the_reader_so_kept_channels_carry_what_correlated_
         assert model.fc1.out_features == 16
         errors[comp] = float((model(x) - ref).abs().max() / ref.abs().max())
     assert errors["least_squares"] < 0.01 < errors["mean"], errors
+    # recipes written when compensate was a switch keep their meaning
+    assert PruneStage(compensate=True).compensate == "mean" and PruneStage(compensate=False).compensate == "none"
 
 
 def test_activation_importance_removes_what_contributes_least_and_nothing_is_lost():
