@@ -185,7 +185,7 @@ def _search_rows(name: str, res) -> list[dict]:
     search = b.manifest["search"]
     return [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
              **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "summary",
-                                      "status", "seconds", "why")}} for r in search["rows"]]
+                                      "status", "seconds", "why", "distill_best_epoch")}} for r in search["rows"]]
 
 
 def work_dir(root: Path, name: str) -> Path:
@@ -250,7 +250,9 @@ def _search_table(rows: list[dict]) -> str:
                                                       f"{r['speedup_ci95'][1]:.2f}]")
         macs = "—" if r.get("macs_ratio") is None else f"{r['macs_ratio']:.2f}"
         lines.append(f"| {r['model']} | {r['label']}{' **(kept)**' if r['chosen'] else ''} | {macs} | {speed} | "
-                     f"{r.get('summary') or r.get('line') or r.get('why') or ''} | {r['status']} | "
+                     f"{r.get('summary') or r.get('line') or r.get('why') or ''}"
+                     f"{' (the pruned start: no distillation epoch beat it)' if r.get('distill_best_epoch') == -1 else ''}"
+                     f" | {r['status']} | "
                      f"{r.get('seconds') or '—'} |")
     return ("\nStructure searches (prune ratio auto; each candidate pruned from the original, distilled briefly, built "
             "as the first target builds int8, judged on the validation split against the original, timed interleaved "

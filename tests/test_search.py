@@ -45,6 +45,7 @@ def test_the_search_keeps_a_structure_that_holds_and_refuses_one_that_does_not(d
     # its fp32 student already misses the budget: no int8 build spends minutes on it (nothing timed)
     assert rows["ratio 0.8"]["fp32_over"] and "speedup" not in rows["ratio 0.8"]
     assert "speedup" in rows["ratio 0.25"]
+    assert rows["ratio 0.25"]["distill_best_epoch"] >= -1  # which epoch it kept (-1: the pruned start)
     assert "ratio 0.9" not in rows  # a family stops at its first candidate over budget
     assert "ratio 0.25, importance fpgm" in rows  # the channels FPGM picks: a family of its own
     assert search["chosen"]["ratio"] in (0.0, 0.25)  # 0.25 when its speed-up is resolved, else unpruned
@@ -149,3 +150,16 @@ def test_the_kept_candidate_must_beat_the_timing_noise_and_hold_the_budget():
     assert choose([unpruned, row(0.1, 1.05, [1.03, 1.08]), row(0.2, 1.3, [1.2, 1.4], within=False)])["ratio"] == 0.0
     assert choose([unpruned, row(0.1, 1.12, [1.08, 1.15]), row(0.2, 1.3, [1.2, 1.4])])["ratio"] == 0.2
     assert choose([unpruned, row(0.1, 1.12, [1.08, 1.15]), row(0.2, 1.3, [1.2, 1.4], within=False)])["ratio"] == 0.1
+
+
+def test_a_candidate_whose_distillation_kept_the_pruned_start_says_so():
+    """all-MiniLM-L6-v2's refitted quarter of the MLP started at validation cosine 0.982 and every epoch of the
+    search's distillation lowered it: the row's figure is the pruned start's, and its line says so."""
+    from edgebundle.stages.search import _row_text
+
+    row = {"candidate": {"ratio": 0.25, "head_ratio": 0.0, "depth_ratio": 0.0}, "label": "ratio 0.25",
+           "fp32_over": True, "summary": "fp32 student cosine mean 0.9822 / min 0.8455", "status": "over budget"}
+    assert "no distillation epoch" not in _row_text(row)
+    assert "no distillation epoch beat the pruned start" in _row_text({**row, "distill_best_epoch": -1})
+    timed = {**row, "fp32_over": False, "speedup": 1.07, "distill_best_epoch": -1, "line": "x"}
+    assert "no distillation epoch beat the pruned start" in _row_text(timed)

@@ -194,6 +194,7 @@ class Search(StageBase):
                                   device=ctx.device, metric=metric, specs=recipe.inputs,
                                   pretrained=not ctx.artifacts["teacher"].metrics.get("trained"))
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
+                facts["distill_best_epoch"] = fit.best_epoch  # -1: no epoch did better than the pruned start
             student = student.cpu().eval()
         facts.update(pricer.price(student, check_fp32=cand != Candidate()))
         facts["status"] = "within budget" if facts.get("within") else "over budget"
@@ -216,6 +217,10 @@ def _not_tried(cand: Candidate, why: str) -> dict[str, Any]:
     return {"candidate": cand.record(), "label": cand.label, "status": "not tried", "within": False, "why": why}
 
 
+def _start_kept(row: dict[str, Any]) -> str:
+    return "; no distillation epoch beat the pruned start" if row.get("distill_best_epoch") == -1 else ""
+
+
 def _row_text(row: dict[str, Any]) -> str:
     if row.get("status") in ("failed", "not tried"):
         return f"{row['label']}: {row['status']} ({row.get('why', '')})"
@@ -223,10 +228,11 @@ def _row_text(row: dict[str, Any]) -> str:
         return (f"unpruned (the baseline, built twice: {row['speedup']:.2f}x is the timing's noise): {row['line']} "
                 f"vs original ({row['status']})")
     if row.get("fp32_over"):
-        return f"{row['label']}: {row.get('summary') or row['line']} vs original (over budget before int8: not built)"
+        return (f"{row['label']}: {row.get('summary') or row['line']} vs original (over budget before int8: not "
+                f"built{_start_kept(row)})")
     kept = f", {row['layers_kept_float']} layers kept float in int8" if row.get("layers_kept_float") else ""
     return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model{kept}, {row.get('summary') or row['line']} "
-            f"vs original ({row['status']})")
+            f"vs original ({row['status']}{_start_kept(row)})")
 
 
 def _outcome(out: dict[str, Any]) -> str:
