@@ -152,3 +152,20 @@ def test_batchnorm_statistics_stay_frozen_and_a_student_is_never_returned_worse_
     fit = distill(student, prepared.load_teacher(), ds.train, ds.val, names, cfg, seed=0, device=cpu)
     assert max(fit.history) < start and fit.best_epoch == -1 and fit.best_val_accuracy == start
     assert accuracy(predict(student, ds.val, names), ds.val.labels) == start
+
+
+def test_a_pretrained_teachers_student_learns_without_dropout_and_batchnorm_follows_its_setting():
+    """dropout auto: off where the teacher came with its weights (all-MiniLM-L6-v2 refitted after pruning lost
+    validation cosine to every epoch with dropout, gained without), on where the recipe trained it."""
+    from edgebundle.core.recipe import DistillStage
+    from edgebundle.stages.training import _train_mode, dropout_off
+
+    assert dropout_off(DistillStage(), pretrained=True) and not dropout_off(DistillStage(), pretrained=False)
+    assert dropout_off(DistillStage(dropout="off"), pretrained=False)
+    assert not dropout_off(DistillStage(dropout="on"), pretrained=True)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    for freeze_bn in (False, True):
+        _train_mode(model, freeze_bn, no_dropout=True)
+        assert not model[2].training and model[1].training is not freeze_bn
+        _train_mode(model, freeze_bn)
+        assert model[2].training and model[1].training is not freeze_bn

@@ -16,7 +16,7 @@ from edgebundle.stages.registry import register_stage
 from edgebundle.stages.base import StageBase, StageContext, without_defaults
 from edgebundle.stages.pruning import count
 from edgebundle.core.metrics import per_sample_cosine, resolve_name
-from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, predict
+from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, dropout_off, predict
 
 
 HELD_OUT_FILE = "held_out.npz"  # the student's and the original's outputs on data.unlabelled's held-out groups
@@ -38,13 +38,15 @@ class Distill(StageBase):
         return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        d = without_defaults(ctx.recipe.stages.distill, "patience", "augment")
+        d = without_defaults(ctx.recipe.stages.distill, "patience", "augment", "dropout")
         if d.get("loss") == "auto":  # the key before `loss` existed: those work folders stay valid
             d.pop("loss")
             kind = self._loss(ctx)
             if kind != "kl":
                 d["loss_resolved"] = kind
-        return {"distill": d, "seed": ctx.recipe.seed}
+        pretrained = not ctx.artifacts["teacher"].metrics.get("trained")
+        return {"distill": d, "seed": ctx.recipe.seed,
+                **({"dropout": "off"} if dropout_off(ctx.recipe.stages.distill, pretrained) else {})}
 
     def _loss(self, ctx: StageContext) -> str:
         return distill_loss_for(ctx.recipe.stages.distill, judged_metric(ctx))

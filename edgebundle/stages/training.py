@@ -111,7 +111,7 @@ def _fit(
     score: tuple[str, Callable[[nn.Module], float]] | None = None,
     patience: int | None = None,
     view: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
-    keep_start: bool = False, freeze_bn: bool = False,
+    keep_start: bool = False, freeze_bn: bool = False, no_dropout: bool = False,
 ) -> FitResult:
     """Train `model` for up to `epochs`, keeping the best checkpoint on validation (`keep_start`: the starting
     weights are one, best_epoch -1); `patience` stops after that many epochs without a better one; `freeze_bn`
@@ -131,7 +131,7 @@ def _fit(
     best = (score[1](model), -1, copy.deepcopy(model.state_dict())) if keep_start else (-1.0, 0, None)
     history = []
     for epoch in range(epochs):
-        _train_mode(model, freeze_bn)
+        _train_mode(model, freeze_bn, no_dropout)
         if sampler is not None:
             sampler.set_epoch(epoch)
             order = torch.tensor(list(iter(sampler)), device=device)
@@ -155,13 +155,13 @@ def _fit(
                      metric=score[0])
 
 
-def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """Training mode, with BatchNorm layers left in eval mode (their running statistics kept) where asked."""
-    model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+def _train_mode(model: nn.Module, freeze_bn: bool, no_dropout: bool = False) -> None:
+    """Training mode, with BatchNorm layers left in eval mode (their running statistics kept) where asked;
+    `no_dropout`: every other layer in eval mode (no dropout), BatchNorm as `freeze_bn` says."""
+    model.train(not no_dropout)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(not freeze_bn)
 
 
 def _steps(net: nn.Module, train: Split, names: list[str], plan: list[torch.Tensor], loss_fn, ys, opt, sched,
@@ -212,6 +212,11 @@ def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
     return cfg.loss if cfg.loss != "auto" else loss_for_metric(metric)
 
 
+def dropout_off(cfg: DistillStage, pretrained: bool) -> bool:
+    """Whether the student learns without dropout: asked, or (auto) its teacher came with its weights."""
+    return cfg.dropout == "off" or (cfg.dropout == "auto" and pretrained)
+
+
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
             cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True,
             metric: str | None = None, specs: list[InputSpec] | None = None, pretrained: bool = False) -> FitResult:
@@ -257,7 +262,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
         return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                     weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
                     ddp=ddp, score=(name, lambda m: val_score(student)), patience=cfg.patience, view=view,
-                    keep_start=True, freeze_bn=cfg.batchnorm == "frozen" or (cfg.batchnorm == "auto" and pretrained))
+                    keep_start=True, freeze_bn=cfg.batchnorm == "frozen" or (cfg.batchnorm == "auto" and pretrained),
+                    no_dropout=dropout_off(cfg, pretrained))
     finally:
         if hidden is not None:
             hidden.close()
