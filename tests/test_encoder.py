@@ -43,7 +43,7 @@ def test_int8_encoder_keeps_outputs_and_accuracy(encoder_run, target):
     m = next(b.manifest for b in encoder_run.bundles if b.target == target)
     acc = m["accuracy"]
     assert acc["output_cosine_vs_fp32"] >= 0.99
-    assert abs(acc["target"] - acc["fp32_onnx"]) <= 1.0
+    assert acc["fp32_onnx"] - acc["target"] <= 1.0  # a budget is a floor: above the reference is no loss
     if target != "executorch":  # its program is captured at the recipe's shape (batch 1, seq 32)
         assert m["inputs"] == [{"name": "input_ids", "shape": ["batch", "seq"], "dtype": "int64"}]
 
