@@ -40,6 +40,11 @@ class StageContext:
     work: Path | None = None  # the work folder (a stage's scratch files that outlive an interrupted run)
 
     @property
+    def pretrained(self) -> bool:
+        """Whether the teacher came with its weights (this recipe did not train it)."""
+        return not self.artifacts["teacher"].metrics.get("trained")
+
+    @property
     def names(self) -> list[str]:
         return [s.name for s in self.recipe.inputs]
 

@@ -44,9 +44,8 @@ class Distill(StageBase):
             kind = self._loss(ctx)
             if kind != "kl":
                 d["loss_resolved"] = kind
-        pretrained = not ctx.artifacts["teacher"].metrics.get("trained")
         return {"distill": d, "seed": ctx.recipe.seed,
-                **({"dropout": "off"} if dropout_off(ctx.recipe.stages.distill, pretrained) else {})}
+                **({"dropout": "off"} if dropout_off(ctx.recipe.stages.distill, ctx.pretrained) else {})}
 
     def _loss(self, ctx: StageContext) -> str:
         return distill_loss_for(ctx.recipe.stages.distill, judged_metric(ctx))
@@ -67,7 +66,7 @@ class Distill(StageBase):
         metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         fit = distill(s_model, t_model, ds.distill_train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
                       device=ctx.device, metric=metric, specs=recipe.inputs,
-                      pretrained=not teacher.metrics.get("trained"))
+                      pretrained=ctx.pretrained)
         s_model = s_model.cpu().eval()
         save_structured(s_model, folder)
         macs, params = count(s_model, ctx.example)

@@ -133,6 +133,20 @@ class ActivationImportance(tp.importance.GroupMagnitudeImportance):
         return self._normalize(self._reduce(imps, roots), self.normalizer)
 
 
+def _gone(n: int, idxs) -> torch.Tensor:
+    """[n] mask of the channels Torch-Pruning removes (`idxs`: their current positions)."""
+    gone = torch.zeros(n, dtype=torch.bool)
+    gone[torch.as_tensor(idxs, dtype=torch.long)] = True
+    return gone
+
+
+def _bias(layer: nn.Module) -> torch.Tensor:
+    """The layer's bias, made (zeros) where it was built without one."""
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+    return layer.bias.data
+
+
 def _pointwise(layer: nn.Module) -> bool:
     """A layer that mixes channels the same way at every position: a Linear, or an ungrouped 1x1 conv."""
     if isinstance(layer, nn.Linear):
@@ -214,8 +228,7 @@ class Compensation:
             if layer not in self.stats or not _reads_channels(layer, dep.pruning_fn) or not len(idxs):
                 continue
             kept = self.kept.get(layer, torch.arange(_channel_weights(layer).shape[0]))
-            gone = torch.zeros(len(kept), dtype=torch.bool)
-            gone[torch.as_tensor(idxs)] = True
+            gone = _gone(len(kept), idxs)
             if layer in self.grams:
                 self._refit(layer, kept, gone)
             else:
@@ -225,18 +238,14 @@ class Compensation:
     def _mean(self, layer: nn.Module, kept: torch.Tensor, gone: torch.Tensor) -> None:
         outputs = layer.weight.shape[0]
         w = _channel_weights(layer)[gone].reshape(int(gone.sum()), outputs, -1).sum(2)  # [removed, outputs]
-        delta = (w * self.stats[layer][0][kept[gone]].to(w.dtype)[:, None]).sum(0)
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(outputs, dtype=w.dtype))
-        layer.bias.data += delta
+        _bias(layer).add_((w * self.stats[layer][0][kept[gone]].to(w.dtype)[:, None]).sum(0))
 
     def _refit(self, layer: nn.Module, kept: torch.Tensor, gone: torch.Tensor) -> None:
         g = self.grams[layer]
         rows = torch.cat([kept, torch.tensor([g.shape[0] - 1])])  # the channels it reads now, and the constant
         stay = torch.cat([~gone, torch.tensor([True])])
         g = g[rows][:, rows]
-        outputs = layer.weight.shape[0]
-        bias = layer.bias.data if layer.bias is not None else torch.zeros(outputs)
+        outputs, bias = layer.weight.shape[0], _bias(layer)
         w = torch.cat([layer.weight.data.reshape(outputs, -1).T, bias[None]]).double()  # [inputs + 1, outputs]
         gkk = g[stay][:, stay]
         ridge = torch.full((len(gkk),), self.RIDGE * float(gkk.diagonal()[:-1].mean()), dtype=gkk.dtype)
@@ -245,9 +254,7 @@ class Compensation:
         fit = torch.zeros_like(w)
         fit[stay] = torch.linalg.solve(gkk, g[stay] @ w)
         layer.weight.data.copy_(fit[:-1].T.reshape(layer.weight.shape))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(outputs, dtype=layer.weight.dtype))
-        layer.bias.data.copy_(fit[-1])
+        bias.copy_(fit[-1])
 
 
 # rows of training inputs one re-centring pass sees, as one batch (its activations are all in memory at once)
@@ -285,9 +292,7 @@ class Recentring:
         for dep, idxs in group:
             m = dep.target.module
             if m in self.kept and len(idxs):
-                keep = torch.ones(len(self.kept[m]), dtype=torch.bool)
-                keep[torch.as_tensor(idxs)] = False
-                self.kept[m] = self.kept[m][keep]
+                self.kept[m] = self.kept[m][~_gone(len(self.kept[m]), idxs)]
 
     def apply(self, model: nn.Module) -> int:
         def reset(m, args):
@@ -558,11 +563,14 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
     ratio_dict = ({p: max(cfg.ratio, 1e-6) for p in num_heads} if cfg.head_ratio > 0 and cfg.ratio == 0
                   else None)
     data = train is not None and len(train) > 0
+    refit = cfg.compensate == "least_squares"
     grams: dict[nn.Module, torch.Tensor] = {}
-    batches = max(cfg.taylor_batches, -(-STATS_ROWS // batch_size)) if cfg.compensate == "least_squares" \
-        else cfg.taylor_batches
-    measure = lambda: input_stats(model, train, names, batches, batch_size,  # noqa: E731
-                                  grams if cfg.compensate == "least_squares" else None)
+    batches = max(cfg.taylor_batches, -(-STATS_ROWS // batch_size)) if refit else cfg.taylor_batches
+
+    def measure() -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+        grams.clear()
+        return input_stats(model, train, names, batches, batch_size, grams if refit else None)
+
     stats = measure() if data and (cfg.compensate != "none" or cfg.importance == "activation") else {}
     pruner = tp.pruner.BasePruner(
         model,
@@ -584,8 +592,7 @@ def _run_pruner(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
     for step in range(cfg.iterative_steps):
         if cfg.importance == "taylor":
             _taylor_gradients(model, train, names, cfg.taylor_batches, batch_size)
-        if step and stats:  # channels moved: measure the pruned model again
-            grams.clear()
+        if step and stats:  # channels moved: measure the pruned model again (in place: the importance holds it)
             stats.clear()
             stats.update(measure())
         compensation = Compensation(stats, grams) if cfg.compensate != "none" and stats else None

@@ -192,7 +192,7 @@ class Search(StageBase):
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
                     fit = distill(student, teacher, ds.distill_train, ds.val, ctx.names, short, seed=recipe.seed,
                                   device=ctx.device, metric=metric, specs=recipe.inputs,
-                                  pretrained=not ctx.artifacts["teacher"].metrics.get("trained"))
+                                  pretrained=ctx.pretrained)
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
                 facts["distill_best_epoch"] = fit.best_epoch  # -1: no epoch did better than the pruned start
             student = student.cpu().eval()
