@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -82,7 +83,8 @@ def test_a_search_out_of_time_ships_the_unpruned_model_and_says_so(default_run, 
 
 def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path):
     from edgebundle.core.modelio import load_structured, save_structured
-    from edgebundle.stages.pruning import block_list, kept_blocks, prune
+    from edgebundle.stages.depth import block_list, kept_blocks
+    from edgebundle.stages.pruning import prune
     from edgebundle.stages.search import Candidate, families
     from edgebundle.zoo import tiny_encoder
 
@@ -106,6 +108,52 @@ def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path
     again = load_structured(ModelSpec(factory="edgebundle.zoo:tiny_encoder", kwargs={"layers": 4}), tmp_path, tmp_path)
     assert len(again.layers) == 2
     assert torch.equal(model.eval()(x), again(x))
+
+
+def test_depth_pruning_with_compensation_bridges_the_dropped_blocks_chosen_by_measurement(tmp_path):
+    """compensate least_squares: each run of dropped blocks becomes a linear bridge fitted on training inputs,
+    the blocks that go are the ones that cost least; the output stays closer to the original's on unseen
+    inputs than with the blocks simply dropped; the structure saves, reloads and distils (hidden matching)."""
+    from edgebundle.core.data import Split
+    from edgebundle.core.modelio import Bridge, load_structured, save_structured
+    from edgebundle.core.recipe import DistillStage
+    from edgebundle.stages.pruning import prune
+    from edgebundle.stages.training import distill
+    from edgebundle.zoo import tiny_encoder
+
+    torch.manual_seed(0)
+    original = tiny_encoder(layers=4).eval()
+    ex = (torch.zeros(1, 32, dtype=torch.long),)
+    rng = np.random.default_rng(0)
+    train = Split({"tokens": rng.integers(0, 30, (256, 32)).astype(np.int64)}, None)
+    unseen = torch.from_numpy(rng.integers(0, 30, (128, 32)).astype(np.int64))
+    with torch.no_grad():
+        ref = original(unseen)
+
+    def error(cfg):
+        model = copy.deepcopy(original)
+        rep = prune(model, cfg, ex, train=train, names=["tokens"])
+        with torch.no_grad():
+            return model, rep, float(((model(unseen) - ref) ** 2).mean() / (ref ** 2).mean())
+
+    plain, rep_plain, e_plain = error(PruneStage(ratio=0.0, depth_ratio=0.5, compensate="none"))
+    shifted, _, e_shift = error(PruneStage(ratio=0.0, depth_ratio=0.5, compensate="mean"))
+    model, rep, e_linear = error(PruneStage(ratio=0.0, depth_ratio=0.5, compensate="least_squares"))
+    assert rep_plain.blocks == {"layers": [0, 3]} and not any(isinstance(b, Bridge) for b in plain.layers)
+    bridges = [b for b in model.layers if isinstance(b, Bridge)]
+    assert bridges and all(b.linear is not None for b in bridges)
+    assert all(b.linear is None for b in shifted.layers if isinstance(b, Bridge))
+    assert len(rep.blocks["layers"]) == 2 and len(model.layers) == 2 + len(bridges)
+    assert e_linear < 0.7 * e_plain and e_linear < e_shift, (e_plain, e_shift, e_linear)
+    save_structured(model, tmp_path)
+    again = load_structured(ModelSpec(factory="edgebundle.zoo:tiny_encoder", kwargs={"layers": 4}), tmp_path, tmp_path)
+    assert [type(b) for b in again.layers] == [type(b) for b in model.layers]
+    assert torch.equal(model.eval()(unseen), again(unseen))
+    val = Split({"tokens": unseen.numpy()}, None)
+    fit = distill(again, original, train, val, ["tokens"], DistillStage(epochs=1, lr=1e-4, batch_size=32,
+                                                                        hidden_weight=1.0, loss="mse"),
+                  seed=0, device=torch.device("cpu"))
+    assert len(fit.history) == 1 and np.isfinite(fit.history[0])
 
 
 def test_depth_pruning_of_a_cnn_is_refused_in_one_line():

@@ -199,23 +199,64 @@ def check_accepts(model: nn.Module, specs: list[InputSpec], outputs: int = 1) ->
 
 
 KEPT_ATTR = "edgebundle_kept_blocks"  # on a ModuleList depth pruning shortened: the original indices it kept
+BRIDGES_ATTR = "edgebundle_bridges"  # in a saved structure: where bridges stand in a shortened list
 
 
-def keep_blocks(model: nn.Module, name: str, keep: list[int]) -> int:
-    """Replace the ModuleList `name` by the blocks at `keep` (original indices, in order); a Hugging Face
-    config's num_hidden_layers follows. Returns how many blocks there were."""
+class Bridge(nn.Module):
+    """Stands in a block list where depth pruning dropped a run of blocks, fitted to what the dropped blocks
+    made of the hidden state: a linear map of it (over its last axis; over axis 1 for [B, C, H, W] feature
+    maps), or (`linear` false) the hidden state plus a shift. What else the list passes its blocks (attention
+    masks, ...) is ignored; `tuple_out`: the dropped blocks returned a tuple led by the hidden state."""
+
+    def __init__(self, width: int, linear: bool = True, tuple_out: bool = False, channels_first: bool = False
+                 ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width) if linear else None
+        self.shift = None if linear else nn.Parameter(torch.zeros(width))
+        self.width, self.tuple_out, self.channels_first = width, tuple_out, channels_first
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any):
+        h = hidden.movedim(1, -1) if self.channels_first else hidden
+        y = self.linear(h) if self.linear is not None else h + self.shift
+        y = y.movedim(-1, 1) if self.channels_first else y
+        return (y,) if self.tuple_out else y
+
+    def record(self) -> dict[str, Any]:
+        return {"width": self.width, "linear": self.linear is not None, "tuple_out": self.tuple_out,
+                "channels_first": self.channels_first}
+
+
+def keep_blocks(model: nn.Module, name: str, layout: list[int | nn.Module]) -> int:
+    """Replace the ModuleList `name` by `layout`: the blocks at the original indices it names, in order, and
+    the modules (bridges) it holds where they stand. A Hugging Face config's num_hidden_layers follows.
+    Returns how many blocks there were."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, leaf)
     before = len(old)
-    new = nn.ModuleList([old[i] for i in keep])
-    setattr(new, KEPT_ATTR, tuple(int(i) for i in keep))
+    new = nn.ModuleList([old[i] if isinstance(i, int) else i for i in layout])
+    setattr(new, KEPT_ATTR, tuple(int(i) for i in layout if isinstance(i, int)))
     setattr(parent, leaf, new)
     for m in model.modules():
         cfg = getattr(m, "config", None)
         if getattr(cfg, "num_hidden_layers", None) == before:
-            cfg.num_hidden_layers = len(keep)
+            cfg.num_hidden_layers = len(new)
     return before
+
+
+def block_positions(blocks: nn.ModuleList) -> dict[int, int]:
+    """Original block index -> its position in a list depth pruning shortened (bridges hold positions too)."""
+    kept = iter(getattr(blocks, KEPT_ATTR))
+    return {next(kept): pos for pos, m in enumerate(blocks) if not isinstance(m, Bridge)}
+
+
+def _saved_layout(rec: dict[str, Any]) -> list[int | nn.Module]:
+    """A saved block list's layout: its kept original indices, with bridges rebuilt where they stood."""
+    kept = list(rec.pop(KEPT_ATTR))
+    bridges = rec.pop(BRIDGES_ATTR, {})
+    it = iter(kept)
+    return [Bridge(**bridges[str(pos)]) if str(pos) in bridges else next(it)
+            for pos in range(len(kept) + len(bridges))]
 
 
 def save_structured(model: nn.Module, folder: Path) -> list[str]:
@@ -233,6 +274,9 @@ def save_structured(model: nn.Module, folder: Path) -> list[str]:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and getattr(mod, KEPT_ATTR, None) is not None:
             attrs.setdefault(name, {})[KEPT_ATTR] = list(getattr(mod, KEPT_ATTR))
+            bridges = {str(pos): m.record() for pos, m in enumerate(mod) if isinstance(m, Bridge)}
+            if bridges:
+                attrs[name][BRIDGES_ATTR] = bridges
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE))
     (folder / STRUCTURE_FILE).write_text(json.dumps(attrs, indent=1, sort_keys=True))
@@ -252,7 +296,7 @@ def load_structured(spec: ModelSpec | EnsembleSpec, base_dir: Path, folder: Path
         lst = dict(model.named_modules()).get(name)
         if not isinstance(lst, nn.ModuleList):
             raise RecipeError(f"saved structure names block list '{name}' that model.factory does not build")
-        keep_blocks(model, name, attrs[name].pop(KEPT_ATTR))
+        keep_blocks(model, name, _saved_layout(attrs[name]))
     modules = dict(model.named_modules())
     for name, rec in attrs.items():
         mod = modules.get(name)

@@ -293,8 +293,13 @@ class PruneStage(Strict):
     head_ratio: float = Field(0.0, ge=0, lt=1, description=(
         "fraction of attention heads removed per attention layer (whole heads: q, k and v together)"))
     depth_ratio: float = Field(0.0, ge=0, lt=1, description=(
-        "fraction of the blocks of the model's largest ModuleList dropped whole (depth pruning, DistilBERT-style: "
-        "the kept blocks are spread evenly, the last one always kept); for blocks that keep their input's shape"))
+        "fraction of the blocks of the model's largest ModuleList dropped whole (depth pruning, DistilBERT-style), "
+        "for blocks that keep their input's shape. With compensation and training inputs, the blocks that go are "
+        "chosen greedily (the one whose removal moves the output least on training inputs) and each run of "
+        "dropped blocks is replaced by a bridge fitted to what it did: least_squares a linear map of the hidden "
+        "state (ReplaceMe), mean a shift. all-MiniLM-L6-v2, two of six layers, before any distillation, cosine to "
+        "the original on unseen sentences: 0.743 mean / 0.364 min dropped (blocks spread evenly, as with "
+        "compensate none), 0.858 / 0.511 shifted, 0.930 / 0.488 with linear bridges"))
     search_minutes: float = Field(30.0, gt=0, le=7 * 24 * 60, description=(
         "ratio auto: the search's time bound; candidates not started by then are left out (their rows say so)"))
     search_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5], min_length=1, description=(

@@ -38,12 +38,13 @@ class Prune(StageBase):
         cfg = self._cfg(ctx)
         # round_to auto's widths enter the key: when they change, auto prunes differently
         # (over the pruned layers only with shared: false); BatchNorm re-centring and the least-squares refit
-        # changed what a default prunes
+        # changed what a default prunes, and so did bridges in place of dropped blocks
         auto = cfg.round_to == "auto" and cfg.enabled
         return {"prune": without_defaults(cfg, *SEARCH_FIELDS, "depth_ratio"),
                 **({"round_to_auto": list(SIMD_ROUNDS) + ([] if cfg.shared else ["pruned layers"])} if auto else {}),
                 **({"batchnorm": "recentred"} if cfg.recenter and cfg.enabled else {}),
-                **({"readers": "least-squares refit"} if cfg.compensate == "least_squares" and cfg.enabled else {})}
+                **({"readers": "least-squares refit"} if cfg.compensate == "least_squares" and cfg.enabled else {}),
+                **({"blocks": "measured, bridged"} if cfg.depth_ratio > 0 and cfg.compensate != "none" else {})}
 
     @staticmethod
     def _cfg(ctx: StageContext) -> PruneStage:

@@ -18,7 +18,8 @@ from torch import nn
 
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.data import Split
-from edgebundle.core.modelio import keep_blocks, macs
+from edgebundle.core.modelio import macs
+from edgebundle.stages.depth import drop_blocks, ridge_solve
 from edgebundle.stages.training import batches as training_batches, in_order
 from edgebundle.core.recipe import PruneStage
 
@@ -248,11 +249,8 @@ class Compensation:
         outputs, bias = layer.weight.shape[0], _bias(layer)
         w = torch.cat([layer.weight.data.reshape(outputs, -1).T, bias[None]]).double()  # [inputs + 1, outputs]
         gkk = g[stay][:, stay]
-        ridge = torch.full((len(gkk),), self.RIDGE * float(gkk.diagonal()[:-1].mean()), dtype=gkk.dtype)
-        ridge[-1] = 0  # the bias is not pulled to zero: the output's mean on these inputs stays exact
-        gkk = gkk + torch.diag(ridge)
-        fit = torch.zeros_like(w)
-        fit[stay] = torch.linalg.solve(gkk, g[stay] @ w)
+        fit = torch.zeros_like(w)  # the bias is not pulled to zero: the output's mean on these inputs stays exact
+        fit[stay] = ridge_solve(gkk, g[stay] @ w, self.RIDGE)
         layer.weight.data.copy_(fit[:-1].T.reshape(layer.weight.shape))
         bias.copy_(fit[-1])
 
@@ -458,7 +456,7 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     macs0, params0 = count(model, example)
     widths0 = _widths(model)
     heads0 = {a.name: a.heads for a in attention}
-    blocks = _drop_blocks(model, cfg.depth_ratio, example) if cfg.depth_ratio > 0 else None
+    blocks = drop_blocks(model, cfg, example, train, names, batch_size) if cfg.depth_ratio > 0 else None
     if blocks:  # the dropped blocks' layers and heads are gone: look the rest up again
         modules = dict(model.named_modules())
         attention = attention_modules(model)
@@ -488,49 +486,6 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         blocks=blocks,
         recentred=recentred,
     )
-
-
-def block_list(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[str, int] | None:
-    """(name, length) of the model's largest nn.ModuleList when its blocks each keep their input's shape
-    (encoder layers: whole blocks can be dropped), else None."""
-    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
-    if not lists:
-        return None
-    n, name = max(lists)
-    shapes: list[bool] = []
-
-    def hook(_m, args, out):
-        x = args[0] if args else None
-        y = out[0] if isinstance(out, (tuple, list)) else out
-        shapes.append(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape)
-
-    handles = [b.register_forward_hook(hook) for b in model.get_submodule(name)]
-    try:
-        with torch.no_grad():
-            model.eval()(*example)
-    except Exception:  # a model that does not run here fails later with its own message
-        return None
-    finally:
-        for h in handles:
-            h.remove()
-    return (name, n) if len(shapes) == n and all(shapes) else None
-
-
-def kept_blocks(n: int, depth_ratio: float) -> list[int]:
-    """Which of n blocks stay when `depth_ratio` of them are dropped: spread evenly, first and last kept."""
-    k = max(1, n - int(round(n * depth_ratio)))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)}) if k > 1 else [n - 1]
-
-
-def _drop_blocks(model: nn.Module, depth_ratio: float, example: tuple[torch.Tensor, ...]) -> dict[str, list[int]]:
-    found = block_list(model, example)
-    if found is None:
-        raise RecipeError("stages.prune.depth_ratio: the model has no list of blocks that keep their input's shape "
-                          "(encoder layers); depth pruning drops whole blocks of such a list")
-    name, n = found
-    keep = kept_blocks(n, depth_ratio)
-    keep_blocks(model, name, keep)
-    return {name: keep}
 
 
 def _check_prunable(cfg: PruneStage, modules: dict, attention: list, train: Split | None) -> None:

@@ -31,12 +31,13 @@ from edgebundle.core.errors import EdgeBundleError, StageError
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.distill import judged_metric
-from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, block_list, prune
+from edgebundle.stages.depth import block_list
+from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, prune
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.training import distill
 
 SEARCH_FILE = "search.json"
-PRICING = 3  # how candidates are priced: rows kept from another way of pricing are not reused
+PRICING = 4  # how candidates are priced: rows kept from another way of pricing are not reused
 HEAD_RATIOS = (0.25, 0.5)
 DEPTH_RATIOS = (0.33, 0.5)
 

@@ -25,7 +25,7 @@ from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core import distributed, progress
 from edgebundle.core.data import Split
 from edgebundle.core.metrics import Contract
-from edgebundle.core.modelio import KEPT_ATTR
+from edgebundle.core.modelio import KEPT_ATTR, block_positions
 from edgebundle.core.distillation import loss_for_metric, soft_loss
 from edgebundle.stages.augment import augmenter
 from edgebundle.core.recipe import DistillStage, InputSpec, TrainStage
@@ -296,15 +296,16 @@ def default_hidden_layers(model: nn.Module) -> list[str]:
     return [f"{name}.{i}" if name else str(i) for i in range(n)]
 
 
-def _depth_renames(student: nn.Module) -> dict[str, str | None]:
+def _depth_renames(student: nn.Module, teacher: nn.Module) -> dict[str, str | None]:
     """Where depth pruning shortened a list of blocks: the teacher's block name -> the student's (None: dropped)."""
     out: dict[str, str | None] = {}
     for name, m in student.named_modules():
         kept = getattr(m, KEPT_ATTR, None)
         if isinstance(m, nn.ModuleList) and kept is not None:
             prefix = f"{name}." if name else ""
-            for j in range(max(kept) + 1):
-                out[f"{prefix}{j}"] = f"{prefix}{kept.index(j)}" if j in kept else None
+            pos = block_positions(m)
+            for j in range(len(teacher.get_submodule(name))):
+                out[f"{prefix}{j}"] = f"{prefix}{pos[j]}" if j in pos else None
     return out
 
 
@@ -324,7 +325,7 @@ class HiddenMatch:
             raise RecipeError("stages.distill.hidden_weight: the model has no nn.ModuleList of blocks; "
                               "name the modules in stages.distill.hidden_layers")
         s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
-        renamed = _depth_renames(student)
+        renamed = _depth_renames(student, teacher)
         if renamed:  # depth pruning: a teacher block the student dropped has nothing to match
             self.layers = [n for n in self.layers if renamed.get(n, n) is not None]
         missing = [n for n in self.layers if renamed.get(n, n) not in s_mods or n not in t_mods]
