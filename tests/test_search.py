@@ -118,7 +118,7 @@ def test_depth_pruning_with_compensation_bridges_the_dropped_blocks_chosen_by_me
     from edgebundle.core.modelio import Bridge, load_structured, save_structured
     from edgebundle.core.recipe import DistillStage
     from edgebundle.stages.pruning import prune
-    from edgebundle.stages.training import distill
+    from edgebundle.stages.training import _depth_renames, distill
     from edgebundle.zoo import tiny_encoder
 
     torch.manual_seed(0)
@@ -149,6 +149,8 @@ def test_depth_pruning_with_compensation_bridges_the_dropped_blocks_chosen_by_me
     again = load_structured(ModelSpec(factory="edgebundle.zoo:tiny_encoder", kwargs={"layers": 4}), tmp_path, tmp_path)
     assert [type(b) for b in again.layers] == [type(b) for b in model.layers]
     assert torch.equal(model.eval()(unseen), again(unseen))
+    renames = _depth_renames(again, original)  # every kept block and every bridge stands for one original block
+    assert sorted(v for v in renames.values() if v) == [f"layers.{i}" for i in range(len(again.layers))]
     val = Split({"tokens": unseen.numpy()}, None)
     fit = distill(again, original, train, val, ["tokens"], DistillStage(epochs=1, lr=1e-4, batch_size=32,
                                                                         hidden_weight=1.0, loss="mse"),

@@ -244,10 +244,19 @@ def keep_blocks(model: nn.Module, name: str, layout: list[int | nn.Module]) -> i
     return before
 
 
-def block_positions(blocks: nn.ModuleList) -> dict[int, int]:
-    """Original block index -> its position in a list depth pruning shortened (bridges hold positions too)."""
-    kept = iter(getattr(blocks, KEPT_ATTR))
-    return {next(kept): pos for pos, m in enumerate(blocks) if not isinstance(m, Bridge)}
+def block_positions(blocks: nn.ModuleList, n: int) -> dict[int, int]:
+    """Original block index (of n) -> the position in a list depth pruning shortened whose output stands for
+    that block's: a kept block's own, and for the last block of each run a bridge replaced, the bridge's."""
+    kept = list(getattr(blocks, KEPT_ATTR))
+    out: dict[int, int] = {}
+    k = 0
+    for pos, m in enumerate(blocks):
+        if isinstance(m, Bridge):
+            out[(kept[k] if k < len(kept) else n) - 1] = pos
+        else:
+            out[kept[k]] = pos
+            k += 1
+    return out
 
 
 def _saved_layout(rec: dict[str, Any]) -> list[int | nn.Module]:

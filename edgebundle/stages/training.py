@@ -297,14 +297,16 @@ def default_hidden_layers(model: nn.Module) -> list[str]:
 
 
 def _depth_renames(student: nn.Module, teacher: nn.Module) -> dict[str, str | None]:
-    """Where depth pruning shortened a list of blocks: the teacher's block name -> the student's (None: dropped)."""
+    """Where depth pruning shortened a list of blocks: the teacher's block name -> the student's module whose
+    output stands for it (a bridge for the last block of the run it replaced; None: dropped, nothing does)."""
     out: dict[str, str | None] = {}
     for name, m in student.named_modules():
         kept = getattr(m, KEPT_ATTR, None)
         if isinstance(m, nn.ModuleList) and kept is not None:
             prefix = f"{name}." if name else ""
-            pos = block_positions(m)
-            for j in range(len(teacher.get_submodule(name))):
+            n = len(teacher.get_submodule(name))
+            pos = block_positions(m, n)
+            for j in range(n):
                 out[f"{prefix}{j}"] = f"{prefix}{pos[j]}" if j in pos else None
     return out
 
