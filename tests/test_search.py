@@ -91,7 +91,7 @@ def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path
     assert kept_blocks(6, 0.5) == [0, 2, 5] and kept_blocks(6, 0.33) == [0, 2, 3, 5] and kept_blocks(2, 0.5) == [1]
     model = tiny_encoder(layers=4)
     ex = (torch.zeros(1, 32, dtype=torch.long),)
-    assert block_list(model, ex) == ("layers", 4)
+    assert block_list(model, ex) == ("layers", 4, (0, 1, 2, 3))
     labels = [[c.label for c in f] for f in families(PruneStage(ratio="auto", search_ratios=[0.2, 0.4]), model, ex)]
     assert labels == [["ratio 0.2", "ratio 0.4"], ["ratio 0.2, importance fpgm", "ratio 0.4, importance fpgm"],
                       ["head ratio 0.25", "head ratio 0.5"], ["depth ratio 0.33", "depth ratio 0.5"]]

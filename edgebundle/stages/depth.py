@@ -4,8 +4,9 @@ Without compensation (or without training inputs) the kept blocks are spread eve
 With it, the blocks that go are chosen by measurement and each run of dropped blocks is replaced by a bridge
 fitted on training inputs to what the run made of its input: with `compensate: least_squares` a linear map
 of the hidden state, the least-squares fit (ReplaceMe, Shopkhoev et al. 2025: a linear transform in place of
-pruned transformer blocks); with `mean` the mean shift. The choice is greedy: one block at a time, the one
-whose removal (bridged) moves the model's output least on those inputs. all-MiniLM-L6-v2, two of six layers,
+pruned transformer blocks); with `mean` the mean shift; or nothing, where that costs less (a residual block
+trained with stochastic depth, as EfficientNet's are, is made to be skipped). The choice is greedy: one block
+at a time, the one whose removal moves the model's output least on those inputs per MAC it saves. all-MiniLM-L6-v2, two of six layers,
 cosine to the original on 443 unseen sentences before any distillation (mean / min): blocks 1 and 4 (the
 even spread) dropped 0.743 / 0.364, shifted 0.777 / 0.361, linear 0.896 / 0.439; blocks 0 and 3 (the greedy
 choice) dropped 0.654 / 0.274, shifted 0.819 / 0.383, linear 0.932 / 0.466.
@@ -22,12 +23,13 @@ from torch import nn
 
 from edgebundle.core.data import Split
 from edgebundle.core.errors import RecipeError
-from edgebundle.core.modelio import Bridge, keep_blocks
+from edgebundle.core.modelio import Bridge, keep_blocks, macs
 from edgebundle.core.recipe import PruneStage
 from edgebundle.stages.training import batches as training_batches, in_order
 
 # training inputs the choice of blocks and the bridges' fit see, and the most rows (tokens, pixels) a fit keeps
 SAMPLE_INPUTS = 256
+COST_INPUTS = 64  # of those, the inputs each candidate's cost is measured on
 MAX_ROWS = 32768
 RIDGE = 1e-4  # of the mean diagonal of the bridge's Gram matrix
 
@@ -40,21 +42,24 @@ def ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, share: float) -> torch.Te
     return torch.linalg.solve(gram + torch.diag(ridge), rhs)
 
 
-def block_list(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[str, int] | None:
-    """(name, length) of the model's largest nn.ModuleList when its blocks each keep their input's shape
-    (encoder layers: whole blocks can be dropped), else None."""
+def block_list(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[str, int, tuple[int, ...]] | None:
+    """(name, length, droppable) of the model's largest nn.ModuleList when at least two of its blocks keep their
+    input's shape (encoder layers; a CNN's residual blocks, between the blocks that change resolution or
+    width): those are the blocks that can be dropped whole. Else None."""
     lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) >= 2]
     if not lists:
         return None
     n, name = max(lists)
-    shapes: list[bool] = []
+    shapes: dict[int, bool] = {}
 
-    def hook(_m, args, out):
-        x = args[0] if args else None
-        y = out[0] if isinstance(out, (tuple, list)) else out
-        shapes.append(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape)
+    def hook(i):
+        def fn(_m, args, out):
+            x = args[0] if args else None
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            shapes[i] = isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+        return fn
 
-    handles = [b.register_forward_hook(hook) for b in model.get_submodule(name)]
+    handles = [b.register_forward_hook(hook(i)) for i, b in enumerate(model.get_submodule(name))]
     try:
         with torch.no_grad():
             model.eval()(*example)
@@ -63,40 +68,52 @@ def block_list(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[str
     finally:
         for h in handles:
             h.remove()
-    return (name, n) if len(shapes) == n and all(shapes) else None
+    droppable = tuple(i for i in range(n) if shapes.get(i))
+    return (name, n, droppable) if len(droppable) >= 2 else None
 
 
-def kept_count(n: int, depth_ratio: float) -> int:
-    return max(1, n - int(round(n * depth_ratio)))
+def dropped_count(droppable: int, depth_ratio: float) -> int:
+    """How many of the droppable blocks go (one always stays)."""
+    return min(droppable - 1, int(round(droppable * depth_ratio)))
 
 
-def kept_blocks(n: int, depth_ratio: float) -> list[int]:
-    """Which of n blocks stay when `depth_ratio` of them are dropped: spread evenly, first and last kept."""
-    k = kept_count(n, depth_ratio)
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)}) if k > 1 else [n - 1]
+def kept_blocks(n: int, depth_ratio: float, droppable: tuple[int, ...] | None = None) -> list[int]:
+    """Which of n blocks stay when `depth_ratio` of the droppable ones (default: all) are dropped: the kept
+    ones spread evenly over them, the first and last kept."""
+    pool = list(droppable) if droppable is not None else list(range(n))
+    k = len(pool) - dropped_count(len(pool), depth_ratio)
+    spread = {pool[int(round(x))] for x in np.linspace(0, len(pool) - 1, k)} if k > 1 else {pool[-1]}
+    return sorted(spread | (set(range(n)) - set(pool)))
 
 
 def drop_blocks(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], train: Split | None,
                 names: list[str], batch_size: int) -> dict[str, list[int]]:
-    """Drop `cfg.depth_ratio` of the model's blocks in place. Returns {list name: original indices kept}."""
+    """Drop `cfg.depth_ratio` of the model's droppable blocks in place. Returns {list name: original indices
+    kept}."""
     found = block_list(model, example)
     if found is None:
         raise RecipeError("stages.prune.depth_ratio: the model has no list of blocks that keep their input's shape "
-                          "(encoder layers); depth pruning drops whole blocks of such a list")
-    name, n = found
+                          "(encoder layers, residual blocks); depth pruning drops whole blocks of such a list")
+    name, n, droppable = found
     if cfg.compensate == "none" or train is None or len(train) == 0:
-        keep = kept_blocks(n, cfg.depth_ratio)
+        keep = kept_blocks(n, cfg.depth_ratio, droppable)
         keep_blocks(model, name, keep)
         return {name: keep}
     order = [idx for idx in in_order(min(len(train), SAMPLE_INPUTS), batch_size) if len(idx)]
-    xs = list(training_batches(train, names, order))
-    states = States(model, name, xs, names)
-    linear = cfg.compensate == "least_squares"
+    states = States(model, name, list(training_batches(train, names, order)), names)
+    modes = ("plain", "linear" if cfg.compensate == "least_squares" else "shift")
     drop: set[int] = set()
-    for _ in range(n - kept_count(n, cfg.depth_ratio)):  # greedy: the block whose removal costs least goes
-        cost = {i: states.cost(drop | {i}, linear) for i in range(n) if i not in drop}
-        drop.add(min(cost, key=cost.__getitem__))
-    layout = states.layout(drop, linear)
+    mode = "plain"
+    before = macs(model, example)
+    for _ in range(dropped_count(len(droppable), cfg.depth_ratio)):  # greedy: the cheapest removal per MAC goes
+        price = {}
+        for i in (i for i in droppable if i not in drop):
+            for m in modes:
+                cost, after = states.price(drop | {i}, m, example)
+                price[(i, m)] = cost / max(before - after, 1)
+        (i, mode) = min(price, key=price.__getitem__)
+        drop.add(i)
+    layout = states.layout(drop, mode)
     keep_blocks(model, name, layout)
     return {name: [i for i in layout if isinstance(i, int)]}
 
@@ -129,6 +146,8 @@ class States:
         self.rows: list[list[torch.Tensor]] = [[] for _ in range(self.n + 1)]
         self.tuple_out = self.channels_first = False
         self.outputs = self._capture(names)
+        sizes = np.cumsum([len(x[0]) for x in xs])
+        self.cost_batches = int(np.searchsorted(sizes, min(COST_INPUTS, sizes[-1]))) + 1
 
     def _capture(self, names: list[str]) -> list[torch.Tensor]:
         mask: list[torch.Tensor | None] = [None]
@@ -164,12 +183,12 @@ class States:
         keep = torch.randperm(len(r), generator=torch.Generator().manual_seed(0))[:MAX_ROWS]
         return r[keep]
 
-    def bridge(self, i: int, j: int, linear: bool) -> Bridge:
-        """A bridge from the input of block i to the output of block j: the least-squares linear map, or the
-        mean shift."""
+    def bridge(self, i: int, j: int, mode: str) -> Bridge:
+        """A bridge from the input of block i to the output of block j: the least-squares linear map (mode
+        linear), or the mean shift."""
         x, y = self.rows[i].double(), self.rows[j + 1].double()
-        b = Bridge(x.shape[1], linear, self.tuple_out, self.channels_first)
-        if not linear:
+        b = Bridge(x.shape[1], mode == "linear", self.tuple_out, self.channels_first)
+        if mode != "linear":
             b.shift.data.copy_((y - x).mean(0))
             return b
         x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
@@ -178,8 +197,9 @@ class States:
         b.linear.bias.data.copy_(w[-1])
         return b
 
-    def layout(self, drop: set[int], linear: bool) -> list[int | nn.Module]:
-        """Kept block indices in order, a bridge in place of each run of dropped blocks."""
+    def layout(self, drop: set[int], mode: str) -> list[int | nn.Module]:
+        """Kept block indices in order, a bridge in place of each run of dropped blocks (mode shift or linear;
+        plain: none, the run's input goes on as it is)."""
         out: list[int | nn.Module] = []
         i = 0
         while i < self.n:
@@ -190,18 +210,23 @@ class States:
             j = i
             while j + 1 in drop:
                 j += 1
-            out.append(self.bridge(i, j, linear))
+            if mode != "plain":
+                out.append(self.bridge(i, j, mode))
             i = j + 1
         return out
 
-    def cost(self, drop: set[int], linear: bool) -> float:
-        layout = self.layout(drop, linear)
+    def price(self, drop: set[int], mode: str, example: tuple[torch.Tensor, ...]) -> tuple[float, int]:
+        """What dropping `drop` (bridged by `mode`) costs, on the first COST_INPUTS of the inputs (bridges fitted
+        on all of them), and the MACs the model has left at the example's shape."""
+        layout = self.layout(drop, mode)
+        xs, refs = self.xs[:self.cost_batches], self.outputs[:self.cost_batches]
         with _swapped(self.model, self.name, [self.blocks[i] if isinstance(i, int) else i for i in layout]):
             with torch.no_grad():
-                outs = [_first(self.model(*x)) for x in self.xs]
-        num = sum(float(((o - r) ** 2).sum()) for o, r in zip(outs, self.outputs))
-        den = sum(float((r ** 2).sum()) for r in self.outputs)
-        return num / max(den, 1e-12)
+                outs = [_first(self.model(*x)) for x in xs]
+            left = macs(self.model, example)
+        num = sum(float(((o - r) ** 2).sum()) for o, r in zip(outs, refs))
+        den = sum(float((r ** 2).sum()) for r in refs)
+        return num / max(den, 1e-12), left
 
 
 def _first(out) -> torch.Tensor:

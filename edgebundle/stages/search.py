@@ -68,8 +68,8 @@ class Candidate:
 
 def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]]:
     """The candidates, by family, each from mild to strong: channels (by the recipe's importance, and by FPGM);
-    heads and depth where the model has attention modules (and, for depth, a list of blocks that keep their
-    input's shape)."""
+    heads where the model has attention modules; depth where its largest list of blocks has blocks that keep
+    their input's shape (encoder layers, residual blocks)."""
     ratios = sorted(set(cfg.search_ratios))
     out = [[Candidate(ratio=r) for r in ratios]]
     if cfg.importance in ("magnitude", "lamp"):  # which channels go matters as much as how many (EfficientNet-
@@ -78,8 +78,8 @@ def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]
         out.append([Candidate(ratio=r, importance="fpgm") for r in ratios])
     if attention_modules(model):
         out.append([Candidate(head_ratio=h) for h in HEAD_RATIOS])
-        if block_list(model, example) is not None:
-            out.append([Candidate(depth_ratio=d) for d in DEPTH_RATIOS])
+    if block_list(model, example) is not None:
+        out.append([Candidate(depth_ratio=d) for d in DEPTH_RATIOS])
     return out
 
 
