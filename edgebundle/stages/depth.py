@@ -178,6 +178,8 @@ class States:
         return outputs
 
     def _subsample(self, r: torch.Tensor) -> torch.Tensor:
+        """At most MAX_ROWS rows, the same ones (one seed) at every boundary of one shape: a bridge's input and
+        output rows stay paired."""
         if len(r) <= MAX_ROWS:
             return r
         keep = torch.randperm(len(r), generator=torch.Generator().manual_seed(0))[:MAX_ROWS]
