@@ -169,3 +169,17 @@ def test_a_pretrained_teachers_student_learns_without_dropout_and_batchnorm_foll
         assert not model[2].training and model[1].training is not freeze_bn
         _train_mode(model, freeze_bn)
         assert model[2].training and model[1].training is not freeze_bn
+
+
+def test_agreement_chooses_checkpoints_on_the_inputs_the_budget_judges():
+    """With the recipe's min_confidence, distillation's validation agreement counts only the inputs the teacher
+    is that confident on, as the agreement budget does; without, every input."""
+    import numpy as np
+
+    from edgebundle.stages.training import agreement
+
+    reference = np.array([[9, 0, 0], [0, 9, 0], [0.1, 0, 0], [0, 0.1, 0]], dtype=np.float32)  # 2 confident
+    outputs = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1]], dtype=np.float32)  # agrees on those 2
+    assert agreement(outputs, reference) == 50.0
+    assert agreement(outputs, reference, 0.5) == 100.0
+    assert agreement(outputs, reference, 0.9999) == 50.0  # no confident input: every input

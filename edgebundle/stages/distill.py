@@ -44,8 +44,11 @@ class Distill(StageBase):
             kind = self._loss(ctx)
             if kind != "kl":
                 d["loss_resolved"] = kind
+        confident = judged_confidence(ctx, judged_metric(ctx))
         return {"distill": d, "seed": ctx.recipe.seed,
-                **({"dropout": "off"} if dropout_off(ctx.recipe.stages.distill, ctx.pretrained) else {})}
+                **({"dropout": "off"} if dropout_off(ctx.recipe.stages.distill, ctx.pretrained) else {}),
+                **({"checkpoint": f"agreement on inputs the teacher holds >= {confident:g}"}
+                   if confident is not None else {})}
 
     def _loss(self, ctx: StageContext) -> str:
         return distill_loss_for(ctx.recipe.stages.distill, judged_metric(ctx))
@@ -66,7 +69,7 @@ class Distill(StageBase):
         metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         fit = distill(s_model, t_model, ds.distill_train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
                       device=ctx.device, metric=metric, specs=recipe.inputs,
-                      pretrained=ctx.pretrained)
+                      pretrained=ctx.pretrained, min_confidence=judged_confidence(ctx, metric))
         s_model = s_model.cpu().eval()
         save_structured(s_model, folder)
         macs, params = count(s_model, ctx.example)
@@ -100,6 +103,11 @@ def vs_teacher(student: np.ndarray, teacher: np.ndarray, classes: bool = True) -
     if classes and student.ndim == 2 and student.shape[1] >= 2:
         out["top1_agreement"] = round(agreement(student, teacher), 4)
     return out
+
+
+def judged_confidence(ctx: StageContext, metric: str) -> float | None:
+    """The teacher confidence from which agreement is judged, where the recipe's metric is agreement."""
+    return ctx.recipe.metric.min_confidence if metric == "agreement" else None
 
 
 def judged_metric(ctx: StageContext) -> str:

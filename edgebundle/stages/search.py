@@ -30,7 +30,7 @@ from edgebundle.core.artifact import Artifact
 from edgebundle.core.errors import EdgeBundleError, StageError
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.base import StageBase, StageContext, dump
-from edgebundle.stages.distill import judged_metric
+from edgebundle.stages.distill import judged_confidence, judged_metric
 from edgebundle.stages.depth import block_list
 from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, prune
 from edgebundle.stages.registry import register_stage
@@ -193,7 +193,7 @@ class Search(StageBase):
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
                     fit = distill(student, teacher, ds.distill_train, ds.val, ctx.names, short, seed=recipe.seed,
                                   device=ctx.device, metric=metric, specs=recipe.inputs,
-                                  pretrained=ctx.pretrained)
+                                  pretrained=ctx.pretrained, min_confidence=judged_confidence(ctx, metric))
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
                 facts["distill_best_epoch"] = fit.best_epoch  # -1: no epoch did better than the pruned start
             student = student.cpu().eval()

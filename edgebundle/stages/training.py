@@ -24,7 +24,7 @@ from torch import nn
 from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core import distributed, progress
 from edgebundle.core.data import Split
-from edgebundle.core.metrics import Contract
+from edgebundle.core.metrics import Contract, MetricSpec
 from edgebundle.core.modelio import KEPT_ATTR, block_positions
 from edgebundle.core.distillation import loss_for_metric, soft_loss
 from edgebundle.stages.augment import augmenter
@@ -82,9 +82,15 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return Contract.plain("top1").judge(logits, logits, labels).value
 
 
-def agreement(outputs: np.ndarray, reference: np.ndarray) -> float:
-    """Top-1 agreement with `reference` in percent, over every input (the contract's agreement_all)."""
-    return Contract.plain("agreement").judge(reference, outputs, None).details["agreement_all"]
+def agreement(outputs: np.ndarray, reference: np.ndarray, min_confidence: float | None = None) -> float:
+    """Top-1 agreement with `reference` in percent: over every input (the contract's agreement_all), or, with
+    `min_confidence`, over the inputs the reference is that confident on, as the budget judges it (every input
+    where there is none)."""
+    if min_confidence is None:
+        return Contract.plain("agreement").judge(reference, outputs, None).details["agreement_all"]
+    v = Contract("agreement", MetricSpec(name="agreement", min_confidence=min_confidence), 0.0).judge(
+        reference, outputs, None)
+    return v.value if v.samples else v.details["agreement_all"]
 
 
 def _require_labels(split: Split, what: str) -> np.ndarray:
@@ -219,9 +225,12 @@ def dropout_off(cfg: DistillStage, pretrained: bool) -> bool:
 
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
             cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True,
-            metric: str | None = None, specs: list[InputSpec] | None = None, pretrained: bool = False) -> FitResult:
+            metric: str | None = None, specs: list[InputSpec] | None = None, pretrained: bool = False,
+            min_confidence: float | None = None) -> FitResult:
     """Knowledge distillation from a frozen teacher; its outputs are computed once up front. `pretrained`: the
-    teacher came with its weights (batchnorm auto keeps their statistics then).
+    teacher came with its weights (batchnorm auto keeps their statistics then). `min_confidence`: agreement
+    chooses the checkpoint on the validation inputs the teacher is that confident on, as the budget judges
+    (on all inputs, an epoch that costs confident ones could be kept for what it gains on near-ties).
 
     The loss follows `distill_loss_for` (no labels needed except for the CE term of kl); the best checkpoint
     is the one with the best validation score in the same terms: accuracy on labels (kl with labels),
@@ -253,7 +262,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
             return -float(soft_loss(kind, out, val_ref, t))
         if val.labels is not None:
             return accuracy(out.numpy(), val.labels)
-        return agreement(out.numpy(), val_ref.numpy())
+        return agreement(out.numpy(), val_ref.numpy(), min_confidence)
 
     name = {"cosine": "val_cosine", "mse": "val_neg_rel_mse"}.get(
         kind, "val_accuracy" if val.labels is not None else "val_agreement")
