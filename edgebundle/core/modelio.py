@@ -213,7 +213,12 @@ class Bridge(nn.Module):
         super().__init__()
         self.linear = nn.Linear(width, width) if linear else None
         self.shift = None if linear else nn.Parameter(torch.zeros(width))
-        self.width, self.tuple_out, self.channels_first = width, tuple_out, channels_first
+        self.tuple_out, self.channels_first = tuple_out, channels_first
+
+    @property
+    def width(self) -> int:
+        """From the weights (channel pruning after depth pruning can narrow a bridge)."""
+        return self.linear.in_features if self.linear is not None else len(self.shift)
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any):
         h = hidden.movedim(1, -1) if self.channels_first else hidden
@@ -230,18 +235,31 @@ def keep_blocks(model: nn.Module, name: str, layout: list[int | nn.Module]) -> i
     """Replace the ModuleList `name` by `layout`: the blocks at the original indices it names, in order, and
     the modules (bridges) it holds where they stand. A Hugging Face config's num_hidden_layers follows.
     Returns how many blocks there were."""
+    old = model.get_submodule(name)
+    new = nn.ModuleList([old[i] if isinstance(i, int) else i for i in layout])
+    setattr(new, KEPT_ATTR, tuple(int(i) for i in layout if isinstance(i, int)))
+    replace_blocks(model, name, new)
+    return len(old)
+
+
+def replace_blocks(model: nn.Module, name: str, new: nn.ModuleList) -> Callable[[], None]:
+    """Put `new` in place of the ModuleList `name`; a Hugging Face config's num_hidden_layers follows. Returns
+    what puts the old list (and the configs) back."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, leaf)
-    before = len(old)
-    new = nn.ModuleList([old[i] if isinstance(i, int) else i for i in layout])
-    setattr(new, KEPT_ATTR, tuple(int(i) for i in layout if isinstance(i, int)))
+    configs = [m.config for m in model.modules()
+               if getattr(getattr(m, "config", None), "num_hidden_layers", None) == len(old)]
     setattr(parent, leaf, new)
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if getattr(cfg, "num_hidden_layers", None) == before:
-            cfg.num_hidden_layers = len(new)
-    return before
+    for c in configs:
+        c.num_hidden_layers = len(new)
+
+    def undo() -> None:
+        setattr(parent, leaf, old)
+        for c in configs:
+            c.num_hidden_layers = len(old)
+
+    return undo
 
 
 def block_positions(blocks: nn.ModuleList, n: int) -> dict[int, int]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from edgebundle.core.data import Split
 from edgebundle.core.errors import RecipeError
-from edgebundle.core.modelio import Bridge, keep_blocks, macs
+from edgebundle.core.modelio import Bridge, keep_blocks, macs, replace_blocks
 from edgebundle.core.recipe import PruneStage
 from edgebundle.stages.training import batches as training_batches, in_order
 
@@ -238,17 +238,8 @@ def _first(out) -> torch.Tensor:
 @contextlib.contextmanager
 def _swapped(model: nn.Module, name: str, modules: list[nn.Module]) -> Iterator[None]:
     """The block list `name` holds `modules` (a config's num_hidden_layers following) for the duration."""
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, leaf)
-    configs = [m.config for m in model.modules()
-               if getattr(getattr(m, "config", None), "num_hidden_layers", None) == len(old)]
-    setattr(parent, leaf, nn.ModuleList(modules))
-    for c in configs:
-        c.num_hidden_layers = len(modules)
+    undo = replace_blocks(model, name, nn.ModuleList(modules))
     try:
         yield
     finally:
-        setattr(parent, leaf, old)
-        for c in configs:
-            c.num_hidden_layers = len(old)
+        undo()

@@ -39,19 +39,17 @@ class Distill(StageBase):
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         d = without_defaults(ctx.recipe.stages.distill, "patience", "augment", "dropout")
+        metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         if d.get("loss") == "auto":  # the key before `loss` existed: those work folders stay valid
             d.pop("loss")
-            kind = self._loss(ctx)
+            kind = distill_loss_for(ctx.recipe.stages.distill, metric)
             if kind != "kl":
                 d["loss_resolved"] = kind
-        confident = judged_confidence(ctx, judged_metric(ctx))
+        confident = judged_confidence(ctx, metric)
         return {"distill": d, "seed": ctx.recipe.seed,
                 **({"dropout": "off"} if dropout_off(ctx.recipe.stages.distill, ctx.pretrained) else {}),
                 **({"checkpoint": f"agreement on inputs the teacher holds >= {confident:g}"}
                    if confident is not None else {})}
-
-    def _loss(self, ctx: StageContext) -> str:
-        return distill_loss_for(ctx.recipe.stages.distill, judged_metric(ctx))
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.student, ctx.artifacts["teacher"]]
