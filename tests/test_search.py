@@ -158,6 +158,22 @@ def test_depth_pruning_with_compensation_bridges_the_dropped_blocks_chosen_by_me
     assert len(fit.history) == 1 and np.isfinite(fit.history[0])
 
 
+def test_dropped_blocks_are_priced_as_the_metric_reads_the_output():
+    """Class scores: the KL divergence of their softmax (a shift of every logit changes no prediction and
+    costs nothing; moving the probability mass does); embeddings and the rest: relative mean squared error."""
+    from edgebundle.stages.depth import _cost, output_cost
+
+    assert output_cost("agreement") == output_cost("top1") == "kl"
+    assert output_cost("cosine") == output_cost(None) == "mse"
+    torch.manual_seed(0)
+    ref = torch.randn(16, 10) * 3
+    shifted = ref + 5.0
+    flat = torch.zeros_like(ref)
+    assert _cost([shifted], [ref], "kl") < 1e-9 < 0.5 < _cost([shifted], [ref], "mse")
+    assert _cost([flat], [ref], "kl") > 0.5
+    assert _cost([ref[:8], ref[8:]], [ref[:8], ref[8:]], "kl") == 0.0
+
+
 def test_depth_pruning_of_a_cnn_is_refused_in_one_line():
     from edgebundle.stages.pruning import prune
     from edgebundle.zoo import digits_cnn

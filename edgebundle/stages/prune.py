@@ -11,6 +11,8 @@ from edgebundle.core.modelio import check_accepts, save_structured
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.base import StageBase, StageContext, without_defaults
+from edgebundle.stages.depth import output_cost
+from edgebundle.stages.distill import judged_metric
 from edgebundle.stages.pruning import SIMD_ROUNDS, prune
 from edgebundle.stages.training import accuracy, predict
 
@@ -44,7 +46,16 @@ class Prune(StageBase):
                 **({"round_to_auto": list(SIMD_ROUNDS) + ([] if cfg.shared else ["pruned layers"])} if auto else {}),
                 **({"batchnorm": "recentred"} if cfg.recenter and cfg.enabled else {}),
                 **({"readers": "least-squares refit"} if cfg.compensate == "least_squares" and cfg.enabled else {}),
-                **({"blocks": "measured, bridged"} if cfg.depth_ratio > 0 and cfg.compensate != "none" else {})}
+                **({"blocks": f"measured ({self._cost(ctx)}), bridged"} if self._measured(cfg) else {})}
+
+    @staticmethod
+    def _measured(cfg: PruneStage) -> bool:
+        """Whether dropped blocks are chosen by measurement (and so by the metric's cost)."""
+        return cfg.depth_ratio > 0 and cfg.compensate != "none"
+
+    @staticmethod
+    def _cost(ctx: StageContext) -> str:
+        return output_cost(judged_metric(ctx))
 
     @staticmethod
     def _cfg(ctx: StageContext) -> PruneStage:
@@ -74,7 +85,8 @@ class Prune(StageBase):
         if cfg.ratio == 0 and cfg.head_ratio == 0 and cfg.depth_ratio == 0:  # the search kept the unpruned model
             save_structured(model, folder)
             return {"unchanged": True, "searched": True}
-        rep = prune(model, cfg, ctx.example, train=ds.train, names=ctx.names)
+        rep = prune(model, cfg, ctx.example, train=ds.train, names=ctx.names,
+                    metric=judged_metric(ctx) if self._measured(cfg) else None)
         try:
             check_accepts(model, recipe.inputs, len(recipe.outputs))
         except RecipeError as e:

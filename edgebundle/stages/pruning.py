@@ -19,7 +19,7 @@ from torch import nn
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.data import Split
 from edgebundle.core.modelio import macs
-from edgebundle.stages.depth import drop_blocks, ridge_solve
+from edgebundle.stages.depth import drop_blocks, output_cost, ridge_solve
 from edgebundle.stages.training import batches as training_batches, in_order
 from edgebundle.core.recipe import PruneStage
 
@@ -446,8 +446,9 @@ def attention_modules(model: nn.Module) -> list[Attention]:
 
 
 def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], *,
-          train: Split | None, names: list[str], batch_size: int = 64) -> PruneReport:
-    """Prune `model` in place (callers pass a copy). Taylor importance uses gradients on training data."""
+          train: Split | None, names: list[str], batch_size: int = 64, metric: str | None = None) -> PruneReport:
+    """Prune `model` in place (callers pass a copy). Taylor importance uses gradients on training data;
+    `metric` (the recipe's, resolved) says how dropped blocks' cost is measured (`depth.output_cost`)."""
     model.eval()
     modules = dict(model.named_modules())
     ignored_names = sorted(set(cfg.ignore) | set(output_layers(model, example)))
@@ -456,7 +457,7 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     macs0, params0 = count(model, example)
     widths0 = _widths(model)
     heads0 = {a.name: a.heads for a in attention}
-    blocks = drop_blocks(model, cfg, example, train, names, batch_size) if cfg.depth_ratio > 0 else None
+    blocks = drop_blocks(model, cfg, example, train, names, batch_size, output_cost(metric)) if cfg.depth_ratio > 0 else None
     if blocks:  # the dropped blocks' layers and heads are gone: look the rest up again
         modules = dict(model.named_modules())
         attention = attention_modules(model)

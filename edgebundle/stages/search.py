@@ -37,7 +37,7 @@ from edgebundle.stages.registry import register_stage
 from edgebundle.stages.training import distill
 
 SEARCH_FILE = "search.json"
-PRICING = 4  # how candidates are priced: rows kept from another way of pricing are not reused
+PRICING = 5  # how candidates are priced: rows kept from another way of pricing are not reused
 HEAD_RATIOS = (0.25, 0.5)
 DEPTH_RATIOS = (0.33, 0.5)
 
@@ -183,7 +183,8 @@ class Search(StageBase):
         student = copy.deepcopy(teacher)
         facts: dict[str, Any] = {}
         if cand != Candidate():
-            rep = prune(student, cand.config(recipe.stages.prune), ctx.example, train=ds.train, names=ctx.names)
+            rep = prune(student, cand.config(recipe.stages.prune), ctx.example, train=ds.train, names=ctx.names,
+                        metric=metric)
             facts.update(macs_ratio=round(rep.macs_ratio, 4), params=rep.params_after, macs=rep.macs_after,
                          heads_removed=sum(b - a for b, a in rep.heads.values()),
                          blocks_kept=next(iter(rep.blocks.values())) if rep.blocks else None)
