@@ -85,7 +85,7 @@ def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path
     from edgebundle.core.modelio import load_structured, save_structured
     from edgebundle.stages.depth import block_list, kept_blocks
     from edgebundle.stages.pruning import prune
-    from edgebundle.stages.search import Candidate, families
+    from edgebundle.stages.search import Candidate, depth_ratios, families
     from edgebundle.zoo import tiny_encoder
 
     assert kept_blocks(6, 0.5) == [0, 2, 5] and kept_blocks(6, 0.33) == [0, 2, 3, 5] and kept_blocks(2, 0.5) == [1]
@@ -95,6 +95,7 @@ def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path
     labels = [[c.label for c in f] for f in families(PruneStage(ratio="auto", search_ratios=[0.2, 0.4]), model, ex)]
     assert labels == [["ratio 0.2", "ratio 0.4"], ["ratio 0.2, importance fpgm", "ratio 0.4, importance fpgm"],
                       ["head ratio 0.25", "head ratio 0.5"], ["depth ratio 0.33", "depth ratio 0.5"]]
+    assert depth_ratios(14) == [0.25, 0.33, 0.5] and depth_ratios(6) == [0.33, 0.5] and depth_ratios(4) == [0.33, 0.5]
     fpgm = families(PruneStage(ratio="auto", importance="fpgm"), model, ex)
     assert not any(c.importance for f in fpgm for c in f)  # the recipe's own importance is not tried twice
     act = families(PruneStage(ratio="auto", importance="activation"), model, ex)

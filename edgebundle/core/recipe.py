@@ -303,8 +303,9 @@ class PruneStage(Strict):
     search_minutes: float = Field(30.0, gt=0, le=7 * 24 * 60, description=(
         "ratio auto: the search's time bound; candidates not started by then are left out (their rows say so)"))
     search_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5], min_length=1, description=(
-        "ratio auto: the channel ratios tried, in order; models with attention also try head_ratio 0.25 and 0.5 "
-        "and depth_ratio 0.33 and 0.5"))
+        "ratio auto: the channel ratios tried, in order; models with attention also try head_ratio 0.25 and 0.5, "
+        "models with blocks that keep their input's shape depth_ratio 0.25, 0.33 and 0.5 (those that drop "
+        "different numbers of blocks)"))
     search_epochs: int = Field(2, ge=0, le=MAX_EPOCHS, description=(
         "ratio auto: epochs of distillation each candidate gets before it is judged (0: none)"))
     ignore: list[str] = Field(

@@ -1,7 +1,7 @@
 """Stage `search`: `prune: {ratio: auto}` finds the structure by measurement instead of a guessed ratio.
 
-Each candidate structure (a channel ratio; for models with attention also a head ratio and a depth ratio,
-whole blocks dropped) is pruned from the original model, given a short distillation, quantized as the
+Each candidate structure (a channel ratio; for models with attention also a head ratio; for models with
+blocks that keep their input's shape a depth ratio, whole blocks dropped) is pruned from the original model, given a short distillation, quantized as the
 recipe's first target builds it, judged on the validation split against the original model's outputs and
 timed interleaved against the unpruned model quantized the same way (the pipeline's pricer does the last
 three: stages do not import targets). Within each family candidates go from mild to strong, and a family
@@ -31,7 +31,7 @@ from edgebundle.core.errors import EdgeBundleError, StageError
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.base import StageBase, StageContext, dump
 from edgebundle.stages.distill import judged_confidence, judged_metric
-from edgebundle.stages.depth import block_list
+from edgebundle.stages.depth import block_list, dropped_count
 from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, prune
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.training import distill
@@ -39,7 +39,7 @@ from edgebundle.stages.training import distill
 SEARCH_FILE = "search.json"
 PRICING = 5  # how candidates are priced: rows kept from another way of pricing are not reused
 HEAD_RATIOS = (0.25, 0.5)
-DEPTH_RATIOS = (0.33, 0.5)
+DEPTH_RATIOS = (0.25, 0.33, 0.5)  # of the droppable blocks; ratios that drop as many blocks are tried once
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,18 @@ def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]
         out.append([Candidate(ratio=r, importance="fpgm") for r in ratios])
     if attention_modules(model):
         out.append([Candidate(head_ratio=h) for h in HEAD_RATIOS])
-    if block_list(model, example) is not None:
-        out.append([Candidate(depth_ratio=d) for d in DEPTH_RATIOS])
+    found = block_list(model, example)
+    if found is not None:
+        out.append([Candidate(depth_ratio=d) for d in depth_ratios(len(found[2]))])
     return out
+
+
+def depth_ratios(droppable: int) -> list[float]:
+    """DEPTH_RATIOS that drop different numbers of `droppable` blocks (of those that drop as many, the
+    largest: its label is nearest the share dropped). EfficientNet-Lite1's 14 residual blocks: 4, 5 and 7
+    dropped; six encoder layers: 2 and 3."""
+    by_count = {dropped_count(droppable, d): d for d in sorted(DEPTH_RATIOS)}
+    return [by_count[k] for k in sorted(by_count) if k > 0]
 
 
 def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
