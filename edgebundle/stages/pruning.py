@@ -457,7 +457,8 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     macs0, params0 = count(model, example)
     widths0 = _widths(model)
     heads0 = {a.name: a.heads for a in attention}
-    blocks = drop_blocks(model, cfg, example, train, names, batch_size, output_cost(metric)) if cfg.depth_ratio > 0 else None
+    blocks = (drop_blocks(model, cfg, example, train, names, batch_size, output_cost(metric))
+              if cfg.depth_ratio > 0 else None)
     if blocks:  # the dropped blocks' layers and heads are gone: look the rest up again
         modules = dict(model.named_modules())
         attention = attention_modules(model)
