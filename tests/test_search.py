@@ -159,6 +159,35 @@ def test_depth_pruning_with_compensation_bridges_the_dropped_blocks_chosen_by_me
     assert len(fit.history) == 1 and np.isfinite(fit.history[0])
 
 
+def test_the_greedy_order_is_priced_once_for_nested_depth_candidates(monkeypatch):
+    """Dropping k + 1 blocks begins with the k dropped first: a second, deeper candidate of the same original on
+    the same inputs prices only the steps it adds, and keeps what a fresh choice keeps."""
+    from edgebundle.core.data import Split
+    from edgebundle.stages import depth
+    from edgebundle.zoo import tiny_encoder
+
+    torch.manual_seed(0)
+    original = tiny_encoder(layers=4).eval()
+    ex = (torch.zeros(1, 32, dtype=torch.long),)
+    train = Split({"tokens": np.random.default_rng(0).integers(0, 30, (64, 32)).astype(np.int64)}, None)
+    calls = []
+    price = depth.States.price
+    monkeypatch.setattr(depth.States, "price", lambda self, *a: calls.append(a[0]) or price(self, *a))
+    monkeypatch.setattr(depth, "_ORDERS", {})
+
+    def drop(ratio):
+        calls.clear()
+        return depth.drop_blocks(copy.deepcopy(original), PruneStage(ratio=0.0, depth_ratio=ratio, compensate="mean"),
+                                 ex, train, ["tokens"], 32), len(calls)
+
+    one, n1 = drop(0.25)
+    two, n2 = drop(0.5)
+    assert n1 == 4 * 2 and n2 == 3 * 2  # (blocks left) x (plain, shift): the first step is not priced again
+    assert set(one["layers"]) > set(two["layers"]) and len(two["layers"]) == 2
+    monkeypatch.setattr(depth, "_ORDERS", {})
+    assert drop(0.5) == (two, 4 * 2 + 3 * 2)
+
+
 def test_dropped_blocks_are_priced_as_the_metric_reads_the_output():
     """Class scores: the KL divergence of their softmax (a shift of every logit changes no prediction and
     costs nothing; moving the probability mass does); embeddings and the rest: relative mean squared error."""

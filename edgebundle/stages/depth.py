@@ -19,6 +19,7 @@ choice) dropped 0.654 / 0.274, shifted 0.819 / 0.383, linear 0.932 / 0.466.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Iterator
 
 import numpy as np
@@ -122,22 +123,37 @@ def drop_blocks(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
         keep_blocks(model, name, keep)
         return {name: keep}
     order = [idx for idx in in_order(min(len(train), SAMPLE_INPUTS), batch_size) if len(idx)]
-    states = States(model, name, list(training_batches(train, names, order)), names, cost)
+    xs = list(training_batches(train, names, order))
+    states = States(model, name, xs, names, cost)
     modes = ("plain", "linear" if cfg.compensate == "least_squares" else "shift")
-    drop: set[int] = set()
-    mode = "plain"
+    key = _order_key(model, xs, (name, cost, modes))
+    steps = _ORDERS.setdefault(key, [])
     before = macs(model, example)
-    for _ in range(dropped_count(len(droppable), cfg.depth_ratio)):  # greedy: the cheapest removal per MAC goes
+    while len(steps) < dropped_count(len(droppable), cfg.depth_ratio):  # greedy: the cheapest removal per MAC
+        gone = {i for i, _ in steps}
         price = {}
-        for i in (i for i in droppable if i not in drop):
+        for i in (i for i in droppable if i not in gone):
             for m in modes:
-                cost, after = states.price(drop | {i}, m, example)
-                price[(i, m)] = cost / max(before - after, 1)
-        (i, mode) = min(price, key=price.__getitem__)
-        drop.add(i)
+                c, after = states.price(gone | {i}, m, example)
+                price[(i, m)] = c / max(before - after, 1)
+        steps.append(min(price, key=price.__getitem__))
+    steps = steps[:dropped_count(len(droppable), cfg.depth_ratio)]
+    drop, mode = {i for i, _ in steps}, (steps[-1][1] if steps else "plain")
     layout = states.layout(drop, mode)
     keep_blocks(model, name, layout)
     return {name: [i for i in layout if isinstance(i, int)]}
+
+
+# the greedy steps taken so far per (original weights, inputs, cost): the orders are nested (dropping k + 1 blocks
+# begins with the k blocks dropped first), so a search's depth candidates and the kept structure share one
+_ORDERS: dict[str, list[tuple[int, str]]] = {}
+
+
+def _order_key(model: nn.Module, xs: list[tuple[torch.Tensor, ...]], how: tuple) -> str:
+    h = hashlib.sha256(repr(how).encode())
+    for t in [*model.state_dict().values(), *(t for x in xs for t in x)]:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
