@@ -128,8 +128,8 @@ def drop_blocks(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
     modes = ("plain", "linear" if cfg.compensate == "least_squares" else "shift")
     key = _order_key(model, xs, (name, cost, modes))
     steps = _ORDERS.setdefault(key, [])
-    before = macs(model, example)
-    while len(steps) < dropped_count(len(droppable), cfg.depth_ratio):  # greedy: the cheapest removal per MAC
+    before, count = macs(model, example), dropped_count(len(droppable), cfg.depth_ratio)
+    while len(steps) < count:  # greedy: the cheapest removal per MAC saved goes next
         gone = {i for i, _ in steps}
         price = {}
         for i in (i for i in droppable if i not in gone):
@@ -137,7 +137,7 @@ def drop_blocks(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
                 c, after = states.price(gone | {i}, m, example)
                 price[(i, m)] = c / max(before - after, 1)
         steps.append(min(price, key=price.__getitem__))
-    steps = steps[:dropped_count(len(droppable), cfg.depth_ratio)]
+    steps = steps[:count]
     drop, mode = {i for i, _ in steps}, (steps[-1][1] if steps else "plain")
     layout = states.layout(drop, mode)
     keep_blocks(model, name, layout)

@@ -4,10 +4,11 @@ Each candidate structure (a channel ratio; for models with attention also a head
 blocks that keep their input's shape a depth ratio, whole blocks dropped) is pruned from the original model,
 given a short distillation, quantized as the recipe's first target builds it, judged on the validation split
 against the original model's outputs and timed interleaved against the unpruned model quantized the same way
-(the pipeline's pricer does the last three: stages do not import targets). Within each family candidates go from mild to strong, and a family
-stops at its first candidate over budget. The fastest candidate within budget that is faster than the
-unpruned model is the result; none: nothing is pruned, and the run says so. `prune` then prunes the original
-with it and `distill` gives it the full distillation, and the bundle is judged again on the test split.
+(the pipeline's pricer does the last three: stages do not import targets). Within each family candidates go
+from mild to strong, and a family stops at its first candidate over budget. The fastest candidate within
+budget that is faster than the unpruned model is the result; none: nothing is pruned, and the run says so.
+`prune` then prunes the original with it and `distill` gives it the full distillation, and the bundle is
+judged again on the test split.
 
 Rows are kept in the work folder as they are priced, so an interrupted search resumes where it stopped.
 """
