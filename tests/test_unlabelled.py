@@ -122,19 +122,16 @@ def test_unlabelled_applies_to_images_and_text(tmp_path):
         recipe_from_dict(d, base_dir=tmp_path)
 
 
-@pytest.mark.skipif(not HAVE_PHOTOS, reason="scikit-image, Pillow and matplotlib ship the photos (edgebundle[real])")
-def test_a_student_that_holds_the_test_split_but_not_the_held_out_groups_is_rejected(tmp_path):
-    """The data: crops of 8 photo halves in one flat folder, so the test split holds new crops of the same 8
-    halves; data.unlabelled: crops of the 8 other halves, one folder each, half of them held out. The student
-    distilled on those agrees with the teacher on the test split and not on the 4 halves no stage saw: rejected,
-    the line naming distillation and the held-out groups."""
+def _halves(tmp_path) -> dict:
+    """Crops of 8 photo halves in one flat folder (so the test split holds new crops of the same 8 halves), and
+    as data.unlabelled crops of the 8 other halves, one folder each, half of them held out; a student pruned by
+    half and distilled for 30 epochs."""
     import shutil
 
     from PIL import Image
 
     from crops import __file__ as crops_file
     from crops import crops
-    from edgebundle.pipeline.runner import run
 
     shutil.copy(crops_file, tmp_path / "crops.py")
     x, ids = crops(640, 3)
@@ -149,6 +146,18 @@ def test_a_student_that_holds_the_test_split_but_not_the_held_out_groups_is_reje
     d["stages"]["distill"] = {"epochs": 30}
     d["targets"] = [{"name": "ort-cpu", "max_accuracy_drop": 10, "options": {"precision": "fp32"},
                      "measure": {"iterations": 10}}]
+    return d
+
+
+@pytest.mark.skipif(not HAVE_PHOTOS, reason="scikit-image, Pillow and matplotlib ship the photos (edgebundle[real])")
+def test_a_student_that_holds_the_test_split_but_not_the_held_out_groups_is_rejected(tmp_path):
+    """The data: crops of 8 photo halves in one flat folder, so the test split holds new crops of the same 8
+    halves; data.unlabelled: crops of the 8 other halves, one folder each, half of them held out. The student
+    distilled on those agrees with the teacher on the test split and not on the 4 halves no stage saw: rejected,
+    the line naming distillation and the held-out groups."""
+    from edgebundle.pipeline.runner import run
+
+    d = _halves(tmp_path)
     res = run(recipe_from_dict(d, base_dir=tmp_path), output=tmp_path / "out", keep_rejected=True)
     (b,) = res.bundles
     acc = b.manifest["accuracy"]
@@ -157,6 +166,24 @@ def test_a_student_that_holds_the_test_split_but_not_the_held_out_groups_is_reje
     assert acc["target"] >= 90  # the test split alone would have shipped it
     rejection = b.manifest["target"]["rejection"]
     assert "distillation" in rejection and "held-out groups" in rejection and "does not generalize" in rejection
+
+
+@pytest.mark.skipif(not HAVE_PHOTOS, reason="scikit-image, Pillow and matplotlib ship the photos (edgebundle[real])")
+def test_the_search_refuses_a_candidate_that_misses_the_held_out_groups(tmp_path):
+    """The same student as a search candidate (30 epochs of the search's distillation): it holds the validation
+    split, not the held-out groups, so the search refuses it before building it and keeps the unpruned model."""
+    from edgebundle.pipeline.runner import run
+
+    d = _halves(tmp_path)
+    d["stages"]["prune"] = {"ratio": "auto", "search_ratios": [0.5], "search_epochs": 30}
+    res = run(recipe_from_dict(d, base_dir=tmp_path), output=tmp_path / "out")
+    search = res.bundles[0].manifest["search"]
+    rows = {r["label"]: r for r in search["rows"]}
+    half = rows["ratio 0.5"]
+    assert half["held_out_over"] and not half["within"] and "speedup" not in half, half
+    assert "fp32_over" not in half and half["value"] >= 90  # it held the validation split
+    assert "held-out groups" in half["summary"]
+    assert search["chosen"]["ratio"] == 0.0 and "no pruned structure held" in search["outcome"]
 
 
 def test_bad_unlabelled_inputs_are_one_line_each(tmp_path):

@@ -215,9 +215,14 @@ def held_out_verdict(prepared: Prepared, contract: Contract) -> Verdict | None:
     if art is None or not art.path(HELD_OUT_FILE).is_file():
         return None
     d = np.load(art.path(HELD_OUT_FILE))
+    return held_out_contract(contract).judge(d["original"], d["student"], None, interval=True, groups=d["groups"])
+
+
+def held_out_contract(contract: Contract) -> Contract:
+    """The contract on data.unlabelled's held-out groups: top1 there is top-1 agreement (no labels)."""
     if contract.metric == "top1":
-        contract = replace(contract, metric="agreement", spec=contract.spec.model_copy(update={"name": "agreement"}))
-    return contract.judge(d["original"], d["student"], None, interval=True, groups=d["groups"])
+        return replace(contract, metric="agreement", spec=contract.spec.model_copy(update={"name": "agreement"}))
+    return contract
 
 
 def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, judged: np.ndarray) -> Contract:

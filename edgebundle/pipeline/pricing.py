@@ -18,7 +18,8 @@ from edgebundle.core.errors import StageError
 from edgebundle.core.host import usable_cores
 from edgebundle.core.measure import interleaved_ratio, time_block
 from edgebundle.exporters.onnx import export
-from edgebundle.pipeline.evaluate import contract_for, judged_output, measure_feeds, verdict_summary
+from edgebundle.pipeline.evaluate import (contract_for, held_out_contract, judged_output, measure_feeds,
+                                         verdict_summary)
 from edgebundle.stages.base import StageContext
 from edgebundle.targets import BuildContext, registry
 
@@ -54,6 +55,9 @@ class TargetPricer:
         self.threads = self.spec.threads or usable_cores()
         self.original = judged_output(original, ds.val, recipe)
         self.contract = contract_for(recipe, self.spec, ds.val.labels, self.original)
+        # data.unlabelled's held-out groups, which no stage learns from: a candidate's fp32 student must hold there too
+        self.held = None if ds.held_out is None else (judged_output(original, ds.held_out, recipe),
+                                                       held_out_contract(self.contract))
         self.calibration = ds.calibration(recipe.data, self.spec.calibration.samples)
         self.feeds = measure_feeds(ds.val, recipe, self.spec.measure.batch)
         self.tmp = Path(tempfile.mkdtemp(prefix=".search-", dir=ctx.work))
@@ -77,13 +81,18 @@ class TargetPricer:
         return sess, (verdict, built)
 
     def price(self, model: nn.Module, check_fp32: bool = True) -> dict[str, Any]:
-        fp32 = self.contract.judge(self.original, judged_output(model, self.ctx.dataset.val, self.ctx.recipe),
-                                   self.ctx.dataset.val.labels) if check_fp32 else None
+        ds = self.ctx.dataset
+        fp32 = self.contract.judge(self.original, judged_output(model, ds.val, self.ctx.recipe),
+                                   ds.val.labels) if check_fp32 else None
         if fp32 is not None and not fp32.within:
             # int8 cannot win back what the fp32 student lost: no int8 build (accuracy control and QAT would
             # spend minutes keeping layers float for a budget already missed), no timing
             return {"within": False, "value": round(float(fp32.value), 6), "line": fp32.line(),
                     "summary": f"fp32 student {verdict_summary(fp32)}", "fp32_over": True}
+        held = self._held_out(model) if check_fp32 else {}
+        if held.get("held_out_over"):  # the build would reject this student: it does not generalize
+            return {"within": False, "value": round(float(fp32.value), 6), "line": fp32.line(), **held,
+                    "summary": f"fp32 student {verdict_summary(fp32)}; {held['held_out_summary']}"}
         sess, (verdict, built) = self._open(model)
         try:
             base_ms = float(np.median(time_block(lambda: self.base.run(self.feeds), 5)))
@@ -97,7 +106,16 @@ class TargetPricer:
                 "summary": verdict_summary(verdict),
                 "speedup": round(1 / ratio, 4), "speedup_ci95": [round(1 / ci[1], 4), round(1 / ci[0], 4)],
                 "p50_ms": round(p50, 4), "base_p50_ms": round(base_p50, 4), "precision": built.precision,
-                **_int8_form(built.quantization)}
+                **_int8_form(built.quantization), **held}
+
+    def _held_out(self, model: nn.Module) -> dict[str, Any]:
+        """The fp32 student against the original on data.unlabelled's held-out groups ({} without them)."""
+        if self.held is None:
+            return {}
+        original, contract = self.held
+        v = contract.judge(original, judged_output(model, self.ctx.dataset.held_out, self.ctx.recipe), None)
+        return {"held_out_value": round(float(v.value), 6), "held_out_over": not v.within,
+                "held_out_summary": f"held-out groups {verdict_summary(v)} ({v.samples} inputs)"}
 
     def close(self) -> None:
         self.base.close()

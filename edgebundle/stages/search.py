@@ -38,7 +38,7 @@ from edgebundle.stages.registry import register_stage
 from edgebundle.stages.training import distill
 
 SEARCH_FILE = "search.json"
-PRICING = 5  # how candidates are priced: rows kept from another way of pricing are not reused
+PRICING = 6  # how candidates are priced: rows kept from another way of pricing are not reused
 HEAD_RATIOS = (0.25, 0.5)
 DEPTH_RATIOS = (0.25, 0.33, 0.5)  # of the droppable blocks; ratios that drop as many blocks are tried once
 
@@ -242,6 +242,9 @@ def _row_text(row: dict[str, Any]) -> str:
     if row.get("fp32_over"):
         return (f"{row['label']}: {row.get('summary') or row['line']} vs original (over budget before int8: not "
                 f"built{_start_kept(row)})")
+    if row.get("held_out_over"):
+        return (f"{row['label']}: {row['summary']} vs original (over budget on the held-out groups no stage learns "
+                f"from: not built{_start_kept(row)})")
     kept = f", {row['layers_kept_float']} layers kept float in int8" if row.get("layers_kept_float") else ""
     return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model{kept}, {row.get('summary') or row['line']} "
             f"vs original ({row['status']}{_start_kept(row)})")
@@ -250,7 +253,7 @@ def _row_text(row: dict[str, Any]) -> str:
 def _outcome(out: dict[str, Any]) -> str:
     chosen = out["chosen_label"]
     if chosen == "unpruned":
-        priced = sum(1 for r in out["rows"][1:] if "speedup" in r or r.get("fp32_over"))
+        priced = sum(1 for r in out["rows"][1:] if "speedup" in r or r.get("fp32_over") or r.get("held_out_over"))
         left = sum(1 for r in out["rows"] if r.get("status") == "not tried")
         return (f"search: no pruned structure held the budget and ran faster on {out['target']} ({priced} priced"
                 f"{f', {left} not tried: search_minutes ran out' if left else ''}); the unpruned model is kept")
