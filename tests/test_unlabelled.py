@@ -115,6 +115,24 @@ def test_unlabelled_inputs_join_distillation_and_their_held_out_groups_check_the
     assert 0 <= held_out["top1_agreement"] <= 100
 
 
+def test_held_out_groups_too_few_to_resolve_the_budget_are_bad_input():
+    """One flip on the held-out groups must not decide a points budget alone: like the test split, they need
+    enough judged inputs (checked before the search's first candidate and before each target's build)."""
+    from edgebundle.core.errors import DataError
+    from edgebundle.core.metrics import Contract
+    from edgebundle.core.recipe import MetricSpec
+    from edgebundle.pipeline.evaluate import check_held_out_resolvable
+
+    logits = np.random.default_rng(0).normal(size=(150, 10)).astype(np.float32) * 0.1
+    logits[:, 0] += 20 * (np.arange(150) < 60)  # the original is confident on 60 of them
+    top1 = Contract("top1", MetricSpec(name="top1", min_confidence=0.5), 1.0)
+    with pytest.raises(DataError, match="data.unlabelled's held-out share has 60 inputs where the fp32 model is "
+                                        "confident .* needs at least 100 .*data.unlabelled.held_out"):
+        check_held_out_resolvable(top1, logits, "ort-cpu")  # top1 is judged as agreement there (no labels)
+    check_held_out_resolvable(Contract("agreement", MetricSpec(name="agreement", min_confidence=0.5), 2.0), logits,
+                              "ort-cpu")  # 2 points: 50 judged inputs do
+
+
 def test_unlabelled_applies_to_images_and_text(tmp_path):
     d = _recipe(tmp_path, unlabelled={"path": "more"})
     d["data"] = {"kind": "digits", "unlabelled": {"path": "more"}}

@@ -26,7 +26,8 @@ from edgebundle.targets import registry
 from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft, TargetInfo, check_bundle_places,
                                         check_output_folder,
                                         pack as pack_bundle, write_bundle)
-from edgebundle.pipeline.evaluate import (Evaluation, step_name, chain_for, check_resolvable, contract_for, evaluate,
+from edgebundle.pipeline.evaluate import (Evaluation, step_name, chain_for, check_held_out_resolvable,
+                                          check_resolvable, contract_for, evaluate, held_out_outputs,
                                           fp32_reference, original_reference, reference_latency, target_build, tried,
                                           verdict_summary)
 from edgebundle.pipeline.lock import target_lock
@@ -484,6 +485,9 @@ def _contract(prepared: Prepared, spec: TargetSpec, judged: np.ndarray) -> Contr
     labels = prepared.dataset.test.labels
     contract = contract_for(prepared.recipe, spec, labels, judged)
     check_resolvable(contract, judged, labels, spec.name)
+    held = held_out_outputs(prepared)
+    if held is not None:
+        check_held_out_resolvable(contract, held["original"], spec.name)
     return contract
 
 

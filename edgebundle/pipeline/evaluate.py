@@ -211,11 +211,18 @@ def chain_for(contract: Contract, prepared: Prepared, original: np.ndarray | Non
 def held_out_verdict(prepared: Prepared, contract: Contract) -> Verdict | None:
     """The distilled student against the original on data.unlabelled's held-out groups (saved by `distill`),
     by the target's contract (top1 there is top-1 agreement: those inputs have no labels); None without them."""
+    d = held_out_outputs(prepared)
+    if d is None:
+        return None
+    return held_out_contract(contract).judge(d["original"], d["student"], None, interval=True, groups=d["groups"])
+
+
+def held_out_outputs(prepared: Prepared):
+    """`distill`'s saved outputs on data.unlabelled's held-out groups (student, original, groups), or None."""
     art = prepared.made_by("distill")
     if art is None or not art.path(HELD_OUT_FILE).is_file():
         return None
-    d = np.load(art.path(HELD_OUT_FILE))
-    return held_out_contract(contract).judge(d["original"], d["student"], None, interval=True, groups=d["groups"])
+    return np.load(art.path(HELD_OUT_FILE))
 
 
 def held_out_contract(contract: Contract) -> Contract:
@@ -238,16 +245,24 @@ def contract_for(recipe: Recipe, spec: TargetSpec, labels: np.ndarray | None, ju
     return Contract(metric, recipe.metric, spec.max_accuracy_drop, idx, name, fn, recipe.limits.user_code_s)
 
 
-def check_resolvable(contract: Contract, reference: np.ndarray, labels: np.ndarray | None, target: str) -> None:
+def check_resolvable(contract: Contract, reference: np.ndarray, labels: np.ndarray | None, target: str,
+                     where: str = "the test split", more: str = "give more data") -> None:
     """A points budget needs enough judged inputs that one changed input does not decide it alone."""
     v = contract.judge(reference, reference, labels)
     need = contract.needed_samples()
     if v.samples < need:
         what = (f"inputs where the fp32 model is confident (top-1 probability >= {contract.spec.min_confidence:g})"
                 if contract.metric == "agreement" else "inputs")
-        raise DataError(f"target '{target}': the test split has {v.samples} {what}; a {contract.max_drop:g}-point "
+        raise DataError(f"target '{target}': {where} has {v.samples} {what}; a {contract.max_drop:g}-point "
                         f"{contract.metric} budget needs at least {need} (one changed input would be "
-                        f"{100.0 / max(v.samples, 1):.1f} points): give more data or raise max_accuracy_drop")
+                        f"{100.0 / max(v.samples, 1):.1f} points): {more} or raise max_accuracy_drop")
+
+
+def check_held_out_resolvable(contract: Contract, original: np.ndarray, target: str) -> None:
+    """data.unlabelled's held-out groups gate the student by the target's budget: they too need enough judged
+    inputs (else one flip there would reject any student)."""
+    check_resolvable(held_out_contract(contract), original, None, target, where="data.unlabelled's held-out share",
+                     more="give more unlabelled inputs, hold out a larger share (data.unlabelled.held_out)")
 
 
 @dataclass

@@ -18,8 +18,8 @@ from edgebundle.core.errors import StageError
 from edgebundle.core.host import usable_cores
 from edgebundle.core.measure import interleaved_ratio, time_block
 from edgebundle.exporters.onnx import export
-from edgebundle.pipeline.evaluate import (contract_for, held_out_contract, judged_output, measure_feeds,
-                                         verdict_summary)
+from edgebundle.pipeline.evaluate import (check_held_out_resolvable, contract_for, held_out_contract, judged_output,
+                                         measure_feeds, verdict_summary)
 from edgebundle.stages.base import StageContext
 from edgebundle.targets import BuildContext, registry
 
@@ -58,6 +58,8 @@ class TargetPricer:
         # data.unlabelled's held-out groups, which no stage learns from: a candidate's fp32 student must hold there too
         self.held = None if ds.held_out is None else (judged_output(original, ds.held_out, recipe),
                                                        held_out_contract(self.contract))
+        if self.held is not None:  # before any candidate: a budget one flip there decides is bad input
+            check_held_out_resolvable(self.contract, self.held[0], self.spec.name)
         self.calibration = ds.calibration(recipe.data, self.spec.calibration.samples)
         self.feeds = measure_feeds(ds.val, recipe, self.spec.measure.batch)
         self.tmp = Path(tempfile.mkdtemp(prefix=".search-", dir=ctx.work))

@@ -154,10 +154,9 @@ HELDOUT = ("brick", "camera", "cell", "clock_motion", "coins", "grass", "gravel"
            "microaneurysms", "moon", "page", "retina", "text", "color")
 
 
-def heldout(per_photo=40, seed=7, size=IMAGE_SIZE):
-    """Crops of photos that no example uses (scikit-image's other pictures, grey ones as RGB, plus matplotlib's
-    sample pack photo): an out-of-distribution check beside a recipe's test split. Returns
-    ``{"image": (N, 3, size, size) float32, "group": (N,) photo index, "names": [photo names]}``."""
+def _heldout_pictures():
+    """(pictures, names): scikit-image's pictures no example crops (grey ones as RGB) and matplotlib's sample
+    pack photo."""
     import os
     import matplotlib.cbook
     import skimage
@@ -175,14 +174,35 @@ def heldout(per_photo=40, seed=7, size=IMAGE_SIZE):
     with Image.open(matplotlib.cbook.get_sample_data("Minduka_Present_Blue_Pack.png")) as im:
         imgs.append(np.asarray(im.convert("RGB")))
         names.append("Minduka_Present_Blue_Pack")
+    return [np.ascontiguousarray(a, dtype=np.uint8) for a in imgs], names
+
+
+def heldout(per_photo=40, seed=7, size=IMAGE_SIZE):
+    """Crops of photos that no example uses (scikit-image's other pictures, grey ones as RGB, plus matplotlib's
+    sample pack photo): an out-of-distribution check beside a recipe's test split. Returns
+    ``{"image": (N, 3, size, size) float32, "group": (N,) photo index, "names": [photo names]}``."""
+    imgs, names = _heldout_pictures()
     rng = np.random.default_rng(seed)
     crops, group = [], []
     for g, img in enumerate(imgs):
-        img = np.ascontiguousarray(img, dtype=np.uint8)
         for _ in range(per_photo):
             crops.append(_random_resized_crop(img, rng, size))
             group.append(g)
     return {"image": np.stack(crops), "group": np.array(group), "names": names}
+
+
+def unlabelled(per_photo=16, seed=11, corpus="photo-corpus/other"):
+    """``per_photo`` crops of each picture of kinds the example's photos do not hold, in batches of 50 with
+    the picture as the group: scikit-image's and matplotlib's other pictures (``heldout()``'s) and ``corpus``'s
+    (the sea, planets, hands, paintings; ``python -m bench.corpus examples/real/photo-corpus`` writes them).
+    For ``data.unlabelled.function``: distillation learns from some of the pictures, the rest are held out as
+    the out-of-distribution check."""
+    imgs = _heldout_pictures()[0] + _corpus(corpus)
+    rng = np.random.default_rng(seed)
+    idx = np.repeat(np.arange(len(imgs)), per_photo)
+    for start in range(0, len(idx), 50):
+        g = idx[start:start + 50]
+        yield {"image": np.stack([_random_resized_crop(imgs[k], rng, IMAGE_SIZE) for k in g]), "group": g}
 
 
 def export_folder(dest, n=1200, seed=0, max_side=480):
