@@ -152,6 +152,10 @@ def _side_by_side(name: str, res, build_s: dict[str, float], root: Path, threads
         row = {k: v for k, v in r.items() if k not in ("manifest", "candidate_label")}
         if r["kind"] == "bundle":
             row["student_vs_teacher"] = r["manifest"]["accuracy"].get("student_vs_teacher")
+            chain = r["manifest"]["accuracy"].get("chain") or []
+            # the gate: the student on data.unlabelled's held-out share
+            row["held_out_vs_original"] = next((c["held_out_vs_original"] for c in chain
+                                                if "held_out_vs_original" in c), None)
         row.update(model=name, candidate=r.get("candidate_label", label), macs=macs, timing=t,
                    p50_ms=None if t is None else t["p50_ms"],
                    vs_ort_fp32=None if t is None else ort32 / t["p50_ms"],
@@ -177,15 +181,16 @@ def _unpruned_int8(p, folder: Path):
 
 def _search_rows(name: str, res) -> list[dict]:
     """The structure search's table, as the manifest records it (judged on the validation split against the
-    original, timed interleaved against the unpruned int8 model). The student on data.unlabelled's held-out
-    groups is in the bundle rows' student_vs_teacher."""
+    original, timed interleaved against the unpruned int8 model; with data.unlabelled, each candidate's fp32
+    student on its held-out share too). The kept student there is in the bundle rows (held_out_vs_original)."""
     b = next((b for b in res.bundles if b.manifest and b.manifest.get("search")), None)
     if b is None:
         return []
     search = b.manifest["search"]
     return [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
              **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "summary",
-                                      "status", "seconds", "why", "distill_best_epoch")}} for r in search["rows"]]
+                                      "status", "seconds", "why", "distill_best_epoch", "held_out_summary",
+                                      "held_out_over")}} for r in search["rows"]]
 
 
 def work_dir(root: Path, name: str) -> Path:
@@ -220,6 +225,10 @@ def _summary(rows: list[dict], peak: float) -> str:
                 acc += (f"; on {h['inputs']} held-out inputs ({h.get('groups', '?')} groups) of data.unlabelled: "
                         f"cosine min {h['cosine_min']:.3f}, mean {h['cosine_mean']:.3f}"
                         + (f", top-1 agreement {h['top1_agreement']:.1f} %" if "top1_agreement" in h else ""))
+        gate = r.get("held_out_vs_original")
+        if gate and r.get("metric") == "agreement":
+            acc += (f"; the gate there: agreement {gate['value']:.2f} % of {gate['samples']} confident inputs "
+                    f"({'within' if gate['within_budget'] else 'over'} budget)")
         t = r.get("timing")
         p50 = "—" if t is None else f"{t['p50_ms']:.2f} ({t['iqr_ms'][0]:.2f}–{t['iqr_ms'][1]:.2f})"
         x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731
@@ -249,9 +258,11 @@ def _search_table(rows: list[dict]) -> str:
         speed = "—" if r.get("speedup") is None else (f"{r['speedup']:.2f}x [{r['speedup_ci95'][0]:.2f}, "
                                                       f"{r['speedup_ci95'][1]:.2f}]")
         macs = "—" if r.get("macs_ratio") is None else f"{r['macs_ratio']:.2f}"
+        held = f"; {r['held_out_summary']}" if r.get("held_out_summary") and not r.get("held_out_over") else ""
         lines.append(f"| {r['model']} | {r['label']}{' **(kept)**' if r['chosen'] else ''} | {macs} | {speed} | "
                      f"{r.get('summary') or r.get('line') or r.get('why') or ''}"
                      f"{' (the pruned start: no distillation epoch beat it)' if r.get('distill_best_epoch') == -1 else ''}"
+                     f"{held}"
                      f" | {r['status']} | "
                      f"{r.get('seconds') or '—'} |")
     return ("\nStructure searches (prune ratio auto; each candidate pruned from the original, distilled briefly, built "
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
 
                 sys.path.insert(0, str(EXAMPLES))
                 __import__("minilm").export_folder(EXAMPLES)
-            if name == "efficientnet_lite_search" and not (EXAMPLES / "photo-corpus").is_dir():
+            if name == "efficientnet_lite_search" and not (EXAMPLES / "photo-corpus" / "other").is_dir():
                 from bench.corpus import build  # its data: crops of these photos beside the example's 8
 
                 build(EXAMPLES / "photo-corpus")
