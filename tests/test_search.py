@@ -184,6 +184,13 @@ def test_the_greedy_order_is_priced_once_for_nested_depth_candidates(monkeypatch
     two, n2 = drop(0.5)
     assert n1 == 4 * 2 and n2 == 3 * 2  # (blocks left) x (plain, shift): the first step is not priced again
     assert set(one["layers"]) > set(two["layers"]) and len(two["layers"]) == 2
+    # the kept structure after the search: its order is known, so no pricing, and the hidden states are
+    # captured (a forward pass over the inputs) only when the last step fits a bridge
+    captures = []
+    init = depth.States.__init__
+    monkeypatch.setattr(depth.States, "__init__", lambda self, *a, **k: captures.append(1) or init(self, *a, **k))
+    (steps,) = depth._ORDERS.values()
+    assert drop(0.25) == (one, 0) and len(captures) == (steps[0][1] != "plain")
     monkeypatch.setattr(depth, "_ORDERS", {})
     assert drop(0.5) == (two, 4 * 2 + 3 * 2)
 

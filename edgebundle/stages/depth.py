@@ -124,11 +124,14 @@ def drop_blocks(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
         return {name: keep}
     order = [idx for idx in in_order(min(len(train), SAMPLE_INPUTS), batch_size) if len(idx)]
     xs = list(training_batches(train, names, order))
-    states = States(model, name, xs, names, cost)
     modes = ("plain", "linear" if cfg.compensate == "least_squares" else "shift")
     key = _order_key(model, xs, (name, cost, modes))
     steps = _ORDERS.setdefault(key, [])
-    before, count = macs(model, example), dropped_count(len(droppable), cfg.depth_ratio)
+    count = dropped_count(len(droppable), cfg.depth_ratio)
+    # the hidden states (a forward pass over the inputs) only where the order is priced or a bridge fitted
+    states = States(model, name, xs, names, cost) if len(steps) < count or steps[count - 1][1] != "plain" else None
+    if len(steps) < count:
+        before = macs(model, example)
     while len(steps) < count:  # greedy: the cheapest removal per MAC saved goes next
         gone = {i for i, _ in steps}
         price = {}
@@ -139,7 +142,7 @@ def drop_blocks(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
         steps.append(min(price, key=price.__getitem__))
     steps = steps[:count]
     drop, mode = {i for i, _ in steps}, (steps[-1][1] if steps else "plain")
-    layout = states.layout(drop, mode)
+    layout = states.layout(drop, mode) if states is not None else [i for i in range(n) if i not in drop]
     keep_blocks(model, name, layout)
     return {name: [i for i in layout if isinstance(i, int)]}
 
