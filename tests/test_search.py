@@ -191,6 +191,9 @@ def test_the_greedy_order_is_priced_once_for_nested_depth_candidates(monkeypatch
     monkeypatch.setattr(depth.States, "__init__", lambda self, *a, **k: captures.append(1) or init(self, *a, **k))
     (steps,) = depth._ORDERS.values()
     assert drop(0.25) == (one, 0) and len(captures) == (steps[0][1] != "plain")
+    captures.clear()
+    steps[0] = (steps[0][0], "plain")  # the same block dropped without a bridge: nothing to capture
+    assert drop(0.25) == (one, 0) and not captures
     monkeypatch.setattr(depth, "_ORDERS", {})
     assert drop(0.5) == (two, 4 * 2 + 3 * 2)
 
