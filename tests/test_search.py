@@ -95,7 +95,10 @@ def test_depth_pruning_drops_whole_encoder_blocks_and_the_model_reloads(tmp_path
     labels = [[c.label for c in f] for f in families(PruneStage(ratio="auto", search_ratios=[0.2, 0.4]), model, ex)]
     assert labels == [["ratio 0.2", "ratio 0.4"], ["ratio 0.2, importance fpgm", "ratio 0.4, importance fpgm"],
                       ["head ratio 0.25", "head ratio 0.5"], ["depth ratio 0.33", "depth ratio 0.5"]]
-    assert depth_ratios(14) == [0.25, 0.33, 0.5] and depth_ratios(6) == [0.33, 0.5] and depth_ratios(4) == [0.33, 0.5]
+    default = PruneStage(ratio="auto").search_depth_ratios
+    assert depth_ratios(14, default) == [0.25, 0.33, 0.5] and depth_ratios(6, default) == [0.33, 0.5]
+    assert depth_ratios(4, default) == [0.33, 0.5]
+    assert depth_ratios(14, [0.15, 0.25, 0.33]) == [0.15, 0.25, 0.33]  # 2, 4 and 5 of 14 blocks
     fpgm = families(PruneStage(ratio="auto", importance="fpgm"), model, ex)
     assert not any(c.importance for f in fpgm for c in f)  # the recipe's own importance is not tried twice
     act = families(PruneStage(ratio="auto", importance="activation"), model, ex)
@@ -225,7 +228,8 @@ def test_depth_pruning_of_a_cnn_is_refused_in_one_line():
 
 @pytest.mark.parametrize("prune, ok", [({"ratio": "auto"}, True), ({"ratio": "most"}, False),
                                        ({"ratio": 1.0}, False), ({"ratio": "auto", "search_ratios": [0.0]}, False),
-                                       ({"ratio": "auto", "search_minutes": 0}, False)])
+                                       ({"ratio": "auto", "search_minutes": 0}, False),
+                                       ({"ratio": "auto", "search_depth_ratios": [1.0]}, False)])
 def test_prune_ratio_auto_and_its_search_settings_are_validated(tmp_path, prune, ok):
     d = default_dict()
     d["stages"]["prune"] = prune

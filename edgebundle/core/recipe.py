@@ -304,8 +304,11 @@ class PruneStage(Strict):
         "ratio auto: the search's time bound; candidates not started by then are left out (their rows say so)"))
     search_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5], min_length=1, description=(
         "ratio auto: the channel ratios tried, in order; models with attention also try head_ratio 0.25 and 0.5, "
-        "models with blocks that keep their input's shape depth_ratio 0.25, 0.33 and 0.5 (those that drop "
-        "different numbers of blocks)"))
+        "models with blocks that keep their input's shape the depth ratios of search_depth_ratios"))
+    search_depth_ratios: list[float] = Field(default_factory=lambda: [0.25, 0.33, 0.5], min_length=1, description=(
+        "ratio auto, models with blocks that keep their input's shape: the depth ratios tried, mild to strong "
+        "(of those that drop as many blocks, one); a gentler first one (0.15: 2 of 14 blocks) can hold where "
+        "0.25 does not"))
     search_epochs: int = Field(2, ge=0, le=MAX_EPOCHS, description=(
         "ratio auto: epochs of distillation each candidate gets before it is judged (0: none)"))
     ignore: list[str] = Field(
@@ -333,7 +336,7 @@ class PruneStage(Strict):
             raise ValueError("must be 'auto' or a number >= 0 and < 1")
         return float(v)
 
-    @field_validator("search_ratios")
+    @field_validator("search_ratios", "search_depth_ratios")
     @classmethod
     def _search_ratio_range(cls, v: list[float]) -> list[float]:
         if any(not 0 < r < 1 for r in v):

@@ -17,7 +17,7 @@ from edgebundle.stages.pruning import SIMD_ROUNDS, prune
 from edgebundle.stages.training import accuracy, predict
 
 
-SEARCH_FIELDS = ("search_minutes", "search_ratios", "search_epochs")
+SEARCH_FIELDS = ("search_minutes", "search_ratios", "search_depth_ratios", "search_epochs")
 
 
 @register_stage

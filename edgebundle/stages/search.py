@@ -40,7 +40,6 @@ from edgebundle.stages.training import distill
 SEARCH_FILE = "search.json"
 PRICING = 6  # how candidates are priced: rows kept from another way of pricing are not reused
 HEAD_RATIOS = (0.25, 0.5)
-DEPTH_RATIOS = (0.25, 0.33, 0.5)  # of the droppable blocks; ratios that drop as many blocks are tried once
 
 
 @dataclass(frozen=True)
@@ -81,15 +80,15 @@ def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]
         out.append([Candidate(head_ratio=h) for h in HEAD_RATIOS])
     found = block_list(model, example)
     if found is not None:
-        out.append([Candidate(depth_ratio=d) for d in depth_ratios(len(found[2]))])
+        out.append([Candidate(depth_ratio=d) for d in depth_ratios(len(found[2]), cfg.search_depth_ratios)])
     return out
 
 
-def depth_ratios(droppable: int) -> list[float]:
-    """DEPTH_RATIOS that drop different numbers of `droppable` blocks (of those that drop as many, the
-    largest: its label is nearest the share dropped). EfficientNet-Lite1's 14 residual blocks: 4, 5 and 7
-    dropped; six encoder layers: 2 and 3."""
-    by_count = {dropped_count(droppable, d): d for d in sorted(DEPTH_RATIOS)}
+def depth_ratios(droppable: int, ratios: list[float]) -> list[float]:
+    """`ratios` (prune.search_depth_ratios) that drop different numbers of `droppable` blocks (of those that drop
+    as many, the largest: its label is nearest the share dropped). The default's on EfficientNet-Lite1's 14
+    residual blocks: 4, 5 and 7 dropped; on six encoder layers: 2 and 3."""
+    by_count = {dropped_count(droppable, d): d for d in sorted(ratios)}
     return [by_count[k] for k in sorted(by_count) if k > 0]
 
 
