@@ -197,6 +197,9 @@ def test_the_greedy_order_is_priced_once_for_nested_depth_candidates(monkeypatch
     captures.clear()
     steps[0] = (steps[0][0], "plain")  # the same block dropped without a bridge: nothing to capture
     assert drop(0.25) == (one, 0) and not captures
+    assert drop(0.05) == ({"layers": [0, 1, 2, 3]}, 0) and not captures  # a ratio that drops no block of 4
+    monkeypatch.setattr(depth, "_ORDERS", {})
+    assert drop(0.05) == ({"layers": [0, 1, 2, 3]}, 0) and not captures  # nor with no order priced yet
     monkeypatch.setattr(depth, "_ORDERS", {})
     assert drop(0.5) == (two, 4 * 2 + 3 * 2)
 

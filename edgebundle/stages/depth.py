@@ -129,7 +129,8 @@ def drop_blocks(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, 
     steps = _ORDERS.setdefault(key, [])
     count = dropped_count(len(droppable), cfg.depth_ratio)
     # the hidden states (a forward pass over the inputs) only where the order is priced or a bridge fitted
-    states = States(model, name, xs, names, cost) if len(steps) < count or steps[count - 1][1] != "plain" else None
+    fits_bridge = count > 0 and len(steps) >= count and steps[count - 1][1] != "plain"
+    states = States(model, name, xs, names, cost) if len(steps) < count or fits_bridge else None
     if len(steps) < count:
         before = macs(model, example)
     while len(steps) < count:  # greedy: the cheapest removal per MAC saved goes next
