@@ -217,12 +217,13 @@ def held_out_verdict(prepared: Prepared, contract: Contract) -> Verdict | None:
     return held_out_contract(contract).judge(d["original"], d["student"], None, interval=True, groups=d["groups"])
 
 
-def held_out_outputs(prepared: Prepared):
+def held_out_outputs(prepared: Prepared) -> dict[str, np.ndarray] | None:
     """`distill`'s saved outputs on data.unlabelled's held-out groups (student, original, groups), or None."""
     art = prepared.made_by("distill")
     if art is None or not art.path(HELD_OUT_FILE).is_file():
         return None
-    return np.load(art.path(HELD_OUT_FILE))
+    with np.load(art.path(HELD_OUT_FILE)) as z:  # read whole: the archive is not left open
+        return {k: z[k] for k in z.files}
 
 
 def held_out_contract(contract: Contract) -> Contract:

@@ -55,11 +55,11 @@ class TargetPricer:
         self.threads = self.spec.threads or usable_cores()
         self.original = judged_output(original, ds.val, recipe)
         self.contract = contract_for(recipe, self.spec, ds.val.labels, self.original)
-        # data.unlabelled's held-out groups, which no stage learns from: a candidate's fp32 student must hold there too
-        self.held = None if ds.held_out is None else (judged_output(original, ds.held_out, recipe),
-                                                       held_out_contract(self.contract))
-        if self.held is not None:  # before any candidate: a budget one flip there decides is bad input
-            check_held_out_resolvable(self.contract, self.held[0], self.spec.name)
+        # data.unlabelled's held-out groups, which no stage learns from: a candidate's fp32 student must hold there
+        # too; checked before any candidate: a budget that one flip there decides is bad input
+        self.held = None if ds.held_out is None else judged_output(original, ds.held_out, recipe)
+        if self.held is not None:
+            check_held_out_resolvable(self.contract, self.held, self.spec.name)
         self.calibration = ds.calibration(recipe.data, self.spec.calibration.samples)
         self.feeds = measure_feeds(ds.val, recipe, self.spec.measure.batch)
         self.tmp = Path(tempfile.mkdtemp(prefix=".search-", dir=ctx.work))
@@ -114,8 +114,8 @@ class TargetPricer:
         """The fp32 student against the original on data.unlabelled's held-out groups ({} without them)."""
         if self.held is None:
             return {}
-        original, contract = self.held
-        v = contract.judge(original, judged_output(model, self.ctx.dataset.held_out, self.ctx.recipe), None)
+        v = held_out_contract(self.contract).judge(
+            self.held, judged_output(model, self.ctx.dataset.held_out, self.ctx.recipe), None)
         return {"held_out_value": round(float(v.value), 6), "held_out_over": not v.within,
                 "held_out_summary": f"held-out groups {verdict_summary(v)} ({v.samples} inputs)"}
 

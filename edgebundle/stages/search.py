@@ -252,7 +252,7 @@ def _row_text(row: dict[str, Any]) -> str:
 def _outcome(out: dict[str, Any]) -> str:
     chosen = out["chosen_label"]
     if chosen == "unpruned":
-        priced = sum(1 for r in out["rows"][1:] if "speedup" in r or r.get("fp32_over") or r.get("held_out_over"))
+        priced = sum(1 for r in out["rows"][1:] if r.get("status") in ("within budget", "over budget"))
         left = sum(1 for r in out["rows"] if r.get("status") == "not tried")
         return (f"search: no pruned structure held the budget and ran faster on {out['target']} ({priced} priced"
                 f"{f', {left} not tried: search_minutes ran out' if left else ''}); the unpruned model is kept")
