@@ -276,3 +276,58 @@ def test_a_candidate_whose_distillation_kept_the_pruned_start_says_so():
     assert "no distillation epoch beat the pruned start" in _row_text({**row, "distill_best_epoch": -1})
     timed = {**row, "fp32_over": False, "speedup": 1.07, "distill_best_epoch": -1, "line": "x"}
     assert "no distillation epoch beat the pruned start" in _row_text(timed)
+
+
+def test_input_scale_resizes_inside_the_network_and_the_bundle_keeps_its_input(tmp_path):
+    """prune.input_scale: the network sees its images at a share of their side (fewer MACs: a convolution's
+    cost goes with the pixels); callers, the reloaded model and the ONNX export keep the recipe's input shape,
+    with the resize in front (a Resize node)."""
+    import onnx
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from edgebundle.core.modelio import load_structured, save_structured
+    from edgebundle.core.recipe import ExportStage, InputSpec
+    from edgebundle.exporters.onnx import export
+    from edgebundle.stages.pruning import prune
+    from edgebundle.stages.search import Candidate, families, together
+    from edgebundle.zoo import digits_cnn, tiny_encoder
+
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    ex = (torch.zeros(1, 1, 8, 8),)
+    x = torch.randn(3, 1, 8, 8)
+    student = copy.deepcopy(model)
+    rep = prune(student, PruneStage(ratio=0.0, input_scale=0.75), ex, train=None, names=["image"])
+    assert rep.input_size == (6, 6) and rep.macs_ratio < 0.7
+    with torch.no_grad():
+        assert torch.allclose(student(x), model(F.interpolate(x, size=(6, 6), mode="bilinear")), atol=1e-6)
+        assert not torch.allclose(student(x), model(x), atol=1e-3)
+    save_structured(student, tmp_path)
+    again = load_structured(ModelSpec(factory="edgebundle.zoo:digits_cnn"), tmp_path, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(x), student(x))
+        twice = copy.deepcopy(again)
+        assert torch.equal(twice(x), student(x))  # a copy keeps the resize, once
+    spec = InputSpec(name="image", shape=[1, 1, 8, 8], dynamic_axes={0: "batch"})
+    export(again, [spec], ["logits"], ExportStage(), tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert "Resize" in [n.op_type for n in graph.node][:3]
+    assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [1, 8, 8]
+    got = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": x.numpy()})[0]
+    assert np.allclose(got, student(x).detach().numpy(), atol=1e-4)
+
+    # the search: a family for image models only, mild to strong; each family's strongest within budget together
+    cfg = PruneStage(ratio="auto", search_ratios=[], search_input_scales=[0.75, 0.875])
+    assert [[c.label for c in f] for f in families(cfg, model, ex)] == [["input scale 0.875", "input scale 0.75"]]
+    assert families(cfg, tiny_encoder(layers=2), (torch.zeros(1, 32, dtype=torch.long),))[-1][0].depth_ratio > 0
+    assert Candidate(input_scale=0.75).record() == {"ratio": 0.0, "head_ratio": 0.0, "depth_ratio": 0.0,
+                                                    "input_scale": 0.75}
+    assert Candidate(input_scale=0.75).config(cfg).input_scale == 0.75 and Candidate().config(cfg).input_scale == 1
+    both = together([Candidate(depth_ratio=0.15), Candidate(input_scale=0.875)])
+    assert both == Candidate(depth_ratio=0.15, input_scale=0.875)
+    assert both.label == "depth ratio 0.15, input scale 0.875"
+    assert together([Candidate(ratio=0.2), Candidate(ratio=0.1, importance="fpgm")]) is None  # the same field
+    with pytest.raises(RecipeError, match="input_scale: the model has no image input"):
+        prune(tiny_encoder(layers=2), PruneStage(ratio=0.0, input_scale=0.5), (torch.zeros(1, 32, dtype=torch.long),),
+              train=None, names=["tokens"])

@@ -32,7 +32,7 @@ WEIGHTS_FILE = "weights.safetensors"
 _SHAPE_ATTRS = (
     "in_channels", "out_channels", "groups", "in_features", "out_features", "num_features",
     "normalized_shape", "num_embeddings", "embedding_dim", "embed_dim", "num_heads", "head_dim",
-    "hidden_size", "num_attention_heads", "attention_head_size", "all_head_size",
+    "hidden_size", "num_attention_heads", "attention_head_size", "all_head_size", "edgebundle_input_size",
 )
 
 
@@ -200,6 +200,38 @@ def check_accepts(model: nn.Module, specs: list[InputSpec], outputs: int = 1) ->
 
 KEPT_ATTR = "edgebundle_kept_blocks"  # on a ModuleList depth pruning shortened: the original indices it kept
 BRIDGES_ATTR = "edgebundle_bridges"  # in a saved structure: where bridges stand in a shortened list
+INPUT_SIZE_ATTR = "edgebundle_input_size"  # on the root: the (height, width) its image inputs are resized to
+
+
+def image_inputs(example: tuple[torch.Tensor, ...]) -> list[int]:
+    """Which inputs are images: floating point, rank 4 (N, C, H, W)."""
+    return [i for i, t in enumerate(example) if t.is_floating_point() and t.dim() == 4]
+
+
+def scaled_size(example: tuple[torch.Tensor, ...], scale: float) -> tuple[int, int]:
+    """The (height, width) `scale` of the first image input's, rounded to whole pixels."""
+    h, w = example[image_inputs(example)[0]].shape[-2:]
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def set_input_size(model: nn.Module, size: tuple[int, int]) -> None:
+    """The network sees its image inputs resized to `size` (bilinear, as torchvision's Resize does tensors
+    without antialiasing); callers and the exported graph keep the input shape (a Resize node in front).
+    Kept as a root attribute, so `save_structured` records it and `load_structured` puts it back."""
+    setattr(model, INPUT_SIZE_ATTR, (int(size[0]), int(size[1])))
+    if not any(h is _resize_images for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_resize_images, with_kwargs=True)
+
+
+def _resize_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    size = getattr(module, INPUT_SIZE_ATTR)
+
+    def resized(t: Any) -> Any:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 4) or tuple(t.shape[-2:]) == size:
+            return t
+        return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+    return tuple(resized(a) for a in args), {k: resized(v) for k, v in kwargs.items()}
 
 
 class Bridge(nn.Module):
@@ -331,6 +363,8 @@ def load_structured(spec: ModelSpec | EnsembleSpec, base_dir: Path, folder: Path
             raise RecipeError(f"saved structure names module '{name}' that model.factory does not build")
         for a, v in rec.items():
             setattr(mod, a, tuple(v) if isinstance(v, list) else v)
+    if INPUT_SIZE_ATTR in attrs.get("", {}):
+        set_input_size(model, attrs[""][INPUT_SIZE_ATTR])
     for key, t in tensors.items():
         owner_name, _, leaf = key.rpartition(".")
         owner = modules.get(owner_name)

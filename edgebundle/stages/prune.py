@@ -17,7 +17,7 @@ from edgebundle.stages.pruning import SIMD_ROUNDS, prune
 from edgebundle.stages.training import accuracy, predict
 
 
-SEARCH_FIELDS = ("search_minutes", "search_ratios", "search_depth_ratios", "search_epochs")
+SEARCH_FIELDS = ("search_minutes", "search_ratios", "search_depth_ratios", "search_input_scales", "search_epochs")
 
 
 @register_stage
@@ -31,7 +31,7 @@ class Prune(StageBase):
 
     def enabled(self, recipe: Recipe) -> bool:
         p = recipe.stages.prune
-        return p.enabled and (p.searched or p.ratio > 0 or p.head_ratio > 0 or p.depth_ratio > 0)
+        return p.enabled and (p.searched or p.ratio > 0 or p.head_ratio > 0 or p.depth_ratio > 0 or p.input_scale < 1)
 
     def one_output(self, recipe: Recipe) -> bool:
         return self.enabled(recipe)
@@ -42,7 +42,7 @@ class Prune(StageBase):
         # (over the pruned layers only with shared: false); BatchNorm re-centring and the least-squares refit
         # changed what a default prunes, and so did bridges in place of dropped blocks
         auto = cfg.round_to == "auto" and cfg.enabled
-        return {"prune": without_defaults(cfg, *SEARCH_FIELDS, "depth_ratio"),
+        return {"prune": without_defaults(cfg, *SEARCH_FIELDS, "depth_ratio", "input_scale"),
                 **({"round_to_auto": list(SIMD_ROUNDS) + ([] if cfg.shared else ["pruned layers"])} if auto else {}),
                 **({"batchnorm": "recentred"} if cfg.recenter and cfg.enabled else {}),
                 **({"readers": "least-squares refit"} if cfg.compensate == "least_squares" and cfg.enabled else {}),
@@ -82,7 +82,7 @@ class Prune(StageBase):
         recipe, ds = ctx.recipe, ctx.dataset
         model = ctx.load(ctx.artifacts["teacher"])
         cfg = self._cfg(ctx)
-        if cfg.ratio == 0 and cfg.head_ratio == 0 and cfg.depth_ratio == 0:  # the search kept the unpruned model
+        if cfg.ratio == cfg.head_ratio == cfg.depth_ratio == 0 and cfg.input_scale == 1:  # the search kept it whole
             save_structured(model, folder)
             return {"unchanged": True, "searched": True}
         rep = prune(model, cfg, ctx.example, train=ds.train, names=ctx.names,
@@ -96,8 +96,9 @@ class Prune(StageBase):
                    "macs_before": rep.macs_before, "macs_after": rep.macs_after, "macs_ratio": rep.macs_ratio,
                    "ignored": rep.ignored, "layers": rep.layers, "heads": rep.heads, "round_to": rep.round_to,
                    "batchnorm_recentred": rep.recentred,
-                   **({"blocks": rep.blocks} if rep.blocks else {}), **({"searched": True} if recipe.stages.prune.searched
-                                                                       else {})}
+                   **({"blocks": rep.blocks} if rep.blocks else {}),
+                   **({"input_size": list(rep.input_size)} if rep.input_size else {}),
+                   **({"searched": True} if recipe.stages.prune.searched else {})}
         if ds.test.labels is not None:
             metrics["test_accuracy_before_finetune"] = accuracy(predict(model, ds.test, ctx.names), ds.test.labels)
         return metrics

@@ -18,7 +18,7 @@ from torch import nn
 
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.data import Split
-from edgebundle.core.modelio import macs
+from edgebundle.core.modelio import image_inputs, macs, scaled_size, set_input_size
 from edgebundle.stages.depth import drop_blocks, output_cost, ridge_solve
 from edgebundle.stages.training import batches as training_batches, in_order
 from edgebundle.core.recipe import PruneStage
@@ -36,6 +36,7 @@ class PruneReport:
     heads: dict[str, list[int]]  # attention module name -> [before, after] heads
     blocks: dict[str, list[int]] | None = None  # depth pruning: block list name -> the original indices kept
     recentred: int = 0  # BatchNorm layers whose statistics follow their pruned inputs (`recenter`)
+    input_size: tuple[int, int] | None = None  # input_scale: the (height, width) the network sees
 
     @property
     def macs_ratio(self) -> float:
@@ -453,8 +454,11 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
     modules = dict(model.named_modules())
     ignored_names = sorted(set(cfg.ignore) | set(output_layers(model, example)))
     attention = attention_modules(model)
-    _check_prunable(cfg, modules, attention, train)
+    _check_prunable(cfg, modules, attention, train, example)
     macs0, params0 = count(model, example)
+    input_size = scaled_size(example, cfg.input_scale) if cfg.input_scale < 1 else None
+    if input_size:  # first: what follows measures and ranks on what the network will see
+        set_input_size(model, input_size)
     widths0 = _widths(model)
     heads0 = {a.name: a.heads for a in attention}
     blocks = (drop_blocks(model, cfg, example, train, names, batch_size, output_cost(metric))
@@ -487,11 +491,15 @@ def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], 
         round_to=round_to,
         blocks=blocks,
         recentred=recentred,
+        input_size=input_size,
     )
 
 
-def _check_prunable(cfg: PruneStage, modules: dict, attention: list, train: Split | None) -> None:
+def _check_prunable(cfg: PruneStage, modules: dict, attention: list, train: Split | None,
+                    example: tuple[torch.Tensor, ...]) -> None:
     """The recipe's prune settings against the model (a RecipeError naming what does not fit)."""
+    if cfg.input_scale < 1 and not image_inputs(example):
+        raise RecipeError("stages.prune.input_scale: the model has no image input (floating point, N, C, H, W)")
     unknown = [n for n in cfg.ignore if n not in modules]
     if unknown:
         sample = ", ".join(n for n in list(modules)[1:12] if n)

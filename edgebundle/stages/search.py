@@ -30,8 +30,9 @@ from edgebundle.core import progress
 from edgebundle.core.artifact import Artifact
 from edgebundle.core.errors import EdgeBundleError, StageError
 from edgebundle.core.recipe import PruneStage, Recipe
-from edgebundle.stages.base import StageBase, StageContext, dump
+from edgebundle.stages.base import StageBase, StageContext, dump, without_defaults
 from edgebundle.stages.distill import judged_confidence, judged_metric
+from edgebundle.core.modelio import image_inputs
 from edgebundle.stages.depth import block_list, dropped_count
 from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, prune
 from edgebundle.stages.registry import register_stage
@@ -48,22 +49,30 @@ class Candidate:
     head_ratio: float = 0.0
     depth_ratio: float = 0.0
     importance: str = ""  # which channels go; "": the recipe's prune.importance
+    input_scale: float = 1.0  # the share of the image inputs' height and width the network sees
 
     def record(self) -> dict[str, Any]:
-        """The candidate as rows and the kept structure record it (importance only where it is the candidate's own)."""
+        """The candidate as rows and the kept structure record it (importance and input_scale only where they are
+        the candidate's own)."""
         d = asdict(self)
-        if not d["importance"]:
-            d.pop("importance")
+        for k in ("importance", "input_scale"):
+            if d[k] == OPTIONAL[k]:
+                d.pop(k)
         return d
 
     @property
     def label(self) -> str:
-        parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in asdict(self).items() if k != "importance" and v]
+        parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in asdict(self).items()
+                 if k not in OPTIONAL and v]
+        parts += [f"input scale {self.input_scale:g}"] if self.input_scale != 1 else []
         parts += [f"importance {self.importance}"] if self.importance else []
         return ", ".join(parts) or "unpruned"
 
     def config(self, cfg: PruneStage) -> PruneStage:
-        return cfg.model_copy(update=self.record())
+        return cfg.model_copy(update={**self.record(), "input_scale": self.input_scale})
+
+
+OPTIONAL = {"importance": "", "input_scale": 1.0}  # Candidate fields a record leaves out at these values
 
 
 def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]]:
@@ -81,7 +90,22 @@ def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]
     found = block_list(model, example)
     if found is not None:
         out.append([Candidate(depth_ratio=d) for d in depth_ratios(len(found[2]), cfg.search_depth_ratios)])
-    return out
+    if image_inputs(example):
+        out.append([Candidate(input_scale=s) for s in sorted(set(cfg.search_input_scales), reverse=True)])
+    return [f for f in out if f]
+
+
+def together(kept: list[Candidate]) -> Candidate | None:
+    """The strongest candidate within budget of each family that had one, together (two families or more), as
+    long as they set different fields: e.g. two blocks dropped, and the rest shown 0.87 of the image's side."""
+    merged: dict[str, Any] = {}
+    used = 0
+    for cand in kept:
+        own = {k: v for k, v in asdict(cand).items() if v != asdict(Candidate())[k]}
+        if own and not set(own) & set(merged):
+            merged.update(own)
+            used += 1
+    return Candidate(**merged) if used > 1 else None
 
 
 def depth_ratios(droppable: int, ratios: list[float]) -> list[float]:
@@ -119,7 +143,8 @@ class Search(StageBase):
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
-        return {"prune": dump(r.stages.prune), "distill": dump(r.stages.distill), "seed": r.seed,
+        return {"prune": without_defaults(r.stages.prune, "input_scale", "search_input_scales"),
+                "distill": dump(r.stages.distill), "seed": r.seed,
                 "target": dump(r.targets[0]), "export": dump(r.stages.export), "metric": dump(r.metric),
                 "round_to_auto": list(SIMD_ROUNDS)}
 
@@ -138,7 +163,10 @@ class Search(StageBase):
         price = functools.partial(self._price, ctx, pricer, teacher, judged_metric(ctx))
         try:
             rows = [self._row(price, Candidate(), done, rows_file, 0.0)]
-            for family in families(cfg, teacher, ctx.example):
+            kept: list[Candidate] = []  # each family's strongest within budget
+            for family in families(cfg, teacher, ctx.example) + [[]]:
+                if not family:  # after the families: their strongest within budget, together
+                    family = [c for c in [together(kept)] if c is not None]
                 for cand in family:
                     over = time.monotonic() - start > cfg.search_minutes * 60
                     row = (_not_tried(cand, "search_minutes ran out") if over else
@@ -146,6 +174,7 @@ class Search(StageBase):
                     rows.append(row)
                     if not row.get("within"):
                         break  # stronger candidates of this family would not hold either
+                    kept = [c for c in kept if c not in family] + [cand]
         finally:
             pricer.close()
         chosen = choose(rows)
