@@ -331,3 +331,20 @@ def test_input_scale_resizes_inside_the_network_and_the_bundle_keeps_its_input(t
     with pytest.raises(RecipeError, match="input_scale: the model has no image input"):
         prune(tiny_encoder(layers=2), PruneStage(ratio=0.0, input_scale=0.5), (torch.zeros(1, 32, dtype=torch.long),),
               train=None, names=["tokens"])
+
+
+def test_search_samples_caps_what_each_candidate_learns_from_the_same_for_all():
+    from edgebundle.core.data import Split, joined_rows
+    from edgebundle.stages.search import _learns_from
+
+    train = Split({"image": joined_rows(np.arange(60, dtype=np.float32).reshape(30, 2),
+                                        np.arange(100, 120, dtype=np.float32).reshape(10, 2))}, None)
+    assert _learns_from(train, None, 0) is train and _learns_from(train, 40, 0) is train
+    some = _learns_from(train, 12, 0)
+    rows = np.asarray(some.inputs["image"])
+    assert len(some) == 12 and len({tuple(r) for r in rows}) == 12
+    assert np.array_equal(rows, np.asarray(_learns_from(train, 12, 0).inputs["image"]))  # every candidate's
+    assert (rows[:, 0] >= 100).any() and (rows[:, 0] < 100).any()  # from both sources
+    assert PruneStage(ratio="auto", search_samples=600).search_samples == 600
+    with pytest.raises(ValueError):
+        PruneStage(ratio="auto", search_samples=0)

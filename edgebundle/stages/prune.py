@@ -17,7 +17,8 @@ from edgebundle.stages.pruning import SIMD_ROUNDS, prune
 from edgebundle.stages.training import accuracy, predict
 
 
-SEARCH_FIELDS = ("search_minutes", "search_ratios", "search_depth_ratios", "search_input_scales", "search_epochs")
+SEARCH_FIELDS = ("search_minutes", "search_ratios", "search_depth_ratios", "search_input_scales", "search_samples",
+                 "search_epochs")
 
 
 @register_stage

@@ -24,15 +24,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from edgebundle.core import progress
 from edgebundle.core.artifact import Artifact
+from edgebundle.core.data import Split
 from edgebundle.core.errors import EdgeBundleError, StageError
+from edgebundle.core.modelio import image_inputs
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.base import StageBase, StageContext, dump, without_defaults
 from edgebundle.stages.distill import judged_confidence, judged_metric
-from edgebundle.core.modelio import image_inputs
 from edgebundle.stages.depth import block_list, dropped_count
 from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, prune
 from edgebundle.stages.registry import register_stage
@@ -143,7 +145,7 @@ class Search(StageBase):
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
-        return {"prune": without_defaults(r.stages.prune, "input_scale", "search_input_scales"),
+        return {"prune": without_defaults(r.stages.prune, "input_scale", "search_input_scales", "search_samples"),
                 "distill": dump(r.stages.distill), "seed": r.seed,
                 "target": dump(r.targets[0]), "export": dump(r.stages.export), "metric": dump(r.metric),
                 "round_to_auto": list(SIMD_ROUNDS)}
@@ -229,8 +231,9 @@ class Search(StageBase):
             d = recipe.stages.distill
             if d.enabled and recipe.stages.prune.search_epochs > 0:
                 short = d.model_copy(update={"epochs": recipe.stages.prune.search_epochs, "patience": None})
+                learn = _learns_from(ds.distill_train, recipe.stages.prune.search_samples, recipe.seed)
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
-                    fit = distill(student, teacher, ds.distill_train, ds.val, ctx.names, short, seed=recipe.seed,
+                    fit = distill(student, teacher, learn, ds.val, ctx.names, short, seed=recipe.seed,
                                   device=ctx.device, metric=metric, specs=recipe.inputs,
                                   pretrained=ctx.pretrained, min_confidence=judged_confidence(ctx, metric))
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
@@ -239,6 +242,14 @@ class Search(StageBase):
         facts.update(pricer.price(student, check_fp32=cand != Candidate()))
         facts["status"] = "within budget" if facts.get("within") else "over budget"
         return facts
+
+
+def _learns_from(train: Split, samples: int | None, seed: int) -> Split:
+    """What each candidate's short distillation learns from: `samples` of `train` (prune.search_samples; the same
+    random ones, in their order, for every candidate), or all of it."""
+    if samples is None or samples >= len(train):
+        return train
+    return train.take(np.sort(np.random.default_rng(seed).permutation(len(train))[:samples]))
 
 
 def _read_rows(path: Path | None) -> list[dict[str, Any]]:
