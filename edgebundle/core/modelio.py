@@ -203,9 +203,14 @@ BRIDGES_ATTR = "edgebundle_bridges"  # in a saved structure: where bridges stand
 INPUT_SIZE_ATTR = "edgebundle_input_size"  # on the root: the (height, width) its image inputs are resized to
 
 
+def _is_image(t: Any) -> bool:
+    """An image batch: a floating-point tensor of rank 4 (N, C, H, W)."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 4
+
+
 def image_inputs(example: tuple[torch.Tensor, ...]) -> list[int]:
-    """Which inputs are images: floating point, rank 4 (N, C, H, W)."""
-    return [i for i, t in enumerate(example) if t.is_floating_point() and t.dim() == 4]
+    """Which inputs are images."""
+    return [i for i, t in enumerate(example) if _is_image(t)]
 
 
 def scaled_size(example: tuple[torch.Tensor, ...], scale: float) -> tuple[int, int]:
@@ -227,7 +232,7 @@ def _resize_images(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple,
     size = getattr(module, INPUT_SIZE_ATTR)
 
     def resized(t: Any) -> Any:
-        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 4) or tuple(t.shape[-2:]) == size:
+        if not _is_image(t) or tuple(t.shape[-2:]) == size:
             return t
         return torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
 

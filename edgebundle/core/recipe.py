@@ -359,6 +359,12 @@ class PruneStage(Strict):
     def searched(self) -> bool:
         return self.ratio == "auto"
 
+    @property
+    def cuts(self) -> bool:
+        """Whether these settings (a fixed structure, not a search) change the model."""
+        return not self.searched and (self.ratio > 0 or self.head_ratio > 0 or self.depth_ratio > 0
+                                      or self.input_scale < 1)
+
     @field_validator("round_to")
     @classmethod
     def _positive_round_to(cls, v: int | str | None) -> int | str | None:

@@ -32,7 +32,7 @@ class Prune(StageBase):
 
     def enabled(self, recipe: Recipe) -> bool:
         p = recipe.stages.prune
-        return p.enabled and (p.searched or p.ratio > 0 or p.head_ratio > 0 or p.depth_ratio > 0 or p.input_scale < 1)
+        return p.enabled and (p.searched or p.cuts)
 
     def one_output(self, recipe: Recipe) -> bool:
         return self.enabled(recipe)
@@ -83,7 +83,7 @@ class Prune(StageBase):
         recipe, ds = ctx.recipe, ctx.dataset
         model = ctx.load(ctx.artifacts["teacher"])
         cfg = self._cfg(ctx)
-        if cfg.ratio == cfg.head_ratio == cfg.depth_ratio == 0 and cfg.input_scale == 1:  # the search kept it whole
+        if not cfg.cuts:  # the search kept the unpruned model
             save_structured(model, folder)
             return {"unchanged": True, "searched": True}
         rep = prune(model, cfg, ctx.example, train=ds.train, names=ctx.names,

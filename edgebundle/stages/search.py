@@ -20,7 +20,7 @@ import functools
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,28 +53,24 @@ class Candidate:
     importance: str = ""  # which channels go; "": the recipe's prune.importance
     input_scale: float = 1.0  # the share of the image inputs' height and width the network sees
 
+    def own(self) -> dict[str, Any]:
+        """The fields this candidate sets (those away from their defaults)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+
     def record(self) -> dict[str, Any]:
-        """The candidate as rows and the kept structure record it (importance and input_scale only where they are
-        the candidate's own)."""
-        d = asdict(self)
-        for k in ("importance", "input_scale"):
-            if d[k] == OPTIONAL[k]:
-                d.pop(k)
-        return d
+        """The candidate as rows and the kept structure record it: the three ratios always, importance and
+        input_scale only where they are the candidate's own."""
+        return {"ratio": self.ratio, "head_ratio": self.head_ratio, "depth_ratio": self.depth_ratio, **self.own()}
 
     @property
     def label(self) -> str:
-        parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in asdict(self).items()
-                 if k not in OPTIONAL and v]
-        parts += [f"input scale {self.input_scale:g}"] if self.input_scale != 1 else []
-        parts += [f"importance {self.importance}"] if self.importance else []
+        own = self.own()
+        parts = [f"{k.replace('_', ' ')} {v:g}" for k, v in own.items() if k != "importance"]
+        parts += [f"importance {own['importance']}"] if "importance" in own else []
         return ", ".join(parts) or "unpruned"
 
     def config(self, cfg: PruneStage) -> PruneStage:
         return cfg.model_copy(update={**self.record(), "input_scale": self.input_scale})
-
-
-OPTIONAL = {"importance": "", "input_scale": 1.0}  # Candidate fields a record leaves out at these values
 
 
 def families(cfg: PruneStage, model: nn.Module, example) -> list[list[Candidate]]:
@@ -103,7 +99,7 @@ def together(kept: list[Candidate]) -> Candidate | None:
     merged: dict[str, Any] = {}
     used = 0
     for cand in kept:
-        own = {k: v for k, v in asdict(cand).items() if v != asdict(Candidate())[k]}
+        own = cand.own()
         if own and not set(own) & set(merged):
             merged.update(own)
             used += 1
@@ -165,10 +161,10 @@ class Search(StageBase):
         price = functools.partial(self._price, ctx, pricer, teacher, judged_metric(ctx))
         try:
             rows = [self._row(price, Candidate(), done, rows_file, 0.0)]
-            kept: list[Candidate] = []  # each family's strongest within budget
-            for family in families(cfg, teacher, ctx.example) + [[]]:
-                if not family:  # after the families: their strongest within budget, together
-                    family = [c for c in [together(kept)] if c is not None]
+
+            def strongest_within(family: list[Candidate]) -> list[Candidate]:
+                """Price `family` mild to strong until one is over budget; its strongest within budget, or []."""
+                held: list[Candidate] = []
                 for cand in family:
                     over = time.monotonic() - start > cfg.search_minutes * 60
                     row = (_not_tried(cand, "search_minutes ran out") if over else
@@ -176,7 +172,13 @@ class Search(StageBase):
                     rows.append(row)
                     if not row.get("within"):
                         break  # stronger candidates of this family would not hold either
-                    kept = [c for c in kept if c not in family] + [cand]
+                    held = [cand]
+                return held
+
+            kept = [c for family in families(cfg, teacher, ctx.example) for c in strongest_within(family)]
+            both = together(kept)
+            if both is not None:
+                strongest_within([both])
         finally:
             pricer.close()
         chosen = choose(rows)
