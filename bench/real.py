@@ -189,8 +189,8 @@ def _search_rows(name: str, res) -> list[dict]:
     search = b.manifest["search"]
     return [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
              **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "summary",
-                                      "status", "seconds", "why", "distill_best_epoch", "held_out_summary",
-                                      "held_out_over")}} for r in search["rows"]]
+                                      "status", "seconds", "why", "distill_best_epoch", "start_held",
+                                      "held_out_summary", "held_out_over")}} for r in search["rows"]]
 
 
 def work_dir(root: Path, name: str) -> Path:
@@ -261,14 +261,21 @@ def _search_table(rows: list[dict]) -> str:
         held = f"; {r['held_out_summary']}" if r.get("held_out_summary") and not r.get("held_out_over") else ""
         lines.append(f"| {r['model']} | {r['label']}{' **(kept)**' if r['chosen'] else ''} | {macs} | {speed} | "
                      f"{r.get('summary') or r.get('line') or r.get('why') or ''}"
-                     f"{' (the pruned start: no distillation epoch beat it)' if r.get('distill_best_epoch') == -1 else ''}"
+                     f"{learned(r)}"
                      f"{held}"
                      f" | {r['status']} | "
                      f"{r.get('seconds') or '—'} |")
-    return ("\nStructure searches (prune ratio auto; each candidate pruned from the original, distilled briefly, built "
-            "as the first target builds int8, judged on the validation split against the original, timed interleaved "
-            "against the unpruned int8 model; the unpruned row's speed-up against itself is the timing's noise):\n\n"
+    return ("\nStructure searches (prune ratio auto; each candidate pruned from the original (distilled briefly where "
+            "it missed the budget so), built as the first target builds int8, judged on the validation split against "
+            "the original, timed interleaved against the unpruned int8 model; the unpruned row's speed-up against itself is the timing's noise):\n\n"
             + "\n".join(lines) + "\n")
+
+
+def learned(row: dict) -> str:
+    """What a search row's short distillation did, where it left the student as pruned."""
+    if row.get("start_held"):
+        return " (the pruned start held: not distilled)"
+    return " (the pruned start: no distillation epoch beat it)" if row.get("distill_best_epoch") == -1 else ""
 
 
 def _measured_on(rows: list[dict]) -> str:

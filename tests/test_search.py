@@ -46,7 +46,8 @@ def test_the_search_keeps_a_structure_that_holds_and_refuses_one_that_does_not(d
     # its fp32 student already misses the budget: no int8 build spends minutes on it (nothing timed)
     assert rows["ratio 0.8"]["fp32_over"] and "speedup" not in rows["ratio 0.8"]
     assert "speedup" in rows["ratio 0.25"]
-    assert rows["ratio 0.25"]["distill_best_epoch"] >= -1  # which epoch it kept (-1: the pruned start)
+    # a pruned start over budget is distilled (and says which epoch it kept, -1: the start); one that holds is not
+    assert rows["ratio 0.8"]["distill_best_epoch"] >= -1 and "start_held" not in rows["ratio 0.8"]
     assert "ratio 0.9" not in rows  # a family stops at its first candidate over budget
     assert "ratio 0.25, importance fpgm" in rows  # the channels FPGM picks: a family of its own
     assert search["chosen"]["ratio"] in (0.0, 0.25)  # 0.25 when its speed-up is resolved, else unpruned
@@ -64,6 +65,25 @@ def test_the_search_keeps_a_structure_that_holds_and_refuses_one_that_does_not(d
         shutil.rmtree(art)
     again = run(load_recipe(path), output=tmp_path / "out2", work=work).bundles[0].manifest["search"]
     assert [r.get("p50_ms") for r in again["rows"]] == [r.get("p50_ms") for r in search["rows"]]
+
+
+def test_a_pruned_start_that_holds_the_budget_is_not_distilled_by_the_search(default_run, tmp_path, monkeypatch):
+    """The search prices each pruned start first: one within budget keeps that verdict without its short
+    distillation (the kept one gets the full distillation after); one over budget is distilled and priced again."""
+    from edgebundle.stages import search
+
+    learned = []
+    real = search.distill
+    monkeypatch.setattr(search, "distill", lambda student, *a, **k: learned.append(1) or real(student, *a, **k))
+    loose = [dict(_ort_only()[0], max_accuracy_drop=50.0)]  # a budget any quarter-pruned start holds
+    path, work = prepared_copy(default_run, tmp_path, stages=_stages(search_ratios=[0.25]), targets=loose)
+    rows = {r["label"]: r for r in run(load_recipe(path), output=tmp_path / "out", work=work)
+            .bundles[0].manifest["search"]["rows"]}
+    assert rows["ratio 0.25"]["start_held"] and rows["ratio 0.25"]["within"]
+    assert "distill_best_epoch" not in rows["ratio 0.25"] and "speedup" in rows["ratio 0.25"]
+    assert "pruned start held the budget: not distilled" in search._row_text(rows["ratio 0.25"])
+    # FPGM's quarter, the other family, held as well: nothing was distilled
+    assert rows["ratio 0.25, importance fpgm"]["start_held"] and not learned
 
 
 def test_a_search_out_of_time_ships_the_unpruned_model_and_says_so(default_run, tmp_path):

@@ -322,7 +322,8 @@ class PruneStage(Strict):
         "the data. EfficientNet-Lite1's search example, one epoch on all 2160 crops: about 12 of a candidate's "
         "15 minutes on 2 cores"))
     search_epochs: int = Field(2, ge=0, le=MAX_EPOCHS, description=(
-        "ratio auto: epochs of distillation each candidate gets before it is judged (0: none)"))
+        "ratio auto: epochs of distillation a candidate gets where its pruned start misses the budget, before it is "
+        "judged again (0: none; a start that holds is not distilled)"))
     ignore: list[str] = Field(
         default_factory=list,
         description="module names (model.named_modules) left unpruned; the output layer always is",

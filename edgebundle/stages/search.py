@@ -2,9 +2,10 @@
 
 Each candidate structure (a channel ratio; for models with attention also a head ratio; for models with
 blocks that keep their input's shape a depth ratio, whole blocks dropped) is pruned from the original model,
-given a short distillation, quantized as the recipe's first target builds it, judged on the validation split
-against the original model's outputs and timed interleaved against the unpruned model quantized the same way
-(the pipeline's pricer does the last three: stages do not import targets). Within each family candidates go
+quantized as the recipe's first target builds it, judged on the validation split against the original model's
+outputs and timed interleaved against the unpruned model quantized the same way (the pipeline's pricer does the
+last three: stages do not import targets); where it misses the budget so, it gets a short distillation and is
+priced again. Within each family candidates go
 from mild to strong, and a family stops at its first candidate over budget. The fastest candidate within
 budget that is faster than the unpruned model is the result; none: nothing is pruned, and the run says so.
 `prune` then prunes the original with it and `distill` gives it the full distillation, and the bundle is
@@ -41,7 +42,7 @@ from edgebundle.stages.registry import register_stage
 from edgebundle.stages.training import distill
 
 SEARCH_FILE = "search.json"
-PRICING = 6  # how candidates are priced: rows kept from another way of pricing are not reused
+PRICING = 7  # how candidates are priced: rows kept from another way of pricing are not reused
 HEAD_RATIOS = (0.25, 0.5)
 
 
@@ -221,17 +222,26 @@ class Search(StageBase):
 
     @staticmethod
     def _price(ctx: StageContext, pricer, teacher: nn.Module, metric: str, cand: Candidate) -> dict[str, Any]:
+        """Prune the candidate from the original and price it. Where the recipe distils, its pruned start is priced
+        first: one that holds the budget is not distilled (the search's verdict would not change, and the one kept
+        gets the full distillation); one over budget gets its short distillation and is priced again where an
+        epoch beat the start."""
         recipe, ds = ctx.recipe, ctx.dataset
         student = copy.deepcopy(teacher)
-        facts: dict[str, Any] = {}
-        if cand != Candidate():
-            rep = prune(student, cand.config(recipe.stages.prune), ctx.example, train=ds.train, names=ctx.names,
-                        metric=metric)
-            facts.update(macs_ratio=round(rep.macs_ratio, 4), params=rep.params_after, macs=rep.macs_after,
-                         heads_removed=sum(b - a for b, a in rep.heads.values()),
-                         blocks_kept=next(iter(rep.blocks.values())) if rep.blocks else None)
-            d = recipe.stages.distill
-            if d.enabled and recipe.stages.prune.search_epochs > 0:
+        if cand == Candidate():
+            priced = pricer.price(student.cpu().eval(), check_fp32=False)
+            return {**priced, "status": "within budget" if priced.get("within") else "over budget"}
+        rep = prune(student, cand.config(recipe.stages.prune), ctx.example, train=ds.train, names=ctx.names,
+                    metric=metric)
+        facts: dict[str, Any] = dict(macs_ratio=round(rep.macs_ratio, 4), params=rep.params_after, macs=rep.macs_after,
+                                     heads_removed=sum(b - a for b, a in rep.heads.values()),
+                                     blocks_kept=next(iter(rep.blocks.values())) if rep.blocks else None)
+        priced = pricer.price(student.cpu().eval())
+        d = recipe.stages.distill
+        if d.enabled and recipe.stages.prune.search_epochs > 0:
+            if priced.get("within"):
+                facts["start_held"] = True  # no distillation: the pruned start holds the budget as it is
+            else:
                 short = d.model_copy(update={"epochs": recipe.stages.prune.search_epochs, "patience": None})
                 learn = _learns_from(ds.distill_train, recipe.stages.prune.search_samples, recipe.seed)
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
@@ -240,8 +250,9 @@ class Search(StageBase):
                                   pretrained=ctx.pretrained, min_confidence=judged_confidence(ctx, metric))
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
                 facts["distill_best_epoch"] = fit.best_epoch  # -1: no epoch did better than the pruned start
-            student = student.cpu().eval()
-        facts.update(pricer.price(student, check_fp32=cand != Candidate()))
+                if fit.best_epoch >= 0:  # else the student is its start, priced already
+                    priced = pricer.price(student.cpu().eval())
+        facts.update(priced)
         facts["status"] = "within budget" if facts.get("within") else "over budget"
         return facts
 
@@ -271,6 +282,9 @@ def _not_tried(cand: Candidate, why: str) -> dict[str, Any]:
 
 
 def _start_kept(row: dict[str, Any]) -> str:
+    """What the candidate's short distillation did, where it did not change the student."""
+    if row.get("start_held"):
+        return "; the pruned start held the budget: not distilled"
     return "; no distillation epoch beat the pruned start" if row.get("distill_best_epoch") == -1 else ""
 
 
