@@ -267,7 +267,8 @@ def _search_table(rows: list[dict]) -> str:
                      f"{r.get('seconds') or '—'} |")
     return ("\nStructure searches (prune ratio auto; each candidate pruned from the original (distilled briefly where "
             "it missed the budget so), built as the first target builds int8, judged on the validation split against "
-            "the original, timed interleaved against the unpruned int8 model; the unpruned row's speed-up against itself is the timing's noise):\n\n"
+            "the original, timed interleaved against the unpruned int8 model; the unpruned row's speed-up against "
+            "itself is the timing's noise):\n\n"
             + "\n".join(lines) + "\n")
 
 
