@@ -106,6 +106,7 @@ SLOW_TESTS = {
     "test_per_target_builds_fan_out_against_one_work_folder",
     "test_a_run_logged_to_a_file_shows_each_stage_and_epoch_as_it_happens",
     "test_the_search_keeps_a_structure_that_holds_and_refuses_one_that_does_not",
+    "test_a_pruned_start_that_holds_the_budget_is_not_distilled_by_the_search",
     "test_a_search_out_of_time_ships_the_unpruned_model_and_says_so",
     "test_unlabelled_inputs_join_distillation_and_their_held_out_groups_check_the_student",
     "test_the_search_refuses_a_candidate_that_misses_the_held_out_groups",
