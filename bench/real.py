@@ -29,6 +29,7 @@ from edgebundle.core.metrics import accuracy_text
 from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import run
 from edgebundle.stages.pruning import count
+from edgebundle.stages.search import start_kept
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
 MODELS = ("efficientnet_lite", "efficientnet_lite_search", "minilm", "minilm_pruned", "minilm_search")
@@ -261,7 +262,7 @@ def _search_table(rows: list[dict]) -> str:
         held = f"; {r['held_out_summary']}" if r.get("held_out_summary") and not r.get("held_out_over") else ""
         lines.append(f"| {r['model']} | {r['label']}{' **(kept)**' if r['chosen'] else ''} | {macs} | {speed} | "
                      f"{r.get('summary') or r.get('line') or r.get('why') or ''}"
-                     f"{learned(r)}"
+                     f"{f' ({start_kept(r)})' if start_kept(r) else ''}"
                      f"{held}"
                      f" | {r['status']} | "
                      f"{r.get('seconds') or '—'} |")
@@ -270,13 +271,6 @@ def _search_table(rows: list[dict]) -> str:
             "the original, timed interleaved against the unpruned int8 model; the unpruned row's speed-up against "
             "itself is the timing's noise):\n\n"
             + "\n".join(lines) + "\n")
-
-
-def learned(row: dict) -> str:
-    """What a search row's short distillation did, where it left the student as pruned."""
-    if row.get("start_held"):
-        return " (the pruned start held: not distilled)"
-    return " (the pruned start: no distillation epoch beat it)" if row.get("distill_best_epoch") == -1 else ""
 
 
 def _measured_on(rows: list[dict]) -> str:

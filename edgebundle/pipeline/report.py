@@ -19,6 +19,7 @@ from edgebundle.core.metrics import accuracy_text
 from edgebundle.core.errors import BundleError
 from edgebundle.pipeline.bundle import MANIFEST, Manifest, read_manifest, verify_files
 from edgebundle.pipeline.lock import LOCKS, file_lock
+from edgebundle.stages.search import start_kept
 
 REPORT = "report.html"
 
@@ -115,11 +116,12 @@ def _search_html(search: dict) -> list[str]:
         rows.append(f"<tr><td class=l>{e(r['label'])}{' <b>(kept)</b>' if kept else ''}</td>"
                     f"<td>{_fmt(r.get('macs_ratio'), '.3f')}</td><td>{r.get('params', '')}</td>"
                     f"<td>{speed}</td><td class=l>{e(r.get('summary') or r.get('line') or r.get('why', ''))}"
-                    f"{e(_int8_form_text(r))}</td>"
+                    f"{e(_int8_form_text(r))}{e(f' ({start_kept(r)})' if start_kept(r) else '')}</td>"
                     f"<td class=l>{e(r.get('status', ''))}</td></tr>")
     pts = [(r["label"], r["speedup"], r["value"], r.get("within", False)) for r in search["rows"] if "speedup" in r]
     out = ["<h2>Structure search</h2>",
-           f"<p class=small>Candidates pruned from the original, briefly distilled, built as {e(search['target'])} "
+           f"<p class=small>Candidates pruned from the original (briefly distilled where they missed the budget as "
+           f"pruned), built as {e(search['target'])} "
            f"builds int8, judged on the validation split against the original model and timed interleaved against "
            f"the unpruned model built the same way; {search['minutes']} of {search['search_minutes']:g} minutes.</p>",
            "<table><thead><tr><th class=l>candidate</th><th>MACs vs original</th><th>parameters</th>"

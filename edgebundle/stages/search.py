@@ -281,11 +281,15 @@ def _not_tried(cand: Candidate, why: str) -> dict[str, Any]:
     return {"candidate": cand.record(), "label": cand.label, "status": "not tried", "within": False, "why": why}
 
 
-def _start_kept(row: dict[str, Any]) -> str:
-    """What the candidate's short distillation did, where it did not change the student."""
+def start_kept(row: dict[str, Any]) -> str:
+    """What a row's short distillation did, where it left the student as pruned ("" where it changed it)."""
     if row.get("start_held"):
-        return "; the pruned start held the budget: not distilled"
-    return "; no distillation epoch beat the pruned start" if row.get("distill_best_epoch") == -1 else ""
+        return "the pruned start held the budget: not distilled"
+    return "no distillation epoch beat the pruned start" if row.get("distill_best_epoch") == -1 else ""
+
+
+def _start_kept(row: dict[str, Any]) -> str:
+    return f"; {start_kept(row)}" if start_kept(row) else ""
 
 
 def _row_text(row: dict[str, Any]) -> str:
