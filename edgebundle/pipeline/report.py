@@ -116,7 +116,7 @@ def _search_html(search: dict) -> list[str]:
         rows.append(f"<tr><td class=l>{e(r['label'])}{' <b>(kept)</b>' if kept else ''}</td>"
                     f"<td>{_fmt(r.get('macs_ratio'), '.3f')}</td><td>{r.get('params', '')}</td>"
                     f"<td>{speed}</td><td class=l>{e(r.get('summary') or r.get('line') or r.get('why', ''))}"
-                    f"{e(_int8_form_text(r))}{e(f' ({start_kept(r)})' if start_kept(r) else '')}</td>"
+                    f"{e(_int8_form_text(r))}{e(start_kept(r, ' ({})'))}</td>"
                     f"<td class=l>{e(r.get('status', ''))}</td></tr>")
     pts = [(r["label"], r["speedup"], r["value"], r.get("within", False)) for r in search["rows"] if "speedup" in r]
     out = ["<h2>Structure search</h2>",

@@ -281,15 +281,12 @@ def _not_tried(cand: Candidate, why: str) -> dict[str, Any]:
     return {"candidate": cand.record(), "label": cand.label, "status": "not tried", "within": False, "why": why}
 
 
-def start_kept(row: dict[str, Any]) -> str:
-    """What a row's short distillation did, where it left the student as pruned ("" where it changed it)."""
+def start_kept(row: dict[str, Any], form: str = "{}") -> str:
+    """What a row's short distillation did, put in `form`, where it left the student as pruned ("" where it
+    changed it)."""
     if row.get("start_held"):
-        return "the pruned start held the budget: not distilled"
-    return "no distillation epoch beat the pruned start" if row.get("distill_best_epoch") == -1 else ""
-
-
-def _start_kept(row: dict[str, Any]) -> str:
-    return f"; {start_kept(row)}" if start_kept(row) else ""
+        return form.format("the pruned start held the budget: not distilled")
+    return form.format("no distillation epoch beat the pruned start") if row.get("distill_best_epoch") == -1 else ""
 
 
 def _row_text(row: dict[str, Any]) -> str:
@@ -300,13 +297,13 @@ def _row_text(row: dict[str, Any]) -> str:
                 f"vs original ({row['status']})")
     if row.get("fp32_over"):
         return (f"{row['label']}: {row.get('summary') or row['line']} vs original (over budget before int8: not "
-                f"built{_start_kept(row)})")
+                f"built{start_kept(row, '; {}')})")
     if row.get("held_out_over"):
         return (f"{row['label']}: {row['summary']} vs original (over budget on the held-out groups no stage learns "
-                f"from: not built{_start_kept(row)})")
+                f"from: not built{start_kept(row, '; {}')})")
     kept = f", {row['layers_kept_float']} layers kept float in int8" if row.get("layers_kept_float") else ""
     return (f"{row['label']}: {row['speedup']:.2f}x the unpruned model{kept}, {row.get('summary') or row['line']} "
-            f"vs original ({row['status']}{_start_kept(row)})")
+            f"vs original ({row['status']}{start_kept(row, '; {}')})")
 
 
 def _outcome(out: dict[str, Any]) -> str:
