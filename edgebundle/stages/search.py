@@ -229,8 +229,7 @@ class Search(StageBase):
         recipe, ds = ctx.recipe, ctx.dataset
         student = copy.deepcopy(teacher)
         if cand == Candidate():
-            priced = pricer.price(student.cpu().eval(), check_fp32=False)
-            return {**priced, "status": "within budget" if priced.get("within") else "over budget"}
+            return _with_status(pricer.price(student.cpu().eval(), check_fp32=False))
         rep = prune(student, cand.config(recipe.stages.prune), ctx.example, train=ds.train, names=ctx.names,
                     metric=metric)
         facts: dict[str, Any] = dict(macs_ratio=round(rep.macs_ratio, 4), params=rep.params_after, macs=rep.macs_after,
@@ -252,9 +251,12 @@ class Search(StageBase):
                 facts["distill_best_epoch"] = fit.best_epoch  # -1: no epoch did better than the pruned start
                 if fit.best_epoch >= 0:  # else the student is its start, priced already
                     priced = pricer.price(student.cpu().eval())
-        facts.update(priced)
-        facts["status"] = "within budget" if facts.get("within") else "over budget"
-        return facts
+        return _with_status({**facts, **priced})
+
+
+def _with_status(row: dict[str, Any]) -> dict[str, Any]:
+    """A priced row with its status, as the search's table says it."""
+    return {**row, "status": "within budget" if row.get("within") else "over budget"}
 
 
 def _learns_from(train: Split, samples: int | None, seed: int) -> Split:
