@@ -262,7 +262,7 @@ def _search_table(rows: list[dict]) -> str:
         held = f"; {r['held_out_summary']}" if r.get("held_out_summary") and not r.get("held_out_over") else ""
         lines.append(f"| {r['model']} | {r['label']}{' **(kept)**' if r['chosen'] else ''} | {macs} | {speed} | "
                      f"{r.get('summary') or r.get('line') or r.get('why') or ''}"
-                     f"{start_kept(r, ' ({})')}"
+                     f"{start_kept(r, '; {}')}"
                      f"{held}"
                      f" | {r['status']} | "
                      f"{r.get('seconds') or '—'} |")
