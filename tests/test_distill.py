@@ -183,3 +183,37 @@ def test_agreement_chooses_checkpoints_on_the_inputs_the_budget_judges():
     assert agreement(outputs, reference) == 50.0
     assert agreement(outputs, reference, 0.5) == 100.0
     assert agreement(outputs, reference, 0.9999) == 50.0  # no confident input: every input
+
+
+def test_with_views_and_hidden_matching_the_teacher_answers_each_batch_once():
+    """Augmented views are answered by the teacher as they come; hidden-state matching reads its layers from that
+    same forward pass (not a second one), so an epoch costs one teacher pass per batch plus validation's."""
+    import numpy as np
+
+    from edgebundle.core.data import Split
+    from edgebundle.core.recipe import DistillStage, InputSpec
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Conv2d(c, 8, 3, padding=1) for c in (3, 8)])
+            self.head = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = torch.relu(b(x))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    teacher = Net().eval()
+    student = copy.deepcopy(teacher)
+    rng = np.random.default_rng(0)
+    train = Split({"image": rng.standard_normal((64, 3, 16, 16)).astype(np.float32)}, None)
+    val = Split({"image": rng.standard_normal((8, 3, 16, 16)).astype(np.float32)}, None)
+    calls = []
+    teacher.register_forward_hook(lambda _m, a, _o: calls.append(len(a[0])))
+    cfg = DistillStage(epochs=1, lr=1e-4, batch_size=16, hidden_weight=1.0, loss="mse", augment="auto")
+    specs = [InputSpec(name="image", shape=[1, 3, 16, 16])]
+    distill(student, teacher, train, val, ["image"], cfg, seed=0, device=torch.device("cpu"), specs=specs)
+    # the widths probe (2 rows), validation's reference (8 rows), one pass per training batch of 16
+    assert sorted(calls) == [2, 8, 16, 16, 16, 16], calls

@@ -247,11 +247,14 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     hidden = HiddenMatch(student, teacher, cfg.hidden_layers, train, names, device) if cfg.hidden_weight else None
 
     def loss_fn(out, batch, y, idx):
-        loss = soft_loss(kind, out, soft[idx] if soft is not None else _first(teacher, batch), t)
+        # one teacher forward per batch: hidden matching's hooks capture its layers as it answers the view
+        answer = hidden.teacher_output(batch) if hidden is not None else None
+        ref = soft[idx] if soft is not None else answer if answer is not None else _first(teacher, batch)
+        loss = soft_loss(kind, out, ref, t)
         if kind == "kl" and alpha < 1.0 and y is not None:
             loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, y)
         if hidden is not None:
-            loss = loss + cfg.hidden_weight * hidden.loss(batch)
+            loss = loss + cfg.hidden_weight * hidden.loss()
         return loss
 
     def val_score(m: nn.Module) -> float:
@@ -367,10 +370,12 @@ class HiddenMatch:
             store[name] = _channels_last(out)
         return hook
 
-    def loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        """Call after the student's forward on `batch`."""
-        with torch.no_grad():
-            self.teacher(*batch)
+    def teacher_output(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        """The teacher's (first) output on `batch`; its hooks keep the chosen layers' outputs for `loss`."""
+        return _first(self.teacher, batch)
+
+    def loss(self) -> torch.Tensor:
+        """Call after the student's and the teacher's forward (`teacher_output`) on the same batch."""
         terms = [F.mse_loss(self.maps[str(i)](self.s_out[n]), self.t_out[n]) / (self.t_out[n].pow(2).mean() + 1e-8)
                  for i, n in enumerate(self.layers)]
         return torch.stack(terms).mean()
@@ -378,7 +383,8 @@ class HiddenMatch:
     def distance(self, batch: list[torch.Tensor], student: nn.Module) -> float:
         with torch.no_grad():
             student(*batch)
-            return float(self.loss(batch))
+            self.teacher_output(batch)
+            return float(self.loss())
 
     def close(self) -> None:
         for h in self.handles:
