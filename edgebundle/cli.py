@@ -442,8 +442,11 @@ def explain(
     console.print(t)
     b = q.get("accuracy_budget")
     if b:
-        console.print(f"accuracy ({b['metric']}, {b['split']}): full int8 drop {b['drop_full_int8']:.2f}, "
-                      f"reached {b.get('drop_reached', b['drop_full_int8']):.2f}, budget {b['max_drop']}; "
+        def fmt(x) -> str:  # None: a value JSON cannot hold (an exact match's infinite SNR)
+            return "n/a" if x is None else f"{x:.2f}"
+
+        console.print(f"accuracy ({b['metric']}, {b['split']}): full int8 drop {fmt(b['drop_full_int8'])}, "
+                      f"reached {fmt(b.get('drop_reached', b['drop_full_int8']))}, budget {b['max_drop']}; "
                       f"{len(kept)} layer(s) kept in float")
 
 
@@ -562,18 +565,24 @@ def targets() -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised where the process is: every `with` and `finally` on the way out runs, as for Ctrl-C
-    (temporary folders removed, locks released), and nothing half-written is left."""
+    """SIGTERM or SIGINT (Ctrl-C), raised where the process is: every `with` and `finally` on the way out runs
+    (temporary folders removed, locks released), and nothing half-written is left. Not a KeyboardInterrupt, which
+    the command-line layer would turn into a silent exit."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated(signum)
 
 
 # third-party loggers whose messages are not the user's business in a normal run (shown with --debug):
 # torchao's "Failed to load ..._C_mxfp8.so" for CUDA kernels a CPU build never uses, torch's pytree notes
-# on Enum registration, NNCF's statistics tables
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "nncf")
+# on Enum registration, NNCF's statistics tables, onnxscript's version-converter notes (the exporter checks the
+# opset it got)
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "nncf", "onnxscript")
 
 
 def quiet_third_parties() -> None:
@@ -600,15 +609,49 @@ def quiet_third_parties() -> None:
 def main() -> None:
     import signal
 
-    if "--debug" not in sys.argv:
+    debug = "--debug" in sys.argv
+    if not debug:
         quiet_third_parties()
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     try:
-        app()
-    except Terminated:
-        err_console.print("[bold red]stopped:[/] SIGTERM; nothing half-written was left (run again to resume from "
-                          "the stages already cached)", highlight=False, soft_wrap=True)
-        sys.exit(128 + signal.SIGTERM)
+        code = app(standalone_mode=False)  # errors come here: each is one line, never click's usage box
+    except Terminated as t:
+        sys.exit(_stopped("interrupted (Ctrl-C)" if t.signum == signal.SIGINT else "SIGTERM", 128 + t.signum))
+    except (KeyboardInterrupt, typer.Abort):
+        sys.exit(_stopped("interrupted (Ctrl-C)", 128 + signal.SIGINT))
+    except Exception as e:
+        code = _usage_error(e)
+        if code is None:  # escaped every command's own handling: still one line (--debug: the traceback)
+            if debug:
+                console.print_exception()
+            from edgebundle.core.errors import first_line
+
+            err_console.print(f"[bold red]error:[/] {esc(first_line(e))} (run with --debug for where)",
+                              highlight=False, soft_wrap=True)
+            code = 2
+    sys.exit(code or 0)
+
+
+def _stopped(why: str, code: int) -> int:
+    err_console.print(f"[bold red]stopped:[/] {why}; nothing half-written was left (run again to resume from "
+                      "the stages already cached)", highlight=False, soft_wrap=True)
+    return code
+
+
+def _usage_error(e: Exception) -> int | None:
+    """The command line's own usage errors (an unknown option or command, a value of the wrong type) as one line;
+    their exit code, or None for any other exception."""
+    message, code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+    if not callable(message) or not isinstance(code, int):
+        return None
+    text = " ".join(str(message()).split())
+    if text:  # (no text: the help was shown, as for `edgebundle` alone)
+        ctx = getattr(e, "ctx", None)
+        where = getattr(ctx, "command_path", None) or "edgebundle"
+        err_console.print(f"[bold red]error:[/] {esc(text)} (see {esc(where)} --help)", highlight=False,
+                          soft_wrap=True)
+    return code
 
 
 if __name__ == "__main__":

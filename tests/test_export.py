@@ -43,3 +43,21 @@ def test_batch_axis_really_dynamic(prepared):
     x = prepared.dataset.test.inputs["image"]
     for n in (1, 7, 64):
         assert s.run({"image": x[:n]})[0].shape == (n, 10)
+
+
+def test_the_exported_file_has_the_opset_asked_for(tmp_path):
+    """The dynamo exporter converts down from its own opset, and its converter gives up on some models (the
+    digits CNN at 17) leaving a file at 18: auto then exports with TorchScript at 17; dynamo by name says so."""
+    from edgebundle.exporters.onnx import default_opset
+    from edgebundle.zoo import digits_cnn
+
+    model = digits_cnn(width=8).eval()
+    for opset in (17, 18, 20):
+        which = export(model, SPECS, ["logits"], ExportStage(opset=opset), tmp_path / f"m{opset}.onnx")
+        assert default_opset(tmp_path / f"m{opset}.onnx") == opset, (opset, which)
+    try:
+        export(model, SPECS, ["logits"], ExportStage(opset=17, exporter="dynamo"), tmp_path / "d.onnx")
+    except StageError as e:
+        assert "wrote opset 18, not the opset 17 asked for" in str(e)
+    else:
+        assert default_opset(tmp_path / "d.onnx") == 17

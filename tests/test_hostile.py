@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -330,3 +331,172 @@ def test_user_code_that_swallows_the_time_limit_still_ends_with_one_line(tmp_pat
     lines = [ln for ln in (r.stdout + r.stderr).splitlines() if "error" in ln.lower() or "Traceback" in ln]
     assert r.returncode == 2, r.stdout + r.stderr
     assert len(lines) == 1 and "metric function m.py:score did not return within 1 s" in lines[0], r.stdout + r.stderr
+
+
+MODELS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, body="ok"):
+        super().__init__()
+        self.body = body
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, image):
+        x = image.flatten(1)
+        if self.body == "batch1":
+            return self.fc(image.view(1, 64))  # written for batch 1 only
+        if self.body == "mean":
+            return self.fc(x).mean(0, keepdim=True)  # one row, whatever the batch
+        if self.body == "long":
+            return self.fc(x).round().long()
+        if self.body == "scalar":
+            return self.fc(x).sum()
+        if self.body == "range":
+            torch._assert(x.abs().max() < 0.5, "input out of range")  # zeros pass; the data do not
+        if self.body == "boom" and self.training:
+            raise RuntimeError("boom in training mode")
+        return self.fc(x)
+
+
+class Free(nn.Module):
+    def forward(self, image):
+        return image.flatten(1)[:, :10]
+
+
+def build(body="ok"):
+    return Net(body)
+
+
+def free():
+    return Free()
+'''
+
+
+@pytest.mark.parametrize("body, says", [
+    ("batch1", "the model fails on 2 inputs of the data (the stages run it on batches of them): RuntimeError"),
+    ("range", "the model fails on 2 inputs of the data (the stages run it on batches of them): AssertionError: "
+              "input out of range"),
+    ("mean", "output 'logits' has shape [1, 10] for a batch of 2 inputs; its first dimension must be the batch"),
+    ("scalar", "output 'logits' has shape [] for a batch of 2 inputs"),
+    ("long", "output 'logits' is int64; metrics and distillation compare floating-point outputs"),
+    ("free", "the model has no weights to learn; stages train, prune, distill change them"),
+    ("boom", "stage 'teacher' failed: RuntimeError: boom in training mode"),
+])
+def test_a_model_that_only_fails_on_real_batches_is_one_line_before_any_work(tmp_path, body, says):
+    """The zeros of the input's shape (batch 1) pass; real batches of the data, training mode or the outputs' form
+    do not: one line naming what is wrong, exit 2, and no output folder (the run made nothing)."""
+    (tmp_path / "models.py").write_text(MODELS)
+    d = default_dict()
+    d["model"] = {"factory": "./models.py:free"} if body == "free" else {"factory": "./models.py:build",
+                                                                       "kwargs": {"body": body}}
+    d["stages"]["train"] = {"epochs": 1}
+    d["targets"] = ONE_TARGET
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    line = " ".join(res.output.split())
+    assert res.exit_code == 2 and says in line and line.count("error:") == 1, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+def test_weights_that_do_not_fit_name_the_tensors_and_a_checkpoint_around_them_loads(tmp_path):
+    import torch
+
+    from edgebundle.zoo import digits_cnn
+
+    d = default_dict()
+    d["model"]["kwargs"] = {**d["model"].get("kwargs", {}), "width": 8}
+    d["stages"].update(train={"enabled": False}, prune={"enabled": False}, distill={"enabled": False})
+    d["targets"] = ONE_TARGET
+    torch.save(digits_cnn(width=32).state_dict(), tmp_path / "wide.pt")
+    d["model"]["weights"] = "wide.pt"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    line = " ".join(res.output.split())
+    assert res.exit_code == 2 and "do not fit the model:" in line and "of another shape (" in line, line
+    assert "[32, 1, 3, 3] in the file, [8, 1, 3, 3] in the model" in line, line
+
+    torch.save({"model": digits_cnn(width=8).state_dict(), "epoch": 3}, tmp_path / "ckpt.pt")
+    d["model"]["weights"] = "ckpt.pt"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code in (0, 1) and "do not fit" not in res.output, res.output
+
+
+def test_usage_errors_are_one_line_with_exit_2():
+    import subprocess
+    import sys
+
+    for args, says in ((["run", "--bogus"], "No such option: --bogus (see "),
+                       (["frobnicate"], "No such command 'frobnicate'.")):
+        r = subprocess.run([sys.executable, "-m", "edgebundle.cli", *args], capture_output=True, text=True,
+                           timeout=120)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr
+
+
+DATA = '''
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+
+
+def batches(kind):
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.float64)
+    if kind == "ragged":
+        yield {"image": [row for row in x[:20]] + [np.zeros((1, 9, 9), np.float32)], "label": y[:21]}
+    elif kind == "grad":  # a tensor still attached to a graph: the data are its values
+        yield torch.tensor(x, requires_grad=True), y
+    elif kind == "huge":
+        yield x, np.full(len(x), 1e20)
+    elif kind == "inf":
+        yield x, np.where(np.arange(len(x)) == 3, np.inf, y)
+'''
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("ragged", "data.function ./data.py:batches: 'image' in batch 1 is not one array (ValueError"),
+    ("huge", "labels in batch 1 include 1e+20; classes are 0, 1, 2, ... (at most 2147483647)"),
+    ("inf", "labels in batch 1 include NaN or Inf"),
+    ("grad", None),
+])
+def test_data_that_numpy_cannot_take_as_it_is_is_one_line(tmp_path, kind, says):
+    """Rows that form no array, labels that are no class index (they would wrap when cast), infinite labels: one
+    line each, no numpy warning before it; a torch tensor that requires grad is taken by its values."""
+    import subprocess
+    import sys
+
+    (tmp_path / "data.py").write_text(DATA)
+    d = default_dict()
+    d["data"] = {"kind": "function", "function": "./data.py:batches", "kwargs": {"kind": kind}}
+    d["stages"].update(train={"epochs": 1}, prune={"enabled": False}, distill={"enabled": False})
+    d["targets"] = ONE_TARGET
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    if says is None:
+        from edgebundle.core.data import load_dataset
+        from edgebundle.core.recipe import load_recipe
+
+        assert len(load_dataset(load_recipe(tmp_path / "r.yaml")).train) > 1000
+        return
+    r = subprocess.run([sys.executable, "-m", "edgebundle.cli", "prepare", str(tmp_path / "r.yaml"), "-o",
+                        str(tmp_path / "work")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr
+
+
+def test_dynamic_axes_that_share_a_name_must_share_a_size(tmp_path):
+    d = default_dict()
+    d["inputs"][0]["dynamic_axes"] = {0: "b", 2: "b"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    line = " ".join(res.output.split())
+    assert res.exit_code == 2 and "dynamic axes 0 and 2 share the name 'b' (one size) but have 1 and 8" in line, line
+    d["inputs"][0]["dynamic_axes"] = {0: "batch", 2: "side", 3: "side"}  # a square image's sides: one size
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    from edgebundle.core.recipe import load_recipe
+
+    assert load_recipe(tmp_path / "r.yaml").inputs[0].dynamic_axes == {0: "batch", 2: "side", 3: "side"}

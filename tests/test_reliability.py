@@ -285,9 +285,11 @@ def test_sigkill_at_several_points_then_rerun_finishes_from_the_cache(tmp_path):
     assert not list(out.glob(".ort-cpu.tmp-*")), "the next writer removed the killed writer's leftovers"
 
 
-def test_sigterm_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_path):
-    """SIGTERM (what a CI runner or `timeout` sends) mid teacher training: one line, exit 143, and the same
-    clean-up as Ctrl-C: no temporary folder left, and a re-run finishes from the cache."""
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "stopped: SIGTERM"),
+                                             (signal.SIGINT, 130, "stopped: interrupted (Ctrl-C)")])
+def test_sigterm_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_path, sig, code, line):
+    """SIGTERM (what a CI runner or `timeout` sends) or Ctrl-C mid teacher training: one line, exit 143 or 130,
+    no temporary folder left, and a re-run finishes from the cache."""
     recipe = _small_recipe(tmp_path)
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "edgebundle.cli", "run", str(recipe)], cwd=ROOT,
@@ -296,11 +298,11 @@ def test_sigterm_mid_run_is_one_line_and_leaves_nothing_half_written(tmp_path):
     ready = _any(".teacher-*.tmp-*")
     while p.poll() is None and time.monotonic() < deadline and not ready(out):
         time.sleep(0.005)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 143, err
+    assert p.returncode == code, err
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "stopped: SIGTERM" in lines[0], err
+    assert len(lines) == 1 and line in lines[0], err
     assert not list((out / ".work").glob(".*.tmp-*")) and not list(out.glob(".*.tmp-*"))
     r = subprocess.run([sys.executable, "-m", "edgebundle.cli", "run", str(recipe)], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)

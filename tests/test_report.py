@@ -73,3 +73,12 @@ def test_report_renders_in_a_browser_when_one_is_installed(default_run, tmp_path
                    check=True, capture_output=True, timeout=120)
     img = mpimg.imread(shot)
     assert img.shape[:2] == (1600, 1200) and img[..., :3].std() > 0.01
+
+
+def test_a_value_json_cannot_hold_is_shown_not_a_crash():
+    """An exact match's SNR is infinite and the manifest keeps it as null: the plots leave that point out and the
+    tables say n/a (the report of such a bundle was a TypeError)."""
+    from edgebundle.pipeline.report import _fmt, _speed_fidelity
+
+    png = base64.b64decode(_speed_fidelity([("exact", 1.0, None, True), ("int8", 1.4, 31.5, True)]))
+    assert png.startswith(b"\x89PNG") and _fmt(None, ".6g") == "n/a"

@@ -19,7 +19,7 @@ import numpy as np
 from edgebundle.core.errors import DataError, RecipeError, not_a_folder
 from edgebundle.core.limits import time_limit
 from edgebundle.core.recipe import DataSpec, InputSpec, Recipe
-from edgebundle.core.rows import LazyRows
+from edgebundle.core.rows import MAX_CLASS, LazyRows
 from edgebundle.core.modelio import import_object
 
 LABEL_KEYS = ("y", "label", "labels")
@@ -322,25 +322,36 @@ def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None, wha
             for n in names:
                 if n not in batch:
                     raise DataError(f"{what} batch has no '{n}' (keys: {', '.join(batch)})")
-                parts[n].append(np.asarray(batch[n]))
+                parts[n].append(_array(batch[n], what, ref, i, f"'{n}'"))
             lab = next((batch[k] for k in LABEL_KEYS if k in batch), None)
             grp = next((batch[k] for k in GROUP_KEYS if k in batch), None)
             if grp is not None:
-                groups.append(np.asarray(grp))
+                groups.append(_array(grp, what, ref, i, "groups"))
         elif isinstance(batch, tuple) and len(batch) == 2 and len(names) == 1:
-            parts[names[0]].append(np.asarray(batch[0]))
+            parts[names[0]].append(_array(batch[0], what, ref, i, "inputs"))
             lab = batch[1]
         elif len(names) == 1:
-            parts[names[0]].append(np.asarray(batch))
+            parts[names[0]].append(_array(batch, what, ref, i, "inputs"))
             lab = None
         else:
             raise DataError(f"{what} must yield dicts keyed by input name for multi-input models")
         if lab is not None:
-            labels.append(np.asarray(lab))
+            labels.append(_array(lab, what, ref, i, "labels"))
     if not parts[names[0]]:
         raise DataError(f"{what} {ref} yielded no batches")
     inputs, y = _joined(parts, labels, f"{what} {ref}", "batch")
     return inputs, y, _joined_groups(groups, parts, f"{what} {ref}", "batch")
+
+
+def _array(x: Any, what: str, ref: str, batch: int, part: str) -> np.ndarray:
+    """One part of a batch as an array (a torch tensor detached from its graph first); rows that do not form one
+    array (ragged lists) are the data's error, in one line."""
+    if hasattr(x, "detach") and callable(x.detach):
+        x = x.detach().cpu()
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise DataError(f"{what} {ref}: {part} in batch {batch} is not one array ({_what(e)})") from e
 
 
 def _what(e: BaseException) -> str:
@@ -369,8 +380,13 @@ def _joined(parts: dict[str, list[np.ndarray]], labels: list[np.ndarray], source
         where = names[k] if names else f"{unit} {k + 1}"
         if y.ndim != 1:
             raise DataError(f"{source}: labels in {where} have shape {list(y.shape)}; one integer class per sample")
+        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+            raise DataError(f"{source}: labels in {where} include NaN or Inf; one integer class per sample")
         if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(np.mod(y, 1) == 0)):
             raise DataError(f"{source}: labels in {where} are {y.dtype}, not integer classes")
+        if y.size and y.max() > MAX_CLASS:
+            raise DataError(f"{source}: labels in {where} include {y.max():.6g}; classes are 0, 1, 2, ... (at most "
+                            f"{MAX_CLASS})")
         if y.size and y.min() < 0:
             raise DataError(f"{source}: labels in {where} include {int(y.min())}; classes are 0, 1, 2, ...")
     return inputs, np.concatenate(labels).astype(np.int64)

@@ -33,6 +33,14 @@ class IntegrityError(BundleError):
         self.files = files
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and the first line of its message (a library's message can run to
+    pages: a tensor dump, a graph), cut at `limit` characters."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def weights_problem(e: Exception) -> str:
     """What is wrong with a weights file, in words (torch's own messages are long or say only errno)."""
     text = " ".join(str(e).split())

@@ -148,13 +148,33 @@ def load_weights(model: nn.Module, path: Path) -> None:
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle refused by weights_only, ...
         raise RecipeError(f"model.weights {path} cannot be loaded safely: {weights_problem(e)}") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    if isinstance(state, dict):  # a training checkpoint around the state_dict
+        state = next((state[k] for k in CHECKPOINT_KEYS if isinstance(state.get(k), dict)), state)
     try:
         model.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise RecipeError(f"model.weights {path} do not fit the model: {first}") from e
+        why = misfit(model.state_dict(), state) if isinstance(state, dict) else ""
+        raise RecipeError(f"model.weights {path} do not fit the model: "
+                          f"{why or str(e).strip().splitlines()[0]}") from e
+
+
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoints keep the weights, in that order
+
+
+def misfit(expected: dict[str, Any], given: dict[str, Any], shown: int = 3) -> str:
+    """How a state_dict differs from the model's: keys missing, keys the model lacks, tensors of another shape."""
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+
+    missing = [k for k in expected if k not in given]
+    extra = [k for k in given if k not in expected]
+    shaped = [f"{k} {list(given[k].shape)} in the file, {list(expected[k].shape)} in the model" for k in expected
+              if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = ([f"{len(missing)} of the model's tensors missing ({some(missing)})"] if missing else []) + \
+        ([f"{len(extra)} the model does not have ({some(extra)})"] if extra else []) + \
+        ([f"{len(shaped)} of another shape ({'; '.join(shaped[:shown])}{'; ...' if len(shaped) > shown else ''})"]
+         if shaped else [])
+    return "; ".join(parts)
 
 
 def macs(model: nn.Module, example: tuple[torch.Tensor, ...]) -> int:

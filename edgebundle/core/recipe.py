@@ -100,6 +100,12 @@ class InputSpec(Strict):
         for axis in self.dynamic_axes:
             if not 0 <= axis < len(self.shape):
                 raise ValueError(f"input '{self.name}': dynamic axis {axis} is outside shape {self.shape}")
+        for axis, label in self.dynamic_axes.items():  # one name is one size: axes that share it must agree
+            other = next((a for a, b in self.dynamic_axes.items() if b == label and a < axis), None)
+            if other is not None and self.shape[other] != self.shape[axis]:
+                raise ValueError(f"input '{self.name}': dynamic axes {other} and {axis} share the name '{label}' "
+                                 f"(one size) but have {self.shape[other]} and {self.shape[axis]} in shape "
+                                 f"{self.shape}; give them different names")
         return self
 
 

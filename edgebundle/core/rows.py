@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+MAX_CLASS = 2 ** 31 - 1  # a label past it is no class index (and would wrap when cast to int64)
+
 
 class LazyRows:
     """An input's rows, made on access by `make(row_numbers)` (e.g. decoding those image files): indexing

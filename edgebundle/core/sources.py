@@ -23,7 +23,7 @@ import numpy as np
 from edgebundle.core.artifact import sha256_file
 from edgebundle.core.errors import DataError, RecipeError, not_a_folder
 from edgebundle.core.recipe import DatasetsSpec, ImageSpec, InputSpec, TextSpec
-from edgebundle.core.rows import LazyRows
+from edgebundle.core.rows import MAX_CLASS, LazyRows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -316,8 +316,9 @@ def _classes(labels: list[Any], path: Path) -> tuple[np.ndarray, list[str]]:
     try:
         ints = [int(x) for x in labels]
         if all(str(x).strip() == str(i) for x, i in zip(labels, ints)):
-            if min(ints) < 0:
-                raise DataError(f"{path}: labels include {min(ints)}; classes are 0, 1, 2, ...")
+            if min(ints) < 0 or max(ints) > MAX_CLASS:
+                bad = min(ints) if min(ints) < 0 else max(ints)
+                raise DataError(f"{path}: labels include {bad}; classes are 0, 1, 2, ... (at most {MAX_CLASS})")
             return np.asarray(ints, np.int64), []
     except (TypeError, ValueError):
         pass

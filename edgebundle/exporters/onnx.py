@@ -96,6 +96,12 @@ def name_outputs(path: Path, outputs: list[str]) -> None:
     onnx.save(model, str(path))
 
 
+def default_opset(path: Path) -> int:
+    """The opset of the ONNX file's default domain."""
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def torchscript_opset(cfg: ExportStage) -> int:
     """The TorchScript exporter's opset: 17 when chosen automatically (from opset 18 on, ReduceMean takes
     its axes as an input and ONNX Runtime's BERT fusions no longer match LayerNorm, SkipLayerNorm or
@@ -125,19 +131,27 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if which == "torchscript":
-                axes = {s.name: {a: str(label) for a, label in s.dynamic_axes.items()} for s in specs}
-                torch.onnx.export(model, args, str(out), input_names=[s.name for s in specs], output_names=names,
-                                  opset_version=torchscript_opset(cfg), dynamo=False, dynamic_axes=axes or None,
-                                  do_constant_folding=True)
-            else:
+            if which == "dynamo":
                 program = torch.onnx.export(
                     model, args, input_names=[s.name for s in specs], output_names=names,
                     opset_version=cfg.opset, dynamo=True, dynamic_shapes=_dynamic_shapes(specs),
                     external_data=False, verbose=False, optimize=True,
                 )
                 program.save(str(out))
+                got = default_opset(out)
+                if got != cfg.opset and (cfg.exporter != "auto" or cfg.opset > 20):
+                    raise StageError(f"{EXPORTER} wrote opset {got}, not the opset {cfg.opset} asked for (its version "
+                                     "converter cannot go there for this model); use exporter: torchscript or auto")
+                which = "dynamo" if got == cfg.opset else "torchscript"  # auto: TorchScript writes it itself
+            if which == "torchscript":
+                axes = {s.name: {a: str(label) for a, label in s.dynamic_axes.items()} for s in specs}
+                opset = torchscript_opset(cfg) if resolve_exporter(model, cfg) == "torchscript" else cfg.opset
+                torch.onnx.export(model, args, str(out), input_names=[s.name for s in specs], output_names=names,
+                                  opset_version=opset, dynamo=False, dynamic_axes=axes or None,
+                                  do_constant_folding=True)
         name_outputs(out, outputs)
+    except StageError:
+        raise
     except Exception as e:  # the exporter raises many types (torch._dynamo, onnxscript, export errors)
         root = _root_cause(e)
         msg = " ".join(_ANSI.sub("", str(root)).split())

@@ -11,13 +11,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 import edgebundle
 from edgebundle.core import distributed, progress
 from edgebundle.core.artifact import ARTIFACT_FILE, Artifact, sha256_file
 from edgebundle.core.data import Dataset, load_dataset
-from edgebundle.core.errors import BundleError, EdgeBundleError, RecipeError, StageError
+from edgebundle.core.errors import BundleError, EdgeBundleError, RecipeError, StageError, first_line
 from edgebundle.core.modelio import build_model, check_accepts, example_inputs, import_object, source_fingerprint
 from edgebundle.core.recipe import Recipe
 from edgebundle.targets import registry
@@ -26,6 +27,7 @@ from edgebundle.pipeline.lock import work_lock
 from edgebundle.pipeline.pricing import TargetPricer
 from edgebundle.pipeline.records import Prepared, recipe_digest
 from edgebundle.stages import StageContext, registry as stage_registry
+from edgebundle.stages.teacher import trains
 from edgebundle.stages.data import load_split
 
 
@@ -68,8 +70,9 @@ class _Stages:
                     with tempfile.TemporaryDirectory() as td:
                         fill(Path(td))
             except EdgeBundleError as e:
-                after = f" (after {', '.join(self.done)})" if self.done else ""
-                raise type(e)(f"stage '{stage}' failed{after}: {e}") from e
+                raise type(e)(f"stage '{stage}' failed{self._after()}: {e}") from e
+            except Exception as e:  # what the user's model, data or metric code raised there (--debug: where)
+                raise StageError(f"stage '{stage}' failed{self._after()}: {first_line(e)}") from e
         distributed.barrier()
         if hit is None:
             hit = self.cache.get(stage, key)
@@ -79,6 +82,10 @@ class _Stages:
         self.done.append(stage)
         self.on_event("done", stage, cached=cached, artifact=hit)
         return hit
+
+
+    def _after(self) -> str:
+        return f" (after {', '.join(self.done)})" if self.done else ""
 
 
 def prepare(recipe: Recipe, work: Path, *, on_event: Event = _noop) -> Prepared:
@@ -116,9 +123,41 @@ def _check_inputs(recipe: Recipe) -> Dataset:
     if recipe.metric.is_function:
         import_object(recipe.metric.name, base_dir=recipe.base_dir, what="metric", timeout_s=recipe.limits.user_code_s)
     dataset = load_dataset(recipe)
+    _check_on_data(probe, dataset, recipe)
     if dataset.num_classes is not None and out.shape[-1] < dataset.num_classes:
         raise RecipeError(f"the model outputs {out.shape[-1]} values but the data has {dataset.num_classes} classes")
     return dataset
+
+
+def _check_on_data(model: torch.nn.Module, dataset: Dataset, recipe: Recipe) -> None:
+    """The model on two real inputs, as the stages run it (batches of the data, not zeros of the input's shape):
+    it takes them, gives one row per input in floating point, logits of [batch, classes] where it learns from
+    class labels, and has weights to learn where a stage trains it."""
+    split = dataset.train if len(dataset.train) >= 2 else dataset.test
+    rows = np.arange(min(2, len(split)))
+    batch = [torch.from_numpy(np.ascontiguousarray(split.inputs[s.name][rows])) for s in recipe.inputs]
+    try:
+        with torch.no_grad():
+            out = model(*batch)
+    except Exception as e:  # whatever the user's forward raises
+        raise RecipeError(f"the model fails on {len(rows)} inputs of the data (the stages run it on batches of "
+                          f"them): {first_line(e)}") from e
+    outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+    for name, o in zip(recipe.outputs, outs):
+        if o.dim() == 0 or o.shape[0] != len(rows):
+            raise RecipeError(f"output '{name}' has shape {list(o.shape)} for a batch of {len(rows)} inputs; its "
+                              "first dimension must be the batch (one row per input)")
+        if not o.is_floating_point():
+            raise RecipeError(f"output '{name}' is {str(o.dtype).replace('torch.', '')}; metrics and distillation "
+                              "compare floating-point outputs (return the scores, not a cast of them)")
+    judged = outs[recipe.judged_output[0]]
+    if trains(recipe) and dataset.train.labels is not None and judged.dim() != 2:
+        raise RecipeError(f"output '{recipe.judged_output[1]}' has shape {list(judged.shape)} for {len(rows)} inputs; "
+                          "training on class labels needs logits of [batch, classes]")
+    learning = [(s.key or s.name) for s in stage_registry.ordered() if s.enabled(recipe) and s.one_output(recipe)]
+    if learning and not any(p.requires_grad for p in model.parameters()):
+        raise RecipeError(f"the model has no weights to learn; stages {', '.join(learning)} change them: set their "
+                          "enabled: false")
 
 
 

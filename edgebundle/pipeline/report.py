@@ -145,7 +145,7 @@ def _forms_html(bundles: list[tuple[Path, Manifest]]) -> list[str]:
         if not out:
             out.append("<h2>int8 forms tried</h2>")
         name = m.target.name
-        rows = [f"<tr><td class=l>{e(p['form'])}</td><td>{p['layers_kept_float']}</td><td>{p['val_value']:.6g}</td>"
+        rows = [f"<tr><td class=l>{e(p['form'])}</td><td>{p['layers_kept_float']}</td><td>{_fmt(p['val_value'], '.6g')}</td>"
                 f"<td>{_fmt(p.get('p50_ms'), '.3f', ' ms')}</td>"
                 f"<td class=l>{'within' if p.get('within_budget') else 'over'}{', Pareto' if p.get('pareto') else ''}"
                 "</td></tr>" for p in ft["points"]]
@@ -169,6 +169,8 @@ def _speed_fidelity(points: list[tuple[str, float, float, bool]],
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, speed, value, within in points:
+        if speed is None or value is None:  # a value JSON cannot hold (an exact match's infinite SNR): no point
+            continue
         ax.scatter([speed], [value], s=40, marker="o" if within else "x", color="tab:blue" if within else "tab:red")
         ax.annotate(label, (speed, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(xlabel)

@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 from edgebundle.core.data import Dataset, Split, load_dataset, run_outputs, run_split  # noqa: F401  (re-exported)
-from edgebundle.core.errors import EdgeBundleError
 from edgebundle.core.recipe import Recipe
 from edgebundle.pipeline.build import _build_all, _select, build, build_target  # noqa: F401  (re-exported)
 from edgebundle.pipeline.lock import target_lock
@@ -33,7 +32,7 @@ def run(recipe: Recipe, *, output: Path | None = None, targets: list[str] | None
                 locks.enter_context(target_lock(output, spec.name))
             prepared = prepare(recipe, work or output / ".work", on_event=on_event)
             return RunResult(prepared, _build_all(prepared, selected, output, on_event, pack, keep_rejected))
-    except EdgeBundleError:
+    except BaseException:  # bad input, a crash, Ctrl-C: a folder this run made and left empty goes
         if fresh:
             _remove_if_empty(output)
         raise
