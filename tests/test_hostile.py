@@ -500,3 +500,18 @@ def test_dynamic_axes_that_share_a_name_must_share_a_size(tmp_path):
     from edgebundle.core.recipe import load_recipe
 
     assert load_recipe(tmp_path / "r.yaml").inputs[0].dynamic_axes == {0: "batch", 2: "side", 3: "side"}
+
+
+def test_a_model_written_for_its_fixed_batch_is_checked_at_that_batch(tmp_path):
+    """An input without a dynamic batch axis is judged at its own batch size (iter_feeds): a model written for
+    batch 1 passes the check on real inputs where nothing trains it."""
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.pipeline.prepare import _check_inputs
+
+    (tmp_path / "models.py").write_text(MODELS)
+    d = default_dict()
+    d["model"] = {"factory": "./models.py:build", "kwargs": {"body": "batch1"}}
+    d["inputs"][0]["dynamic_axes"] = {}
+    d["stages"].update(train={"enabled": False}, prune={"enabled": False}, distill={"enabled": False})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    assert len(_check_inputs(load_recipe(tmp_path / "r.yaml")).test) > 100

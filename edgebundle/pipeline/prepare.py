@@ -134,7 +134,8 @@ def _check_on_data(model: torch.nn.Module, dataset: Dataset, recipe: Recipe) -> 
     it takes them, gives one row per input in floating point, logits of [batch, classes] where it learns from
     class labels, and has weights to learn where a stage trains it."""
     split = dataset.train if len(dataset.train) >= 2 else dataset.test
-    rows = np.arange(min(2, len(split)))
+    static = [s.shape[0] for s in recipe.inputs if 0 not in s.dynamic_axes]  # a fixed batch: judged at that size
+    rows = np.arange(min(static[0] if static else 2, len(split)))
     batch = [torch.from_numpy(np.ascontiguousarray(split.inputs[s.name][rows])) for s in recipe.inputs]
     try:
         with torch.no_grad():
