@@ -515,3 +515,17 @@ def test_a_model_written_for_its_fixed_batch_is_checked_at_that_batch(tmp_path):
     d["stages"].update(train={"enabled": False}, prune={"enabled": False}, distill={"enabled": False})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     assert len(_check_inputs(load_recipe(tmp_path / "r.yaml")).test) > 100
+
+
+def test_work_folder_records_of_another_shape_are_one_line(default_run, tmp_path):
+    import json
+
+    recipe, work = _work_copy(default_run, tmp_path)
+    doc = json.loads((work / "prepared.json").read_text())
+    for broken, says in (([1, 2], "has format a JSON list; this edgebundle reads format 1"),
+                         ({k: v for k, v in doc.items() if k != "artifacts"},
+                          "holds records this edgebundle did not write (KeyError: 'artifacts')")):
+        (work / "prepared.json").write_text(json.dumps(broken))
+        res = cli.invoke(app, ["build", str(work), "-o", str(tmp_path / "out")])
+        line = " ".join(res.output.split())
+        assert res.exit_code == 2 and says in line and line.count("error:") == 1, res.output

@@ -297,3 +297,30 @@ def test_recentring_keeps_the_moments_of_the_batchnorms_after_pruned_channels():
         mu, v = moments(model)
         err[rec] = float(max((mu - mu0).abs().max(), ((v / v0) - 1).abs().max()))
     assert err[True] < 0.02 < err[False] / 10, err  # (variance: up to BatchNorm's eps)
+
+
+def test_a_bare_parameter_is_a_note_not_a_third_party_warning():
+    """Torch-Pruning warns on stderr about parameters outside any layer it knows (a bare per-channel scale) and
+    cuts them along their last dimension longer than 1; the run says so in one progress note instead."""
+    import warnings
+
+    from edgebundle.core import progress
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+            self.scale = torch.nn.Parameter(torch.ones(1, 16, 1, 1))
+            self.head = torch.nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.head((self.conv(x) * self.scale).mean((2, 3)))
+
+    model = Scaled().eval()
+    notes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning left on the way out fails the test
+        with progress.listening(lambda kind, **info: notes.append(info.get("text", ""))):
+            prune(model, PruneStage(ratio=0.5, round_to=None), (torch.zeros(1, 1, 8, 8),), train=None, names=["x"])
+    assert model.conv.out_channels == model.scale.shape[1] < 16
+    assert len([n for n in notes if "parameters outside any layer ('scale')" in n]) == 1, notes

@@ -86,3 +86,14 @@ def test_non_finite_target_options_are_refused_with_their_path(tmp_path):
     d["targets"] = [{"name": "ort-cpu", "options": {"qat": {"lr": float("inf")}}}]
     with pytest.raises(RecipeError, match=r"targets\.0\.options\.qat\.lr"):
         check_targets(recipe_from_dict(d, base_dir=tmp_path))
+
+
+def test_a_user_code_limit_below_a_tenth_of_a_second_is_refused(tmp_path):
+    """A stop that can land before any handler is installed (1e-9 s ended the process by SIGALRM, 60 lines)."""
+    import yaml
+
+    d = default_dict()
+    d["limits"] = {"user_code_s": 1e-9}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(RecipeError, match=r"limits.user_code_s: Input should be greater than or equal to 0.1"):
+        load_recipe(tmp_path / "r.yaml")

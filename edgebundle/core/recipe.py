@@ -557,7 +557,7 @@ class TargetSpec(Strict):
 
 
 class LimitsSpec(Strict):
-    user_code_s: float = Field(600.0, gt=0, le=7 * 24 * 3600, description=(
+    user_code_s: float = Field(600.0, ge=0.1, le=7 * 24 * 3600, description=(
         "time limit of each call into user code (model factory, data function, metric function, importing "
         "their module); a call that does not return in time ends the run with a line naming it"))
 

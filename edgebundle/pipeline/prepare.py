@@ -232,18 +232,27 @@ def load_prepared(work: Path, recipe: Recipe | None = None) -> Prepared:
     Every artifact's files are checked against their recorded sha256. `recipe`, when given, must be the
     recipe that was prepared (same digest); it supplies the folder its relative paths resolve against.
     """
-    from edgebundle.core.recipe import recipe_from_dict
-
     work = Path(work)
     doc_path = work / PREPARED_FILE
     if not doc_path.is_file():
         raise BundleError(f"{work} is not a prepared work folder (no {PREPARED_FILE}); run `edgebundle prepare` first")
     try:
         doc = json.loads(doc_path.read_text())
-        if doc.get("format") != 1:
-            raise BundleError(f"{doc_path} has format {doc.get('format')}; this edgebundle reads format 1")
     except (OSError, json.JSONDecodeError) as e:
         raise BundleError(f"cannot read {doc_path}: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != 1:
+        found = doc.get("format") if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
+        raise BundleError(f"{doc_path} has format {found}; this edgebundle reads format 1")
+    try:
+        return _open_prepared(work, doc, doc_path, recipe)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a record of another shape (edited by hand?)
+        raise BundleError(f"work folder {work} holds records this edgebundle did not write ({first_line(e)}); "
+                          "run `edgebundle prepare` again") from e
+
+
+def _open_prepared(work: Path, doc: dict, doc_path: Path, recipe: Recipe | None) -> Prepared:
+    from edgebundle.core.recipe import recipe_from_dict
+
     if recipe is not None:
         if recipe_digest(recipe) != doc["recipe_sha256"]:
             raise RecipeError(f"the recipe differs from the one prepared in {work}; run `edgebundle prepare` again")

@@ -8,6 +8,8 @@ reshapes still hold.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from edgebundle.core import progress
 from edgebundle.core.errors import RecipeError, StageError
 from edgebundle.core.data import Split
 from edgebundle.core.modelio import image_inputs, macs, scaled_size, set_input_size
@@ -446,6 +449,29 @@ def attention_modules(model: nn.Module) -> list[Attention]:
     return found
 
 
+def _unwrapped_as_notes(fn):
+    """Torch-Pruning's warning about parameters outside any layer it knows (a bare `nn.Parameter` scale), which it
+    cuts along their last non-singleton dimension, becomes one progress note; other warnings pass on."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn(*args, **kwargs)
+        said = set()
+        for w in caught:
+            text = str(w.message)
+            if "Unwrapped parameters detected" not in text:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif text not in said:
+                said.add(text)
+                found = text.split("detected:", 1)[-1].split("]", 1)[0].strip(" [")
+                progress.report("note", text=f"prune: parameters outside any layer ({found}) were cut along their "
+                                             "last dimension longer than 1, as Torch-Pruning does by default")
+        return out
+    return wrapped
+
+
+@_unwrapped_as_notes
 def prune(model: nn.Module, cfg: PruneStage, example: tuple[torch.Tensor, ...], *,
           train: Split | None, names: list[str], batch_size: int = 64, metric: str | None = None) -> PruneReport:
     """Prune `model` in place (callers pass a copy). Taylor importance uses gradients on training data;
