@@ -97,3 +97,16 @@ def test_a_user_code_limit_below_a_tenth_of_a_second_is_refused(tmp_path):
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(RecipeError, match=r"limits.user_code_s: Input should be greater than or equal to 0.1"):
         load_recipe(tmp_path / "r.yaml")
+
+
+@pytest.mark.parametrize("stage", ["train", "distill", "cluster"])
+def test_a_batch_of_one_is_refused_where_it_would_train_nothing(tmp_path, stage):
+    """Training steps skip batches of one row (BatchNorm cannot learn from them): batch_size 1 trained nothing,
+    silently, and shipped the untrained model."""
+    import yaml
+
+    d = default_dict()
+    d["stages"][stage] = {**d["stages"].get(stage, {}), "batch_size": 1}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(RecipeError, match=rf"stages.{stage}.batch_size: Input should be greater than or equal to 2"):
+        load_recipe(tmp_path / "r.yaml")

@@ -251,7 +251,7 @@ class TrainStage(Strict):
     enabled: bool | Literal["auto"] = "auto"
     epochs: int = Field(20, ge=1, le=MAX_EPOCHS)
     lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    batch_size: int = Field(64, ge=2, le=MAX_BATCH)  # a batch of one row is no step (BatchNorm): 1 trained nothing
     weight_decay: float = Field(1e-4, ge=0)
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=(
         "stop after this many epochs without a better validation score (the best checkpoint is kept either way); "
@@ -401,7 +401,7 @@ class DistillStage(Strict):
     lr: float = Field(3e-3, gt=0)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs CE on labels")
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    batch_size: int = Field(64, ge=2, le=MAX_BATCH)  # a batch of one row is no step (BatchNorm): 1 trained nothing
     weight_decay: float = Field(1e-4, ge=0)
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=(
         "stop after this many epochs without a better validation score (the best checkpoint is kept either way); "
@@ -432,7 +432,7 @@ class ClusterStage(Strict):
     lr: float = Field(1e-3, gt=0)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    batch_size: int = Field(64, ge=2, le=MAX_BATCH)  # a batch of one row is no step (BatchNorm): 1 trained nothing
 
 
 class ParitySpec(Strict):
