@@ -110,3 +110,13 @@ def test_a_batch_of_one_is_refused_where_it_would_train_nothing(tmp_path, stage)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(RecipeError, match=rf"stages.{stage}.batch_size: Input should be greater than or equal to 2"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_an_empty_output_folder_name_is_refused(tmp_path):
+    import yaml
+
+    d = default_dict()
+    d["output"] = ""
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(RecipeError, match=r"output: empty; name the folder the bundles go to"):
+        load_recipe(tmp_path / "r.yaml")

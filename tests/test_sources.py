@@ -247,3 +247,15 @@ def test_hostile_text_and_image_files_are_one_line_or_read_right(tmp_path):
     im.save(tmp_path / "r.jpg", exif=exif.tobytes())
     with Image.open(tmp_path / "r.jpg") as im:
         assert _upright_8bit(im).size == (1, 2)
+
+
+def test_a_missing_or_structured_label_is_no_class(tmp_path):
+    """JSONL labels that are null or objects were taken as classes named "None" or "{...}"."""
+    from edgebundle.core.errors import DataError
+    from edgebundle.core.sources import _classes
+
+    assert _classes(["b", "a", "b"], tmp_path / "t.jsonl")[1] == ["a", "b"]
+    for labels, says in (([1, None, 0], "the label of text 2 is missing"),
+                         ([0, {"x": 1}], "the label of text 2 is a dict")):
+        with pytest.raises(DataError, match=says):
+            _classes(labels, tmp_path / "t.jsonl")

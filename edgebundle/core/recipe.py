@@ -577,6 +577,13 @@ class Recipe(Strict):
     output: Path = Path("bundles")
     base_dir: Path = Field(Path("."), exclude=True, description="set by the loader: the recipe's folder")
 
+    @field_validator("output", mode="before")
+    @classmethod
+    def _named(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():  # Path("") is the current folder: bundles among the user's files
+            raise ValueError("empty; name the folder the bundles go to (e.g. bundles, or . for this folder)")
+        return v
+
     @model_validator(mode="after")
     def _unique(self) -> Recipe:
         for what, names in (("input", [i.name for i in self.inputs]), ("output", self.outputs),

@@ -313,6 +313,10 @@ def _rows(path: Path, spec: TextSpec, documents: bool = False
 
 def _classes(labels: list[Any], path: Path) -> tuple[np.ndarray, list[str]]:
     """Integer labels as given; anything else mapped to classes in sorted order (the order recorded)."""
+    bad = next((i for i, x in enumerate(labels) if x is None or isinstance(x, (dict, list))), None)
+    if bad is not None:  # a missing label is no class named "None"
+        what = "missing" if labels[bad] is None else f"a {type(labels[bad]).__name__}"
+        raise DataError(f"{path}: the label of text {bad + 1} is {what}; one class per text (an integer or a name)")
     try:
         ints = [int(x) for x in labels]
         if all(str(x).strip() == str(i) for x, i in zip(labels, ints)):
