@@ -455,6 +455,10 @@ def batches(kind):
         yield x, np.full(len(x), 1e20)
     elif kind == "inf":
         yield x, np.where(np.arange(len(x)) == 3, np.inf, y)
+
+
+def five():
+    return 5
 '''
 
 
@@ -529,3 +533,16 @@ def test_work_folder_records_of_another_shape_are_one_line(default_run, tmp_path
         res = cli.invoke(app, ["build", str(work), "-o", str(tmp_path / "out")])
         line = " ".join(res.output.split())
         assert res.exit_code == 2 and says in line and line.count("error:") == 1, res.output
+
+
+def test_a_data_function_that_returns_no_batches_says_what_it_returned(tmp_path):
+    from edgebundle.core.data import load_dataset
+    from edgebundle.core.errors import DataError
+    from edgebundle.core.recipe import load_recipe
+
+    (tmp_path / "data.py").write_text(DATA)
+    d = default_dict()
+    d["data"] = {"kind": "function", "function": "./data.py:five"}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    with pytest.raises(DataError, match=r"data.function ./data.py:five returned int, not batches"):
+        load_dataset(load_recipe(tmp_path / "r.yaml"))

@@ -304,11 +304,16 @@ def _read_batches(fn, ref: str, specs: list[InputSpec], kwargs: dict | None, wha
     labels: list[np.ndarray] = []
     groups: list[np.ndarray] = []
     try:
-        batches = iter(fn(**(kwargs or {})))
+        made = fn(**(kwargs or {}))
     except TypeError as e:
         raise DataError(f"{what} {ref} cannot be called with {kwargs or 'no arguments'}: {e}") from e
     except (Exception, SystemExit) as e:  # user code: any failure is the data's, in one line
         raise DataError(f"{what} {ref} failed: {_what(e)}") from e
+    try:
+        batches = iter(made)
+    except TypeError as e:
+        raise DataError(f"{what} {ref} returned {type(made).__name__}, not batches (a list or generator of "
+                        "arrays, (inputs, labels) pairs or dicts)") from e
     i = 0
     while True:
         try:
