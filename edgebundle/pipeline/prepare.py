@@ -83,7 +83,6 @@ class _Stages:
         self.on_event("done", stage, cached=cached, artifact=hit)
         return hit
 
-
     def _after(self) -> str:
         return f" (after {', '.join(self.done)})" if self.done else ""
 
@@ -159,7 +158,6 @@ def _check_on_data(model: torch.nn.Module, dataset: Dataset, recipe: Recipe) -> 
     if learning and not any(p.requires_grad for p in model.parameters()):
         raise RecipeError(f"the model has no weights to learn; stages {', '.join(learning)} change them: set their "
                           "enabled: false")
-
 
 
 def _prepare(recipe: Recipe, work: Path, on_event: Event) -> Prepared:
