@@ -134,3 +134,80 @@ def test_validation_inputs_that_judge_nothing_steer_nothing(prepared, tmp_path):
     assert b["judged_samples"] == 0 and not b["attempts"] and not b["excluded_nodes"]
     assert "judge nothing" in b["not_steered"] and "the test split decides" in b["not_steered"]
     assert "qat" not in built.quantization  # QAT is not started for a loss nobody saw: post-training int8 stands
+
+
+HEAD = '''
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+
+class Det(nn.Module):
+    """A detector-style output: box coordinates in pixels beside class scores in 0..1, in one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+        self.classifier, self.box = nn.Linear(16, 10), nn.Linear(16, 4)
+
+    def forward(self, image):
+        f = self.features(image)
+        return torch.cat([self.box(f) * 300 + 300.0, torch.softmax(self.classifier(f) * 300, 1)], 1)
+
+
+def build():
+    return Det()
+
+
+def batches():
+    x = ((load_digits().images / 16 - .5) / .5).astype(np.float32)[:, None]
+    for i in range(0, len(x), 100):
+        yield {"image": x[i:i + 100]}
+'''
+
+
+def test_a_part_of_an_output_lost_under_the_rest_is_over_budget_and_kept_float(tmp_path):
+    """Box coordinates (about 300) and class scores (0..1) in one output: quantized with one scale, every score
+    rounds to 0 while cosine over the whole output stays 0.9999x. The verdict names the lost features, and
+    accuracy control keeps the output's node float first: the bundle ships int8 with its scores."""
+    import importlib.util
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    import yaml
+
+    from edgebundle.core.metrics import Contract, MetricSpec, lost_features
+
+    rng = np.random.default_rng(0)
+    box, scores = rng.uniform(250, 600, (50, 4)), rng.dirichlet(np.ones(10), 50)
+    ref = np.concatenate([box, scores], 1)
+    lost = np.concatenate([box + rng.normal(0, 1, box.shape), np.zeros_like(scores)], 1)
+    v = Contract("cosine", MetricSpec(name="cosine", min_cosine=0.99), 0.0).judge(ref, lost, None, interval=True)
+    assert v.details["cosine_min"] > 0.9999 and not v.within and list(lost_features(ref, lost)) == list(range(4, 14))
+    assert "10 of 14 output features lost ([4], [5], [6], [7], ..." in v.line()
+    assert lost_features(ref, ref + rng.normal(0, 0.01, ref.shape)).size == 0  # int8-sized noise: nothing lost
+
+    (tmp_path / "det.py").write_text(HEAD)
+    recipe = {"version": 1, "name": "det", "model": {"factory": "./det.py:build"},
+              "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "dynamic_axes": {0: "batch"}}],
+              "outputs": ["det"], "data": {"kind": "function", "function": "./det.py:batches"},
+              "stages": {"train": {"enabled": False}, "prune": {"enabled": False}, "distill": {"enabled": False}},
+              "targets": [{"name": "ort-cpu", "options": {"precision": "int8"}, "measure": {"iterations": 20}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "out" / "ort-cpu" / "manifest.json").read_text())
+    assert m["target"]["precision"] == "int8" and m["quantization"]["accuracy_budget"]["excluded_nodes"], m["target"]
+    spec = importlib.util.spec_from_file_location("det", tmp_path / "det.py")
+    det = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(det)
+    x = next(det.batches())["image"]
+    with torch.no_grad():
+        want = det.build().eval()(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(tmp_path / "out" / "ort-cpu" / m["model_file"])).run(None, {"image": x})[0]
+    assert lost_features(want, got).size == 0 and (got[:, 4:].argmax(1) == want[:, 4:].argmax(1)).mean() > 0.9

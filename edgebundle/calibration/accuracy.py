@@ -63,6 +63,15 @@ def layer_sensitivity(fp32: Path, int8: Path, split: Split, specs: list[InputSpe
     return rows
 
 
+def output_nodes(model: Path) -> list[str]:
+    """The nodes of an ONNX model that write its graph outputs (a head's Concat of boxes and scores, a Gemm)."""
+    import onnx
+
+    g = onnx.load(str(model), load_external_data=False).graph
+    outs = {o.name for o in g.output}
+    return [n.name for n in g.node if n.name and outs & set(n.output)]
+
+
 def torch_module(node) -> str | None:
     """The PyTorch module an ONNX node came from (`features.0`), from the metadata torch.onnx's dynamo exporter
     writes on each node (`pkg.torch.onnx.name_scopes`: the module path, then the op); None without it. A conv
@@ -175,6 +184,8 @@ def control_accuracy(pre: Path, out: Path, quantize: Callable[[list[str]], None]
     if full_ms is not None:
         info["p50_full_int8_ms"] = _r6(full_ms)
     ranked = [r["node"] for r in table if r["sensitivity_db"] is not None]
+    if v.details.get("features_lost"):  # a part of an output lost under the rest (one scale for a mixed tensor):
+        ranked = [n for n in output_nodes(pre) if n not in ranked] + ranked  # first keep the output's node float
     keep_float_until_within(ranked, quantize, lambda: contract.judge(ref, outputs(out), split.labels), v, info,
                             price=(lambda: p50_ms(out)) if p50_ms else None)
     if p50_ms:

@@ -123,7 +123,17 @@ class Verdict:
             return (f"agreement: no input where the fp32 model is confident (top-1 probability >= "
                     f"{self.details.get('min_confidence')}), nothing judged (budget: {self.budget})")
         return (f"{self.metric} {_fmt(self.metric, self.value)}{self.interval_text()} on {self.samples} inputs{of} "
-                f"(budget: {self.budget})")
+                f"(budget: {self.budget}){self.lost_text()}")
+
+    def lost_text(self) -> str:
+        """'; 10 of 14 output features lost (...)' where the whole-output metric hides them, else ''."""
+        d = self.details
+        if not d.get("features_lost"):
+            return ""
+        first = ", ".join(d["features_lost_first"]) + (", ..." if d["features_lost"] > len(d["features_lost_first"])
+                                                       else "")
+        return (f"; {d['features_lost']} of {d['features']} output features lost ({first}: their error across "
+                f"inputs above {LOST_ERROR:.0%} of their spread)")
 
     def resolve_text(self) -> str:
         """'about N judged inputs would resolve it' (groups, where the verdict rests on groups), or ''."""
@@ -242,9 +252,9 @@ class Contract:
         `groups` (one id per input): the interval resamples whole groups (cluster bootstrap), as inputs of one
         source (crops of one photo) are not independent."""
         v = self._judge(reference, outputs, labels)
-        if not interval:
-            return v
-        return with_interval(v, self, reference, outputs, labels, groups)
+        if interval:
+            v = with_interval(v, self, reference, outputs, labels, groups)
+        return with_lost_features(v, reference, outputs) if v.metric in CONTINUOUS else v
 
     def _judge(self, reference: np.ndarray, outputs: np.ndarray, labels: np.ndarray | None) -> Verdict:
         m, s = self.metric, self.spec
@@ -338,6 +348,43 @@ def _bootstrap(stat: Callable[[np.ndarray], float], n: int, confidence: float, r
     a = (1 - confidence) / 2 * 100
     lo, hi = np.percentile(vals, [a, 100 - a])
     return float(lo), float(hi)
+
+
+CONTINUOUS = ("cosine", "snr", "mse")  # metrics over a whole output: a part of it can be lost under the rest
+LOST_ERROR = 0.7  # a feature is lost when its error across inputs is above this share of its own spread
+
+
+def lost_features(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """Indices of the output's features (flattened per input) that vary across inputs in the reference but whose
+    error is above LOST_ERROR of that spread (RMS error / standard deviation; a constant at the mean scores 1.0):
+    what a whole-output metric cannot see, e.g. class scores in 0-1 beside box coordinates in pixels, quantized
+    with one scale and all rounded to 0, while cosine over the whole output stays 0.99998."""
+    n = len(reference)
+    if n < 2 or reference.shape != outputs.shape:
+        return np.zeros(0, np.int64)
+    r, o = reference.astype(np.float64).reshape(n, -1), outputs.astype(np.float64).reshape(n, -1)
+    if not (np.isfinite(r).all() and np.isfinite(o).all()):
+        return np.zeros(0, np.int64)
+    spread = r.std(axis=0)
+    varies = spread > 1e-6 * max(float(np.abs(r).max()), 1e-12)  # constants (and float noise on them): not judged
+    err = np.sqrt(((o - r) ** 2).mean(axis=0))
+    return np.flatnonzero(varies & (err > LOST_ERROR * np.where(varies, spread, 1.0)))
+
+
+def with_lost_features(v: Verdict, reference: np.ndarray, outputs: np.ndarray) -> Verdict:
+    """The verdict, not within budget where output features are lost (`lost_features`), whatever the whole-output
+    metric says; the details name them."""
+    import dataclasses
+
+    lost = lost_features(reference, outputs)
+    if not len(lost):
+        return v
+    shape = reference.shape[1:]
+    names = [str(list(np.unravel_index(int(j), shape))) if len(shape) > 1 else f"[{int(j)}]" for j in lost[:4]]
+    details = {**v.details, "features_lost": int(len(lost)), "features": int(np.prod(shape)),
+               "features_lost_first": names}
+    return dataclasses.replace(v, within=False, point_within=False if v.point_within is not None else None,
+                               worst_within=False if v.worst_within is not None else None, details=details)
 
 
 def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.ndarray,
