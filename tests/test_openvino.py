@@ -29,6 +29,14 @@ def test_bundle_has_ir_and_manifest(ov_bundle):
     assert m["latency"]["p50_ms"] > 0 and m["reference_latency"]["openvino_fp32_student"]["p50_ms"] > 0
 
 
+def test_the_manifest_says_how_to_compile_the_ir_as_it_was_judged(ov_bundle):
+    """The f32 hint the bundle was judged with lives in the manifest, not in model.xml (OpenVINO does not apply a
+    precision hint from the model's rt_info): a plain compile_model runs bf16 on CPUs with AMX or avx512_bf16."""
+    m = ov_bundle.manifest
+    hint = m["target"]["runtime"]["inference_precision_hint"]
+    assert hint == "f32" and any(f"{{'INFERENCE_PRECISION_HINT': '{hint}'}}" in n for n in m["notes"]), m["notes"]
+
+
 def test_int8_within_one_point_of_fp32(ov_bundle):
     acc = ov_bundle.manifest["accuracy"]
     assert acc["drop_vs_fp32"] <= 1.0

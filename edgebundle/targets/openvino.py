@@ -371,6 +371,10 @@ class OpenVinoTarget(TargetBase):
     @staticmethod
     def _save(ov, model, ctx: BuildContext, opt: OpenVinoOptions, quant: dict, runtime: dict, notes: list) -> Built:
         ov.save_model(model, str(ctx.workdir / "model.xml"), compress_to_fp16=False)
+        hint = runtime.get("inference_precision_hint", opt.inference_precision)
+        notes = [*notes, f"judged with INFERENCE_PRECISION_HINT {hint}: compile it so (core.compile_model('model.xml', "
+                         f"'CPU', {{'INFERENCE_PRECISION_HINT': '{hint}'}})); without it OpenVINO's CPU plugin runs "
+                         "bf16 where the CPU has avx512_bf16 or AMX, and the model file cannot carry the setting"]
         return Built("model.xml", ("model.xml", "model.bin"), opt.precision, quant, runtime, tuple(notes))
 
     @staticmethod
