@@ -94,6 +94,13 @@ def test_an_image_folder_feeds_a_whole_run(tmp_path):
     meta = json.loads((data_art / "artifact.json").read_text())
     assert meta["metrics"]["classes"] == [f"class{k}" for k in range(10)]
     assert prepared["recipe"]["data"]["kind"] == "images"
+    # the bundle says which class each score is, as does one built from the work folder alone
+    manifest = json.loads((tmp_path / "out" / "ort-cpu" / "manifest.json").read_text())
+    assert manifest["outputs"][0]["classes"] == [f"class{k}" for k in range(10)]
+    res = cli.invoke(app, ["build", str(tmp_path / "out" / ".work"), "-o", str(tmp_path / "again")])
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "again" / "ort-cpu" / "manifest.json").read_text())
+    assert again["outputs"][0]["classes"] == manifest["outputs"][0]["classes"]
     with np.load(data_art / "test.npz") as z:  # the photos' bytes, not their decoded rows
         assert "packed:image:bytes" in z.files and "input:image" not in z.files
 

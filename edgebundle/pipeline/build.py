@@ -315,14 +315,19 @@ def _rejection(spec: TargetSpec, ev: Evaluation) -> str:
     return f"{spec.name}: {ev.verdict.line()}{isa}{vs} missed the budget; tried: {how}"
 
 
-def _io(fp32_path: Path) -> dict[str, list[dict[str, Any]]]:
-    """The exported interface every target keeps: names, dtypes and shapes of inputs and outputs."""
+def _io(fp32_path: Path, judged: str, classes: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+    """The exported interface every target keeps: names, dtypes and shapes of inputs and outputs; the judged
+    output's class names, in score order, where the data named them."""
     import onnx
 
     m = onnx.load(str(fp32_path), load_external_data=False)
-    return {kind: [{"name": t.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name,
-                    "shape": [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]} for t in vals]
-            for kind, vals in (("inputs", m.graph.input), ("outputs", m.graph.output))}
+    out = {kind: [{"name": t.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.type.tensor_type.elem_type).name,
+                   "shape": [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim]} for t in vals]
+           for kind, vals in (("inputs", m.graph.input), ("outputs", m.graph.output))}
+    for o in out["outputs"]:
+        if o["name"] == judged and classes:
+            o["classes"] = list(classes)
+    return out
 
 
 def _notes(job: _Job, ev: Evaluation, choice: dict | None) -> list[str]:
@@ -424,7 +429,7 @@ def _manifest(job: _Job, ev: Evaluation, choice: dict | None, reference: dict[st
                           capabilities={"precisions": list(caps.precisions), "needs_gpu": caps.needs_gpu,
                                         "extra": caps.extra, "runtime": caps.runtime}),
         model_file=built.model_file,
-        **_io(prepared.onnx.path("model.fp32.onnx")),
+        **_io(prepared.onnx.path("model.fp32.onnx"), job.contract.output_name, prepared.dataset.classes),
         lineage=[a.record() for a in prepared.lineage]
         + [{"stage": job.stage, "config": spec.model_dump(mode="json"), "options": job.options.model_dump(mode="json")}],
         quantization=quantization,

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from edgebundle.core.errors import BundleError, IntegrityError
 from edgebundle.core.artifact import sha256_file
@@ -42,6 +42,16 @@ class TensorInfo(_M):
     name: str
     shape: list[int | str]
     dtype: str
+    # the judged output of a classifier whose data named its classes (image class sub-folders, text labels):
+    # the class of each score, in order, so a deployment reads the scores as training did
+    classes: list[str] | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_named(self, handler):  # a tensor without class names is written as before (no "classes": null)
+        d = handler(self)
+        if d.get("classes") is None:
+            d.pop("classes", None)
+        return d
 
 
 class Accuracy(_M):

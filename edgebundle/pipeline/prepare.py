@@ -264,7 +264,8 @@ def _open_prepared(work: Path, doc: dict, doc_path: Path, recipe: Recipe | None)
     cal, val, test = (load_split(d.path(f"{n}.npz")) for n in ("calibration", "val", "test"))
     train = cal if recipe.data.calibration_split == "train" else val.head(0)
     dataset = Dataset(train=train, val=val, test=test, fingerprint=d.metrics["fingerprint"],
-                      num_classes=d.metrics["num_classes"], splits=d.metrics.get("splits"))
+                      num_classes=d.metrics["num_classes"], classes=tuple(d.metrics.get("classes", ())),
+                      splits=d.metrics.get("splits"))
     return Prepared(recipe, dataset, arts["teacher"], arts["student"], arts["onnx"], lineage)
 
 
