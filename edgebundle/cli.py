@@ -36,9 +36,13 @@ def _label(stage: str) -> str:
 def _fail(e: BaseException, debug: bool) -> None:
     if debug:
         console.print_exception()
-    msg = " ".join(str(e).split())
-    err_console.print(f"[bold red]error:[/] {esc(msg)}", markup=True, highlight=False, soft_wrap=True)
+    _error_line(str(e))
     raise typer.Exit(2)
+
+
+def _error_line(text: str) -> None:
+    """One red line on stderr: 'error: ...' (its whitespace, newlines included, made single spaces)."""
+    err_console.print(f"[bold red]error:[/] {esc(' '.join(text.split()))}", highlight=False, soft_wrap=True)
 
 
 def _target_lines(bundles, debug: bool) -> int:
@@ -429,8 +433,8 @@ def explain(
     if not rows:
         why = ("; dynamic int8 has no Q/DQ pairs to compare" if q.get("mode") == "dynamic" else
                "; the QAT program was exported from PyTorch, not quantized layer by layer" if q.get("qat") else "")
-        err_console.print(f"[bold red]error:[/] {esc(str(bundle))} has no per-layer error table (target "
-                          f"{m.target.name}, precision {m.target.precision}{why})", highlight=False, soft_wrap=True)
+        _error_line(f"{bundle} has no per-layer error table (target {m.target.name}, precision "
+                    f"{m.target.precision}{why})")
         raise typer.Exit(2)
     kept = set(layers_kept_float(q))
     t = Table(title=f"int8 error per layer: {m.target.name} (lower SQNR = more damage)")
@@ -627,8 +631,7 @@ def main() -> None:
                 console.print_exception()
             from edgebundle.core.errors import first_line
 
-            err_console.print(f"[bold red]error:[/] {esc(first_line(e))} (run with --debug for where)",
-                              highlight=False, soft_wrap=True)
+            _error_line(f"{first_line(e)} (run with --debug for where)")
             code = 2
     sys.exit(code or 0)
 
@@ -645,12 +648,10 @@ def _usage_error(e: Exception) -> int | None:
     message, code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
     if not callable(message) or not isinstance(code, int):
         return None
-    text = " ".join(str(message()).split())
+    text = str(message()).strip()
     if text:  # (no text: the help was shown, as for `edgebundle` alone)
-        ctx = getattr(e, "ctx", None)
-        where = getattr(ctx, "command_path", None) or "edgebundle"
-        err_console.print(f"[bold red]error:[/] {esc(text)} (see {esc(where)} --help)", highlight=False,
-                          soft_wrap=True)
+        where = getattr(getattr(e, "ctx", None), "command_path", None) or "edgebundle"
+        _error_line(f"{text} (see {where} --help)")
     return code
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from edgebundle.core.errors import DataError, RecipeError, not_a_folder
+from edgebundle.core.errors import DataError, RecipeError, first_line, not_a_folder
 from edgebundle.core.limits import time_limit
 from edgebundle.core.recipe import DataSpec, InputSpec, Recipe
 from edgebundle.core.rows import MAX_CLASS, LazyRows
@@ -362,8 +362,7 @@ def _array(x: Any, what: str, ref: str, batch: int, part: str) -> np.ndarray:
 def _what(e: BaseException) -> str:
     if isinstance(e, SystemExit):
         return f"it called sys.exit({e.code})"
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return first_line(e)
 
 
 def _joined(parts: dict[str, list[np.ndarray]], labels: list[np.ndarray], source: str, unit: str,

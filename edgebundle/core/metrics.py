@@ -368,7 +368,7 @@ def lost_features(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     spread = r.std(axis=0)
     varies = spread > 1e-6 * max(float(np.abs(r).max()), 1e-12)  # constants (and float noise on them): not judged
     err = np.sqrt(((o - r) ** 2).mean(axis=0))
-    return np.flatnonzero(varies & (err > LOST_ERROR * np.where(varies, spread, 1.0)))
+    return np.flatnonzero(varies & (err > LOST_ERROR * spread))
 
 
 def with_lost_features(v: Verdict, reference: np.ndarray, outputs: np.ndarray) -> Verdict:

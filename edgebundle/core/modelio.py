@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edgebundle.core.errors import RecipeError, weights_problem
+from edgebundle.core.errors import RecipeError, first_line, weights_problem
 from edgebundle.core.limits import DEFAULT_USER_CODE_S, time_limit
 from edgebundle.core.artifact import sha256_file
 from edgebundle.core.recipe import EnsembleSpec, InputSpec, ModelSpec
@@ -163,17 +163,20 @@ CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")  # where checkpoin
 
 def misfit(expected: dict[str, Any], given: dict[str, Any], shown: int = 3) -> str:
     """How a state_dict differs from the model's: keys missing, keys the model lacks, tensors of another shape."""
-    def some(keys: list[str]) -> str:
-        return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+    def some(items: list[str], sep: str = ", ") -> str:
+        return sep.join(items[:shown]) + (f"{sep}..." if len(items) > shown else "")
 
     missing = [k for k in expected if k not in given]
     extra = [k for k in given if k not in expected]
     shaped = [f"{k} {list(given[k].shape)} in the file, {list(expected[k].shape)} in the model" for k in expected
               if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(expected[k].shape)]
-    parts = ([f"{len(missing)} of the model's tensors missing ({some(missing)})"] if missing else []) + \
-        ([f"{len(extra)} the model does not have ({some(extra)})"] if extra else []) + \
-        ([f"{len(shaped)} of another shape ({'; '.join(shaped[:shown])}{'; ...' if len(shaped) > shown else ''})"]
-         if shaped else [])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's tensors missing ({some(missing)})")
+    if extra:
+        parts.append(f"{len(extra)} the model does not have ({some(extra)})")
+    if shaped:
+        parts.append(f"{len(shaped)} of another shape ({some(shaped, '; ')})")
     return "; ".join(parts)
 
 
@@ -208,8 +211,7 @@ def check_accepts(model: nn.Module, specs: list[InputSpec], outputs: int = 1) ->
             out = model(*example_inputs(specs))
     except Exception as e:  # whatever the user's forward raises
         shapes = ", ".join(f"'{s.name}' {s.shape} {s.dtype}" for s in specs)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RecipeError(f"the model rejects input {shapes}: {type(e).__name__}: {first}") from e
+        raise RecipeError(f"the model rejects input {shapes}: {first_line(e)}") from e
     outs = (out,) if isinstance(out, torch.Tensor) else tuple(out) if isinstance(out, (tuple, list)) else None
     if outs is None or not all(isinstance(o, torch.Tensor) for o in outs):
         raise RecipeError(f"the model must return a tensor or a tuple of tensors; it returned {type(out).__name__}")

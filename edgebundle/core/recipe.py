@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,6 +23,8 @@ MAX_INPUT_ELEMENTS = 1 << 28  # 256 Mi elements per input: a memory guard agains
 
 MAX_EPOCHS = 100_000  # upper bounds where a typo would cost hours (or forever)
 MAX_BATCH = 1 << 20
+# a training batch: steps skip batches of one row (BatchNorm cannot learn from one), so 1 would train nothing
+StepBatch = Annotated[int, Field(ge=2, le=MAX_BATCH)]
 MAX_ITERATIONS = 10_000_000
 
 
@@ -100,9 +102,10 @@ class InputSpec(Strict):
         for axis in self.dynamic_axes:
             if not 0 <= axis < len(self.shape):
                 raise ValueError(f"input '{self.name}': dynamic axis {axis} is outside shape {self.shape}")
-        for axis, label in self.dynamic_axes.items():  # one name is one size: axes that share it must agree
-            other = next((a for a, b in self.dynamic_axes.items() if b == label and a < axis), None)
-            if other is not None and self.shape[other] != self.shape[axis]:
+        first: dict[str, int] = {}  # one name is one size: axes that share it must agree
+        for axis, label in sorted(self.dynamic_axes.items()):
+            other = first.setdefault(label, axis)
+            if self.shape[other] != self.shape[axis]:
                 raise ValueError(f"input '{self.name}': dynamic axes {other} and {axis} share the name '{label}' "
                                  f"(one size) but have {self.shape[other]} and {self.shape[axis]} in shape "
                                  f"{self.shape}; give them different names")
@@ -251,7 +254,7 @@ class TrainStage(Strict):
     enabled: bool | Literal["auto"] = "auto"
     epochs: int = Field(20, ge=1, le=MAX_EPOCHS)
     lr: float = Field(3e-3, gt=0)
-    batch_size: int = Field(64, ge=2, le=MAX_BATCH)  # a batch of one row is no step (BatchNorm): 1 trained nothing
+    batch_size: StepBatch = 64
     weight_decay: float = Field(1e-4, ge=0)
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=(
         "stop after this many epochs without a better validation score (the best checkpoint is kept either way); "
@@ -401,7 +404,7 @@ class DistillStage(Strict):
     lr: float = Field(3e-3, gt=0)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1, description="weight of the KL term; 1 - alpha weighs CE on labels")
-    batch_size: int = Field(64, ge=2, le=MAX_BATCH)  # a batch of one row is no step (BatchNorm): 1 trained nothing
+    batch_size: StepBatch = 64
     weight_decay: float = Field(1e-4, ge=0)
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=(
         "stop after this many epochs without a better validation score (the best checkpoint is kept either way); "
@@ -432,7 +435,7 @@ class ClusterStage(Strict):
     lr: float = Field(1e-3, gt=0)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)
-    batch_size: int = Field(64, ge=2, le=MAX_BATCH)  # a batch of one row is no step (BatchNorm): 1 trained nothing
+    batch_size: StepBatch = 64
 
 
 class ParitySpec(Strict):

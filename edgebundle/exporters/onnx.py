@@ -96,12 +96,6 @@ def name_outputs(path: Path, outputs: list[str]) -> None:
     onnx.save(model, str(path))
 
 
-def default_opset(path: Path) -> int:
-    """The opset of the ONNX file's default domain."""
-    model = onnx.load(str(path), load_external_data=False)
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
 def torchscript_opset(cfg: ExportStage) -> int:
     """The TorchScript exporter's opset: 17 when chosen automatically (from opset 18 on, ReduceMean takes
     its axes as an input and ONNX Runtime's BERT fusions no longer match LayerNorm, SkipLayerNorm or
@@ -131,6 +125,7 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            opset = torchscript_opset(cfg)
             if which == "dynamo":
                 program = torch.onnx.export(
                     model, args, input_names=[s.name for s in specs], output_names=names,
@@ -138,14 +133,15 @@ def export(model: nn.Module, specs: list[InputSpec], outputs: list[str], cfg: Ex
                     external_data=False, verbose=False, optimize=True,
                 )
                 program.save(str(out))
-                got = default_opset(out)
-                if got != cfg.opset and (cfg.exporter != "auto" or cfg.opset > 20):
-                    raise StageError(f"{EXPORTER} wrote opset {got}, not the opset {cfg.opset} asked for (its version "
-                                     "converter cannot go there for this model); use exporter: torchscript or auto")
-                which = "dynamo" if got == cfg.opset else "torchscript"  # auto: TorchScript writes it itself
+                got = program.model.opset_imports.get("", 0)
+                if got != cfg.opset:  # its version converter gave up for this model
+                    if cfg.exporter != "auto" or cfg.opset > 20:
+                        raise StageError(f"{EXPORTER} wrote opset {got}, not the opset {cfg.opset} asked for (its "
+                                         "version converter cannot go there for this model); use exporter: "
+                                         "torchscript or auto")
+                    which, opset = "torchscript", cfg.opset  # auto: TorchScript writes the opset asked for itself
             if which == "torchscript":
                 axes = {s.name: {a: str(label) for a, label in s.dynamic_axes.items()} for s in specs}
-                opset = torchscript_opset(cfg) if resolve_exporter(model, cfg) == "torchscript" else cfg.opset
                 torch.onnx.export(model, args, str(out), input_names=[s.name for s in specs], output_names=names,
                                   opset_version=opset, dynamo=False, dynamic_axes=axes or None,
                                   do_constant_folding=True)

@@ -115,7 +115,7 @@ def _check_inputs(recipe: Recipe) -> Dataset:
     outs = check_accepts(probe, recipe.inputs, len(recipe.outputs))
     out = outs[recipe.judged_output[0]]
     if len(outs) > 1:
-        training = [(s.key or s.name) for s in stage_registry.ordered() if s.enabled(recipe) and s.one_output(recipe)]
+        training = _learning_stages(recipe)
         if training:
             raise RecipeError(f"the model has {len(outs)} outputs; stages {', '.join(training)} train on one output "
                               "(logits): set their enabled: false (and give model.weights) to bundle it as it is")
@@ -126,6 +126,11 @@ def _check_inputs(recipe: Recipe) -> Dataset:
     if dataset.num_classes is not None and out.shape[-1] < dataset.num_classes:
         raise RecipeError(f"the model outputs {out.shape[-1]} values but the data has {dataset.num_classes} classes")
     return dataset
+
+
+def _learning_stages(recipe: Recipe) -> list[str]:
+    """The enabled stages that train or rank on one output (logits), by the names the recipe knows them by."""
+    return [(s.key or s.name) for s in stage_registry.ordered() if s.enabled(recipe) and s.one_output(recipe)]
 
 
 def _check_on_data(model: torch.nn.Module, dataset: Dataset, recipe: Recipe) -> None:
@@ -154,7 +159,7 @@ def _check_on_data(model: torch.nn.Module, dataset: Dataset, recipe: Recipe) -> 
     if trains(recipe) and dataset.train.labels is not None and judged.dim() != 2:
         raise RecipeError(f"output '{recipe.judged_output[1]}' has shape {list(judged.shape)} for {len(rows)} inputs; "
                           "training on class labels needs logits of [batch, classes]")
-    learning = [(s.key or s.name) for s in stage_registry.ordered() if s.enabled(recipe) and s.one_output(recipe)]
+    learning = _learning_stages(recipe)
     if learning and not any(p.requires_grad for p in model.parameters()):
         raise RecipeError(f"the model has no weights to learn; stages {', '.join(learning)} change them: set their "
                           "enabled: false")
