@@ -6,10 +6,12 @@ judged on AVX2 arithmetic (natively on an AVX2 host, under `qemu-x86_64 -cpu Has
 every bundle, and beside them what a user gets by hand (ORT `quantize_static` u8/s8 per-channel, NNCF
 defaults), is judged on crops of 16 photos no example uses (efficientnet_lite.heldout), on the build host's
 ISA and on AVX2 (emulated where the host has more): top-1 agreement with the fp32 model on the crops where it
-is confident, the interval drawn by photo. QEMU reproduces AVX2 int8 numerics exactly, not its timing: the
-p50 column is the build host's, never an AVX2 figure. OpenVINO's kernels can be capped at AVX2 (oneDNN's
-ONEDNN_MAX_CPU_ISA, in a child process): its candidates and its fp32 model are also timed interleaved there,
-the AVX2 code on the build host's cores (not an AVX2 CPU). Writes bench/results/isa.{json,md}.
+is confident, the interval drawn by photo. On an AVX2 host every candidate, ORT fp32 and OpenVINO fp32 are
+timed interleaved on it (speed against ORT fp32). On a larger host QEMU reproduces AVX2 int8 numerics exactly,
+not its timing: the p50 column is the build host's, never an AVX2 figure; OpenVINO's kernels can be capped at
+AVX2 (oneDNN's ONEDNN_MAX_CPU_ISA, in a child process), so its candidates and its fp32 model are timed
+interleaved there, the AVX2 code on the build host's cores (not an AVX2 CPU). Writes
+bench/results/isa.{json,md} (an AVX2 host's run: isa-avx2.{json,md}, so both hosts' tables stand side by side).
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ def _outputs(target: str, model: Path, runtime: dict[str, Any], split, inputs, e
     return native, avx2
 
 
-def _capped_times(models: dict[str, Path], feeds: dict[str, np.ndarray], rounds: int = 60) -> dict[str, Any]:
-    """Each OpenVINO model timed interleaved (one run of each per round, batch 1) in a child whose oneDNN is
-    capped at AVX2: p50 ms per model, and each round's ratio to the first model (OpenVINO fp32)."""
+def _interleaved_times(models: dict[str, tuple[str, Path]], feeds: dict[str, np.ndarray], capped: bool,
+                       rounds: int = 60) -> dict[str, Any]:
+    """Each model (label: (target, file)) timed interleaved, one run of each per round, batch 1, in a child process:
+    with `capped`, its oneDNN capped at AVX2 (OpenVINO models only). p50 ms per model, and the median of each
+    round's ratio to the first model (the baseline)."""
     import json
     import os
     import subprocess
@@ -76,8 +80,9 @@ def _capped_times(models: dict[str, Path], feeds: dict[str, np.ndarray], rounds:
     with tempfile.TemporaryDirectory() as td:
         spec = Path(td) / "spec.json"
         np.savez(Path(td) / "in.npz", **feeds)
-        spec.write_text(json.dumps({"models": {k: str(v) for k, v in models.items()}, "rounds": rounds}))
-        env = {**os.environ, **cap_env("avx2"), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        spec.write_text(json.dumps({"models": {k: [t, str(v)] for k, (t, v) in models.items()}, "rounds": rounds}))
+        env = {**os.environ, **(cap_env("avx2") if capped else {}),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         subprocess.run([sys.executable, "-m", "bench.isa", "--time-child", td], check=True, env=env)
         return json.loads((Path(td) / "out.json").read_text())
 
@@ -90,8 +95,8 @@ def _time_child(folder: Path) -> None:
     spec = json.loads((folder / "spec.json").read_text())
     with np.load(folder / "in.npz") as d:
         feeds = {k: d[k] for k in d.files}
-    target = registry.lookup("openvino").factory()
-    sessions = {k: target.open(Path(v), threads=THREADS, runtime={}) for k, v in spec["models"].items()}
+    sessions = {k: registry.lookup(t).factory().open(Path(v), threads=THREADS, runtime={})
+                for k, (t, v) in spec["models"].items()}
     times: dict[str, list[float]] = {k: [] for k in sessions}
     try:
         for s in sessions.values():
@@ -201,29 +206,45 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         for label, target, model, runtime in _hand(p, work):
             native, avx2 = _outputs(target, model, runtime, split, recipe.inputs, emulate)
-            rows.append({"candidate": label, "status": "hand", "heldout": _verdicts(contract, ref, split, native, avx2),
-                         **({"model": str(model)} if target == "openvino" else {})})
-        capped = None
-        if host in ("avx512", "avx512-vnni", "avx-vnni"):
-            ov_models = {"OpenVINO fp32": p.onnx.path("model.fp32.onnx")}
-            for b in bundles:
-                if b.target == "openvino" and b.manifest is not None:
-                    ov_models["edgebundle openvino"] = b.path / b.manifest["model_file"]
-            ov_models.update({r["candidate"]: Path(r["model"]) for r in rows if r.get("model")})
-            capped = _capped_times(ov_models, {"image": split.inputs["image"][:1]})
-            for r in rows:
-                r["avx2_kernels"] = capped.get(r["candidate"])
+            rows.append({"candidate": label, "status": "hand", "heldout": _verdicts(contract, ref, split, native, avx2)})
+            rows[-1]["model"] = [target, str(model)]
+        timing = _timing(p, bundles, rows, host, {"image": split.inputs["image"][:1]})
     h = fingerprint()
     payload = {"host": h, "host_isa": host, "avx2_by": "qemu-x86_64 -cpu Haswell (ONNX Runtime), oneDNN capped at "
                "AVX2 (OpenVINO: the same outputs)" if emulate else "native",
-               "heldout_photos": names, "heldout_crops": len(split), "rows": rows, "avx2_kernels": capped,
+               "heldout_photos": names, "heldout_crops": len(split), "rows": rows, "avx2_kernels": timing,
                "seconds": time.perf_counter() - t0}
-    write("isa", payload, _markdown(payload))
+    write("isa-avx2" if host == "avx2" else "isa", payload, _markdown(payload))
+
+
+def _timing(p, bundles, rows: list[dict[str, Any]], host: str, feeds: dict[str, np.ndarray]) -> dict[str, Any] | None:
+    """Interleaved timing on AVX2 code: natively on an AVX2 host (every candidate, against ORT fp32 first), or
+    OpenVINO's models with oneDNN capped at AVX2 on a larger host (against OpenVINO fp32). Each row gets its
+    figures under `avx2_kernels`; None where neither applies."""
+    native = host == "avx2"
+    if not native and host not in ("avx512", "avx512-vnni", "avx-vnni"):
+        return None
+    fp32 = p.onnx.path("model.fp32.onnx")
+    models = {"ORT fp32": ("ort-cpu", fp32)} if native else {}
+    models["OpenVINO fp32"] = ("openvino", fp32)
+    for b in bundles:
+        if b.manifest is not None and (native or b.target == "openvino"):
+            models[f"edgebundle {b.target}"] = (b.target, b.path / b.manifest["model_file"])
+    for r in rows:
+        if r.get("model") and (native or r["model"][0] == "openvino"):
+            models[r["candidate"]] = (r["model"][0], Path(r["model"][1]))
+    times = _interleaved_times(models, feeds, capped=not native)
+    for r in rows:
+        r["avx2_kernels"] = times.get(r["candidate"])
+    return {"how": "native" if native else "capped", "baseline": next(iter(models)), "times": times}
 
 
 def _markdown(payload: dict[str, Any]) -> str:
+    timing = payload.get("avx2_kernels") or {}
+    native = payload["host_isa"] == "avx2"
+    base = timing.get("baseline", "OpenVINO fp32")
     lines = ["| candidate | shipped | test split (judged on AVX2) | held out, build host's ISA | held out, AVX2 | "
-             "p50 ms (build host) | AVX2 kernels: p50 ms, speed vs OpenVINO fp32 | status |",
+             f"p50 ms (build host) | {'AVX2 CPU' if native else 'AVX2 kernels'}: p50 ms, speed vs {base} | status |",
              "|---|---|---|---|---|---|---|---|"]
     cap = lambda k: "—" if not k else f"{k['p50_ms']:.2f}, {k['vs_first']:.2f}x"  # noqa: E731
     fmt = lambda v: "—" if v is None else (  # noqa: E731
@@ -236,24 +257,27 @@ def _markdown(payload: dict[str, Any]) -> str:
                                               f" ({(test['isa'] or {}).get('judged_on', '?')})")
         p50 = "—" if r.get("p50_ms") is None else f"{r['p50_ms']:.2f}"
         neutral = "same integers as the build host's (judged natively, as the tool does)"
-        avx2 = fmt(held.get("avx2")) if held.get("avx2") or r["status"] == "hand" or r.get("precision") != "int8" \
-            else neutral
+        avx2 = "the build host's (an AVX2 CPU)" if native else fmt(held.get("avx2")) if (
+            held.get("avx2") or r["status"] == "hand" or r.get("precision") != "int8") else neutral
         lines.append(f"| {r['candidate']} | {shipped} | {test_text} | {fmt(held.get('native'))} | "
                      f"{avx2} | {p50} | {cap(r.get('avx2_kernels'))} | {r['status']} |")
-    fp32 = (payload.get("avx2_kernels") or {}).get("OpenVINO fp32")
-    if fp32:
-        lines.append(f"| OpenVINO fp32 | fp32 | — | — | — | — | {fp32['p50_ms']:.2f}, 1.00x | reference |")
+    for label in ("ORT fp32", "OpenVINO fp32"):
+        if label in timing.get("times", {}):
+            lines.append(f"| {label} | fp32 | — | — | — | — | {cap(timing['times'][label])} | reference |")
+    how = ("every model timed interleaved, batch 1, 2 threads, in one process on this AVX2 CPU; speed is the median "
+           f"of per-round ratios to {base}. ") if native else (
+        "AVX2 kernels: OpenVINO models timed interleaved, batch 1, 2 threads, in one process whose oneDNN is capped "
+        "at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2): the AVX2 code on the build host's cores, not an AVX2 CPU's; speed is "
+        "the median of per-round ratios to OpenVINO fp32 under the same cap. ")
     return (f"Build host ISA: {payload['host_isa']} ({payload['host']['cpu']}); AVX2 verdicts by "
-            f"{payload['avx2_by']} (exact int8 numerics, not timing). Held out: {payload['heldout_crops']} crops of "
+            f"{payload['avx2_by']}{'' if native else ' (exact int8 numerics, not timing)'}. Held out: "
+            f"{payload['heldout_crops']} crops of "
             f"{len(payload['heldout_photos'])} photos no example uses ({', '.join(payload['heldout_photos'])}); "
             "agreement with the fp32 model on the crops where it is confident (top-1 probability >= 0.5), 95 % "
             "interval drawn by photo. Bundles: examples/real/efficientnet_lite_folder.yaml with `isa: avx2`.\n\n"
-            + "\n".join(lines) + "\n\nThe p50 is the one the bundle's build recorded on the build host (not an AVX2 "
-            "figure; a build beside other jobs records a slower one). AVX2 kernels: OpenVINO models timed "
-            "interleaved, batch 1, 2 threads, in one process whose oneDNN is capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2): "
-            "the AVX2 code on the build host's cores, not an AVX2 CPU's; speed is the median of per-round "
-            "ratios to OpenVINO fp32 under the same cap. "
-            f"Wall time: {payload['seconds'] / 60:.1f} min.\n")
+            + "\n".join(lines) + "\n\nThe p50 is the one the bundle's build recorded on the build host (a build "
+            "beside other jobs records a slower one" + (")" if native else "; not an AVX2 figure)") + ". " + how
+            + f"Wall time: {payload['seconds'] / 60:.1f} min.\n")
 
 
 if __name__ == "__main__":

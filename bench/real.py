@@ -12,7 +12,8 @@ and all are timed interleaved (ORT fp32, each runtime's own fp32, hand paths, bu
 bench/results/real.{json,md}: metric fp32 -> int8, p50 with IQR, speedup vs ORT fp32 and vs the same
 runtime's fp32, share of the host's measured int8 peak, size, tool seconds and status.
 
-Options: --only efficientnet_lite|efficientnet_lite_search|minilm|minilm_pruned|minilm_search, --targets ort-cpu,openvino (default: every target of the recipe).
+Options: --only efficientnet_lite|efficientnet_lite_search|minilm|minilm_pruned|minilm_search, --targets ort-cpu,openvino
+(default: every target of the recipe), --results NAME (default real: bench/results/real.{json,md}).
 With --only, that model's rows replace its rows of the last results; the other model's stay.
 """
 
@@ -321,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", choices=MODELS, action="append")
     ap.add_argument("--targets", help="comma-separated targets (default: every target of the recipe)")
     ap.add_argument("--out", type=Path, help="output folder for the bundles (default: a temporary folder)")
+    ap.add_argument("--results", default="real", help="name of the results in bench/results (default real; "
+                    "e.g. real-avx2 keeps another host's rows apart)")
     args = ap.parse_args(argv)
     threads = 2
     rows, seconds = [], {}
@@ -360,20 +363,21 @@ def main(argv: list[str] | None = None) -> None:
             seconds[name] = time.perf_counter() - t0
     rows = _stamp(rows, peak)
     if args.only:
-        rows, seconds = _merged(rows, seconds, set(args.only), set(args.targets.split(",")) if args.targets else None)
-    write("real", {"int8_peak_macs_per_s": peak, "int8_peak_how": peak_how, "rows": rows, "seconds": seconds},
+        rows, seconds = _merged(rows, seconds, set(args.only), set(args.targets.split(",")) if args.targets else None,
+                                args.results)
+    write(args.results, {"int8_peak_macs_per_s": peak, "int8_peak_how": peak_how, "rows": rows, "seconds": seconds},
           _markdown(rows, seconds, peak, peak_how))
 
 
 def _merged(rows: list[dict], seconds: dict[str, float], models: set[str],
-            targets: set[str] | None = None) -> tuple[list[dict], dict[str, float]]:
+            targets: set[str] | None = None, name: str = "real") -> tuple[list[dict], dict[str, float]]:
     """This run's models in place of the same models' rows of the last results; with `targets`, the last
     results' rows of the model's other targets stay, marked as measured in an earlier run."""
     import json
 
     from bench.common import RESULTS
 
-    last = RESULTS / "real.json"
+    last = RESULTS / f"{name}.json"
     if not last.is_file():
         return rows, seconds
     old = json.loads(last.read_text())

@@ -73,7 +73,7 @@ def test_int8_that_holds_on_the_host_but_saturates_on_avx2_is_refused(tmp_path):
     isa = b.manifest["accuracy"]["isa"]
     assert isa["deployment"] == "avx2" and isa["build_host"] == host_isa()
     assert b.manifest["quantization"]["reduce_range"] is True
-    assert isa["judged_on"] == "native" and "32640" in isa["how"]
+    assert isa["judged_on"] == "native" and ("32640" in isa["how"] or host_isa() == "avx2")
     if EMULATES_AVX2:  # the claim itself: AVX2's outputs are this host's, up to float rounding
         import numpy as np
 
@@ -107,7 +107,7 @@ def test_weights_auto_takes_8_bit_uint8_where_7_bit_int8_gives_up_more_for_a_cpu
     assert s8["weights"] == "int8 (7-bit)" and (not s8["within_budget"] or s8["layers_kept_float"] > 0)
     assert u8["within_budget"] and u8["layers_kept_float"] <= s8["layers_kept_float"]
     isa = b.manifest["accuracy"]["isa"]
-    assert isa["judged_on"] == "native" and "u8 x u8" in isa["how"]
+    assert isa["judged_on"] == "native" and ("u8 x u8" in isa["how"] or host_isa() == "avx2")
     assert b.manifest["accuracy"]["target"] >= 38.5
     # every point tried, each timed here and marked on the Pareto front; the choice says what it rests on
     ft = q["forms_tried"]

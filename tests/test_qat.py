@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgebundle.core.data import Split
+from edgebundle.core.isa import has_vnni, host_isa
 
 pytest.importorskip("executorch", reason="the executorch package is not installed (pip install edgebundle[mobile])")
 
@@ -126,11 +127,16 @@ def _ort_ops(path, tmp_path):
     return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
 
 
-def test_a_pt2e_program_exports_to_qdq_onnx_that_onnxruntime_runs_in_integer_kernels(tmp_path):
+@pytest.mark.parametrize("weight_bits", [8, 7])
+def test_a_pt2e_program_exports_to_qdq_onnx_that_onnxruntime_runs_in_integer_kernels(tmp_path, weight_bits):
     """exporters.qdq: the converted PT2E program as Q/DQ ONNX computes what the program computes (ORT vs
     PyTorch within two output quantization steps), and with the pads on their input's scale (F.relu6's
     output here) every conv and the add run as ONNX Runtime integer kernels (QLinearConv, QLinearAdd) with
-    no float conv left; only the pad of the float input image stays."""
+    no float conv left; only the pad of the float input image stays. 7-bit weights (-63..63, what ort-cpu's
+    QAT trains for a CPU without VNNI) compute the program's integers on every x86 ISA; 8-bit weights only
+    where VNNI sums u8 x s8 products in 32 bits (AVX2's pairwise multiply-add saturates)."""
+    if weight_bits == 8 and not has_vnni(host_isa()):
+        pytest.skip(f"8-bit weights saturate on this host's {host_isa()} (no VNNI): ORT computes otherwise here")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
@@ -146,7 +152,9 @@ def test_a_pt2e_program_exports_to_qdq_onnx_that_onnxruntime_runs_in_integer_ker
     x = np.random.default_rng(0).standard_normal((64, 3, 16, 16)).astype(np.float32)
     split = Split({"image": x}, None)
     program = prepare_pt2e(capture(model, split, specs).module(), xnnpack_quantizer(pads_share_input=True)
-                           .set_global(get_symmetric_quantization_config(is_per_channel=True)))
+                           .set_global(get_symmetric_quantization_config(
+                               is_per_channel=True, **({"weight_qmin": -63, "weight_qmax": 63} if weight_bits == 7
+                                                       else {}))))
     with torch.no_grad():
         program(torch.from_numpy(x[:48]))
     program = convert_pt2e(program)
@@ -160,6 +168,16 @@ def test_a_pt2e_program_exports_to_qdq_onnx_that_onnxruntime_runs_in_integer_ker
     assert np.abs(got - want).max() <= 2 * step and (got.argmax(1) == want.argmax(1)).mean() >= 0.9
     ops = _ort_ops(tmp_path / "q.onnx", tmp_path)
     assert ops["QLinearConv"] == 3 and ops["QLinearAdd"] == 1 and not ops["Conv"] and ops["Pad"] == 1, ops
+    assert _weight_range(tmp_path / "q.onnx") == (63 if weight_bits == 7 else 127)
+
+
+def _weight_range(path) -> int:
+    """The largest |value| among the model's int8 initializers (its quantized weights)."""
+    import onnx
+    from onnx import numpy_helper
+
+    ws = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    return max(int(np.abs(w.astype(np.int16)).max()) for w in ws if w.size > 1)
 
 
 def test_ort_cpu_ships_the_qat_program_as_qdq_onnx_in_integer_kernels(prepared, tmp_path):
@@ -181,6 +199,10 @@ def test_ort_cpu_ships_the_qat_program_as_qdq_onnx_in_integer_kernels(prepared, 
     ops = _ort_ops(b.path / "model.onnx", tmp_path)
     assert convs and ops["QLinearConv"] == convs and not ops["Conv"], ops
     assert b.status == "complete" and b.manifest["accuracy"]["within_budget"], b.manifest["accuracy"]
+    # a CPU without VNNI gets 7-bit weights (trained on that grid), judged natively: no pair sum can saturate
+    seven = not has_vnni(host_isa())
+    assert q["reduce_range"] is seven and _weight_range(b.path / "model.onnx") <= (63 if seven else 127)
+    assert b.manifest["accuracy"]["isa"]["judged_on"] == "native"
 
 
 def test_ort_cpu_qat_auto_tries_qat_when_int8_misses_and_keeps_post_training_when_qat_misses_too(prepared, tmp_path):

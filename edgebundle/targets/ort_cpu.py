@@ -219,7 +219,8 @@ class OrtCpuTarget(TargetBase):
         except (RuntimeError, ValueError, KeyError, IndexError) as e:
             raise StageError(f"onnxruntime.quantization failed: {type(e).__name__}: {e}") from e
         if shipped is not None:
-            return Built("model.onnx", ("model.onnx",), "int8", shipped, work.runtime)
+            return Built("model.onnx", ("model.onnx",), "int8", shipped, work.runtime,
+                         isa_neutral=SATURATION_FREE if shipped["reduce_range"] else None)
         common = {"per_channel": opt.per_channel, "reduce_range": reduce_range}
         u8 = mode == "dynamic" or opt.activations == "uint8"
         neutral = (WIDENED if u8 and opt.weights == "uint8" else
@@ -237,10 +238,11 @@ class OrtCpuTarget(TargetBase):
         return Built("model.onnx", ("model.onnx",), "int8", quant, work.runtime, isa_neutral=neutral)
 
     def _post_training(self, pre: Path, out: Path, reader: SplitReader, mode: str, work: Work,
-                       ctx: BuildContext) -> tuple[str, dict[str, Any], tuple[str, str | None]]:
+                       ctx: BuildContext, asked: OrtCpuOptions) -> tuple[str, dict[str, Any], tuple[str, str | None]]:
         """Post-training int8 into `out`: dynamic first where asked, static QDQ (with accuracy control) when
         static or when dynamic missed the budget, unless QAT is 'on' (it replaces static post-training int8).
-        Returns (the mode that stands, its accuracy record, the QAT switch: on | auto | off, why not)."""
+        Returns (the mode that stands, its accuracy record, the QAT switch, read from the options as `asked`:
+        on | auto | off, why not)."""
         opt, reduce_range, cal = work.opt, work.state["reduce_range"], ctx.spec.calibration
         control: dict[str, Any] = {}
         if mode == "dynamic":
@@ -249,7 +251,7 @@ class OrtCpuTarget(TargetBase):
                 mode, fell_back = "static", {**control["accuracy_budget"],
                                              **({"smooth_quant": control["smooth_quant"]}
                                                 if "smooth_quant" in control else {})}
-        qat = _qat_switch(opt, ctx, bool(work.state["fusion"]), reduce_range) if mode == "static" else ("off", None)
+        qat = _qat_switch(asked, ctx, bool(work.state["fusion"])) if mode == "static" else ("off", None)
         if mode == "static" and qat[0] != "on":
             self._quantize(pre, out, reader, opt, cal, reduce_range, [])
             control = {**self._accuracy_control(pre, out, reader, opt, cal, reduce_range, ctx),
@@ -276,7 +278,7 @@ class OrtCpuTarget(TargetBase):
             if i:
                 shutil.copyfile(ctx.workdir / "pristine.onnx", p)
             work.opt, work.state["reduce_range"] = o, _needs_reduce_range(o)
-            results.append((o, p, q, *self._post_training(p, q, reader, mode, work, ctx)))
+            results.append((o, p, q, *self._post_training(p, q, reader, mode, work, ctx, opt)))
             points += _form_points(_form_name(o, results[-1][3]), results[-1][4], q, ctx)
             over, floats, _ = _spent(results[-1][4])
             if (not over and not floats) or _unsteered(results[-1][4]):  # nothing to win, or nothing to see
@@ -309,7 +311,9 @@ class OrtCpuTarget(TargetBase):
         missed = (bool(b.get("attempts")) or not b.get("within_budget", True)) and "not_steered" not in b
         if qat[0] == "on" or (qat[0] == "auto" and missed):
             try:
-                shipped, tried = _qat_candidate(ctx, opt.qat, pre, out, ptq=b if qat[0] == "auto" else None)
+                shipped, tried = _qat_candidate(ctx, opt.qat, pre, out, ptq=b if qat[0] == "auto" else None,
+                                                seven_bit=_needs_reduce_range(opt.model_copy(
+                                                    update={"weights": "int8", "activations": "uint8"})))
             except StageError:
                 raise
             except Exception as e:  # torch.export / PT2E / the exporter raise many types
@@ -438,7 +442,7 @@ class OrtCpuTarget(TargetBase):
         return OrtSession(model_path, threads=threads, level=runtime.get("graph_optimization", "all"))
 
 
-def _qat_switch(opt: OrtCpuOptions, ctx: BuildContext, fused: bool, reduce_range: bool) -> tuple[str, str | None]:
+def _qat_switch(opt: OrtCpuOptions, ctx: BuildContext, fused: bool) -> tuple[str, str | None]:
     """(on | auto | off, why QAT cannot run here or None). `on` that cannot run is a StageError."""
     import importlib.util
 
@@ -454,21 +458,21 @@ def _qat_switch(opt: OrtCpuOptions, ctx: BuildContext, fused: bool, reduce_range
         why = "QAT needs PT2E's XNNPACK quantizer: pip install edgebundle[mobile] (executorch, torchao)"
     elif fused:
         why = "QAT's program exports without ONNX Runtime's transformer fusions (the fused graph is this build's)"
-    elif reduce_range:
-        why = "this CPU needs 7-bit weights (reduce_range) and the QAT program's weights are 8-bit"
-    elif opt.quant_format != "qdq" or not opt.per_channel or opt.weights != "int8":
+    elif opt.quant_format != "qdq" or not opt.per_channel or opt.weights == "uint8":
         why = "QAT's program is Q/DQ with per-channel int8 weights; the options ask for another scheme"
     if why and opt.qat.enabled == "on":
         raise StageError(f"qat enabled 'on': {why}")
     return ("off", why) if why else (opt.qat.enabled, None)
 
 
-def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, ptq: dict[str, Any] | None
-                   ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, ptq: dict[str, Any] | None,
+                   seven_bit: bool = False) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """QAT static int8, exported as Q/DQ ONNX (exporters.qdq), judged on the validation split against `pre`.
     With `ptq` (the post-training budget record: qat auto) it replaces `out` only within the budget; without
-    (qat on) always. Returns (the manifest's quantization record if it replaced `out`, else None; what was
-    tried, for the post-training record)."""
+    (qat on) always. `seven_bit` (a deployment ISA without VNNI): weights trained and stored on -63..63, so
+    each u8 x s8 pair sum fits 16 bits there (8-bit weights saturate AVX2's pairwise multiply-add). Returns
+    (the manifest's quantization record if it replaced `out`, else None; what was tried, for the
+    post-training record)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
 
     from edgebundle.calibration.pt2e import xnnpack_quantizer
@@ -476,7 +480,8 @@ def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, pt
     from edgebundle.exporters.qdq import export_qdq
 
     quantizer = xnnpack_quantizer(pads_share_input=True).set_global(
-        fake_quant_config(get_symmetric_quantization_config(is_per_channel=True)))
+        fake_quant_config(get_symmetric_quantization_config(
+            is_per_channel=True, **({"weight_qmin": -63, "weight_qmax": 63} if seven_bit else {}))))
     ref = val_outputs(pre, ctx)
     r, record = qat_program(ctx, ctx.load_model().cpu().eval(), q, quantizer,
                             "PT2E QAT (torchao prepare_qat_pt2e/convert_pt2e), XNNPACK quantizer's PTQ observers "
@@ -492,7 +497,8 @@ def _qat_candidate(ctx: BuildContext, q: QatOptions, pre: Path, out: Path, *, pt
     tried.append(qat)
     return {"tool": "torchao PT2E QAT -> torch.onnx.export(dynamo=True) Q/DQ (edgebundle.exporters.qdq)",
             "mode": "static", "format": "QDQ", "activations": "uint8 (XNNPACK's int8 grid, zero point + 128)",
-            "weights": "int8 symmetric", "per_channel": True, "reduce_range": False,
+            "weights": "int8 symmetric" + (" (7-bit: -63..63)" if seven_bit else ""), "per_channel": True,
+            "reduce_range": seven_bit,
             "calibration": {"method": "histogram (observers)", "samples": len(ctx.calibration)},
             "onnx_rewrites": rewrites, "activations_tried_on_val": tried, "qat": record}, {}
 
