@@ -67,10 +67,10 @@ def _outputs(target: str, model: Path, runtime: dict[str, Any], split, inputs, e
 
 
 def _interleaved_times(models: dict[str, tuple[str, Path]], feeds: dict[str, np.ndarray], capped: bool,
-                       rounds: int = 60) -> dict[str, Any]:
-    """Each model (label: (target, file)) timed interleaved, one run of each per round, batch 1, in a child process:
+                       rounds: int = 15) -> dict[str, Any]:
+    """Each model (label: (target, file)) timed interleaved, 20 runs of each per round, batch 1, in a child process:
     with `capped`, its oneDNN capped at AVX2 (OpenVINO models only). p50 ms per model, and the median of each
-    round's ratio to the first model (the baseline)."""
+    round's ratio of medians to the first model (the baseline)."""
     import json
     import os
     import subprocess
@@ -88,8 +88,11 @@ def _interleaved_times(models: dict[str, tuple[str, Path]], feeds: dict[str, np.
 
 
 def _time_child(folder: Path) -> None:
+    """Rounds of 20 runs of each model in turn (bench.common.interleaved), so one model's idle runtime threads
+    (ONNX Runtime's spin after a run) cost the next model at most once per round, not on every run."""
     import json
 
+    from bench.common import interleaved
     from edgebundle.targets import registry
 
     spec = json.loads((folder / "spec.json").read_text())
@@ -97,22 +100,16 @@ def _time_child(folder: Path) -> None:
         feeds = {k: d[k] for k in d.files}
     sessions = {k: registry.lookup(t).factory().open(Path(v), threads=THREADS, runtime={})
                 for k, (t, v) in spec["models"].items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
     try:
-        for s in sessions.values():
-            for _ in range(10):
-                s.run(feeds)
-        for _ in range(spec["rounds"]):
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s.run(feeds)
-                times[k].append((time.perf_counter() - t) * 1e3)
+        times = interleaved({k: (lambda s=s: s.run(feeds)) for k, s in sessions.items()},
+                            rounds=spec["rounds"], per_round=20, threads=THREADS)
     finally:
         for s in sessions.values():
             s.close()
-    base = np.array(times[next(iter(times))])
-    out = {k: {"p50_ms": float(np.median(v)), "p25_75_ms": [float(np.percentile(v, 25)), float(np.percentile(v, 75))],
-               "vs_first": float(np.median(base / np.array(v)))} for k, v in times.items()}
+    base = np.array(next(iter(times.values()))["round_medians_ms"])
+    ratios = {k: base / np.array(v["round_medians_ms"]) for k, v in times.items()}
+    out = {k: {"p50_ms": v["p50_ms"], "p25_75_ms": v["iqr_ms"], "vs_first": float(np.median(ratios[k])),
+               "vs_first_p25_75": [float(q) for q in np.percentile(ratios[k], [25, 75])]} for k, v in times.items()}
     (folder / "out.json").write_text(json.dumps(out))
 
 
@@ -246,7 +243,8 @@ def _markdown(payload: dict[str, Any]) -> str:
     lines = ["| candidate | shipped | test split (judged on AVX2) | held out, build host's ISA | held out, AVX2 | "
              f"p50 ms (build host) | {'AVX2 CPU' if native else 'AVX2 kernels'}: p50 ms, speed vs {base} | status |",
              "|---|---|---|---|---|---|---|---|"]
-    cap = lambda k: "—" if not k else f"{k['p50_ms']:.2f}, {k['vs_first']:.2f}x"  # noqa: E731
+    cap = lambda k: "—" if not k else f"{k['p50_ms']:.2f}, {k['vs_first']:.2f}x" + (  # noqa: E731
+        f" ({k['vs_first_p25_75'][0]:.2f}-{k['vs_first_p25_75'][1]:.2f})" if "vs_first_p25_75" in k else "")
     fmt = lambda v: "—" if v is None else (  # noqa: E731
         f"{v['value']:.1f} % [{v['interval'][0]:.1f}, {v['interval'][1]:.1f}] of {v['confident']} confident, "
         f"{v['groups']} photos (all crops {v['agreement_all']:.1f} %)")
@@ -264,8 +262,8 @@ def _markdown(payload: dict[str, Any]) -> str:
     for label in ("ORT fp32", "OpenVINO fp32"):
         if label in timing.get("times", {}):
             lines.append(f"| {label} | fp32 | — | — | — | — | {cap(timing['times'][label])} | reference |")
-    how = ("every model timed interleaved, batch 1, 2 threads, in one process on this AVX2 CPU; speed is the median "
-           f"of per-round ratios to {base}. ") if native else (
+    how = ("every model timed interleaved (rounds of 20 runs each), batch 1, 2 threads, in one process on this AVX2 "
+           f"CPU; speed is the median of per-round ratios to {base} (in brackets: their quartiles). ") if native else (
         "AVX2 kernels: OpenVINO models timed interleaved, batch 1, 2 threads, in one process whose oneDNN is capped "
         "at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2): the AVX2 code on the build host's cores, not an AVX2 CPU's; speed is "
         "the median of per-round ratios to OpenVINO fp32 under the same cap. ")
