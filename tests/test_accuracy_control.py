@@ -213,3 +213,32 @@ def test_a_part_of_an_output_lost_under_the_rest_is_over_budget_and_kept_float(t
         want = det.build().eval()(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(str(tmp_path / "out" / "ort-cpu" / m["model_file"])).run(None, {"image": x})[0]
     assert lost_features(want, got).size == 0 and (got[:, 4:].argmax(1) == want[:, 4:].argmax(1)).mean() > 0.9
+
+
+TWO_OUTPUTS = HEAD.replace('''        return torch.cat([self.box(f) * 300 + 300.0, torch.softmax(self.classifier(f) * 300, 1)], 1)''',
+                           '''        return self.classifier(f), torch.cat([self.box(f) * 300 + 300.0,
+                                              torch.softmax(self.classifier(f) * 300, 1)], 1)''')
+
+
+def test_an_output_the_metric_does_not_judge_that_int8_loses_is_over_budget(tmp_path):
+    """Two outputs: the metric judges the logits (within budget in int8), the other output carries boxes beside
+    class scores that int8's one scale rounds to 0. Nothing steers on it, but the bundle ships it: the verdict
+    checks every output for lost features against fp32, so the build is rejected, the line naming the output
+    (exit 1, no bundle where a good one is expected)."""
+    import yaml
+
+    (tmp_path / "det.py").write_text(TWO_OUTPUTS)
+    recipe = {"version": 1, "name": "det2", "model": {"factory": "./det.py:build"},
+              "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "dynamic_axes": {0: "batch"}}],
+              "outputs": ["logits", "det"], "metric": {"name": "cosine", "min_cosine": 0.98},
+              "data": {"kind": "function", "function": "./det.py:batches"},
+              "stages": {"train": {"enabled": False}, "prune": {"enabled": False}, "distill": {"enabled": False}},
+              "targets": [{"name": "ort-cpu", "options": {"precision": "int8"}, "measure": {"iterations": 20}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 1, res.output
+    line = " ".join(res.output.split())
+    assert "rejected: ort-cpu: cosine min 0.99" in line and "output 'det' (not judged by the metric): " in line, line
+    lost = line.split("features lost against fp32 (")[1].split(")")[0]
+    assert all(int(f.strip("[]")) >= 4 for f in lost.replace(", ...", "").split(", ")), lost  # scores, not boxes
+    assert not (tmp_path / "out" / "ort-cpu").exists()

@@ -128,12 +128,16 @@ class Verdict:
     def lost_text(self) -> str:
         """'; 10 of 14 output features lost (...)' where the whole-output metric hides them, else ''."""
         d = self.details
+        others = "".join(f"; output '{k}' (not judged by the metric): {o['features_lost']} of {o['features']} "
+                         f"features lost against fp32 ({', '.join(o['first'])}"
+                         f"{', ...' if o['features_lost'] > len(o['first']) else ''})"
+                         for k, o in (d.get("other_outputs_lost") or {}).items())
         if not d.get("features_lost"):
-            return ""
+            return others
         first = ", ".join(d["features_lost_first"]) + (", ..." if d["features_lost"] > len(d["features_lost_first"])
                                                        else "")
         return (f"; {d['features_lost']} of {d['features']} output features lost ({first}: their error across "
-                f"inputs above {LOST_ERROR:.0%} of their spread)")
+                f"inputs above {LOST_ERROR:.0%} of their spread)") + others
 
     def resolve_text(self) -> str:
         """'about N judged inputs would resolve it' (groups, where the verdict rests on groups), or ''."""
@@ -385,6 +389,31 @@ def with_lost_features(v: Verdict, reference: np.ndarray, outputs: np.ndarray) -
                "features_lost_first": names}
     return dataclasses.replace(v, within=False, point_within=False if v.point_within is not None else None,
                                worst_within=False if v.worst_within is not None else None, details=details)
+
+
+def other_outputs_lost(pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict[str, Any]]:
+    """For each output the metric does not judge, (fp32 reference, artifact's outputs) by name: the ones with
+    features lost (`lost_features`), each with how many of how many and the first named."""
+    lost = {}
+    for name, (ref, out) in pairs.items():
+        idx = lost_features(ref, out)
+        if len(idx):
+            shape = ref.shape[1:]
+            lost[name] = {"features_lost": int(len(idx)), "features": int(np.prod(shape)),
+                          "first": [str([int(i) for i in np.unravel_index(int(j), shape)]) for j in idx[:4]]}
+    return lost
+
+
+def with_other_outputs(v: Verdict, lost: dict[str, dict[str, Any]]) -> Verdict:
+    """The verdict, not within budget where outputs the metric does not judge lost features against fp32
+    (`other_outputs_lost`): a bundle is judged on one output, but ships them all."""
+    import dataclasses
+
+    if not lost:
+        return v
+    return dataclasses.replace(v, within=False, point_within=False if v.point_within is not None else None,
+                               worst_within=False if v.worst_within is not None else None,
+                               details={**v.details, "other_outputs_lost": lost})
 
 
 def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.ndarray,

@@ -20,7 +20,7 @@ from edgebundle.core import progress
 from edgebundle.core.errors import (BundleError, DataError, DeviceError, EdgeBundleError, RecipeError,
                                     TargetUnavailable)
 from edgebundle.core.host import contention_text, fingerprint, usable_cores
-from edgebundle.core.metrics import Contract, cosine
+from edgebundle.core.metrics import Contract, cosine, with_other_outputs
 from edgebundle.core.recipe import DeviceSpec, Recipe, TargetSpec
 from edgebundle.targets import registry
 from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft, TargetInfo, check_bundle_places,
@@ -117,8 +117,11 @@ def job_for(prepared: Prepared, spec: TargetSpec, *, checked: tuple | None = Non
         original = original_reference(prepared)
     if contract is None:
         contract = _contract(prepared, spec, verdict_reference(prepared, ref_out, original))
+    judged = prepared.recipe.judged_output[0]
+    others = {name: (i, fp32_test[i]) for i, name in enumerate(prepared.recipe.outputs)
+              if i != judged and i < len(fp32_test)}
     return _Job(prepared, spec, entry, target, options, contract, ref_out, threads, f"build:{spec.name}",
-                original=original)
+                original=original, others=others)
 
 
 @dataclass
@@ -135,6 +138,7 @@ class _Job:
     threads: int
     stage: str
     original: np.ndarray | None = None  # the original model's judged output on the test split (compressed)
+    others: dict[str, tuple[int, np.ndarray]] | None = None  # outputs the metric does not judge: fp32 on test
     asked: str | None = None
 
     student_vs_original: Any = None  # the fp32 student's verdict against the original: one per job
@@ -158,10 +162,11 @@ class _Job:
     def build_and_evaluate(self, tmp: Path, options=None, same_runtime: bool = True) -> tuple[Evaluation, dict | None]:
         built = target_build(self.target, self.context(options or self.options, tmp), self.stage, self.prepared)
         ev = evaluate(self.target, self.entry, built, tmp, self.prepared, self.spec, self.contract, self.ref_out,
-                      self.threads, same_runtime=same_runtime)
+                      self.threads, same_runtime=same_runtime, others=self.others)
         chain = chain_for(self.contract, self.prepared, self.original, self.student_vs_original, ev.outputs,
                           ev.verdict)
         ev = self._on_deployment_isa(tmp, dataclasses.replace(ev, verdict=chain.decisive, chain=chain))
+        ev = dataclasses.replace(ev, verdict=with_other_outputs(ev.verdict, ev.others_lost))
         if options is not None or self.asked != "auto":
             return ev, None
         return self._precision_auto(tmp, ev)

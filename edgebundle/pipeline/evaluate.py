@@ -16,7 +16,7 @@ from edgebundle.core import measure as measure_mod
 from edgebundle.core.data import Split, iter_feeds, run_outputs
 from edgebundle.core.errors import DataError, EdgeBundleError, RecipeError, StageError
 from edgebundle.core.host import usable_cores
-from edgebundle.core.metrics import Contract, Verdict, resolve_name
+from edgebundle.core.metrics import Contract, Verdict, other_outputs_lost, resolve_name
 from edgebundle.core.modelio import import_object
 from edgebundle.core.recipe import MeasureSpec, Recipe, TargetSpec
 from edgebundle.core.session import OrtSession
@@ -276,6 +276,7 @@ class Evaluation:
     runtime_seen: dict[str, Any]
     chain: Chain | None = None  # original -> student fp32 -> bundle (the verdict is its decisive step)
     isa: dict[str, Any] | None = None  # x86 CPU targets: the deployment ISA and how the verdict was reached on it
+    others_lost: dict[str, Any] | None = None  # outputs the metric does not judge that lost features against fp32
 
 
 def target_build(target, ctx: BuildContext, stage: str, prepared: Prepared) -> Built:
@@ -288,9 +289,11 @@ def target_build(target, ctx: BuildContext, stage: str, prepared: Prepared) -> B
 
 
 def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: TargetSpec, contract: Contract,
-              reference_out: np.ndarray, threads: int, *, same_runtime: bool = True) -> Evaluation:
+              reference_out: np.ndarray, threads: int, *, same_runtime: bool = True,
+              others: dict[str, tuple[int, np.ndarray]] | None = None) -> Evaluation:
     """The artifact's judged output on the test split, its verdict and its latency (and the same runtime's
-    fp32 latency, for "vs fp32 on the same runtime")."""
+    fp32 latency, for "vs fp32 on the same runtime"). `others`: the outputs the metric does not judge (name:
+    (index, fp32 outputs on the test split)), checked for lost features (`Evaluation.others_lost`)."""
     recipe, ds = prepared.recipe, prepared.dataset
     feeds = measure_feeds(ds.test, recipe, spec.measure.batch)
     same_rt, lat, runtime_seen = None, None, {}
@@ -312,7 +315,8 @@ def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: T
                          f"'{contract.output_name}' (number {contract.output_index + 1})")
     out = outs[contract.output_index]
     verdict = contract.judge(reference_out, out, ds.test.labels, interval=True, groups=ds.test.groups)
-    return Evaluation(built, out, verdict, lat, same_rt, runtime_seen)
+    lost = other_outputs_lost({k: (ref, outs[i]) for k, (i, ref) in (others or {}).items() if i < len(outs)})
+    return Evaluation(built, out, verdict, lat, same_rt, runtime_seen, others_lost=lost)
 
 
 def tried(quant: dict[str, Any]) -> str:
