@@ -546,3 +546,29 @@ def test_a_data_function_that_returns_no_batches_says_what_it_returned(tmp_path)
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     with pytest.raises(DataError, match=r"data.function ./data.py:five returned int, not batches"):
         load_dataset(load_recipe(tmp_path / "r.yaml"))
+
+
+def test_a_manifest_edited_to_hold_garbage_is_refused_naming_the_field(default_run, tmp_path):
+    """Hashes recomputed around a manifest with no inputs, a tensor type that does not exist or a negative
+    dimension: check, report and explain refuse it in one line naming the field (exit 2), not the library's
+    error from deep inside."""
+    import json
+
+    src = default_run.output / "ort-cpu"
+    cases = {"inputs": (lambda m: m.update(inputs=[]), "invalid at inputs: List should have at least 1 item"),
+             "dtype": (lambda m: m["inputs"][0].update(dtype="bfloat99"),
+                       "invalid at inputs.0.dtype: Value error, 'bfloat99' is not a tensor type"),
+             "shape": (lambda m: m["outputs"][0].update(shape=[1, -3]),
+                       "invalid at outputs.0.shape: Value error, [1, -3] has a negative dimension")}
+    for name, (edit, want) in cases.items():
+        bundle = tmp_path / name / "ort-cpu"
+        shutil.copytree(src, bundle)
+        m = json.loads((bundle / "manifest.json").read_text())
+        edit(m)
+        (bundle / "manifest.json").write_text(json.dumps(m))
+        _repoint(bundle, m["model_file"])  # SHA256SUMS recomputed: only the content is wrong
+        for args in (["check", str(bundle), "--baseline", str(src)], ["report", str(bundle.parent)],
+                     ["explain", str(bundle)]):
+            res = cli.invoke(app, args)
+            line = " ".join(res.output.split())
+            assert res.exit_code == 2 and want in line and "Traceback" not in res.output, (args, res.output)

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from edgebundle.core.errors import BundleError, IntegrityError
 from edgebundle.core.artifact import sha256_file
@@ -45,6 +45,25 @@ class TensorInfo(_M):
     # the judged output of a classifier whose data named its classes (image class sub-folders, text labels):
     # the class of each score, in order, so a deployment reads the scores as training did
     classes: list[str] | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        import numpy as np
+
+        try:
+            np.dtype(v)
+        except TypeError:
+            if v != "bfloat16":
+                raise ValueError(f"'{v}' is not a tensor type (float32, int64, ...)") from None
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int | str]) -> list[int | str]:
+        if any(isinstance(d, int) and d < 0 for d in v):  # 0: a dimension ONNX left unnamed and unknown
+            raise ValueError(f"{v} has a negative dimension (a dynamic one is a name)")
+        return v
 
     @model_serializer(mode="wrap")
     def _only_named(self, handler):  # a tensor without class names is written as before (no "classes": null)
@@ -117,8 +136,8 @@ class ManifestDraft(_M):
     recipe: dict[str, Any]
     target: TargetInfo
     model_file: str
-    inputs: list[TensorInfo]
-    outputs: list[TensorInfo]
+    inputs: list[TensorInfo] = Field(min_length=1)
+    outputs: list[TensorInfo] = Field(min_length=1)
     lineage: list[dict[str, Any]]
     quantization: dict[str, Any]
     accuracy: Accuracy
