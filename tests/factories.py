@@ -117,6 +117,29 @@ def saturating() -> nn.Module:
     return Saturating()
 
 
+class SaturatingConv(nn.Module):
+    """Two convolutions in a row on digits, the first with large weights of one sign: its int8 sums over bright
+    pixels saturate in CPUs' 16-bit pair sums without VNNI once ONNX Runtime fuses it (QLinearConv, the next
+    convolution's Q after it); exact in 32 bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 64, 10)
+        with torch.no_grad():
+            self.conv.weight.copy_(1.0 + 0.05 * torch.randn(16, 1, 3, 3, generator=g))
+            self.fc.weight.copy_(torch.randn(10, 16 * 64, generator=g) * 0.05)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv2(self.conv(x))).flatten(1))
+
+
+def saturating_conv() -> nn.Module:
+    return SaturatingConv()
+
+
 class WideMlp(nn.Module):
     """A digits MLP wide enough that its int8 MatMuls clearly beat fp32 (about 2x on x86 with ONNX Runtime)."""
 

@@ -109,3 +109,48 @@ def test_targets_command_says_tensorrt_is_only_partly_available():
     assert "partly" in line
     if "not installed" in line:  # off a terminal (a pipe, a log) each row is one whole line: the hint is not cut
         assert line.endswith("(pip install edgebundle[tensorrt]))")
+
+
+@pytest.mark.skipif(ENGINE_HERE, reason="tensorrt and a GPU are present: the engine is judged on the GPU")
+def test_the_pending_qdq_model_is_judged_with_exact_integer_sums_as_the_gpu_computes(tmp_path):
+    """A digits CNN whose first convolution has large weights of one sign: its 8-bit u8 x s8 pair sums over bright
+    pixels saturate on CPUs without VNNI in ONNX Runtime's fused QLinearConv. A GPU accumulates int8 in 32 bits, so the pending Q/DQ model is judged on ONNX
+    Runtime with no graph optimisation (each DequantizeLinear, then the float layer: the exact integer sum
+    times its scales), not in the host's fused integer kernels: within budget on every host. On an AVX2 host
+    the fused kernels give what no GPU computes (measured: EfficientNet-Lite1 95.2 % against 100 %)."""
+    import numpy as np
+    import yaml
+
+    from edgebundle.core.data import run_outputs
+    from edgebundle.core.isa import has_vnni, host_isa
+    from edgebundle.core.recipe import load_recipe
+    from edgebundle.core.session import OrtSession
+    from edgebundle.pipeline.runner import run
+
+    d = {"version": 1, "name": "saturating", "model": {"factory": "factories:saturating_conv"},
+         "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "dtype": "float32", "dynamic_axes": {0: "batch"}}],
+         "outputs": ["logits"], "data": {"kind": "digits", "calibration_samples": 64},
+         "metric": {"name": "snr", "min_snr_db": 30},
+         "stages": {"train": {"enabled": False}, "prune": {"enabled": False}, "distill": {"enabled": False}},
+         "targets": [{"name": "tensorrt", "options": {"precision": "int8", "accuracy_control": False}}],
+         "output": str(tmp_path / "out")}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).with_name("factories.py"), tmp_path / "factories.py")
+    res = run(load_recipe(tmp_path / "r.yaml"), keep_rejected=True)
+    (b,) = res.bundles
+    acc = b.manifest["accuracy"]
+    assert b.status == "pending" and acc["within_budget"], (b.status, b.reason, acc)
+    test = res.prepared.dataset.test
+    with OrtSession(res.prepared.onnx.path("model.fp32.onnx"), threads=2) as s:
+        ref = run_outputs(s, test, res.prepared.recipe.inputs)[0]
+    snr = {}
+    for level in ("disable", "all"):
+        with OrtSession(b.path / QDQ_FILE, threads=2, level=level) as s:
+            out = run_outputs(s, test, res.prepared.recipe.inputs)[0]
+        snr[level] = 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum())
+    assert snr["disable"] >= 30
+    if not has_vnni(host_isa()):  # the host's fused kernels saturate where the GPU's sums do not
+        assert snr["all"] < 30, snr

@@ -298,7 +298,7 @@ def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: T
     feeds = measure_feeds(ds.test, recipe, spec.measure.batch)
     same_rt, lat, runtime_seen = None, None, {}
     if built.status == "pending":  # the runtime's artifact is not built here: accuracy through ORT CPU, no latency
-        with OrtSession(tmp / (built.eval_file or built.model_file), threads=threads) as sess:
+        with target.open(tmp / (built.eval_file or built.model_file), threads=threads, runtime=built.runtime) as sess:
             outs = run_outputs(sess, ds.test, recipe.inputs)
     else:
         if same_runtime and built.precision != "fp32" and (built.fp32_file or entry.capabilities.opens_onnx):

@@ -67,9 +67,9 @@ def qat_program(ctx: BuildContext, model, q: QatOptions, quantizer, tool: str,
     return r, record
 
 
-def val_outputs(model: Path, ctx: BuildContext) -> np.ndarray:
-    """The model's judged output on the validation split."""
-    with OrtSession(model, threads=ctx.threads) as sess:
+def val_outputs(model: Path, ctx: BuildContext, level: str = "all") -> np.ndarray:
+    """The model's judged output on the validation split (ONNX Runtime CPU, graph optimisation `level`)."""
+    with OrtSession(model, threads=ctx.threads, level=level) as sess:
         return run_split(sess, ctx.validation, ctx.recipe.inputs, output=ctx.val_contract().output_index)
 
 
