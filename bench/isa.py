@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         work.mkdir(parents=True, exist_ok=True)
         for label, target, model, runtime in _hand(p, work):
             native, avx2 = _outputs(target, model, runtime, split, recipe.inputs, emulate)
-            rows.append({"candidate": label, "status": "hand", "heldout": _verdicts(contract, ref, split, native, avx2)})
-            rows[-1]["model"] = [target, str(model)]
+            rows.append({"candidate": label, "status": "hand", "heldout": _verdicts(contract, ref, split, native, avx2),
+                         "model": [target, str(model)]})
         timing = _timing(p, bundles, rows, host, {"image": split.inputs["image"][:1]})
     h = fingerprint()
     payload = {"host": h, "host_isa": host, "avx2_by": "qemu-x86_64 -cpu Haswell (ONNX Runtime), oneDNN capped at "

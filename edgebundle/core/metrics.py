@@ -128,16 +128,18 @@ class Verdict:
     def lost_text(self) -> str:
         """'; 10 of 14 output features lost (...)' where the whole-output metric hides them, else ''."""
         d = self.details
+
+        def named(count: int, first: list[str]) -> str:
+            return ", ".join(first) + (", ..." if count > len(first) else "")
+
         others = "".join(f"; output '{k}' (not judged by the metric): {o['features_lost']} of {o['features']} "
-                         f"features lost against fp32 ({', '.join(o['first'])}"
-                         f"{', ...' if o['features_lost'] > len(o['first']) else ''})"
+                         f"features lost against fp32 ({named(o['features_lost'], o['first'])})"
                          for k, o in (d.get("other_outputs_lost") or {}).items())
         if not d.get("features_lost"):
             return others
-        first = ", ".join(d["features_lost_first"]) + (", ..." if d["features_lost"] > len(d["features_lost_first"])
-                                                       else "")
-        return (f"; {d['features_lost']} of {d['features']} output features lost ({first}: their error across "
-                f"inputs above {LOST_ERROR:.0%} of their spread)") + others
+        return (f"; {d['features_lost']} of {d['features']} output features lost "
+                f"({named(d['features_lost'], d['features_lost_first'])}: their error across inputs above "
+                f"{LOST_ERROR:.0%} of their spread)") + others
 
     def resolve_text(self) -> str:
         """'about N judged inputs would resolve it' (groups, where the verdict rests on groups), or ''."""
@@ -375,45 +377,47 @@ def lost_features(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     return np.flatnonzero(varies & (err > LOST_ERROR * spread))
 
 
+def _lost_record(reference: np.ndarray, outputs: np.ndarray) -> dict[str, Any] | None:
+    """`lost_features` as the manifest records it: how many of how many features, the first four named by
+    their index within one input's output ('[4]', '[0, 2]'); None where none is lost."""
+    lost = lost_features(reference, outputs)
+    if not len(lost):
+        return None
+    shape = reference.shape[1:]
+    return {"features_lost": int(len(lost)), "features": int(np.prod(shape)),
+            "first": [str([int(i) for i in np.unravel_index(int(j), shape)]) for j in lost[:4]]}
+
+
+def _over_budget(v: Verdict, details: dict[str, Any]) -> Verdict:
+    """The verdict not within budget (its point and worst-end verdicts too, where it has them), with `details`."""
+    import dataclasses
+
+    return dataclasses.replace(v, within=False, point_within=False if v.point_within is not None else None,
+                               worst_within=False if v.worst_within is not None else None,
+                               details={**v.details, **details})
+
+
 def with_lost_features(v: Verdict, reference: np.ndarray, outputs: np.ndarray) -> Verdict:
     """The verdict, not within budget where output features are lost (`lost_features`), whatever the whole-output
     metric says; the details name them."""
-    import dataclasses
-
-    lost = lost_features(reference, outputs)
-    if not len(lost):
+    lost = _lost_record(reference, outputs)
+    if lost is None:
         return v
-    shape = reference.shape[1:]
-    names = [str(list(np.unravel_index(int(j), shape))) if len(shape) > 1 else f"[{int(j)}]" for j in lost[:4]]
-    details = {**v.details, "features_lost": int(len(lost)), "features": int(np.prod(shape)),
-               "features_lost_first": names}
-    return dataclasses.replace(v, within=False, point_within=False if v.point_within is not None else None,
-                               worst_within=False if v.worst_within is not None else None, details=details)
+    return _over_budget(v, {"features_lost": lost["features_lost"], "features": lost["features"],
+                            "features_lost_first": lost["first"]})
 
 
 def other_outputs_lost(pairs: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict[str, Any]]:
     """For each output the metric does not judge, (fp32 reference, artifact's outputs) by name: the ones with
-    features lost (`lost_features`), each with how many of how many and the first named."""
-    lost = {}
-    for name, (ref, out) in pairs.items():
-        idx = lost_features(ref, out)
-        if len(idx):
-            shape = ref.shape[1:]
-            lost[name] = {"features_lost": int(len(idx)), "features": int(np.prod(shape)),
-                          "first": [str([int(i) for i in np.unravel_index(int(j), shape)]) for j in idx[:4]]}
-    return lost
+    features lost, each as `_lost_record` gives it."""
+    records = {name: _lost_record(ref, out) for name, (ref, out) in pairs.items()}
+    return {name: r for name, r in records.items() if r is not None}
 
 
 def with_other_outputs(v: Verdict, lost: dict[str, dict[str, Any]]) -> Verdict:
     """The verdict, not within budget where outputs the metric does not judge lost features against fp32
     (`other_outputs_lost`): a bundle is judged on one output, but ships them all."""
-    import dataclasses
-
-    if not lost:
-        return v
-    return dataclasses.replace(v, within=False, point_within=False if v.point_within is not None else None,
-                               worst_within=False if v.worst_within is not None else None,
-                               details={**v.details, "other_outputs_lost": lost})
+    return _over_budget(v, {"other_outputs_lost": lost}) if lost else v
 
 
 def with_interval(v: Verdict, c: Contract, reference: np.ndarray, outputs: np.ndarray,
