@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import write
+from edgebundle.core.isa import exceeds
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "real"
 THREADS = 2
@@ -219,7 +220,7 @@ def _timing(p, bundles, rows: list[dict[str, Any]], host: str, feeds: dict[str, 
     OpenVINO's models with oneDNN capped at AVX2 on a larger host (against OpenVINO fp32). Each row gets its
     figures under `avx2_kernels`; None where neither applies."""
     native = host == "avx2"
-    if not native and host not in ("avx512", "avx512-vnni", "avx-vnni"):
+    if not native and not exceeds(host, "avx2"):
         return None
     fp32 = p.onnx.path("model.fp32.onnx")
     models = {"ORT fp32": ("ort-cpu", fp32)} if native else {}

@@ -21,7 +21,7 @@ from edgebundle.cli import app
 from edgebundle.core import device_runner
 from edgebundle.core.errors import DeviceError, RecipeError
 from edgebundle.core.host import fingerprint, hardware_id
-from edgebundle.core.isa import host_isa, qemu
+from edgebundle.core.isa import exceeds, host_isa, qemu
 from edgebundle.core.measure import time_block
 from edgebundle.core.recipe import DeviceSpec, load_recipe
 from edgebundle.pipeline.bundle import read_manifest, verify_files
@@ -232,7 +232,7 @@ def test_a_device_without_the_runtime_is_one_line(default_run, tmp_path, sshd):
     assert read_manifest(bundle).devices is None and not verify_files(bundle)
 
 
-EMULATES_AVX2 = host_isa() in ("avx512", "avx512-vnni", "avx-vnni") and qemu() is not None
+EMULATES_AVX2 = exceeds(host_isa(), "avx2") and qemu() is not None
 
 
 @pytest.mark.slow

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from edgebundle.core.isa import how_to_judge, host_isa, isa_of, qemu
+from edgebundle.core.isa import exceeds, has_vnni, how_to_judge, host_isa, isa_of, qemu
 from edgebundle.core.recipe import load_recipe
 from edgebundle.pipeline.runner import run
 
-EMULATES_AVX2 = host_isa() in ("avx512", "avx512-vnni", "avx-vnni") and qemu() is not None
+EMULATES_AVX2 = exceeds(host_isa(), "avx2") and qemu() is not None
 
 
 def test_isa_classes_and_how_each_is_judged_here():
@@ -19,6 +19,9 @@ def test_isa_classes_and_how_each_is_judged_here():
     assert isa_of({"avx2", "avx512f"}) == "avx512"
     assert isa_of({"avx2", "avx_vnni"}) == "avx-vnni"
     assert isa_of({"avx2"}) == "avx2" and isa_of({"asimd"}) == "other"
+    assert [h for h in ("avx2", "avx-vnni", "avx512", "avx512-vnni", "other") if exceeds(h, "avx2")] == [
+        "avx-vnni", "avx512", "avx512-vnni"]
+    assert exceeds("avx512-vnni", "avx512") and not exceeds("avx512", "avx512-vnni")
     assert how_to_judge("host")[0] == "native"
     mode, model, why = how_to_judge("avx2")
     if host_isa() == "avx2":
@@ -64,7 +67,7 @@ def test_int8_that_holds_on_the_host_but_saturates_on_avx2_is_refused(tmp_path):
     assert "snr" in b.reason and "(budget: SNR >= 30 dB)" in b.reason
     if EMULATES_AVX2:
         assert "on avx2 (qemu-x86_64 -cpu Haswell; on this host's" in b.reason
-        if has_vnni_host():
+        if has_vnni(host_isa()):
             assert "on this host's avx512-vnni: within budget" in b.reason or "avx-vnni: within budget" in b.reason
 
     res = run(_recipe(tmp_path, {}))
@@ -88,10 +91,6 @@ def test_int8_that_holds_on_the_host_but_saturates_on_avx2_is_refused(tmp_path):
         with OrtCpuTarget().open(b.path / "model.onnx", threads=2, runtime=b.manifest["target"]["runtime"]) as s:
             native = np.concatenate([s.run(f)[0] for f in iter_feeds(test, recipe.inputs, 64)])
         assert np.abs(emu - native).max() <= 1e-5 * np.abs(native).max()
-
-
-def has_vnni_host() -> bool:
-    return host_isa() in ("avx512-vnni", "avx-vnni")
 
 
 def test_weights_auto_takes_8_bit_uint8_where_7_bit_int8_gives_up_more_for_a_cpu_without_vnni(tmp_path):
@@ -122,7 +121,7 @@ def test_weights_auto_takes_8_bit_uint8_where_7_bit_int8_gives_up_more_for_a_cpu
     assert "int8 forms tried" in html and "static int8, uint8 weights" in html
 
 
-CAPS_AVX2 = host_isa() in ("avx512", "avx512-vnni", "avx-vnni")
+CAPS_AVX2 = exceeds(host_isa(), "avx2")
 
 
 def _ov_recipe(tmp_path, options: dict, precision: str = "int8"):
@@ -145,7 +144,7 @@ def test_openvino_judged_on_avx2_kernels_by_onednn_cap(tmp_path):
     (b,) = res.bundles
     assert b.status == "rejected" and not (tmp_path / "out" / "openvino").exists()
     assert "on avx2 (ONEDNN_MAX_CPU_ISA=AVX2; on this host's" in b.reason, b.reason
-    if has_vnni_host():  # measured: 21.2 dB on the VNNI host, 14.4 dB on AVX2 kernels
+    if has_vnni(host_isa()):  # measured: 21.2 dB on the VNNI host, 14.4 dB on AVX2 kernels
         assert "avx512-vnni: within budget" in b.reason or "avx-vnni: within budget" in b.reason, b.reason
 
     res = run(_ov_recipe(tmp_path, {}))

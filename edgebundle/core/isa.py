@@ -70,6 +70,12 @@ def includes(host: str, target: str) -> bool:
     return target in _INCLUDES.get(host, set())
 
 
+def exceeds(host: str, target: str) -> bool:
+    """Whether ISA class `host` runs every instruction of `target`'s and more (an AVX-512 or AVX-VNNI CPU
+    against avx2): the host's int8 may differ from the target's, so it is emulated or capped there."""
+    return host != target and includes(host, target)
+
+
 def cap_env(isa: str) -> dict[str, str]:
     """The environment that caps oneDNN's kernels (OpenVINO's CPU plugin) at deployment ISA `isa`."""
     return {ONEDNN_ENV: ONEDNN_CAP[deployment(isa)]}

@@ -4,6 +4,7 @@ runtime's fp32 latency and the PyTorch references) through the one measurement p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -222,7 +223,14 @@ def held_out_outputs(prepared: Prepared) -> dict[str, np.ndarray] | None:
     art = prepared.made_by("distill")
     if art is None or not art.path(HELD_OUT_FILE).is_file():
         return None
-    with np.load(art.path(HELD_OUT_FILE)) as z:  # read whole: the archive is not left open
+    path = art.path(HELD_OUT_FILE)
+    return _read_held_out(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_held_out(path: str, mtime_ns: int) -> dict[str, np.ndarray]:
+    """The archive read whole, once per build (each target's contract check and chain ask for it)."""
+    with np.load(path) as z:  # read whole: the archive is not left open
         return {k: z[k] for k in z.files}
 
 
