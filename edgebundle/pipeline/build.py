@@ -27,7 +27,7 @@ from edgebundle.pipeline.bundle import (SCHEMA_VERSION, Accuracy, ManifestDraft,
                                         check_output_folder,
                                         pack as pack_bundle, write_bundle)
 from edgebundle.pipeline.evaluate import (Evaluation, step_name, chain_for, check_held_out_resolvable,
-                                          check_resolvable, contract_for, evaluate, held_out_outputs,
+                                          check_resolvable, contract_for, evaluate, held_out_outputs, others_lost,
                                           fp32_reference, original_reference, reference_latency, target_build, tried,
                                           verdict_summary)
 from edgebundle.pipeline.lock import target_lock
@@ -203,7 +203,9 @@ class _Job:
             record["on_build_host"] = {"value": ev.verdict.value, "within_budget": ev.verdict.within,
                                        **({"cosine_mean": ev.verdict.details["cosine_mean"]}
                                           if "cosine_mean" in ev.verdict.details else {})}
-            ev = dataclasses.replace(ev, outputs=out, verdict=chain.decisive, chain=chain)
+            # outputs the metric does not judge: lost on the build host or on the deployment ISA, lost
+            lost = {**(ev.others_lost or {}), **others_lost(self.others, outs)}
+            ev = dataclasses.replace(ev, outputs=out, verdict=chain.decisive, chain=chain, others_lost=lost)
         return dataclasses.replace(ev, isa=record)
 
     def chain_of(self, out: np.ndarray):

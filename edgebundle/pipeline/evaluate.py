@@ -323,8 +323,12 @@ def evaluate(target, entry, built: Built, tmp: Path, prepared: Prepared, spec: T
                          f"'{contract.output_name}' (number {contract.output_index + 1})")
     out = outs[contract.output_index]
     verdict = contract.judge(reference_out, out, ds.test.labels, interval=True, groups=ds.test.groups)
-    lost = other_outputs_lost({k: (ref, outs[i]) for k, (i, ref) in (others or {}).items() if i < len(outs)})
-    return Evaluation(built, out, verdict, lat, same_rt, runtime_seen, others_lost=lost)
+    return Evaluation(built, out, verdict, lat, same_rt, runtime_seen, others_lost=others_lost(others, outs))
+
+
+def others_lost(others: dict[str, tuple[int, np.ndarray]] | None, outs: list[np.ndarray]) -> dict[str, Any]:
+    """The outputs the metric does not judge (name: (index, fp32 outputs)) that lost features in `outs`."""
+    return other_outputs_lost({k: (ref, outs[i]) for k, (i, ref) in (others or {}).items() if i < len(outs)})
 
 
 def tried(quant: dict[str, Any]) -> str:

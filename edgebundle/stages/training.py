@@ -249,8 +249,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     def loss_fn(out, batch, y, idx):
         # one teacher forward per batch: hidden matching's hooks capture its layers as it answers the view
         answer = hidden.teacher_output(batch) if hidden is not None else None
-        ref = soft[idx] if soft is not None else answer if answer is not None else _first(teacher, batch)
-        loss = soft_loss(kind, out, ref, t)
+        loss = soft_loss(kind, out, _teacher_answer(soft, idx, answer, teacher, batch), t)
         if kind == "kl" and alpha < 1.0 and y is not None:
             loss = alpha * loss + (1 - alpha) * F.cross_entropy(out, y)
         if hidden is not None:
@@ -279,6 +278,17 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     finally:
         if hidden is not None:
             hidden.close()
+
+
+def _teacher_answer(soft: torch.Tensor | None, idx: torch.Tensor, answer: torch.Tensor | None, teacher: nn.Module,
+                    batch: list[torch.Tensor]) -> torch.Tensor:
+    """The teacher's output for a batch: computed up front (`soft`, no augmentation), captured by hidden matching's
+    forward (`answer`), or asked now (augmented views without hidden matching)."""
+    if soft is not None:
+        return soft[idx]
+    if answer is not None:
+        return answer
+    return _first(teacher, batch)
 
 
 def _first(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
