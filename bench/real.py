@@ -190,7 +190,8 @@ def _search_rows(name: str, res) -> list[dict]:
         return []
     search = b.manifest["search"]
     return [{"model": name, "kind": "search", "target": search["target"], "chosen": r["candidate"] == search["chosen"],
-             **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "line", "summary",
+             **{k: r.get(k) for k in ("label", "macs_ratio", "params", "speedup", "speedup_ci95", "value", "within",
+                                      "line", "summary",
                                       "status", "seconds", "why", "distill_best_epoch", "start_held",
                                       "held_out_summary", "held_out_over")}} for r in search["rows"]]
 
@@ -367,6 +368,23 @@ def main(argv: list[str] | None = None) -> None:
                                 args.results)
     write(args.results, {"int8_peak_macs_per_s": peak, "int8_peak_how": peak_how, "rows": rows, "seconds": seconds},
           _markdown(rows, seconds, peak, peak_how))
+    _search_plots(rows, args.results)
+
+
+def _search_plots(rows: list[dict], results: str) -> None:
+    """Each structure search's speed-versus-fidelity plot, as the report draws it, beside the results
+    (bench/results/<results>-<model>.png); rows of an earlier run without values are left alone."""
+    import base64
+
+    from bench.common import RESULTS
+    from edgebundle.pipeline.report import _speed_fidelity, search_points
+
+    for model in dict.fromkeys(r["model"] for r in rows if r["kind"] == "search"):
+        pts = search_points([{k: v for k, v in r.items() if v is not None}
+                             for r in rows if r["kind"] == "search" and r["model"] == model])
+        if any(p[2] is not None for p in pts):
+            png = _speed_fidelity(pts, title=f"{model}: structure search (x: over budget, hollow: not timed)")
+            (RESULTS / f"{results}-{model}.png").write_bytes(base64.b64decode(png))
 
 
 def _merged(rows: list[dict], seconds: dict[str, float], models: set[str],

@@ -82,3 +82,15 @@ def test_a_value_json_cannot_hold_is_shown_not_a_crash():
 
     png = base64.b64decode(_speed_fidelity([("exact", 1.0, None, True), ("int8", 1.4, 31.5, True)]))
     assert png.startswith(b"\x89PNG") and _fmt(None, ".6g") == "n/a"
+
+
+def test_the_search_plot_shows_candidates_refused_before_timing_at_their_macs_bound():
+    """A search row refused before its int8 build has no speed-up; the plot still shows what its fp32 student
+    kept, at 1 / its MACs ratio and hollow (within None), so a search whose candidates all failed is not one dot."""
+    from edgebundle.pipeline.report import _speed_fidelity, search_points
+
+    rows = [{"label": "unpruned", "speedup": 1.01, "value": 0.99, "within": True},
+            {"label": "ratio 0.5", "macs_ratio": 0.5, "value": 0.91, "within": False, "fp32_over": True},
+            {"label": "ratio 0.8", "status": "not tried", "within": False}]
+    assert search_points(rows) == [("unpruned", 1.01, 0.99, True), ("ratio 0.5", 2.0, 0.91, None)]
+    assert base64.b64decode(_speed_fidelity(search_points(rows))).startswith(b"\x89PNG")

@@ -118,7 +118,7 @@ def _search_html(search: dict) -> list[str]:
                     f"<td>{speed}</td><td class=l>{e(r.get('summary') or r.get('line') or r.get('why', ''))}"
                     f"{e(_int8_form_text(r))}{e(start_kept(r, ' ({})'))}</td>"
                     f"<td class=l>{e(r.get('status', ''))}</td></tr>")
-    pts = [(r["label"], r["speedup"], r["value"], r.get("within", False)) for r in search["rows"] if "speedup" in r]
+    pts = search_points(search["rows"])
     out = ["<h2>Structure search</h2>",
            f"<p class=small>Candidates pruned from the original (briefly distilled where they missed the budget as "
            f"pruned), built as {e(search['target'])} "
@@ -128,8 +128,22 @@ def _search_html(search: dict) -> list[str]:
            "<th>speed-up vs unpruned [95% CI]</th><th class=l>validation vs original</th><th class=l>status</th>"
            "</tr></thead><tbody>", *rows, "</tbody></table>"]
     if pts:
-        out.append(f'<figure><img alt="speed vs fidelity" src="data:image/png;base64,{_speed_fidelity(pts)}"></figure>')
+        out.append(f'<figure><img alt="speed vs fidelity" src="data:image/png;base64,{_speed_fidelity(pts)}"></figure>'
+                   "<p class=small>Hollow: refused before its int8 build (its fp32 student over budget on validation or "
+                   "on the held-out groups), drawn at the speed-up its MACs allow, not a measured one.</p>")
     return out
+
+
+def search_points(rows: list[dict]) -> list[tuple[str, float, float, bool | None]]:
+    """The search's rows as plot points (label, speed-up, validation value, within): timed rows at their measured
+    speed-up; rows refused before any build (nothing timed) at 1 / their MACs ratio, `within` None (hollow)."""
+    pts: list[tuple[str, float, float, bool | None]] = []
+    for r in rows:
+        if "speedup" in r:
+            pts.append((r["label"], r["speedup"], r.get("value"), r.get("within", False)))
+        elif r.get("macs_ratio") and r.get("value") is not None:
+            pts.append((r["label"], 1.0 / r["macs_ratio"], r["value"], None))
+    return pts
 
 
 def _forms_html(bundles: list[tuple[Path, Manifest]]) -> list[str]:
@@ -162,7 +176,7 @@ def _forms_html(bundles: list[tuple[Path, Manifest]]) -> list[str]:
     return out
 
 
-def _speed_fidelity(points: list[tuple[str, float, float, bool]],
+def _speed_fidelity(points: list[tuple[str, float, float, bool | None]],
                     xlabel: str = "speed-up vs the unpruned int8 model (interleaved)",
                     title: str = "structure search: speed vs fidelity (x: over budget)",
                     ylabel: str = "validation metric vs original") -> str:
@@ -171,7 +185,11 @@ def _speed_fidelity(points: list[tuple[str, float, float, bool]],
     for label, speed, value, within in points:
         if speed is None or value is None:  # a value JSON cannot hold (an exact match's infinite SNR): no point
             continue
-        ax.scatter([speed], [value], s=40, marker="o" if within else "x", color="tab:blue" if within else "tab:red")
+        if within is None:  # not timed: hollow, at the speed-up its MACs allow
+            ax.scatter([speed], [value], s=40, marker="o", facecolors="none", edgecolors="tab:red")
+        else:
+            ax.scatter([speed], [value], s=40, marker="o" if within else "x",
+                       color="tab:blue" if within else "tab:red")
         ax.annotate(label, (speed, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
