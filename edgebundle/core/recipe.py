@@ -418,6 +418,10 @@ class DistillStage(Strict):
     augment: Literal["none", "auto"] = Field("none", description=(
         "auto: a new augmented view of each training input every epoch, the teacher's output computed on that "
         "view (images: random resized crop and flip; text: span cropping of input_ids with attention_mask)"))
+    group_by_length: bool = Field(True, description=(
+        "text inputs with an attention mask: batches drawn from inputs of similar length (Hugging Face Trainer's "
+        "group_by_length), so that cutting each batch after its longest real sequence (done wherever the models' "
+        "outputs stay the same) saves most of the padding; false: batches drawn at random"))
     loss: Literal["auto", "kl", "cosine", "mse"] = Field("auto", description=(
         "auto follows the recipe's metric: top1/agreement -> KL on softened logits (+ CE on labels), cosine -> "
         "1 - cosine of the outputs (embeddings), else relative MSE (regression); no labels needed"))

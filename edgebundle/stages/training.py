@@ -28,6 +28,7 @@ from edgebundle.core.metrics import Contract, MetricSpec
 from edgebundle.core.modelio import KEPT_ATTR, block_positions
 from edgebundle.core.distillation import loss_for_metric, soft_loss
 from edgebundle.stages.augment import augmenter
+from edgebundle.stages.padding import Trim, grouped
 from edgebundle.core.recipe import DistillStage, InputSpec, TrainStage
 
 
@@ -118,10 +119,12 @@ def _fit(
     patience: int | None = None,
     view: Callable[[list[torch.Tensor], torch.Generator], list[torch.Tensor]] | None = None,
     keep_start: bool = False, freeze_bn: bool = False, no_dropout: bool = False,
+    trim: Trim | None = None, by_length: bool = False,
 ) -> FitResult:
     """Train `model` for up to `epochs`, keeping the best checkpoint on validation (`keep_start`: the starting
     weights are one, best_epoch -1); `patience` stops after that many epochs without a better one; `freeze_bn`
-    keeps BatchNorm statistics. Each epoch is reported (core.progress)."""
+    keeps BatchNorm statistics; `trim` cuts each batch's padding (stages.padding), `by_length` draws its batches
+    from inputs of similar length. Each epoch is reported (core.progress)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.to(device)
@@ -136,16 +139,11 @@ def _fit(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     best = (score[1](model), -1, copy.deepcopy(model.state_dict())) if keep_start else (-1.0, 0, None)
     history = []
+    lengths = trim.lengths(train, names) if trim is not None and by_length else None
     for epoch in range(epochs):
         _train_mode(model, freeze_bn, no_dropout)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(iter(sampler)), device=device)
-        else:
-            order = torch.randperm(len(train), generator=gen).to(device)
-        # BatchNorm needs more than one sample per batch (same on every rank: equal shards)
-        plan = [order[i:i + batch_size] for i in range(0, per_epoch, batch_size) if len(order[i:i + batch_size]) >= 2]
-        _steps(net, train, names, plan, loss_fn, ys, opt, sched, device, view and (lambda b: view(b, gen)))
+        plan = _plan(sampler, epoch, len(train), per_epoch, batch_size, lengths, gen, device)
+        _steps(net, train, names, plan, loss_fn, ys, opt, sched, device, _viewer(view, trim, gen))
         acc = score[1](model)
         history.append(acc)
         if on_epoch:
@@ -168,6 +166,28 @@ def _train_mode(model: nn.Module, freeze_bn: bool, no_dropout: bool = False) -> 
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train(not freeze_bn)
+
+
+def _plan(sampler, epoch: int, n: int, per_epoch: int, batch_size: int, lengths: np.ndarray | None,
+          gen: torch.Generator, device: torch.device) -> list[torch.Tensor]:
+    """One epoch's batches of row numbers: this rank's shard (DDP) or a permutation of all n rows, cut in order
+    or (`lengths`) grouped by length."""
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), device=device)
+    else:
+        order = torch.randperm(n, generator=gen).to(device)
+    plan = ([order[i:i + batch_size] for i in range(0, per_epoch, batch_size)] if lengths is None
+            else grouped(order[:per_epoch], lengths, batch_size, gen))
+    # BatchNorm needs more than one sample per batch (same on every rank: equal shards)
+    return [p for p in plan if len(p) >= 2]
+
+
+def _viewer(view, trim: Trim | None, gen: torch.Generator):
+    """What each training batch goes through before the model: the augmentation, then the padding cut."""
+    if view is None and trim is None:
+        return None
+    return lambda b: (trim.cut if trim is not None else list)(view(b, gen) if view is not None else b)
 
 
 def _steps(net: nn.Module, train: Split, names: list[str], plan: list[torch.Tensor], loss_fn, ys, opt, sched,
@@ -209,7 +229,7 @@ def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str
 
     return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                 weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
-                patience=cfg.patience)
+                patience=cfg.patience, trim=Trim.checked([model.to(device)], train, names, device))
 
 
 def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
@@ -274,7 +294,8 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
                     weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
                     ddp=ddp, score=(name, lambda m: val_score(student)), patience=cfg.patience, view=view,
                     keep_start=True, freeze_bn=cfg.batchnorm == "frozen" or (cfg.batchnorm == "auto" and pretrained),
-                    no_dropout=dropout_off(cfg, pretrained))
+                    no_dropout=dropout_off(cfg, pretrained), trim=Trim.checked([teacher, student.to(device)], train, names, device),
+                    by_length=cfg.group_by_length)
     finally:
         if hidden is not None:
             hidden.close()
