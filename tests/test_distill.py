@@ -2,9 +2,9 @@
 
 import copy
 
+import pytest
 import torch
 
-from edgebundle.core.artifact import Artifact
 from edgebundle.core.modelio import load_structured
 from edgebundle.stages.training import accuracy, distill, predict, train_supervised
 
@@ -217,3 +217,37 @@ def test_with_views_and_hidden_matching_the_teacher_answers_each_batch_once():
     distill(student, teacher, train, val, ["image"], cfg, seed=0, device=torch.device("cpu"), specs=specs)
     # the widths probe (2 rows), validation's reference (8 rows), one pass per training batch of 16
     assert sorted(calls) == [2, 8, 16, 16, 16, 16], calls
+
+
+def test_with_a_cosine_budget_checkpoints_are_chosen_by_its_margin_not_by_the_mean_alone():
+    """The budget judges the mean and the worst input: a checkpoint that raises the mean and lowers the minimum
+    is not better where the minimum binds. Distillation chooses by the smaller of the two margins."""
+    import numpy as np
+    from torch import nn
+
+    from edgebundle.core.data import Split
+    from edgebundle.core.metrics import MetricSpec
+    from edgebundle.core.recipe import DistillStage
+    from edgebundle.stages.training import cosine_margin
+
+    spec = MetricSpec(name="cosine", min_cosine=0.9, min_mean_cosine=0.98)
+    ref = np.eye(4, dtype=np.float32)
+    near = ref + 0.1 * np.roll(ref, 1, axis=1)  # every input at cosine 0.995
+    one_off = ref.copy()
+    one_off[3] = [0, 0, 1, 1]  # mean 0.927, one input at 0.707: the mean's margin is the smaller, then the min's
+    assert cosine_margin(near, ref, spec) == pytest.approx(0.995 - 0.98, abs=1e-3)
+    assert cosine_margin(one_off, ref, spec) == pytest.approx(0.707 - 0.9, abs=1e-3)
+    spec_mean = spec.model_copy(update={"min_cosine": 0.5})
+    assert cosine_margin(one_off, ref, spec_mean) == pytest.approx(0.927 - 0.98, abs=1e-3)
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 24)).eval()
+    student = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 24))
+    rng = np.random.default_rng(0)
+    train = Split({"x": rng.standard_normal((256, 16)).astype(np.float32)}, None)
+    val = Split({"x": rng.standard_normal((64, 16)).astype(np.float32)}, None)
+    fit = distill(student, teacher, train, val, ["x"], DistillStage(epochs=6, lr=0.01, batch_size=32), seed=0,
+                  device=torch.device("cpu"), metric="cosine", budget=spec)
+    assert fit.metric == "val_cosine_margin" and fit.best_val_accuracy == max(fit.history)
+    assert fit.best_val_accuracy == pytest.approx(cosine_margin(predict(student, val, ["x"]),
+                                                                predict(teacher, val, ["x"]), spec), abs=1e-6)

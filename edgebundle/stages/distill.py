@@ -38,7 +38,7 @@ class Distill(StageBase):
         return self.enabled(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        d = without_defaults(ctx.recipe.stages.distill, "patience", "augment", "dropout")
+        d = without_defaults(ctx.recipe.stages.distill, "patience", "augment", "dropout", "group_by_length")
         metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         if d.get("loss") == "auto":  # the key before `loss` existed: those work folders stay valid
             d.pop("loss")
@@ -49,7 +49,10 @@ class Distill(StageBase):
         return {"distill": d, "seed": ctx.recipe.seed,
                 **({"dropout": "off"} if dropout_off(ctx.recipe.stages.distill, ctx.pretrained) else {}),
                 **({"checkpoint": f"agreement on inputs the teacher holds >= {confident:g}"}
-                   if confident is not None else {})}
+                   if confident is not None else {}),
+                **({"checkpoint": "cosine budget's margin"} if metric == "cosine" else {}),
+                **({"batches": "cut where lossless" + (", grouped by length" if ctx.recipe.stages.distill.group_by_length
+                                                      else "")} if _masked(ctx.recipe.inputs) else {})}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.student, ctx.artifacts["teacher"]]
@@ -67,7 +70,7 @@ class Distill(StageBase):
         metric = judged_metric(ctx)  # once: it runs the teacher when the recipe's metric is auto
         fit = distill(s_model, t_model, ds.distill_train, ds.val, names, recipe.stages.distill, seed=recipe.seed,
                       device=ctx.device, metric=metric, specs=recipe.inputs,
-                      pretrained=ctx.pretrained, min_confidence=judged_confidence(ctx, metric))
+                      pretrained=ctx.pretrained, budget=ctx.recipe.metric)
         s_model = s_model.cpu().eval()
         save_structured(s_model, folder)
         macs, params = count(s_model, ctx.example)
@@ -101,6 +104,11 @@ def vs_teacher(student: np.ndarray, teacher: np.ndarray, classes: bool = True) -
     if classes and student.ndim == 2 and student.shape[1] >= 2:
         out["top1_agreement"] = round(agreement(student, teacher), 4)
     return out
+
+
+def _masked(inputs: list) -> bool:
+    """Whether the model takes an attention mask (text): its training batches are cut (stages.padding)."""
+    return any("mask" in s.name.lower() and len(s.shape) == 2 and "int" in s.dtype for s in inputs)
 
 
 def judged_confidence(ctx: StageContext, metric: str) -> float | None:

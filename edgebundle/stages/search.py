@@ -35,7 +35,7 @@ from edgebundle.core.errors import EdgeBundleError, StageError
 from edgebundle.core.modelio import image_inputs
 from edgebundle.core.recipe import PruneStage, Recipe
 from edgebundle.stages.base import StageBase, StageContext, dump, without_defaults
-from edgebundle.stages.distill import judged_confidence, judged_metric
+from edgebundle.stages.distill import judged_metric
 from edgebundle.stages.depth import block_list, dropped_count
 from edgebundle.stages.pruning import SIMD_ROUNDS, attention_modules, prune
 from edgebundle.stages.registry import register_stage
@@ -246,7 +246,7 @@ class Search(StageBase):
                 with progress.listening(lambda *_a, **_k: None):  # the candidate's epochs are not the stage's
                     fit = distill(student, teacher, learn, ds.val, ctx.names, short, seed=recipe.seed,
                                   device=ctx.device, metric=metric, specs=recipe.inputs,
-                                  pretrained=ctx.pretrained, min_confidence=judged_confidence(ctx, metric))
+                                  pretrained=ctx.pretrained, budget=recipe.metric)
                 facts["distill_" + fit.metric] = round(fit.best_val_accuracy, 6)
                 facts["distill_best_epoch"] = fit.best_epoch  # -1: no epoch did better than the pruned start
                 if fit.best_epoch >= 0:  # else the student is its start, priced already

@@ -24,7 +24,7 @@ from torch import nn
 from edgebundle.core.errors import DataError, RecipeError
 from edgebundle.core import distributed, progress
 from edgebundle.core.data import Split
-from edgebundle.core.metrics import Contract, MetricSpec
+from edgebundle.core.metrics import Contract, MetricSpec, per_sample_cosine
 from edgebundle.core.modelio import KEPT_ATTR, block_positions
 from edgebundle.core.distillation import loss_for_metric, soft_loss
 from edgebundle.stages.augment import augmenter
@@ -246,16 +246,18 @@ def dropout_off(cfg: DistillStage, pretrained: bool) -> bool:
 def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, names: list[str],
             cfg: DistillStage, *, seed: int, device: torch.device, on_epoch=None, ddp: bool = True,
             metric: str | None = None, specs: list[InputSpec] | None = None, pretrained: bool = False,
-            min_confidence: float | None = None) -> FitResult:
+            budget: MetricSpec | None = None) -> FitResult:
     """Knowledge distillation from a frozen teacher; its outputs are computed once up front. `pretrained`: the
-    teacher came with its weights (batchnorm auto keeps their statistics then). `min_confidence`: agreement
-    chooses the checkpoint on the validation inputs the teacher is that confident on, as the budget judges
-    (on all inputs, an epoch that costs confident ones could be kept for what it gains on near-ties).
+    teacher came with its weights (batchnorm auto keeps their statistics then).
 
     The loss follows `distill_loss_for` (no labels needed except for the CE term of kl); the best checkpoint
     is the one with the best validation score in the same terms: accuracy on labels (kl with labels),
     top-1 agreement with the teacher (kl without), mean cosine to the teacher's outputs, or negative
-    relative MSE."""
+    relative MSE. With the recipe's `budget` (its metric spec), checkpoints are chosen as that budget judges:
+    agreement on the validation inputs the teacher is `min_confidence` sure of (on all inputs, an epoch that
+    costs confident ones could be kept for what it gains on near-ties); cosine by the budget's margin, the
+    smaller of the mean's and the minimum's (`cosine_margin`: an epoch that raises the mean and lowers the worst
+    input is not better where the minimum binds)."""
     teacher = teacher.to(device).eval()
     view = augmenter(specs) if cfg.augment == "auto" and specs is not None else None
     with torch.no_grad():  # with augmentation the teacher answers each view as it comes instead
@@ -276,18 +278,7 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
             loss = loss + cfg.hidden_weight * hidden.loss()
         return loss
 
-    def val_score(m: nn.Module) -> float:
-        out = torch.from_numpy(predict(m, val, names))
-        if kind == "cosine":  # mean cosine
-            return 1.0 - float(soft_loss(kind, out, val_ref, t))
-        if kind == "mse":  # negative relative MSE
-            return -float(soft_loss(kind, out, val_ref, t))
-        if val.labels is not None:
-            return accuracy(out.numpy(), val.labels)
-        return agreement(out.numpy(), val_ref.numpy(), min_confidence)
-
-    name = {"cosine": "val_cosine", "mse": "val_neg_rel_mse"}.get(
-        kind, "val_accuracy" if val.labels is not None else "val_agreement")
+    name, val_score = _val_scorer(kind, metric, budget, val, val_ref, names, t)
     model = student if hidden is None else _StudentWithMaps(student, hidden.maps)
     try:
         return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
@@ -299,6 +290,36 @@ def distill(student: nn.Module, teacher: nn.Module, train: Split, val: Split, na
     finally:
         if hidden is not None:
             hidden.close()
+
+
+def _val_scorer(kind: str, metric: str | None, budget: MetricSpec | None, val: Split, val_ref: torch.Tensor,
+                names: list[str], t: float) -> tuple[str, Callable[[nn.Module], float]]:
+    """(name, score) of distillation's validation score, higher is better (`distill` says which)."""
+    min_confidence = budget.min_confidence if budget is not None and metric == "agreement" else None
+    margin = budget is not None and metric == "cosine"
+
+    def val_score(m: nn.Module) -> float:
+        out = torch.from_numpy(predict(m, val, names))
+        if margin:
+            return cosine_margin(out.numpy(), val_ref.numpy(), budget)
+        if kind == "cosine":  # mean cosine
+            return 1.0 - float(soft_loss(kind, out, val_ref, t))
+        if kind == "mse":  # negative relative MSE
+            return -float(soft_loss(kind, out, val_ref, t))
+        if val.labels is not None:
+            return accuracy(out.numpy(), val.labels)
+        return agreement(out.numpy(), val_ref.numpy(), min_confidence)
+
+    name = "val_cosine_margin" if margin else {"cosine": "val_cosine", "mse": "val_neg_rel_mse"}.get(
+        kind, "val_accuracy" if val.labels is not None else "val_agreement")
+    return name, val_score
+
+
+def cosine_margin(out: np.ndarray, ref: np.ndarray, spec: MetricSpec) -> float:
+    """How far a cosine budget is held (>= 0) or missed (< 0): the smaller of (mean - min_mean_cosine) and
+    (min - min_cosine) of the per-input cosines."""
+    c = per_sample_cosine(out, ref)
+    return float(min(c.mean() - spec.min_mean_cosine, c.min() - spec.min_cosine))
 
 
 def _teacher_answer(soft: torch.Tensor | None, idx: torch.Tensor, answer: torch.Tensor | None, teacher: nn.Module,
