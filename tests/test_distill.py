@@ -49,22 +49,30 @@ def test_distill_uses_teacher_soft_targets(prepared):
     assert after > 90.0 and after >= before
 
 
-def test_embeddings_distil_by_cosine_without_labels_and_keep_the_best_cosine_checkpoint():
-    """A model whose output is an embedding (no classes, no labels): the loss is 1 - cosine to the teacher's
-    output, the checkpoint kept is the one with the best mean cosine on the validation split."""
+def _embedding_models(n_train: int, n_val: int):
+    """A teacher and a narrower student with 24-wide embedding outputs, and random train / val inputs."""
     import numpy as np
     from torch import nn
 
     from edgebundle.core.data import Split
-    from edgebundle.core.recipe import DistillStage
-    from edgebundle.stages.training import distill_loss_for
 
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 24)).eval()
     student = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 24))
     rng = np.random.default_rng(0)
-    train = Split({"x": rng.standard_normal((512, 16)).astype(np.float32)}, None)
-    val = Split({"x": rng.standard_normal((128, 16)).astype(np.float32)}, None)
+    return (teacher, student, Split({"x": rng.standard_normal((n_train, 16)).astype(np.float32)}, None),
+            Split({"x": rng.standard_normal((n_val, 16)).astype(np.float32)}, None))
+
+
+def test_embeddings_distil_by_cosine_without_labels_and_keep_the_best_cosine_checkpoint():
+    """A model whose output is an embedding (no classes, no labels): the loss is 1 - cosine to the teacher's
+    output, the checkpoint kept is the one with the best mean cosine on the validation split."""
+    import numpy as np
+
+    from edgebundle.core.recipe import DistillStage
+    from edgebundle.stages.training import distill_loss_for
+
+    teacher, student, train, val = _embedding_models(512, 128)
     cfg = DistillStage(epochs=15, lr=0.01, batch_size=32)
     assert distill_loss_for(cfg, "cosine") == "cosine" and distill_loss_for(cfg, "snr") == "mse"
     assert distill_loss_for(cfg, "agreement") == "kl" and distill_loss_for(cfg.model_copy(update={"loss": "mse"}),
@@ -223,9 +231,7 @@ def test_with_a_cosine_budget_checkpoints_are_chosen_by_its_margin_not_by_the_me
     """The budget judges the mean and the worst input: a checkpoint that raises the mean and lowers the minimum
     is not better where the minimum binds. Distillation chooses by the smaller of the two margins."""
     import numpy as np
-    from torch import nn
 
-    from edgebundle.core.data import Split
     from edgebundle.core.metrics import MetricSpec
     from edgebundle.core.recipe import DistillStage
     from edgebundle.stages.training import cosine_margin
@@ -240,12 +246,7 @@ def test_with_a_cosine_budget_checkpoints_are_chosen_by_its_margin_not_by_the_me
     spec_mean = spec.model_copy(update={"min_cosine": 0.5})
     assert cosine_margin(one_off, ref, spec_mean) == pytest.approx(0.927 - 0.98, abs=1e-3)
 
-    torch.manual_seed(0)
-    teacher = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 24)).eval()
-    student = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 24))
-    rng = np.random.default_rng(0)
-    train = Split({"x": rng.standard_normal((256, 16)).astype(np.float32)}, None)
-    val = Split({"x": rng.standard_normal((64, 16)).astype(np.float32)}, None)
+    teacher, student, train, val = _embedding_models(256, 64)
     fit = distill(student, teacher, train, val, ["x"], DistillStage(epochs=6, lr=0.01, batch_size=32), seed=0,
                   device=torch.device("cpu"), metric="cosine", budget=spec)
     assert fit.metric == "val_cosine_margin" and fit.best_val_accuracy == max(fit.history)
