@@ -30,6 +30,7 @@ from edgebundle.core.data import Split
 from edgebundle.core.errors import RecipeError
 from edgebundle.core.modelio import Bridge, keep_blocks, macs, replace_blocks
 from edgebundle.core.recipe import PruneStage
+from edgebundle.stages.padding import is_mask
 from edgebundle.stages.training import batches as training_batches, in_order
 
 # training inputs the choice of blocks and the bridges' fit see, and the most rows (tokens, pixels) a fit keeps
@@ -172,8 +173,7 @@ def _rows(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def _mask(names: list[str], xs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """The batch's attention mask (an integer [B, S] input named *mask*) as booleans, if it has one."""
-    return next((x != 0 for n, x in zip(names, xs) if "mask" in n.lower() and x.dim() == 2
-                 and not x.is_floating_point()), None)
+    return next((x != 0 for n, x in zip(names, xs) if is_mask(n, x.dim(), not x.is_floating_point())), None)
 
 
 class States:

@@ -14,6 +14,7 @@ from edgebundle.core.modelio import save_structured
 from edgebundle.core.recipe import Recipe
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.base import StageBase, StageContext, without_defaults
+from edgebundle.stages.padding import is_mask
 from edgebundle.stages.pruning import count
 from edgebundle.core.metrics import per_sample_cosine, resolve_name
 from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, dropout_off, predict
@@ -108,7 +109,7 @@ def vs_teacher(student: np.ndarray, teacher: np.ndarray, classes: bool = True) -
 
 def _masked(inputs: list) -> bool:
     """Whether the model takes an attention mask (text): its training batches are cut (stages.padding)."""
-    return any("mask" in s.name.lower() and len(s.shape) == 2 and "int" in s.dtype for s in inputs)
+    return any(is_mask(s.name, len(s.shape), "int" in s.dtype) for s in inputs)
 
 
 def judged_confidence(ctx: StageContext, metric: str) -> float | None:

@@ -29,6 +29,11 @@ PROBE_ROWS = 4
 RTOL = 1e-3  # of the output's largest magnitude
 
 
+def is_mask(name: str, ndim: int, integer: bool) -> bool:
+    """Whether an input is an attention mask: a 2-D ([batch, sequence]) integer input whose name holds "mask"."""
+    return "mask" in name.lower() and ndim == 2 and integer
+
+
 @dataclass(frozen=True)
 class Trim:
     """Which of a model's inputs hold the sequence axis (dim 1) and which of them is the attention mask."""
@@ -41,8 +46,8 @@ class Trim:
         """The split's attention mask and the inputs cut with it, or None where it has no mask."""
         shapes = {n: tuple(getattr(split.inputs[n], "shape", ())) for n in names}
         dtypes = {n: np.asarray(split.inputs[n][:1]).dtype for n in names}
-        mask = next((i for i, n in enumerate(names) if "mask" in n.lower() and len(shapes[n]) == 2
-                     and np.issubdtype(dtypes[n], np.integer)), None)
+        mask = next((i for i, n in enumerate(names)
+                     if is_mask(n, len(shapes[n]), np.issubdtype(dtypes[n], np.integer))), None)
         if mask is None or shapes[names[mask]][1] < 2:
             return None
         seq = tuple(i for i, n in enumerate(names)
