@@ -259,6 +259,9 @@ class TrainStage(Strict):
     patience: int | None = Field(None, ge=1, le=MAX_EPOCHS, description=(
         "stop after this many epochs without a better validation score (the best checkpoint is kept either way); "
         "none: run every epoch"))
+    group_by_length: bool = Field(True, description=(
+        "text inputs with an attention mask: batches drawn from inputs of similar length, each cut after its "
+        "longest real sequence where the model's outputs stay the same (as distill.group_by_length)"))
 
 
 class PruneStage(Strict):

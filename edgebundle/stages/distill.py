@@ -14,7 +14,7 @@ from edgebundle.core.modelio import save_structured
 from edgebundle.core.recipe import Recipe
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.base import StageBase, StageContext, without_defaults
-from edgebundle.stages.padding import is_mask
+from edgebundle.stages.padding import batches_key
 from edgebundle.stages.pruning import count
 from edgebundle.core.metrics import per_sample_cosine, resolve_name
 from edgebundle.stages.training import accuracy, agreement, distill, distill_loss_for, dropout_off, predict
@@ -52,8 +52,7 @@ class Distill(StageBase):
                 **({"checkpoint": f"agreement on inputs the teacher holds >= {confident:g}"}
                    if confident is not None else {}),
                 **({"checkpoint": "cosine budget's margin"} if metric == "cosine" else {}),
-                **({"batches": "cut where lossless" + (", grouped by length" if ctx.recipe.stages.distill.group_by_length
-                                                      else "")} if _masked(ctx.recipe.inputs) else {})}
+                **batches_key(ctx.recipe.inputs, ctx.recipe.stages.distill.group_by_length)}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return [ctx.student, ctx.artifacts["teacher"]]
@@ -105,11 +104,6 @@ def vs_teacher(student: np.ndarray, teacher: np.ndarray, classes: bool = True) -
     if classes and student.ndim == 2 and student.shape[1] >= 2:
         out["top1_agreement"] = round(agreement(student, teacher), 4)
     return out
-
-
-def _masked(inputs: list) -> bool:
-    """Whether the model takes an attention mask (text): its training batches are cut (stages.padding)."""
-    return any(is_mask(s.name, len(s.shape), "int" in s.dtype) for s in inputs)
 
 
 def judged_confidence(ctx: StageContext, metric: str) -> float | None:

@@ -11,6 +11,7 @@ from edgebundle.core.modelio import build_model, save_structured
 from edgebundle.core.recipe import EnsembleSpec, Recipe
 from edgebundle.stages.registry import register_stage
 from edgebundle.stages.base import StageBase, StageContext, dump, model_key, without_defaults
+from edgebundle.stages.padding import batches_key
 from edgebundle.stages.pruning import count
 from edgebundle.stages.training import accuracy, predict, train_supervised
 
@@ -39,8 +40,11 @@ class Teacher(StageBase):
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
         r = ctx.recipe
-        return {"model": model_key(r.model), "train": without_defaults(r.stages.train, "patience") if trains(r) else None,
-                "seed": r.seed, "inputs": [dump(i) for i in r.inputs]}
+        t = r.stages.train
+        train = without_defaults(t, "patience", "group_by_length") if trains(r) else None
+        return {"model": model_key(r.model), "train": train,
+                "seed": r.seed, "inputs": [dump(i) for i in r.inputs],
+                **(batches_key(r.inputs, t.group_by_length) if trains(r) else {})}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return []

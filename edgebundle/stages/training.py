@@ -229,7 +229,8 @@ def train_supervised(model: nn.Module, train: Split, val: Split, names: list[str
 
     return _fit(model, train, val, names, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                 weight_decay=cfg.weight_decay, seed=seed, loss_fn=loss_fn, device=device, on_epoch=on_epoch,
-                patience=cfg.patience, trim=Trim.checked([model.to(device)], train, names, device))
+                patience=cfg.patience, trim=Trim.checked([model.to(device)], train, names, device),
+                by_length=cfg.group_by_length)
 
 
 def distill_loss_for(cfg: DistillStage, metric: str | None) -> str:
