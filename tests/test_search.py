@@ -368,3 +368,15 @@ def test_search_samples_caps_what_each_candidate_learns_from_the_same_for_all():
     assert PruneStage(ratio="auto", search_samples=600).search_samples == 600
     with pytest.raises(ValueError):
         PruneStage(ratio="auto", search_samples=0)
+
+
+def test_a_candidate_that_would_overrun_search_minutes_is_not_started():
+    from edgebundle.stages.search import out_of_time
+
+    rows = [{"label": "unpruned", "seconds": 40.0}, {"label": "depth ratio 0.15", "seconds": 337.0},
+            {"label": "input scale 0.933", "seconds": 756.0}]
+    assert out_of_time(rows[:1], 100.0, 1800.0) is None  # nothing pruned priced yet: no estimate, it starts
+    assert out_of_time(rows, 1000.0, 1800.0) is None  # 1000 s spent + the longest 756 s fits in 30 min
+    why = out_of_time(rows, 1100.0, 1800.0)
+    assert why is not None and why.startswith("search_minutes ran out") and "12.6" in why
+    assert out_of_time(rows[:1], 1801.0, 1800.0) == "search_minutes ran out"

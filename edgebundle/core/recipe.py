@@ -318,7 +318,8 @@ class PruneStage(Strict):
         "graph), so preprocessing is unchanged. A convolutional network's cost goes with the pixels it sees: "
         "EfficientNet-Lite1 at 0.87 (208 of 240 px) runs about 0.75 of its MACs. 1: unchanged"))
     search_minutes: float = Field(30.0, gt=0, le=7 * 24 * 60, description=(
-        "ratio auto: the search's time bound; candidates not started by then are left out (their rows say so)"))
+        "ratio auto: the search's time bound; a candidate that would end past it (expected to take as long as the "
+        "longest pruned candidate priced so far) is not started (its row says so)"))
     search_ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5], description=(
         "ratio auto: the channel ratios tried, in order ([]: none); models with attention also try head_ratio 0.25 "
         "and 0.5, models with blocks that keep their input's shape the depth ratios of search_depth_ratios"))

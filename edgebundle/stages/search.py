@@ -167,8 +167,8 @@ class Search(StageBase):
                 """Price `family` mild to strong until one is over budget; its strongest within budget, or []."""
                 held: list[Candidate] = []
                 for cand in family:
-                    over = time.monotonic() - start > cfg.search_minutes * 60
-                    row = (_not_tried(cand, "search_minutes ran out") if over else
+                    why = out_of_time(rows, time.monotonic() - start, cfg.search_minutes * 60)
+                    row = (_not_tried(cand, why) if why else
                            self._row(price, cand, done, rows_file, time.monotonic() - start))
                     rows.append(row)
                     if not row.get("within"):
@@ -277,6 +277,18 @@ def _read_rows(path: Path | None) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut by an interrupted run: that candidate is priced again
     return rows
+
+
+def out_of_time(rows: list[dict[str, Any]], elapsed_s: float, budget_s: float) -> str | None:
+    """Why the next candidate is not started (None: it is): search_minutes has run out, or would before it
+    ends, as it takes as long as the longest pruned candidate priced so far (the search keeps to its minutes
+    instead of overrunning them by one candidate)."""
+    if elapsed_s > budget_s:
+        return "search_minutes ran out"
+    took = [r["seconds"] for r in rows[1:] if "seconds" in r]
+    if took and elapsed_s + max(took) > budget_s:
+        return f"search_minutes ran out: {elapsed_s / 60:.1f} min spent, a candidate takes up to {max(took) / 60:.1f}"
+    return None
 
 
 def _not_tried(cand: Candidate, why: str) -> dict[str, Any]:
