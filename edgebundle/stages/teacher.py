@@ -39,12 +39,11 @@ class Teacher(StageBase):
         return trains(recipe)
 
     def config(self, ctx: StageContext) -> dict[str, Any]:
-        r = ctx.recipe
-        t = r.stages.train
-        train = without_defaults(t, "patience", "group_by_length") if trains(r) else None
-        return {"model": model_key(r.model), "train": train,
+        r, t = ctx.recipe, ctx.recipe.stages.train
+        on = trains(r)
+        return {"model": model_key(r.model), "train": without_defaults(t, "patience", "group_by_length") if on else None,
                 "seed": r.seed, "inputs": [dump(i) for i in r.inputs],
-                **(batches_key(r.inputs, t.group_by_length) if trains(r) else {})}
+                **(batches_key(r.inputs, t.group_by_length) if on else {})}
 
     def inputs(self, ctx: StageContext) -> list[Artifact]:
         return []
