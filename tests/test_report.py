@@ -94,3 +94,23 @@ def test_the_search_plot_shows_candidates_refused_before_timing_at_their_macs_bo
             {"label": "ratio 0.8", "status": "not tried", "within": False}]
     assert search_points(rows) == [("unpruned", 1.01, 0.99, True), ("ratio 0.5", 2.0, 0.91, None)]
     assert base64.b64decode(_speed_fidelity(search_points(rows))).startswith(b"\x89PNG")
+
+
+def test_labels_of_near_equal_points_do_not_print_over_each_other():
+    """Two candidates of near-equal speed and fidelity (the unpruned model and two blocks dropped, 1.01x and
+    1.04x, both 100 %) had their labels printed over each other; each label now sits where it overlaps none."""
+    from edgebundle.pipeline.report import _pyplot, place_labels
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    pts = [("unpruned", 1.01, 100.0), ("depth ratio 0.15", 1.045, 100.0), ("input scale 0.933", 1.13, 99.3),
+           ("depth ratio 0.15, input scale 0.933", 1.33, 99.3), ("input scale 0.867", 1.32, 98.6)]
+    labels = []
+    for name, x, y in pts:
+        ax.scatter([x], [y])
+        labels.append(ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8))
+    place_labels(fig, ax, labels)
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in labels]
+    plt.close(fig)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

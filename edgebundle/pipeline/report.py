@@ -182,6 +182,7 @@ def _speed_fidelity(points: list[tuple[str, float, float, bool | None]],
                     ylabel: str = "validation metric vs original") -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    labels = []
     for label, speed, value, within in points:
         if speed is None or value is None:  # a value JSON cannot hold (an exact match's infinite SNR): no point
             continue
@@ -190,12 +191,39 @@ def _speed_fidelity(points: list[tuple[str, float, float, bool | None]],
         else:
             ax.scatter([speed], [value], s=40, marker="o" if within else "x",
                        color="tab:blue" if within else "tab:red")
-        ax.annotate(label, (speed, value), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        labels.append(ax.annotate(label, (speed, value), textcoords="offset points", xytext=(5, 4), fontsize=8))
+    place_labels(fig, ax, labels)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+# where a point's label may sit, in points from it: above right, below right, above left, below left
+_LABEL_SPOTS = (((5, 4), "left"), ((5, -11), "left"), ((-5, 4), "right"), ((-5, -11), "right"))
+
+
+def place_labels(fig, ax, labels: list) -> None:
+    """Move each point's label to the first spot next to it where it overlaps no label placed before and stays
+    inside the axes (two candidates of near-equal speed and fidelity would otherwise print over each other);
+    where no spot is free, the one overlapping least."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box, placed = ax.get_window_extent(renderer), []
+    for text in labels:
+        def cost(spot) -> float:
+            offset, align = spot
+            text.xyann = offset
+            text.set_horizontalalignment(align)
+            b = text.get_window_extent(renderer)
+            out = max(0.0, b.x1 - box.x1) + max(0.0, box.x0 - b.x0) + max(0.0, b.y1 - box.y1) + max(0.0, box.y0 - b.y0)
+            return out + sum(max(0.0, min(b.x1, o.x1) - max(b.x0, o.x0)) * max(0.0, min(b.y1, o.y1) - max(b.y0, o.y0))
+                             for o in placed)
+        costs = [cost(spot) for spot in _LABEL_SPOTS]
+        best = _LABEL_SPOTS[next((i for i, c in enumerate(costs) if c == 0), costs.index(min(costs)))]
+        cost(best)
+        placed.append(text.get_window_extent(renderer))
 
 
 def _fmt(x: float | None, spec: str, unit: str = "") -> str:
