@@ -93,7 +93,8 @@ def test_a_datasets_folder_feeds_a_whole_run_and_bad_ones_are_one_line(tmp_path)
     d["data"] = {"kind": "datasets", "path": "digits", "calibration_samples": 16,
                  "datasets": {"columns": {d["inputs"][0]["name"]: "pixels"}, "label_column": "label"}}
     d["stages"] = {"train": {"epochs": 2}, "prune": {"enabled": False}, "distill": {"enabled": False}}
-    d["targets"] = [{"name": "ort-cpu", "measure": {"iterations": 10}, "max_accuracy_drop": 100.0}]
+    d["targets"] = [{"name": "ort-cpu", "measure": {"iterations": 10}, "max_accuracy_drop": 100.0,
+                     "options": {"precision": "fp32"}}]  # the source is under test here, not int8
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(d))
     res = cli.invoke(app, ["run", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
