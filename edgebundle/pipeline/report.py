@@ -221,8 +221,7 @@ def place_labels(fig, ax, labels: list) -> None:
             return out + sum(max(0.0, min(b.x1, o.x1) - max(b.x0, o.x0)) * max(0.0, min(b.y1, o.y1) - max(b.y0, o.y0))
                              for o in placed)
         costs = [cost(spot) for spot in _LABEL_SPOTS]
-        best = _LABEL_SPOTS[next((i for i, c in enumerate(costs) if c == 0), costs.index(min(costs)))]
-        cost(best)
+        cost(_LABEL_SPOTS[costs.index(min(costs))])  # the first free spot, else the least overlapping
         placed.append(text.get_window_extent(renderer))
 
 
