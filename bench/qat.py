@@ -4,10 +4,10 @@ EfficientNet-Lite1 (ImageNet weights) on real photo crops judged on *every* crop
 included: where post-training int8 misses a 2-point budget), split at random 40 / 20 / 40. Two targets build
 with QAT: executorch with `qat: auto` (tried because post-training int8 misses on the validation crops) and
 ort-cpu with `qat: on` (the QAT program exported as Q/DQ ONNX). Beside each, the same target's post-training
-int8 (`qat: off`; for ort-cpu ORT's own static int8 without accuracy control, every layer int8 both ways,
-int8 weights as the QAT program has them),
-judged by the same contract on the same unseen test crops and timed interleaved in this process (2 threads,
-batch 1). Writes bench/results/qat.{json,md}; every figure names its host's ISA.
+int8 (`qat: off`; for ort-cpu ORT's own static int8 without accuracy control, every layer int8 both ways, with
+int8 weights as the QAT program has them), judged by the same contract on the same unseen test crops and timed
+interleaved in this process (2 threads, batch 1). Writes bench/results/qat.{json,md}; every figure names its
+host's ISA.
 
     python -m bench.qat [--n 400] [--epochs 2]
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from edgebundle.core.errors import StageError
 from edgebundle.core.recipe import PruneStage, TargetSpec, load_recipe
 from edgebundle.pipeline.runner import build_target
 
