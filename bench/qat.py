@@ -56,9 +56,9 @@ def post_training(spec):
 
 
 def main(argv: list[str] | None = None) -> None:
+    from bench.real import _open_bundle
     from edgebundle.pipeline.runner import build_target, run
     from edgebundle.pipeline.evaluate import measure_feeds
-    from edgebundle.targets import registry
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=400)
@@ -82,10 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                              "test_agreement": acc["target"], "judged": acc["judged_samples"],
                              "within_budget": acc["within_budget"], "val_tried": q.get("activations_tried_on_val"),
                              "qat": q.get("qat"), "build_s": None if secs is None else round(secs, 1)})
-                entry = registry.lookup(m["target"]["name"])
-                sess = entry.factory().open(bundle.path / m["model_file"], threads=THREADS,
-                                            runtime=m["target"]["runtime"])
-                opened[f"{spec.name} {form}"] = sess
+                opened[f"{spec.name} {form}"] = _open_bundle(bundle.path, m, THREADS)
         timing = interleaved({k: (lambda s=s: s.run(feeds)) for k, s in opened.items()}, threads=THREADS)
         for s in opened.values():
             s.close()
